@@ -1,0 +1,1 @@
+//! TODO(fdgate): being written.

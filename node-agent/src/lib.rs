@@ -1,0 +1,16 @@
+//! The unwedge node agent: hears `WEDGED=` uevents, resolves the device and who uses it,
+//! reports a GpuWedge for its own node, and carries out the recoveries the operator approves.
+
+pub mod blamed;
+pub mod config;
+pub mod executor;
+pub mod fdgate;
+pub mod host;
+pub mod listener;
+pub mod metrics;
+pub mod outbox;
+pub mod podresources;
+pub mod reporter;
+pub mod startup;
+pub mod sysfs;
+pub mod uevent;

@@ -1,0 +1,1 @@
+//! TODO(reporter): being written.

@@ -1,0 +1,1 @@
+//! TODO(startup): being written.

@@ -1,0 +1,1 @@
+//! TODO(uevent): being written.
