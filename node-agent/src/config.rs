@@ -1,1 +1,162 @@
-//! TODO(config): being written.
+//! The agent's command line (team brief "Agent CLI"); every flag can also come from the
+//! environment variable of the same name in upper snake case (`--sysfs-root` → `SYSFS_ROOT`).
+//!
+//! Parsing only: turning these values into live objects is `main.rs`'s job.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Command-line arguments of `unwedge-agent`.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "unwedge-agent",
+    version,
+    about = "Hears WEDGED uevents, reports GpuWedges, carries out approved recoveries."
+)]
+pub struct Args {
+    /// This node's name (from the downward API); the agent only touches GpuWedges of this node.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Where sysfs is mounted.
+    #[arg(long, env = "SYSFS_ROOT", default_value = "/sys")]
+    pub sysfs_root: PathBuf,
+    /// Where the device nodes are (`<dev-root>/dri/card0`).
+    #[arg(long, env = "DEV_ROOT", default_value = "/dev")]
+    pub dev_root: PathBuf,
+    /// Where the host's procfs is mounted (for the fd gate and the blamed task's cgroup).
+    #[arg(long, env = "PROC_ROOT", default_value = "/proc")]
+    pub proc_root: PathBuf,
+    /// File holding the host's boot id.
+    #[arg(
+        long,
+        env = "BOOT_ID_PATH",
+        default_value = "/proc/sys/kernel/random/boot_id"
+    )]
+    pub boot_id_path: PathBuf,
+    /// Durable state on the host: the outbox of unreported wedges and the attempt journal.
+    #[arg(long, env = "STATE_DIR", default_value = "/var/lib/unwedge")]
+    pub state_dir: PathBuf,
+    /// The kubelet PodResources socket.
+    #[arg(
+        long,
+        env = "POD_RESOURCES_SOCKET",
+        default_value = "/var/lib/kubelet/pod-resources/kubelet.sock"
+    )]
+    pub pod_resources_socket: PathBuf,
+    /// How device plugin ids are matched to PCI devices.
+    #[arg(long, env = "DEVICE_ID_MATCH", value_enum, default_value_t = DeviceIdMatchArg::Auto)]
+    pub device_id_match: DeviceIdMatchArg,
+    /// File mapping device ids to PCI addresses (with `--device-id-match map`).
+    #[arg(long, env = "DEVICE_ID_MAP")]
+    pub device_id_map: Option<PathBuf>,
+    /// Address of the /healthz, /readyz and /metrics server.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9101")]
+    pub metrics_addr: SocketAddr,
+    /// Log what an approved attempt would do instead of doing it (see `executor`).
+    #[arg(long, env = "DRY_RUN")]
+    pub dry_run: bool,
+    /// How the `reboot` rung reboots the host.
+    #[arg(long, env = "REBOOT_MODE", value_enum, default_value_t = RebootMode::Command)]
+    pub reboot_mode: RebootMode,
+    /// The command run (through `sh -c`) by `--reboot-mode command`.
+    #[arg(long, env = "REBOOT_COMMAND", default_value = "systemctl reboot")]
+    pub reboot_command: String,
+    /// A command (through `sh -c`) that must exit 0 for a recovery to count as verified.
+    #[arg(long, env = "VERIFY_COMMAND")]
+    pub verify_command: Option<String>,
+    /// How long the device must stay quiet (no new WEDGED) after an action, e.g. `10s`, `500ms`.
+    #[arg(long, env = "SETTLE", default_value = "10s", value_parser = parse_duration)]
+    pub settle: Duration,
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `--device-id-match`: how PodResources device ids name GPUs.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceIdMatchArg {
+    /// Try PCI address, then card name, then index.
+    Auto,
+    /// Ids are PCI addresses (AMD's plugin).
+    Pci,
+    /// Ids carry the card name (Intel's plugin).
+    Card,
+    /// Ids are indexes.
+    Index,
+    /// Ids are mapped by `--device-id-map`.
+    Map,
+}
+
+/// `--reboot-mode`.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebootMode {
+    /// `sync` then the `reboot(2)` syscall (needs CAP_SYS_BOOT in the host PID namespace).
+    Syscall,
+    /// Run `--reboot-command` (through the host's init, e.g. systemd).
+    Command,
+}
+
+/// `--log-format`.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Parses `10s`, `500ms`, `2m`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: expected e.g. 10s, 500ms, 2m"))?;
+    let secs = match unit {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?}: use ms, s, m or h"
+            ));
+        }
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_team_brief() {
+        let a = Args::try_parse_from(["unwedge-agent", "--node-name", "node-a"]).unwrap();
+        assert_eq!(a.sysfs_root, PathBuf::from("/sys"));
+        assert_eq!(a.state_dir, PathBuf::from("/var/lib/unwedge"));
+        assert_eq!(a.metrics_addr.to_string(), "0.0.0.0:9101");
+        assert_eq!(a.reboot_mode, RebootMode::Command);
+        assert_eq!(a.reboot_command, "systemctl reboot");
+        assert_eq!(a.settle, Duration::from_secs(10));
+        assert!(!a.dry_run);
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+}

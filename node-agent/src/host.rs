@@ -1,1 +1,235 @@
-//! TODO(host): being written.
+//! The only code that changes the host: sysfs writes for unbind/bind/reset/remove/rescan and
+//! the reboot. Behind the `HostActions` trait so the executor runs over a temporary sysfs tree
+//! in tests; `SysfsHost` writes the real files under a configurable root.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::config::RebootMode;
+
+/// A failed host action, naming the file or command.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// A sysfs file could not be read or written.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was tried.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The reboot (or another command) failed.
+    #[error("{0}")]
+    Command(String),
+}
+
+/// What the executor may do to the host, and what it reads back to verify.
+pub trait HostActions: Send + Sync {
+    /// Unbinds `bdf` from `driver`.
+    fn unbind(&self, bdf: &str, driver: &str) -> Result<(), HostError>;
+    /// Binds `bdf` to `driver`.
+    fn bind(&self, bdf: &str, driver: &str) -> Result<(), HostError>;
+    /// Resets the function through `reset`; returns the method the kernel uses (the first of
+    /// `reset_method`, or `unknown` when the file is absent).
+    fn pci_reset(&self, bdf: &str) -> Result<String, HostError>;
+    /// Removes the function from the PCI bus.
+    fn remove(&self, bdf: &str) -> Result<(), HostError>;
+    /// Rescans the PCI bus.
+    fn rescan(&self) -> Result<(), HostError>;
+    /// Reboots the host (returns only if the reboot could not be started, or in command mode
+    /// when the command returned before the host went down).
+    fn reboot(&self) -> Result<(), HostError>;
+    /// The current boot id.
+    fn boot_id(&self) -> Result<String, HostError>;
+    /// The driver bound to `bdf` now, if any.
+    fn driver_of(&self, bdf: &str) -> Option<String>;
+    /// The primary DRM node (`cardN`) of `bdf` now, if any.
+    fn card_of(&self, bdf: &str) -> Option<String>;
+}
+
+/// `HostActions` on a sysfs tree rooted at `sysfs_root`.
+#[derive(Debug, Clone)]
+pub struct SysfsHost {
+    /// Where sysfs is (`/sys` in production).
+    pub sysfs_root: PathBuf,
+    /// How to reboot.
+    pub reboot_mode: RebootMode,
+    /// The command for `RebootMode::Command` (run through `sh -c`).
+    pub reboot_command: String,
+    /// The boot id file.
+    pub boot_id_path: PathBuf,
+}
+
+fn write_file(path: &Path, value: &str) -> Result<(), HostError> {
+    let io = |source| HostError::Io {
+        op: "write",
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = OpenOptions::new().write(true).open(path).map_err(io)?;
+    f.write_all(value.as_bytes()).map_err(io)
+}
+
+impl SysfsHost {
+    fn pci(&self) -> PathBuf {
+        self.sysfs_root.join("bus/pci")
+    }
+}
+
+impl HostActions for SysfsHost {
+    fn unbind(&self, bdf: &str, driver: &str) -> Result<(), HostError> {
+        write_file(&self.pci().join("drivers").join(driver).join("unbind"), bdf)
+    }
+
+    fn bind(&self, bdf: &str, driver: &str) -> Result<(), HostError> {
+        write_file(&self.pci().join("drivers").join(driver).join("bind"), bdf)
+    }
+
+    fn pci_reset(&self, bdf: &str) -> Result<String, HostError> {
+        let dev = self.pci().join("devices").join(bdf);
+        let method = fs::read_to_string(dev.join("reset_method"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next().map(str::to_string))
+            .unwrap_or_else(|| "unknown".to_string());
+        write_file(&dev.join("reset"), "1")?;
+        Ok(method)
+    }
+
+    fn remove(&self, bdf: &str) -> Result<(), HostError> {
+        write_file(&self.pci().join("devices").join(bdf).join("remove"), "1")
+    }
+
+    fn rescan(&self) -> Result<(), HostError> {
+        write_file(&self.pci().join("rescan"), "1")
+    }
+
+    fn reboot(&self) -> Result<(), HostError> {
+        match self.reboot_mode {
+            RebootMode::Command => {
+                let status = Command::new("sh")
+                    .arg("-c")
+                    .arg(&self.reboot_command)
+                    .status()
+                    .map_err(|e| {
+                        HostError::Command(format!(
+                            "cannot run reboot command {:?}: {e}",
+                            self.reboot_command
+                        ))
+                    })?;
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(HostError::Command(format!(
+                        "reboot command {:?} exited with {status}",
+                        self.reboot_command
+                    )))
+                }
+            }
+            RebootMode::Syscall => {
+                // SAFETY: sync and reboot take no pointers; reboot only returns on failure.
+                unsafe {
+                    libc::sync();
+                    libc::reboot(libc::RB_AUTOBOOT);
+                }
+                Err(HostError::Command(format!(
+                    "reboot(2) failed: {} (the agent needs CAP_SYS_BOOT in the host's PID namespace)",
+                    io::Error::last_os_error()
+                )))
+            }
+        }
+    }
+
+    fn boot_id(&self) -> Result<String, HostError> {
+        fs::read_to_string(&self.boot_id_path)
+            .map(|s| s.trim().to_string())
+            .map_err(|source| HostError::Io {
+                op: "read",
+                path: self.boot_id_path.clone(),
+                source,
+            })
+    }
+
+    fn driver_of(&self, bdf: &str) -> Option<String> {
+        let link = fs::read_link(self.pci().join("devices").join(bdf).join("driver")).ok()?;
+        link.file_name().map(|n| n.to_string_lossy().into_owned())
+    }
+
+    fn card_of(&self, bdf: &str) -> Option<String> {
+        let drm = self.pci().join("devices").join(bdf).join("drm");
+        let mut cards: Vec<String> = fs::read_dir(drm)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| {
+                n.strip_prefix("card")
+                    .is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .collect();
+        cards.sort();
+        cards.into_iter().next()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(root: &Path, cmd: &str) -> SysfsHost {
+        SysfsHost {
+            sysfs_root: root.to_path_buf(),
+            reboot_mode: RebootMode::Command,
+            reboot_command: cmd.to_string(),
+            boot_id_path: root.join("boot_id"),
+        }
+    }
+
+    #[test]
+    fn writes_land_in_the_kernel_files() {
+        let t = tempfile::tempdir().unwrap();
+        let dev = t.path().join("bus/pci/devices/0000:03:00.0");
+        let drv = t.path().join("bus/pci/drivers/xe");
+        fs::create_dir_all(&dev).unwrap();
+        fs::create_dir_all(dev.join("drm/card1")).unwrap();
+        fs::create_dir_all(&drv).unwrap();
+        for f in [
+            drv.join("unbind"),
+            drv.join("bind"),
+            dev.join("reset"),
+            dev.join("remove"),
+            t.path().join("bus/pci/rescan"),
+        ] {
+            fs::write(f, "").unwrap();
+        }
+        fs::write(dev.join("reset_method"), "flr bus\n").unwrap();
+        std::os::unix::fs::symlink("../../drivers/xe", dev.join("driver")).unwrap();
+        let h = host(t.path(), "true");
+        h.unbind("0000:03:00.0", "xe").unwrap();
+        assert_eq!(
+            fs::read_to_string(drv.join("unbind")).unwrap(),
+            "0000:03:00.0"
+        );
+        assert_eq!(h.pci_reset("0000:03:00.0").unwrap(), "flr");
+        assert_eq!(fs::read_to_string(dev.join("reset")).unwrap(), "1");
+        assert_eq!(h.driver_of("0000:03:00.0").as_deref(), Some("xe"));
+        assert_eq!(h.card_of("0000:03:00.0").as_deref(), Some("card1"));
+        assert!(
+            h.bind("0000:03:00.0", "amdgpu").is_err(),
+            "no such driver dir"
+        );
+    }
+
+    #[test]
+    fn reboot_command_mode_runs_the_command_and_reports_failure() {
+        let t = tempfile::tempdir().unwrap();
+        let marker = t.path().join("rebooted");
+        let h = host(t.path(), &format!("touch {}", marker.display()));
+        h.reboot().unwrap();
+        assert!(marker.exists());
+        assert!(host(t.path(), "exit 3").reboot().is_err());
+    }
+}
