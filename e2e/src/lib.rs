@@ -1,1 +1,4 @@
 //! Test harness: the local control plane.
+pub mod fakesysfs;
+pub mod netns;
+pub mod recorder;
