@@ -2,3 +2,4 @@
 pub mod fakesysfs;
 pub mod netns;
 pub mod recorder;
+pub mod inject;
