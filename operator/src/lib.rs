@@ -1,1 +1,11 @@
-//! The unwedge operator.
+//! The unwedge operator: turns a GpuWedge into a safe, budgeted recovery (DESIGN §2–§5).
+//!
+//! `decide`, `budget`, `breaker`, `policy_match` and `settings` are pure; `ledger`, `drain` and
+//! `reconciler` are the thin effect layer around them.
+
+pub mod breaker;
+pub mod budget;
+pub mod decide;
+pub mod policy_match;
+pub mod settings;
+pub mod status;

@@ -1,0 +1,1341 @@
+//! Every branch of the lifecycle, as scenarios: a small world (wedge, node, pods, ledger) that
+//! applies each decision the way the effect layer would, and an agent stand-in.
+
+use super::*;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use unwedge_crds::{
+    AttemptResult, Blamed, Consumer, DeviceRef, DomainDevice, GpuWedgeSpec, WedgeEvent,
+};
+
+const W: &str = "node-a-0000-03-00-0-1";
+const PCI: &str = "0000:03:00.0";
+
+fn t(s: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + s).unwrap()
+}
+
+fn pod(ns: &str, name: &str) -> PodView {
+    PodView {
+        namespace: ns.into(),
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+fn consumer(pod: &str, pci: &str) -> Consumer {
+    Consumer {
+        namespace: "ml".into(),
+        pod: pod.into(),
+        container: "c".into(),
+        device_id: pci.into(),
+        pci_address: pci.into(),
+    }
+}
+
+struct World {
+    wedge: GpuWedge,
+    node: NodeView,
+    settings: Settings,
+    ledger: Vec<Admission>,
+    limits: Limits,
+    waiting: Vec<(String, String)>,
+    breaker: bool,
+    governance: Option<Governance<'static>>,
+    pods: Vec<PodView>,
+    history: Vec<PastWedge>,
+    others: Vec<String>,
+    advertised: Option<bool>,
+    now: Timestamp,
+    verbs: Verbs,
+    /// Effects performed, in order (for assertions).
+    log: Vec<Step>,
+}
+
+impl World {
+    fn new(methods: &str) -> World {
+        let spec = GpuWedgeSpec {
+            node_name: "node-a".into(),
+            device: DeviceRef {
+                pci_address: PCI.into(),
+                card: Some("card0".into()),
+                driver: "xe".into(),
+                ..Default::default()
+            },
+            methods: methods.split(',').map(str::to_string).collect(),
+            detected_at: Time(t(0)),
+            boot_id: "boot-1".into(),
+            uevent: Default::default(),
+            blamed: None,
+        };
+        let mut wedge = GpuWedge::new(W, spec);
+        wedge.status = Some(GpuWedgeStatus {
+            consumers: Some(vec![
+                consumer("train-0", PCI),
+                consumer("other-gpu", "0000:04:00.0"),
+            ]),
+            ..Default::default()
+        });
+        let settings =
+            Settings::from_spec(&serde_json::from_value(serde_json::json!({})).unwrap()).unwrap();
+        World {
+            wedge,
+            node: NodeView {
+                name: "node-a".into(),
+                ..Default::default()
+            },
+            settings,
+            ledger: vec![],
+            limits: Limits {
+                nodes: 1,
+                reboots: 1,
+                devices: 1,
+                none: 10,
+            },
+            waiting: vec![],
+            breaker: false,
+            governance: None,
+            pods: vec![
+                pod("ml", "train-0"),
+                pod("ml", "other-gpu"),
+                pod("kube-system", "exporter"),
+            ],
+            history: vec![],
+            others: vec![],
+            advertised: None,
+            now: t(1),
+            verbs: Verbs::default(),
+            log: vec![],
+        }
+    }
+
+    fn status(&self) -> GpuWedgeStatus {
+        self.wedge.status.clone().unwrap_or_default()
+    }
+
+    fn phase(&self) -> Phase {
+        self.status().phase.unwrap_or_default()
+    }
+
+    fn cond(&self, type_: &str) -> Option<Condition> {
+        self.status()
+            .conditions
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.type_ == type_)
+    }
+
+    fn decide(&self) -> Decision {
+        let pv = PolicyView {
+            name: "gpu",
+            settings: &self.settings,
+            ledger: &self.ledger,
+            limits: self.limits,
+            waiting_ahead: self.waiting.clone(),
+            breaker_tripped: self.breaker,
+        };
+        let input = Input {
+            wedge: &self.wedge,
+            node: Some(&self.node),
+            policy: self.governance.clone().unwrap_or(Governance::Policy(pv)),
+            pods: &self.pods,
+            history: &self.history,
+            others_on_node: &self.others,
+            device_advertised: self.advertised,
+            now: self.now,
+            operator: "system:serviceaccount:unwedge-system:unwedge-operator",
+            verbs: self.verbs.clone(),
+        };
+        decide(&input)
+    }
+
+    /// Persists the status, then performs the step the way the effect layer does.
+    fn apply(&mut self, d: &Decision) {
+        let mut st = self.status();
+        let o = &d.status;
+        st.phase = o.phase;
+        st.methods = o.methods.clone();
+        st.action = o.action.clone();
+        st.policy = o.policy.clone();
+        st.conditions = o.conditions.clone();
+        st.approval = o.approval.clone();
+        st.budget = o.budget.clone();
+        st.cordoned = o.cordoned;
+        st.admitted_at = o.admitted_at.clone();
+        st.phase_since = o.phase_since.clone();
+        st.finished_at = o.finished_at.clone();
+        self.wedge.status = Some(st);
+        match &d.step {
+            Step::Admit { candidate, reclaim } => {
+                if *reclaim {
+                    self.ledger = budget::release(&self.ledger, &candidate.wedge);
+                    self.ledger.push(Admission {
+                        wedge: candidate.wedge.clone(),
+                        node: candidate.node.clone(),
+                        unit: candidate.unit,
+                        reboot: candidate.reboot,
+                    });
+                } else {
+                    match budget::admit(&self.ledger, candidate, &self.limits, &self.waiting) {
+                        Ok(l) => self.ledger = l,
+                        Err(r) => {
+                            let q =
+                                queued_status(&OperatorStatus::of(&self.status()), &r.0, self.now);
+                            let mut st = self.status();
+                            st.phase = q.phase;
+                            st.budget = q.budget;
+                            self.wedge.status = Some(st);
+                        }
+                    }
+                }
+            }
+            Step::Release => self.ledger = budget::release(&self.ledger, W),
+            Step::Cordon => {
+                self.node.unschedulable = true;
+                self.node.cordoned_by = Some(W.into());
+            }
+            Step::Uncordon => {
+                self.node.unschedulable = false;
+                self.node.cordoned_by = None;
+            }
+            Step::HandOverCordon { to } => self.node.cordoned_by = Some(to.clone()),
+            Step::Evict { pods } | Step::ForceDelete { pods } => {
+                let mut st = self.status();
+                for p in pods {
+                    self.pods
+                        .retain(|x| !(x.namespace == p.namespace && x.name == p.name));
+                    st.evictions
+                        .get_or_insert_with(Vec::new)
+                        .push(unwedge_crds::Eviction {
+                            namespace: p.namespace.clone(),
+                            pod: p.name.clone(),
+                            at: Time(self.now),
+                            result: "Evicted".into(),
+                        });
+                }
+                self.wedge.status = Some(st);
+            }
+            Step::ClearVerbs { .. } => self.verbs = Verbs::default(),
+            Step::Nothing | Step::Wait { .. } | Step::Quarantine => {}
+        }
+        self.log.push(d.step.clone());
+    }
+
+    /// Decides and applies until the world stops changing (or `max` rounds).
+    fn run(&mut self, max: usize) {
+        for _ in 0..max {
+            let before = (
+                self.status(),
+                self.ledger.clone(),
+                self.node.clone(),
+                self.pods.len(),
+            );
+            let d = self.decide();
+            self.apply(&d);
+            if before
+                == (
+                    self.status(),
+                    self.ledger.clone(),
+                    self.node.clone(),
+                    self.pods.len(),
+                )
+            {
+                return;
+            }
+        }
+    }
+
+    /// The agent's part: report an attempt result for the current approval.
+    fn agent(&mut self, result: AttemptOutcome, msg: &str) {
+        let mut st = self.status();
+        let a = st.approval.clone().expect("an approval to act on");
+        let list = st.attempts.get_or_insert_with(Vec::new);
+        list.retain(|x| x.attempt != a.attempt);
+        list.push(AttemptResult {
+            attempt: a.attempt,
+            method: a.method,
+            result,
+            started_at: Time(self.now),
+            finished_at: None,
+            message: msg.into(),
+            boot_id: Some("boot-1".into()),
+        });
+        self.wedge.status = Some(st);
+    }
+
+    fn steps(&self) -> Vec<&Step> {
+        self.log
+            .iter()
+            .filter(|s| !matches!(s, Step::Nothing | Step::Wait { .. }))
+            .collect()
+    }
+}
+
+fn evicted(w: &World) -> Vec<String> {
+    w.status()
+        .evictions
+        .unwrap_or_default()
+        .iter()
+        .map(|e| format!("{}/{}", e.namespace, e.pod))
+        .collect()
+}
+
+// ---- rebind / bus-reset ----
+
+#[test]
+fn rebind_recovers_from_detected_to_recovered_evicting_only_the_devices_pods() {
+    let mut w = World::new("rebind,bus-reset");
+    w.run(20);
+    assert_eq!(w.phase(), Phase::Approved, "action {:?}", w.status().action);
+    assert_eq!(w.ledger.len(), 1, "admitted before anything else");
+    assert!(w.node.unschedulable && w.node.cordoned_by.as_deref() == Some(W));
+    assert_eq!(
+        evicted(&w),
+        vec!["ml/train-0"],
+        "only the wedged device's pod"
+    );
+    let a = w.status().approval.unwrap();
+    assert_eq!((a.method.as_str(), a.attempt), ("rebind", 1));
+    assert_eq!(w.status().action.as_deref(), Some("rebind#1"));
+    // The order of effects: admit, cordon, evict, then nothing touches the node until the agent.
+    let kinds: Vec<&str> = w
+        .steps()
+        .iter()
+        .map(|s| match s {
+            Step::Admit { .. } => "admit",
+            Step::Cordon => "cordon",
+            Step::Evict { .. } => "evict",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(kinds, ["admit", "cordon", "evict"]);
+
+    w.agent(AttemptOutcome::Started, "");
+    w.run(5);
+    assert_eq!(w.phase(), Phase::Recovering);
+    w.agent(AttemptOutcome::Succeeded, "rebound");
+    w.run(10);
+    assert_eq!(w.phase(), Phase::Recovered);
+    assert!(
+        !w.node.unschedulable,
+        "unwedge cordoned it, so unwedge uncordons it"
+    );
+    assert!(w.ledger.is_empty(), "released");
+    assert_eq!(w.status().action.as_deref(), Some("recovered by rebind#1"));
+    assert_eq!(w.cond(cond::RECOVERED).unwrap().status, "True");
+}
+
+#[test]
+fn a_full_budget_queues_with_the_reason() {
+    let mut w = World::new("rebind");
+    w.ledger.push(Admission {
+        wedge: "x".into(),
+        node: "node-b".into(),
+        unit: BudgetUnit::Node,
+        reboot: false,
+    });
+    w.run(5);
+    assert_eq!(w.phase(), Phase::Queued);
+    assert_eq!(
+        w.status().budget.as_deref(),
+        Some("1/1 nodes under recovery")
+    );
+    assert_eq!(w.status().action.as_deref(), Some("waiting: budget"));
+    assert!(!w.node.unschedulable);
+    w.ledger.clear();
+    w.run(5);
+    assert_eq!(w.phase(), Phase::Approved, "admitted once room appears");
+    assert_eq!(w.status().budget, None);
+}
+
+#[test]
+fn earlier_wedges_go_first() {
+    let mut w = World::new("rebind");
+    w.waiting = vec![("older".into(), "node-z".into())];
+    w.run(3);
+    assert_eq!(w.phase(), Phase::Queued);
+    assert_eq!(
+        w.status().budget.as_deref(),
+        Some("0/1 nodes under recovery, 1 queued ahead")
+    );
+}
+
+#[test]
+fn an_admin_cordoned_node_stays_cordoned() {
+    let mut w = World::new("rebind");
+    w.node.unschedulable = true;
+    w.run(20);
+    assert_eq!(w.status().cordoned, Some(false));
+    assert_eq!(w.cond(cond::CORDONED).unwrap().reason, "AlreadyCordoned");
+    w.agent(AttemptOutcome::Succeeded, "");
+    w.run(10);
+    assert_eq!(w.phase(), Phase::Recovered);
+    assert!(
+        w.node.unschedulable,
+        "never uncordon a node unwedge did not cordon"
+    );
+    assert!(!w.log.contains(&Step::Uncordon));
+}
+
+#[test]
+fn the_drain_covers_the_reset_domain_for_the_planned_method() {
+    let mut w = World::new("bus-reset");
+    let mut st = w.status();
+    st.reset_domain = Some(vec![
+        DomainDevice {
+            pci_address: PCI.into(),
+            card: None,
+            render_node: None,
+            relation: "self".into(),
+            methods: vec!["rebind".into(), "bus-reset".into()],
+        },
+        DomainDevice {
+            pci_address: "0000:04:00.0".into(),
+            card: None,
+            render_node: None,
+            relation: "xgmi-hive".into(),
+            methods: vec!["bus-reset".into()],
+        },
+    ]);
+    w.wedge.status = Some(st);
+    w.pods.push(pod("ml", "unrelated"));
+    w.run(20);
+    let mut e = evicted(&w);
+    e.sort();
+    assert_eq!(e, vec!["ml/other-gpu", "ml/train-0"]);
+    assert!(w.pods.iter().any(|p| p.name == "unrelated"));
+    assert_eq!(w.status().approval.unwrap().method, "bus-reset");
+}
+
+#[test]
+fn the_reset_domain_is_not_drained_for_a_method_that_spares_it() {
+    let mut w = World::new("rebind");
+    let mut st = w.status();
+    st.reset_domain = Some(vec![DomainDevice {
+        pci_address: "0000:04:00.0".into(),
+        card: None,
+        render_node: None,
+        relation: "same-slot".into(),
+        methods: vec!["bus-reset".into()],
+    }]);
+    w.wedge.status = Some(st);
+    w.run(20);
+    assert_eq!(evicted(&w), vec!["ml/train-0"]);
+}
+
+#[test]
+fn terminating_pods_are_waited_for() {
+    let mut w = World::new("rebind");
+    w.pods[0].terminating = true;
+    w.run(10);
+    assert_eq!(w.phase(), Phase::Draining);
+    assert!(matches!(w.log.last(), Some(Step::Wait { .. })));
+    w.pods.remove(0);
+    w.run(5);
+    assert_eq!(w.phase(), Phase::Approved);
+}
+
+#[test]
+fn a_refused_eviction_times_out_to_needs_attention() {
+    let mut w = World::new("rebind");
+    // Drain until the eviction is asked for, then pretend the PDB refuses (pod stays).
+    for _ in 0..10 {
+        let d = w.decide();
+        if matches!(d.step, Step::Evict { .. }) {
+            break;
+        }
+        w.apply(&d);
+    }
+    assert_eq!(w.phase(), Phase::Draining);
+    let d = w.decide();
+    assert!(
+        matches!(d.step, Step::Evict { .. }),
+        "eviction retried while within the timeout"
+    );
+    w.now = t(1 + 601);
+    let d = w.decide();
+    w.apply(&d);
+    assert_eq!(w.phase(), Phase::NeedsAttention);
+    assert_eq!(
+        w.cond(cond::NEEDS_ATTENTION).unwrap().reason,
+        "DrainTimeout"
+    );
+    assert!(
+        d.note
+            .unwrap()
+            .message
+            .contains("relax the PodDisruptionBudget")
+    );
+    assert!(w.node.unschedulable, "stays cordoned");
+    assert_eq!(w.ledger.len(), 1, "keeps its place in the budget");
+}
+
+#[test]
+fn drain_force_deletes_at_the_timeout() {
+    let mut w = World::new("rebind");
+    w.settings.force = true;
+    for _ in 0..10 {
+        let d = w.decide();
+        if matches!(d.step, Step::Evict { .. }) {
+            break;
+        }
+        w.apply(&d);
+    }
+    w.now = t(1 + 601);
+    let d = w.decide();
+    assert_eq!(
+        d.step,
+        Step::ForceDelete {
+            pods: vec![PodRef {
+                namespace: "ml".into(),
+                name: "train-0".into(),
+                container: None
+            }]
+        }
+    );
+}
+
+#[test]
+fn a_failed_attempt_climbs_the_ladder_with_a_new_attempt_id() {
+    let mut w = World::new("rebind,bus-reset");
+    w.run(20);
+    w.agent(AttemptOutcome::Failed, "device did not come back");
+    w.run(20);
+    let a = w.status().approval.unwrap();
+    assert_eq!((a.method.as_str(), a.attempt), ("bus-reset", 2));
+    w.agent(AttemptOutcome::Failed, "still dead");
+    w.limits.reboots = 1;
+    w.run(20);
+    let a = w.status().approval.unwrap();
+    assert_eq!(
+        (a.method.as_str(), a.attempt),
+        ("reboot", 3),
+        "reboot is the last rung even unlisted"
+    );
+    assert!(
+        w.ledger[0].reboot,
+        "the reboot counts against maxConcurrentReboots"
+    );
+    assert!(
+        w.pods.iter().all(|p| p.daemon_set || p.mirror),
+        "whole-node drain: {:?}",
+        w.pods
+    );
+    w.agent(AttemptOutcome::Failed, "no");
+    w.run(10);
+    assert_eq!(w.phase(), Phase::NeedsAttention);
+    assert_eq!(
+        w.cond(cond::NEEDS_ATTENTION).unwrap().reason,
+        "LadderExhausted"
+    );
+    assert!(w.node.unschedulable);
+    assert_eq!(w.ledger.len(), 1, "NeedsAttention keeps the budget place");
+}
+
+#[test]
+fn reboot_drain_keeps_daemonset_and_mirror_pods() {
+    let mut w = World::new("rebind");
+    w.settings.escalation = vec!["rebind".into(), "reboot".into()];
+    w.pods.push(PodView {
+        daemon_set: true,
+        ..pod("kube-system", "device-plugin")
+    });
+    w.pods.push(PodView {
+        mirror: true,
+        ..pod("kube-system", "static")
+    });
+    w.run(20);
+    w.agent(AttemptOutcome::Failed, "x");
+    w.run(20);
+    let names: Vec<&str> = w.pods.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["device-plugin", "static"]);
+    assert_eq!(w.status().approval.unwrap().method, "reboot");
+}
+
+#[test]
+fn reboot_waits_for_a_reboot_slot() {
+    let mut w = World::new("rebind");
+    w.settings.escalation = vec!["rebind".into(), "reboot".into()];
+    w.limits.nodes = 2;
+    w.run(20);
+    w.agent(AttemptOutcome::Failed, "x");
+    w.ledger.push(Admission {
+        wedge: "other".into(),
+        node: "node-b".into(),
+        unit: BudgetUnit::Node,
+        reboot: true,
+    });
+    w.run(20);
+    assert_eq!(w.phase(), Phase::Draining);
+    assert_eq!(
+        w.status().budget.as_deref(),
+        Some("1/1 reboots in progress")
+    );
+    assert_eq!(
+        w.status().approval.unwrap().attempt,
+        1,
+        "no reboot approved"
+    );
+}
+
+#[test]
+fn emptydir_pods_block_a_reboot_unless_allowed() {
+    let mut w = World::new("reboot");
+    w.pods.push(PodView {
+        empty_dir: true,
+        ..pod("ml", "scratch")
+    });
+    w.run(20);
+    assert_eq!(w.phase(), Phase::NeedsAttention);
+    assert_eq!(
+        w.cond(cond::NEEDS_ATTENTION).unwrap().reason,
+        "EmptyDirData"
+    );
+    let mut w = World::new("reboot");
+    w.settings.delete_empty_dir_data = true;
+    w.pods.push(PodView {
+        empty_dir: true,
+        ..pod("ml", "scratch")
+    });
+    w.run(20);
+    assert_eq!(w.phase(), Phase::Approved);
+}
+
+#[test]
+fn a_timed_out_attempt_escalates() {
+    let mut w = World::new("rebind,bus-reset");
+    w.run(20);
+    w.now = t(1 + 301);
+    let d = w.decide();
+    assert!(
+        d.note
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("rebind#1 timed out"),
+        "{:?}",
+        d.note
+    );
+    w.apply(&d);
+    w.run(20);
+    let a = w.status().approval.unwrap();
+    assert_eq!((a.method.as_str(), a.attempt), ("bus-reset", 2));
+}
+
+#[test]
+fn max_attempts_stops_the_ladder() {
+    let mut w = World::new("rebind,bus-reset");
+    w.settings.max_attempts = 1;
+    w.run(20);
+    w.agent(AttemptOutcome::Failed, "x");
+    w.run(20);
+    assert_eq!(w.phase(), Phase::NeedsAttention);
+    assert_eq!(
+        w.cond(cond::NEEDS_ATTENTION).unwrap().reason,
+        "LadderExhausted"
+    );
+}
+
+#[test]
+fn a_blocked_attempt_shows_who_holds_the_device() {
+    let mut w = World::new("rebind");
+    w.run(20);
+    w.agent(
+        AttemptOutcome::Blocked,
+        "pid 42 (exporter) holds /dev/dri/card0",
+    );
+    w.run(5);
+    assert_eq!(w.phase(), Phase::Recovering);
+    assert_eq!(w.status().action.as_deref(), Some("rebind#1 blocked"));
+    assert!(w.cond(cond::DRAINED).unwrap().message.contains("pid 42"));
+}
+
+#[test]
+fn first_rung_is_the_least_disruptive_listed_and_allowed() {
+    let s = |allowed: &[&str], esc: &[&str]| {
+        let mut st =
+            Settings::from_spec(&serde_json::from_value(serde_json::json!({})).unwrap()).unwrap();
+        st.allowed_methods = allowed.iter().map(|x| x.to_string()).collect();
+        st.escalation = esc.iter().map(|x| x.to_string()).collect();
+        st
+    };
+    let m = |x: &str| x.split(',').map(str::to_string).collect::<Vec<_>>();
+    let all = s(
+        &["rebind", "bus-reset", "reboot"],
+        &["rebind", "bus-reset", "reboot"],
+    );
+    assert_eq!(
+        ladder(&m("rebind,bus-reset"), &all).unwrap(),
+        ["rebind", "bus-reset", "reboot"]
+    );
+    assert_eq!(
+        ladder(&m("bus-reset"), &all).unwrap(),
+        ["bus-reset", "reboot"],
+        "never backwards to rebind"
+    );
+    let no_rebind = s(&["bus-reset", "reboot"], &["bus-reset", "reboot"]);
+    assert_eq!(
+        ladder(&m("rebind,bus-reset"), &no_rebind).unwrap(),
+        ["bus-reset", "reboot"]
+    );
+    let no_reboot = s(&["rebind", "bus-reset"], &["rebind", "bus-reset"]);
+    assert_eq!(ladder(&m("rebind"), &no_reboot).unwrap(), ["rebind"]);
+    assert_eq!(
+        ladder(&m("rebind,bus-reset,vendor-specific"), &all).unwrap(),
+        ["rebind", "bus-reset", "reboot"]
+    );
+    for (methods, reason) in [
+        ("vendor-specific", "NoAllowedMethod"),
+        ("unknown", "NoAllowedMethod"),
+        ("warp-drive", "NoAllowedMethod"),
+    ] {
+        assert_eq!(
+            ladder(&m(methods), &all).unwrap_err().reason,
+            reason,
+            "{methods}"
+        );
+    }
+    let lenient = s(
+        &[
+            "vendor-specific",
+            "cold-reset",
+            "unknown",
+            "warp-drive",
+            "reboot",
+        ],
+        &["reboot"],
+    );
+    for (methods, reason) in [
+        ("vendor-specific", "VendorSpecific"),
+        ("cold-reset", "ColdReset"),
+        ("unknown", "UnknownMethod"),
+        ("warp-drive", "UnknownMethod"),
+    ] {
+        assert_eq!(
+            ladder(&m(methods), &lenient).unwrap_err().reason,
+            reason,
+            "{methods}"
+        );
+    }
+}
+
+#[test]
+fn methods_unwedge_cannot_carry_out_need_a_human_with_the_node_cordoned() {
+    for methods in ["vendor-specific", "cold-reset", "unknown", "warp-drive"] {
+        let mut w = World::new(methods);
+        w.run(20);
+        assert_eq!(w.phase(), Phase::NeedsAttention, "{methods}");
+        assert!(w.node.unschedulable, "{methods}: node stays cordoned");
+        assert_eq!(w.ledger.len(), 1, "{methods}: keeps its place");
+        assert!(w.status().approval.is_none(), "{methods}: nothing approved");
+        assert!(
+            evicted(&w).is_empty(),
+            "{methods}: nothing evicted for a recovery that will not come"
+        );
+        assert!(
+            w.cond(cond::NEEDS_ATTENTION)
+                .unwrap()
+                .message
+                .contains("To do:")
+        );
+    }
+}
+
+#[test]
+fn repeat_offender_goes_to_needs_attention() {
+    let mut w = World::new("rebind");
+    w.settings.repeat_offender = Some(crate::settings::Window {
+        count: 3,
+        window: Duration::from_secs(3600),
+    });
+    w.history = vec![
+        PastWedge {
+            name: "a".into(),
+            detected_at: t(-100),
+            evicted_at: None,
+        },
+        PastWedge {
+            name: "b".into(),
+            detected_at: t(-7200),
+            evicted_at: None,
+        },
+    ];
+    w.run(20);
+    assert_eq!(w.phase(), Phase::Approved, "2 within the hour is below 3");
+    let mut w2 = World::new("rebind");
+    w2.settings.repeat_offender = w.settings.repeat_offender.clone();
+    w2.history = vec![
+        PastWedge {
+            name: "a".into(),
+            detected_at: t(-100),
+            evicted_at: None,
+        },
+        PastWedge {
+            name: "b".into(),
+            detected_at: t(-200),
+            evicted_at: None,
+        },
+    ];
+    w2.run(20);
+    assert_eq!(w2.phase(), Phase::NeedsAttention);
+    assert_eq!(
+        w2.cond(cond::NEEDS_ATTENTION).unwrap().reason,
+        "RepeatOffender"
+    );
+    assert!(w2.node.unschedulable);
+}
+
+// ---- human verbs ----
+
+#[test]
+fn manual_approval_waits_for_a_human_and_records_who() {
+    let mut w = World::new("rebind");
+    w.settings.approval = ApprovalMode::Manual;
+    w.run(20);
+    assert_eq!(w.phase(), Phase::AwaitingApproval);
+    assert_eq!(
+        w.status().action.as_deref(),
+        Some("awaiting approval for rebind#1")
+    );
+    w.verbs.approve = Some(String::new());
+    w.run(3);
+    assert_eq!(
+        w.phase(),
+        Phase::AwaitingApproval,
+        "approve without by is refused"
+    );
+    assert_eq!(w.cond(cond::APPROVED).unwrap().reason, "MissingBy");
+    w.verbs.by = Some("alice".into());
+    w.run(3);
+    assert_eq!(w.phase(), Phase::Approved);
+    let a = w.status().approval.unwrap();
+    assert_eq!(
+        (a.method.as_str(), a.attempt, a.by.as_str()),
+        ("rebind", 1, "alice")
+    );
+    assert!(
+        w.log.iter().any(|s| matches!(s, Step::ClearVerbs { .. })),
+        "the verb is consumed"
+    );
+}
+
+#[test]
+fn approving_another_method_drains_for_it_first() {
+    let mut w = World::new("rebind,bus-reset");
+    w.settings.approval = ApprovalMode::Manual;
+    w.run(20);
+    w.pods.push(pod("ml", "late"));
+    let mut st = w.status();
+    st.consumers
+        .get_or_insert_with(Vec::new)
+        .push(consumer("late", "0000:04:00.0"));
+    st.reset_domain = Some(vec![DomainDevice {
+        pci_address: "0000:04:00.0".into(),
+        card: None,
+        render_node: None,
+        relation: "same-slot".into(),
+        methods: vec!["bus-reset".into()],
+    }]);
+    w.wedge.status = Some(st);
+    w.verbs = Verbs {
+        approve: Some("bus-reset".into()),
+        by: Some("bob".into()),
+        ..Default::default()
+    };
+    w.run(20);
+    let a = w.status().approval.unwrap();
+    assert_eq!((a.method.as_str(), a.by.as_str()), ("bus-reset", "bob"));
+    assert!(evicted(&w).contains(&"ml/late".to_string()));
+}
+
+#[test]
+fn approving_a_method_the_policy_forbids_is_refused() {
+    let mut w = World::new("rebind");
+    w.settings.approval = ApprovalMode::Manual;
+    w.run(20);
+    w.verbs = Verbs {
+        approve: Some("cold-reset".into()),
+        by: Some("bob".into()),
+        ..Default::default()
+    };
+    w.run(3);
+    assert_eq!(w.phase(), Phase::AwaitingApproval);
+    assert_eq!(w.cond(cond::APPROVED).unwrap().reason, "MethodNotAllowed");
+}
+
+#[test]
+fn retry_starts_a_new_attempt_from_the_current_rung() {
+    let mut w = World::new("rebind,bus-reset");
+    w.settings.max_attempts = 1;
+    w.run(20);
+    w.agent(AttemptOutcome::Failed, "x");
+    w.run(20);
+    assert_eq!(w.phase(), Phase::NeedsAttention);
+    w.verbs = Verbs {
+        retry: Some("1".into()),
+        by: Some("carol".into()),
+        ..Default::default()
+    };
+    w.run(20);
+    let a = w.status().approval.unwrap();
+    assert_eq!(
+        (a.method.as_str(), a.attempt),
+        ("rebind", 2),
+        "same rung, new attempt id"
+    );
+    assert_eq!(w.phase(), Phase::Approved);
+}
+
+#[test]
+fn retry_is_ignored_while_an_attempt_runs() {
+    let mut w = World::new("rebind");
+    w.run(20);
+    w.verbs = Verbs {
+        retry: Some("1".into()),
+        by: Some("carol".into()),
+        ..Default::default()
+    };
+    w.run(5);
+    assert_eq!(w.status().approval.unwrap().attempt, 1);
+}
+
+#[test]
+fn abandon_lets_go_without_uncordoning_and_records_who() {
+    let mut w = World::new("rebind");
+    w.run(20);
+    w.verbs = Verbs {
+        abandon: Some("taking it to the lab".into()),
+        by: Some("dave".into()),
+        ..Default::default()
+    };
+    w.run(5);
+    assert_eq!(w.phase(), Phase::Abandoned);
+    assert!(w.node.unschedulable, "left to the human");
+    assert!(w.ledger.is_empty(), "budget released");
+    assert!(w.cond(cond::ABANDONED).unwrap().message.contains("dave"));
+    assert_eq!(w.status().action.as_deref(), Some("abandoned by dave"));
+}
+
+// ---- re-planning ----
+
+#[test]
+fn a_rebind_event_turns_an_open_none_incident_into_a_recovery() {
+    let mut w = World::new("none");
+    w.settings.none_action = NoneAction::EvictConsumers;
+    // Stop in Restarting: the eviction is in flight.
+    w.pods[0].terminating = true;
+    w.run(10);
+    assert_eq!(w.phase(), Phase::Restarting);
+    let mut st = w.status();
+    st.events = Some(vec![WedgeEvent {
+        seqnum: Some(9),
+        methods: vec!["rebind".into(), "bus-reset".into()],
+        at: Time(t(5)),
+        pid: None,
+    }]);
+    w.wedge.status = Some(st);
+    w.pods[0].terminating = false;
+    w.run(30);
+    assert_eq!(w.status().methods.as_deref(), Some("rebind,bus-reset"));
+    assert_eq!(w.phase(), Phase::Approved);
+    assert!(w.node.unschedulable);
+    assert_eq!(w.ledger[0].unit, BudgetUnit::Node);
+}
+
+#[test]
+fn a_later_none_never_replaces_a_recovery_plan() {
+    let mut w = World::new("rebind");
+    let mut st = w.status();
+    st.events = Some(vec![WedgeEvent {
+        seqnum: Some(9),
+        methods: vec!["none".into()],
+        at: Time(t(5)),
+        pid: None,
+    }]);
+    w.wedge.status = Some(st);
+    w.run(20);
+    assert_eq!(w.status().methods.as_deref(), Some("rebind"));
+    assert_eq!(w.phase(), Phase::Approved);
+}
+
+#[test]
+fn a_new_method_list_replans_a_drain() {
+    let mut w = World::new("rebind");
+    w.pods[0].terminating = true;
+    w.run(10);
+    assert_eq!(w.phase(), Phase::Draining);
+    let mut st = w.status();
+    st.events = Some(vec![WedgeEvent {
+        seqnum: Some(9),
+        methods: vec!["bus-reset".into()],
+        at: Time(t(5)),
+        pid: None,
+    }]);
+    w.wedge.status = Some(st);
+    w.pods.remove(0);
+    w.run(20);
+    assert_eq!(w.status().approval.unwrap().method, "bus-reset");
+}
+
+#[test]
+fn wedging_again_during_a_successful_attempt_replans() {
+    let mut w = World::new("rebind");
+    w.run(20);
+    w.agent(AttemptOutcome::Succeeded, "ok");
+    let mut st = w.status();
+    st.events = Some(vec![WedgeEvent {
+        seqnum: Some(9),
+        methods: vec!["bus-reset".into()],
+        at: Time(t(50)),
+        pid: None,
+    }]);
+    w.wedge.status = Some(st);
+    w.run(20);
+    let a = w.status().approval.unwrap();
+    assert_eq!((a.method.as_str(), a.attempt), ("bus-reset", 2));
+}
+
+// ---- none ----
+
+#[test]
+fn none_evict_blamed_evicts_exactly_the_blamed_pod_and_never_cordons() {
+    let mut w = World::new("none");
+    w.wedge.spec.blamed = Some(Blamed {
+        pid: 4242,
+        task: Some("python".into()),
+        container_id: Some("abc".into()),
+        pod: Some(PodRef {
+            namespace: "ml".into(),
+            name: "other-gpu".into(),
+            container: Some("c".into()),
+        }),
+    });
+    w.run(20);
+    assert_eq!(w.phase(), Phase::Recovered);
+    assert_eq!(evicted(&w), vec!["ml/other-gpu"]);
+    assert!(!w.node.unschedulable);
+    assert!(!w.log.contains(&Step::Cordon));
+    assert!(w.ledger.is_empty(), "none budget released");
+    assert!(
+        w.log.iter().any(
+            |s| matches!(s, Step::Admit { candidate, .. } if candidate.unit == BudgetUnit::None)
+        )
+    );
+}
+
+#[test]
+fn none_evict_blamed_without_a_blamed_pod_records_only() {
+    let mut w = World::new("none");
+    w.run(10);
+    assert_eq!(w.phase(), Phase::Recovered);
+    assert!(evicted(&w).is_empty());
+    assert_eq!(
+        w.status().action.as_deref(),
+        Some("recorded only: the driver blamed no pod")
+    );
+}
+
+#[test]
+fn none_ignore_records_only() {
+    let mut w = World::new("none");
+    w.settings.none_action = NoneAction::Ignore;
+    w.wedge.spec.blamed = Some(Blamed {
+        pid: 1,
+        pod: Some(PodRef {
+            namespace: "ml".into(),
+            name: "train-0".into(),
+            container: None,
+        }),
+        ..Default::default()
+    });
+    w.run(10);
+    assert_eq!(w.phase(), Phase::Recovered);
+    assert!(evicted(&w).is_empty());
+}
+
+#[test]
+fn none_evict_consumers_evicts_the_devices_pods_only() {
+    let mut w = World::new("none");
+    w.settings.none_action = NoneAction::EvictConsumers;
+    w.run(20);
+    assert_eq!(evicted(&w), vec!["ml/train-0"]);
+    assert_eq!(w.phase(), Phase::Recovered);
+}
+
+#[test]
+fn none_is_rate_limited_per_device() {
+    let mut w = World::new("none");
+    w.settings.none_action = NoneAction::EvictConsumers;
+    w.history = vec![PastWedge {
+        name: "earlier".into(),
+        detected_at: t(-60),
+        evicted_at: Some(t(-59)),
+    }];
+    w.run(10);
+    assert_eq!(w.phase(), Phase::Recovered);
+    assert!(evicted(&w).is_empty());
+    assert!(w.status().action.unwrap().contains("rate-limited"));
+    let mut w = World::new("none");
+    w.settings.none_action = NoneAction::EvictConsumers;
+    w.history = vec![PastWedge {
+        name: "earlier".into(),
+        detected_at: t(-6000),
+        evicted_at: Some(t(-5999)),
+    }];
+    w.run(10);
+    assert_eq!(evicted(&w), vec!["ml/train-0"], "outside minInterval");
+}
+
+#[test]
+fn none_waits_for_its_own_budget() {
+    let mut w = World::new("none");
+    w.settings.none_action = NoneAction::EvictConsumers;
+    w.limits.none = 0;
+    w.run(5);
+    assert_eq!(w.phase(), Phase::Queued);
+    assert_eq!(
+        w.status().budget.as_deref(),
+        Some("0/0 none evictions in progress")
+    );
+}
+
+// ---- holds ----
+
+#[test]
+fn paused_policy_holds_new_cordons_and_says_why() {
+    let mut w = World::new("rebind");
+    w.settings.paused = true;
+    w.run(5);
+    assert_eq!(w.phase(), Phase::Detected);
+    assert!(w.ledger.is_empty() && !w.node.unschedulable);
+    assert_eq!(w.cond(cond::PAUSED).unwrap().reason, "PolicyPaused");
+    assert!(
+        w.status()
+            .action
+            .unwrap()
+            .starts_with("held: would cordon node-a")
+    );
+    w.settings.paused = false;
+    w.run(20);
+    assert_eq!(w.phase(), Phase::Approved);
+    assert!(w.cond(cond::PAUSED).is_none(), "the hold is gone");
+}
+
+#[test]
+fn paused_mid_drain_stops_evictions_and_approvals() {
+    let mut w = World::new("rebind");
+    w.pods[0].terminating = true;
+    w.run(10);
+    w.pods[0].terminating = false;
+    w.settings.paused = true;
+    w.run(5);
+    assert_eq!(w.phase(), Phase::Draining);
+    assert!(evicted(&w).is_empty());
+    assert!(
+        w.status().action.unwrap().ends_with("rebind#1)"),
+        "{:?}",
+        w.status().action
+    );
+    w.settings.paused = false;
+    w.run(20);
+    assert_eq!(
+        w.status().approval.unwrap().attempt,
+        1,
+        "the plan survived the hold"
+    );
+}
+
+#[test]
+fn tripped_breaker_holds_automatic_actions() {
+    let mut w = World::new("rebind");
+    w.breaker = true;
+    w.run(5);
+    assert!(w.ledger.is_empty());
+    assert_eq!(
+        w.cond(cond::PAUSED).unwrap().reason,
+        "CircuitBreakerTripped"
+    );
+    assert!(
+        w.cond(cond::PAUSED)
+            .unwrap()
+            .message
+            .contains("unwedge.io/resume")
+    );
+}
+
+#[test]
+fn tripped_breaker_holds_none_evictions_too() {
+    let mut w = World::new("none");
+    w.settings.none_action = NoneAction::EvictConsumers;
+    w.breaker = true;
+    w.run(5);
+    assert!(evicted(&w).is_empty());
+    assert_eq!(w.phase(), Phase::Detected);
+}
+
+#[test]
+fn dry_run_records_what_it_would_do_and_does_nothing() {
+    let mut w = World::new("rebind");
+    w.settings.dry_run = true;
+    w.run(5);
+    assert!(w.ledger.is_empty() && !w.node.unschedulable && evicted(&w).is_empty());
+    assert_eq!(
+        w.status().action.as_deref(),
+        Some("dry-run: would cordon node-a, drain the device's pods, approve rebind#1")
+    );
+    assert_eq!(w.cond(cond::DRY_RUN).unwrap().status, "True");
+    let mut w = World::new("none");
+    w.settings.dry_run = true;
+    w.settings.none_action = NoneAction::EvictConsumers;
+    w.run(5);
+    assert_eq!(w.phase(), Phase::Recovered);
+    assert_eq!(
+        w.status().action.as_deref(),
+        Some("dry-run: would evict ml/train-0")
+    );
+    assert!(evicted(&w).is_empty());
+}
+
+// ---- policy resolution ----
+
+#[test]
+fn no_policy_and_conflicts_wait_with_a_condition() {
+    let mut w = World::new("rebind");
+    w.governance = Some(Governance::NoPolicy);
+    w.run(3);
+    assert_eq!(w.cond(cond::GOVERNED).unwrap().reason, "NoPolicy");
+    assert_eq!(w.phase(), Phase::Detected);
+    w.governance = Some(Governance::Conflict(vec!["a".into(), "b".into()]));
+    w.run(3);
+    let c = w.cond(cond::GOVERNED).unwrap();
+    assert_eq!(c.reason, "PolicyConflict");
+    assert!(c.message.contains("a, b"));
+    w.governance = Some(Governance::Invalid {
+        name: "a".into(),
+        error: "bad".into(),
+    });
+    w.run(3);
+    assert_eq!(w.cond(cond::GOVERNED).unwrap().reason, "InvalidPolicy");
+    assert!(!w.node.unschedulable);
+}
+
+// ---- cordon ownership ----
+
+#[test]
+fn two_wedges_on_one_node_hand_the_cordon_over() {
+    let mut w = World::new("rebind");
+    w.run(20);
+    w.agent(AttemptOutcome::Succeeded, "");
+    w.others = vec!["node-a-0000-04-00-0-2".into()];
+    w.run(10);
+    assert_eq!(w.node.cordoned_by.as_deref(), Some("node-a-0000-04-00-0-2"));
+    assert!(
+        w.node.unschedulable,
+        "the other wedge still needs it cordoned"
+    );
+    assert_eq!(w.phase(), Phase::Recovered);
+}
+
+#[test]
+fn a_cordon_handed_over_is_adopted() {
+    let mut w = World::new("rebind");
+    w.node.unschedulable = true;
+    w.node.cordoned_by = Some("node-a-0000-04-00-0-2".into());
+    w.run(20);
+    assert_eq!(w.status().cordoned, Some(false));
+    w.node.cordoned_by = Some(W.into());
+    w.run(3);
+    assert_eq!(w.status().cordoned, Some(true));
+    w.agent(AttemptOutcome::Succeeded, "");
+    w.run(10);
+    assert!(!w.node.unschedulable, "the adopted cordon is released");
+}
+
+#[test]
+fn a_cordon_lost_during_recovery_is_restored() {
+    let mut w = World::new("rebind");
+    w.run(20);
+    w.node.unschedulable = false;
+    w.node.cordoned_by = None;
+    let d = w.decide();
+    assert_eq!(d.step, Step::Cordon);
+}
+
+#[test]
+fn a_recovered_wedge_still_holding_the_cordon_releases_it() {
+    let mut w = World::new("rebind");
+    let mut st = w.status();
+    st.phase = Some(Phase::Recovered);
+    w.wedge.status = Some(st);
+    w.node.unschedulable = true;
+    w.node.cordoned_by = Some(W.into());
+    assert_eq!(w.decide().step, Step::Uncordon);
+}
+
+#[test]
+fn a_lost_ledger_entry_is_reclaimed_whatever_the_budget() {
+    let mut w = World::new("rebind");
+    w.run(20);
+    w.ledger.clear();
+    w.ledger.push(Admission {
+        wedge: "x".into(),
+        node: "node-b".into(),
+        unit: BudgetUnit::Node,
+        reboot: false,
+    });
+    let d = w.decide();
+    assert!(
+        matches!(d.step, Step::Admit { reclaim: true, .. }),
+        "{:?}",
+        d.step
+    );
+}
+
+#[test]
+fn terminal_wedges_release_their_budget() {
+    let mut w = World::new("rebind");
+    let mut st = w.status();
+    st.phase = Some(Phase::Abandoned);
+    w.wedge.status = Some(st);
+    w.ledger.push(Admission {
+        wedge: W.into(),
+        node: "node-a".into(),
+        unit: BudgetUnit::Node,
+        reboot: false,
+    });
+    assert_eq!(w.decide().step, Step::Release);
+    w.ledger.clear();
+    assert_eq!(w.decide().step, Step::Nothing);
+}
+
+#[test]
+fn verifying_waits_for_the_device_to_be_advertised() {
+    let mut w = World::new("rebind");
+    w.run(20);
+    w.agent(AttemptOutcome::Succeeded, "");
+    w.advertised = Some(false);
+    w.run(10);
+    assert_eq!(w.phase(), Phase::Verifying);
+    assert!(w.node.unschedulable);
+    w.now = t(1 + 301);
+    w.run(5);
+    assert_eq!(w.phase(), Phase::NeedsAttention);
+    assert_eq!(
+        w.cond(cond::NEEDS_ATTENTION).unwrap().reason,
+        "NotAdvertised"
+    );
+}
+
+#[test]
+fn plan_tokens_round_trip() {
+    assert_eq!(
+        plan_of(Some("drain for bus-reset#2")),
+        Some(("bus-reset".into(), 2))
+    );
+    assert_eq!(
+        plan_of(Some("held: would evict ml/a (for rebind#1)")),
+        None,
+        "a parenthesis is not a rung"
+    );
+    assert_eq!(plan_of(Some("rebind#1")), Some(("rebind".into(), 1)));
+    assert_eq!(plan_of(None), None);
+}

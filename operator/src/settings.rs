@@ -1,0 +1,231 @@
+//! A RecoveryPolicy spec with every default filled in and every duration parsed.
+//!
+//! Pure: the decision core reads `Settings`, never the raw spec, so defaults live in one place.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use unwedge_crds::{ApprovalMode, NoneAction, RecoveryPolicySpec};
+
+/// A policy field that cannot be used as written.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SettingsError {
+    /// A duration such as `10m` or `1h30m` did not parse.
+    #[error("{field}: {value:?} is not a duration like 90s, 10m or 1h30m")]
+    BadDuration {
+        /// The policy field.
+        field: &'static str,
+        /// What it held.
+        value: String,
+    },
+}
+
+/// Parses `1h30m`, `90s`, `250ms` (the CRD's `^([0-9]+(ms|s|m|h))+$`).
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let b = s.as_bytes();
+    if b.is_empty() {
+        return None;
+    }
+    let mut total = Duration::ZERO;
+    let mut i = 0;
+    while i < b.len() {
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if start == i {
+            return None;
+        }
+        let n: u64 = s[start..i].parse().ok()?;
+        let unit = if s[i..].starts_with("ms") {
+            i += 2;
+            Duration::from_millis(n)
+        } else if s[i..].starts_with('s') {
+            i += 1;
+            Duration::from_secs(n)
+        } else if s[i..].starts_with('m') {
+            i += 1;
+            Duration::from_secs(n.checked_mul(60)?)
+        } else if s[i..].starts_with('h') {
+            i += 1;
+            Duration::from_secs(n.checked_mul(3600)?)
+        } else {
+            return None;
+        };
+        total = total.checked_add(unit)?;
+    }
+    Some(total)
+}
+
+fn duration(
+    field: &'static str,
+    v: Option<&String>,
+    default: Duration,
+) -> Result<Duration, SettingsError> {
+    match v {
+        None => Ok(default),
+        Some(s) => parse_duration(s).ok_or_else(|| SettingsError::BadDuration {
+            field,
+            value: s.clone(),
+        }),
+    }
+}
+
+/// A sliding-window threshold with its window parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// How many events.
+    pub count: u32,
+    /// Within how long.
+    pub window: Duration,
+}
+
+/// The methods unwedge may carry out when a policy names none.
+pub const DEFAULT_METHODS: [&str; 3] = ["rebind", "bus-reset", "reboot"];
+
+/// Every knob of a RecoveryPolicy, defaults applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// `maxUnavailable` as written (resolved against the node count by `budget`).
+    pub max_unavailable: IntOrString,
+    /// `maxConcurrentReboots`.
+    pub max_concurrent_reboots: u32,
+    /// `maxUnavailableDevices` as written.
+    pub max_unavailable_devices: IntOrString,
+    /// Methods unwedge may carry out.
+    pub allowed_methods: Vec<String>,
+    /// The escalation ladder as written.
+    pub escalation: Vec<String>,
+    /// Automatic or Manual.
+    pub approval: ApprovalMode,
+    /// How long evictions may be refused before the timeout action.
+    pub drain_timeout: Duration,
+    /// Grace period for evictions.
+    pub grace_period_seconds: Option<i64>,
+    /// Evict pods with emptyDir on whole-node drains.
+    pub delete_empty_dir_data: bool,
+    /// Delete at the drain timeout instead of NeedsAttention.
+    pub force: bool,
+    /// What `none` does to pods.
+    pub none_action: NoneAction,
+    /// One `none` eviction round per device per this interval.
+    pub none_min_interval: Duration,
+    /// `none` eviction rounds at once across the policy's nodes.
+    pub none_max_concurrent: u32,
+    /// How long an approved attempt may take, counted from the approval.
+    pub verify_timeout: Duration,
+    /// Attempts per wedge across all rungs.
+    pub max_attempts: u32,
+    /// Repeat-offender threshold.
+    pub repeat_offender: Option<Window>,
+    /// Circuit-breaker threshold.
+    pub circuit_breaker: Option<Window>,
+    /// No new cordons, evictions or approvals.
+    pub paused: bool,
+    /// Record what would be done, do nothing.
+    pub dry_run: bool,
+    /// Finished GpuWedges kept per device.
+    pub history_limit: u32,
+}
+
+impl Settings {
+    /// Fills in the defaults of DESIGN §3 and parses the durations.
+    pub fn from_spec(spec: &RecoveryPolicySpec) -> Result<Settings, SettingsError> {
+        let window =
+            |field, t: &Option<unwedge_crds::Threshold>| -> Result<Option<Window>, SettingsError> {
+                t.as_ref()
+                    .map(|t| {
+                        Ok(Window {
+                            count: t.count,
+                            window: duration(field, Some(&t.window), Duration::ZERO)?,
+                        })
+                    })
+                    .transpose()
+            };
+        let defaults = || {
+            DEFAULT_METHODS
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+        };
+        Ok(Settings {
+            max_unavailable: spec.max_unavailable.clone().unwrap_or(IntOrString::Int(1)),
+            max_concurrent_reboots: spec.max_concurrent_reboots.unwrap_or(1).max(0) as u32,
+            max_unavailable_devices: spec
+                .max_unavailable_devices
+                .clone()
+                .unwrap_or_else(|| IntOrString::String("10%".into())),
+            allowed_methods: spec.allowed_methods.clone().unwrap_or_else(defaults),
+            escalation: spec.escalation.clone().unwrap_or_else(defaults),
+            approval: spec.approval,
+            drain_timeout: duration(
+                "drain.timeout",
+                spec.drain.timeout.as_ref(),
+                Duration::from_secs(600),
+            )?,
+            grace_period_seconds: spec.drain.grace_period_seconds,
+            delete_empty_dir_data: spec.drain.delete_empty_dir_data,
+            force: spec.drain.force,
+            none_action: spec.none.action,
+            none_min_interval: duration(
+                "none.minInterval",
+                spec.none.min_interval.as_ref(),
+                Duration::from_secs(600),
+            )?,
+            none_max_concurrent: spec.none.max_concurrent.unwrap_or(10).max(0) as u32,
+            verify_timeout: duration(
+                "verifyTimeout",
+                spec.verify_timeout.as_ref(),
+                Duration::from_secs(300),
+            )?,
+            max_attempts: spec.max_attempts.unwrap_or(3).max(1),
+            repeat_offender: window("repeatOffender.window", &spec.repeat_offender)?,
+            circuit_breaker: window("circuitBreaker.window", &spec.circuit_breaker)?,
+            paused: spec.paused,
+            dry_run: spec.dry_run,
+            history_limit: spec.history_limit.unwrap_or(5),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_the_crd_pattern() {
+        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10m"), Some(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        for bad in ["", "10", "m", "1d", "1h 2m", "-1s"] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let spec: RecoveryPolicySpec = serde_json::from_value(serde_json::json!({})).unwrap();
+        let s = Settings::from_spec(&spec).unwrap();
+        assert_eq!(s.max_unavailable, IntOrString::Int(1));
+        assert_eq!(s.max_concurrent_reboots, 1);
+        assert_eq!(s.allowed_methods, vec!["rebind", "bus-reset", "reboot"]);
+        assert_eq!(s.escalation, vec!["rebind", "bus-reset", "reboot"]);
+        assert_eq!(s.drain_timeout, Duration::from_secs(600));
+        assert_eq!(s.verify_timeout, Duration::from_secs(300));
+        assert_eq!(s.max_attempts, 3);
+        assert_eq!(s.none_action, NoneAction::EvictBlamed);
+        assert_eq!(s.none_max_concurrent, 10);
+        assert_eq!(s.history_limit, 5);
+    }
+
+    #[test]
+    fn a_bad_duration_names_the_field() {
+        let spec: RecoveryPolicySpec =
+            serde_json::from_value(serde_json::json!({"drain": {"timeout": "soon"}})).unwrap();
+        assert_eq!(
+            Settings::from_spec(&spec).unwrap_err().to_string(),
+            "drain.timeout: \"soon\" is not a duration like 90s, 10m or 1h30m"
+        );
+    }
+}
