@@ -3,3 +3,4 @@ pub mod fakesysfs;
 pub mod netns;
 pub mod recorder;
 pub mod inject;
+pub mod cluster;
