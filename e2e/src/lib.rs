@@ -4,3 +4,4 @@ pub mod netns;
 pub mod recorder;
 pub mod inject;
 pub mod cluster;
+pub mod cluster;
