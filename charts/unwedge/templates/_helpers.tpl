@@ -1,0 +1,78 @@
+{{/* Chart name, truncated to the 63 characters a label value allows. */}}
+{{- define "unwedge.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Prefix of every object name: the release name, plus the chart name unless it already has it. */}}
+{{- define "unwedge.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "unwedge.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "unwedge.labels" -}}
+helm.sh/chart: {{ include "unwedge.chart" . }}
+app.kubernetes.io/name: {{ include "unwedge.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: unwedge
+{{- end -}}
+
+{{/* Selector labels of one component ("agent" or "operator"); pass (list $ "agent"). */}}
+{{- define "unwedge.selectorLabels" -}}
+{{- $ := index . 0 -}}
+app.kubernetes.io/name: {{ include "unwedge.name" $ }}
+app.kubernetes.io/instance: {{ $.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end -}}
+
+{{- define "unwedge.agentServiceAccountName" -}}
+{{- default (printf "%s-agent" (include "unwedge.fullname" .)) .Values.agent.serviceAccount.name -}}
+{{- end -}}
+
+{{- define "unwedge.operatorServiceAccountName" -}}
+{{- default (printf "%s-operator" (include "unwedge.fullname" .)) .Values.operator.serviceAccount.name -}}
+{{- end -}}
+
+{{/* The username the API server gives the agent's ServiceAccount tokens. */}}
+{{- define "unwedge.agentUsername" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "unwedge.agentServiceAccountName" .) -}}
+{{- end -}}
+
+{{- define "unwedge.agentImage" -}}
+{{- printf "%s:%s" .Values.agent.image.repository (default .Chart.AppVersion .Values.agent.image.tag) -}}
+{{- end -}}
+
+{{- define "unwedge.operatorImage" -}}
+{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) -}}
+{{- end -}}
+
+{{/*
+Whether the DRA parts render: "true" or "false". auto follows the cluster: on when it serves
+resource.k8s.io/v1 DeviceTaintRule (helm template: pass --api-versions resource.k8s.io/v1/DeviceTaintRule).
+*/}}
+{{- define "unwedge.draEnabled" -}}
+{{- $v := toString .Values.dra.enabled -}}
+{{- if eq $v "true" -}}true
+{{- else if eq $v "false" -}}false
+{{- else if .Capabilities.APIVersions.Has "resource.k8s.io/v1/DeviceTaintRule" -}}true
+{{- else -}}false
+{{- end -}}
+{{- end -}}
+
+{{/* The operator's --dra flag: follows what the chart rendered, so the operator never uses DRA without the RBAC for it. */}}
+{{- define "unwedge.draFlag" -}}
+{{- if eq (include "unwedge.draEnabled" .) "true" -}}on{{- else -}}off{{- end -}}
+{{- end -}}
