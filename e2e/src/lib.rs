@@ -4,4 +4,3 @@ pub mod netns;
 pub mod recorder;
 pub mod inject;
 pub mod cluster;
-pub mod cluster;
