@@ -51,6 +51,7 @@ if [ ! -f rootfs.done ]; then
   ( rm -rf rootfs && debootstrap --variant=minbase \
       --include=systemd,systemd-sysv,dbus,conntrack,iptables,nftables,iproute2,ethtool,util-linux,mount,kmod,libseccomp2,pigz,fuse-overlayfs,bash,ca-certificates,curl,jq,procps,e2fsprogs,socat \
       bookworm rootfs "$mirror" > debootstrap.log 2>&1 && touch rootfs.done ) &
+  debootstrap_pid=$!
 fi
 
 # Control-plane binaries (kube-apiserver, -controller-manager, -scheduler, kubectl, etcd) are
@@ -122,7 +123,7 @@ if [ ! -x img/pause/pause ]; then
 fi
 lap "coredns etcd pause payloads"
 
-wait
+[ -z "${debootstrap_pid:-}" ] || wait "$debootstrap_pid" || true
 [ -f rootfs.done ] || die "debootstrap failed: see $W/debootstrap.log"
 lap "debootstrap (waited)"
 

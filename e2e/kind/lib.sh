@@ -56,10 +56,10 @@ needs_privileged_shim() {
 
 # Puts the kind binary on PATH (and the shim before docker, where needed).
 kind_path() {
-  export PATH=$KIND_WORK/bin:$CP_BIN:$PATH
+  case ":$PATH:" in *":$KIND_WORK/bin:"*) ;; *) export PATH=$KIND_WORK/bin:$CP_BIN:$PATH ;; esac
   if needs_privileged_shim; then
-    REAL_DOCKER=$(command -v docker); export REAL_DOCKER
-    export PATH=$KIND_DIR/bin:$PATH
+    # The shim finds the real docker itself (the first one on PATH that is not the shim).
+    case ":$PATH:" in *":$KIND_DIR/bin:"*) ;; *) export PATH=$KIND_DIR/bin:$PATH ;; esac
   fi
 }
 

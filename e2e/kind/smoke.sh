@@ -10,6 +10,7 @@ set -euo pipefail
 RUN=$KIND_WORK/run-$CLUSTER_NAME
 NODE=$(node_container)
 failed=0
+completed=0   # set by the last line: a run that did not get there never counts as passed
 check() { # check "<what>" cmd...
   local what=$1; shift
   if "$@"; then echo "PASS: $what"; else echo "FAIL: $what"; failed=1; return 1; fi
@@ -23,7 +24,12 @@ cleanup() {
   if [ "${KEEP:-}" = 1 ]; then echo "KEEP=1: cluster $CLUSTER_NAME kept (KUBECONFIG=$RUN/kubeconfig)"; return; fi
   "$KIND_DIR/cluster.sh" delete
   lap "delete cluster"
-  [ $failed = 0 ] && [ $rc = 0 ] && echo "smoke: all checks passed" || echo "smoke: FAILED"
+  if [ $completed = 1 ] && [ $failed = 0 ] && [ $rc = 0 ]; then
+    echo "smoke: all checks passed"
+  else
+    echo "smoke: FAILED (completed=$completed, exit status $rc)"
+    exit 1
+  fi
 }
 trap cleanup EXIT
 
@@ -137,3 +143,4 @@ check "PodResources reports 2 BDFs for it" \
 lap "kubelet restart re-registration"
 kubectl get pods -A -o wide
 [ $failed = 0 ]
+completed=1
