@@ -1,0 +1,252 @@
+//! The PodResources client against a real tonic gRPC server on a unix socket speaking the
+//! kubelet's v1 proto, and the device-id matching for the AMD (PCI address) and Intel
+//! (`cardN-M`) plugins' ids over a kernel-layout sysfs fixture.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tonic::{Request, Response, Status};
+use unwedge_agent::podresources::proto::pod_resources_lister_server::{
+    PodResourcesLister, PodResourcesListerServer,
+};
+use unwedge_agent::podresources::proto::*;
+use unwedge_agent::podresources::{
+    DeviceIdMatch, PodResourcesError, consumers, list, list_with_timeout,
+};
+use unwedge_agent::sysfs::Sysfs;
+use unwedge_agent::sysfs::fixture::{self, Layout};
+
+struct Kubelet {
+    pods: Vec<PodResources>,
+    delay: Duration,
+}
+
+#[tonic::async_trait]
+impl PodResourcesLister for Kubelet {
+    async fn list(
+        &self,
+        _: Request<ListPodResourcesRequest>,
+    ) -> Result<Response<ListPodResourcesResponse>, Status> {
+        tokio::time::sleep(self.delay).await;
+        Ok(Response::new(ListPodResourcesResponse {
+            pod_resources: self.pods.clone(),
+        }))
+    }
+    async fn get_allocatable_resources(
+        &self,
+        _: Request<AllocatableResourcesRequest>,
+    ) -> Result<Response<AllocatableResourcesResponse>, Status> {
+        Err(Status::unimplemented("not used"))
+    }
+    async fn get(
+        &self,
+        _: Request<GetPodResourcesRequest>,
+    ) -> Result<Response<GetPodResourcesResponse>, Status> {
+        Err(Status::unimplemented("not used"))
+    }
+}
+
+fn pod(ns: &str, name: &str, containers: &[(&str, &str, &[&str])]) -> PodResources {
+    PodResources {
+        name: name.into(),
+        namespace: ns.into(),
+        containers: containers
+            .iter()
+            .map(|(c, res, ids)| ContainerResources {
+                name: (*c).into(),
+                devices: vec![ContainerDevices {
+                    resource_name: (*res).into(),
+                    device_ids: ids.iter().map(|s| s.to_string()).collect(),
+                    topology: None,
+                }],
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Serves `kubelet` on a unix socket at `path` until the returned handle is aborted/dropped
+/// with the runtime.
+fn serve(path: &Path, kubelet: Kubelet) -> tokio::task::JoinHandle<()> {
+    let listener = UnixListener::bind(path).unwrap();
+    let incoming = futures::stream::unfold(listener, |l| async move {
+        let r = l.accept().await.map(|(s, _)| s);
+        Some((r, l))
+    });
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(PodResourcesListerServer::new(kubelet))
+            .serve_with_incoming(incoming)
+            .await
+            .unwrap();
+    })
+}
+
+#[tokio::test]
+async fn list_and_match_amd_and_intel_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = dir.path().join("sys");
+    // card0 = 0000:03:00.0, card1 = 0000:83:00.0 (same hive), card2 = 0000:c3:00.0.
+    fixture::build(&sys, Layout::XgmiHive2).unwrap();
+    let sysfs = Sysfs::new(&sys);
+    let sock = dir.path().join("kubelet.sock");
+    let server = serve(
+        &sock,
+        Kubelet {
+            pods: vec![
+                pod(
+                    "ml",
+                    "train-0",
+                    &[
+                        ("trainer", "amd.com/gpu", &["0000:03:00.0", "0000:83:00.0"]),
+                        ("sidecar", "cpu", &[]),
+                    ],
+                ),
+                pod(
+                    "ml",
+                    "infer-1",
+                    &[("server", "amd.com/gpu", &["0000:C3:00.0"])],
+                ),
+                pod(
+                    "media",
+                    "transcode",
+                    &[("ffmpeg", "gpu.intel.com/xe", &["card1-0", "card1-3"])],
+                ),
+            ],
+            delay: Duration::ZERO,
+        },
+    );
+
+    let got = list(&sock).await.expect("list");
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert_eq!(
+        got[0],
+        unwedge_agent::podresources::ContainerDevices {
+            namespace: "ml".into(),
+            pod: "train-0".into(),
+            container: "trainer".into(),
+            resource_name: "amd.com/gpu".into(),
+            device_ids: vec!["0000:03:00.0".into(), "0000:83:00.0".into()],
+        }
+    );
+
+    // The hive of card0: the AMD pod holding both hive GPUs and the Intel-style ids of card1.
+    let domain = vec!["0000:03:00.0".to_string(), "0000:83:00.0".to_string()];
+    let who = consumers(&got, &domain, &DeviceIdMatch::Auto, &sysfs);
+    let brief: Vec<(&str, &str, &str)> = who
+        .iter()
+        .map(|c| (c.pod.as_str(), c.device_id.as_str(), c.pci_address.as_str()))
+        .collect();
+    assert_eq!(
+        brief,
+        [
+            ("train-0", "0000:03:00.0", "0000:03:00.0"),
+            ("train-0", "0000:83:00.0", "0000:83:00.0"),
+            ("transcode", "card1-0", "0000:83:00.0"),
+            ("transcode", "card1-3", "0000:83:00.0"),
+        ]
+    );
+    // Explicit modes: Pci ignores card names; Card ignores addresses.
+    assert_eq!(
+        consumers(&got, &domain, &DeviceIdMatch::Pci, &sysfs).len(),
+        2
+    );
+    assert_eq!(
+        consumers(&got, &domain, &DeviceIdMatch::Card, &sysfs).len(),
+        2
+    );
+    // Upper-case addresses are normalized.
+    let third = consumers(
+        &got,
+        &["0000:c3:00.0".to_string()],
+        &DeviceIdMatch::Pci,
+        &sysfs,
+    );
+    assert_eq!(third.len(), 1);
+    assert_eq!(third[0].pod, "infer-1");
+    server.abort();
+}
+
+#[test]
+fn index_and_map_matching() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture::build(dir.path(), Layout::XgmiHive2).unwrap();
+    let sysfs = Sysfs::new(dir.path());
+    assert_eq!(
+        DeviceIdMatch::Index.device_pci("2", &sysfs).as_deref(),
+        Some("0000:c3:00.0")
+    );
+    assert_eq!(
+        DeviceIdMatch::Index.device_pci("gpu-1", &sysfs).as_deref(),
+        Some("0000:83:00.0")
+    );
+    assert_eq!(DeviceIdMatch::Index.device_pci("gpu-9", &sysfs), None);
+    assert_eq!(DeviceIdMatch::Auto.device_pci("GPU-5a2c0f9e", &sysfs), None);
+    assert_eq!(DeviceIdMatch::Card.device_pci("card7-0", &sysfs), None);
+    assert_eq!(DeviceIdMatch::Card.device_pci("card0-x", &sysfs), None);
+
+    let map_file = dir.path().join("map");
+    std::fs::write(
+        &map_file,
+        "# uuid -> pci\nGPU-5a2c0f9e = 0000:83:00.0\n\nGPU-77 =0000:C3:00.0\n",
+    )
+    .unwrap();
+    let m = DeviceIdMatch::from_options("map", Some(&map_file)).unwrap();
+    let want: BTreeMap<String, String> =
+        [("GPU-5a2c0f9e", "0000:83:00.0"), ("GPU-77", "0000:c3:00.0")]
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+    assert_eq!(m, DeviceIdMatch::Map(want));
+    assert_eq!(
+        m.device_pci("GPU-5a2c0f9e", &sysfs).as_deref(),
+        Some("0000:83:00.0")
+    );
+
+    std::fs::write(&map_file, "GPU-1 = not-a-pci-address\n").unwrap();
+    let err = DeviceIdMatch::load_map(&map_file).unwrap_err();
+    assert!(
+        matches!(err, PodResourcesError::MapLine { line: 1, .. }),
+        "{err}"
+    );
+    assert!(matches!(
+        DeviceIdMatch::from_options("uuid", None),
+        Err(PodResourcesError::UnknownMatch(_))
+    ));
+}
+
+#[tokio::test]
+async fn missing_socket_and_slow_kubelet_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = list(&dir.path().join("absent.sock")).await.unwrap_err();
+    assert!(matches!(err, PodResourcesError::Connect { .. }), "{err}");
+    assert!(err.to_string().contains("absent.sock"), "{err}");
+
+    let sock = dir.path().join("slow.sock");
+    let server = serve(
+        &sock,
+        Kubelet {
+            pods: vec![],
+            delay: Duration::from_secs(30),
+        },
+    );
+    let started = std::time::Instant::now();
+    let err = list_with_timeout(&sock, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PodResourcesError::Timeout { .. } | PodResourcesError::Rpc { .. }
+        ),
+        "want a timeout, got {err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the limit holds"
+    );
+    server.abort();
+}
