@@ -1,0 +1,978 @@
+//! The Helm chart (issue 14): `helm lint`, `helm template` for three value sets, installs with
+//! Helm 3 and Helm 4 into the real local control plane (every object accepted and the workloads
+//! scheduled where they belong), and the CRD upgrade step the chart README documents.
+//!
+//! The admission proofs against the chart's rendered policies are in `admission.rs`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use e2e::cluster::{ControlPlane, ensure_binaries, repo_root};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use unwedge_crds::{GpuWedge, RecoveryPolicy};
+
+const NS: &str = "unwedge-system";
+/// `helm template` has no cluster to ask; the chart needs >= 1.30 (ValidatingAdmissionPolicy v1).
+const KUBE_VERSION: &str = "v1.37.2";
+/// Every test here ends by itself within this time.
+const TEST_TIMEOUT: Duration = Duration::from_secs(420);
+
+fn chart_dir() -> PathBuf {
+    repo_root().join("charts/unwedge")
+}
+
+/// Runs a Helm binary (`helm` = 3.22, `helm4` = 4.x) with its config, cache and data homes in
+/// `home`, so the tests neither read nor write the user's Helm state.
+fn helm(helm_bin: &str, home: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let bin = ensure_binaries()?.join(helm_bin);
+    if !bin.is_file() {
+        bail!(
+            "{} is missing: run e2e/cluster/build-binaries.sh",
+            bin.display()
+        );
+    }
+    let out = Command::new(&bin)
+        .args(args)
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .output()
+        .with_context(|| format!("run {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{helm_bin} {} failed ({}):\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Splits multi-document YAML into its non-empty documents.
+fn documents(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| Value::deserialize(d).expect("helm printed valid YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// `helm template` of the chart with `args` (e.g. `--set k=v`), as objects.
+fn template(helm_bin: &str, args: &[&str]) -> Vec<Value> {
+    let home = tempfile::tempdir().expect("tempdir");
+    let chart = chart_dir();
+    let mut all = vec![
+        "template",
+        "unwedge",
+        chart.to_str().unwrap(),
+        "--namespace",
+        NS,
+        "--kube-version",
+        KUBE_VERSION,
+    ];
+    all.extend_from_slice(args);
+    documents(&helm(helm_bin, home.path(), &all).unwrap_or_else(|e| panic!("{e:#}")))
+}
+
+fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objs.iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| {
+            let have: Vec<String> = objs
+                .iter()
+                .map(|o| {
+                    format!(
+                        "{}/{}",
+                        o["kind"].as_str().unwrap_or("?"),
+                        o["metadata"]["name"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect();
+            panic!("no {kind}/{name} in the rendered chart; it has {have:?}")
+        })
+}
+
+/// The rules of a ClusterRole as (apiGroup, resource) -> verbs.
+fn grants(role: &Value, group: &str, resource: &str) -> Vec<String> {
+    let mut verbs = Vec::new();
+    for rule in role["rules"].as_array().expect("rules") {
+        let has = |field: &str, v: &str| {
+            rule[field]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == v))
+        };
+        if has("apiGroups", group) && has("resources", resource) {
+            verbs.extend(
+                rule["verbs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string()),
+            );
+        }
+    }
+    verbs.sort();
+    verbs
+}
+
+fn sorted(v: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+    v.sort();
+    v
+}
+
+fn args_of(container: &Value) -> Vec<String> {
+    container["args"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn helm_lint_passes_for_every_value_set_with_helm_3_and_4() {
+    let chart = chart_dir();
+    let chart = chart.to_str().unwrap();
+    for helm_bin in ["helm", "helm4"] {
+        let home = tempfile::tempdir().unwrap();
+        for extra in [
+            vec![],
+            vec![
+                "--set",
+                "defaultPolicy.approval=Manual",
+                "--set",
+                "defaultPolicy.maxConcurrentReboots=2",
+            ],
+            vec!["--set", "dra.enabled=true"],
+            vec![
+                "--set",
+                "metrics.serviceMonitor.enabled=true",
+                "--set",
+                "metrics.prometheusRule.enabled=true",
+            ],
+        ] {
+            let mut args = vec!["lint", "--strict", chart];
+            args.extend(extra.iter().copied());
+            let out = helm(helm_bin, home.path(), &args).unwrap_or_else(|e| panic!("{e:#}"));
+            assert!(
+                out.contains("0 chart(s) failed"),
+                "{helm_bin} lint {extra:?}: {out}"
+            );
+        }
+    }
+}
+
+#[test]
+fn template_defaults_render_the_security_contract() {
+    let objs = template("helm", &[]);
+
+    // The agent: privileged, host PID, never host network, the host mounts it needs.
+    let ds = find(&objs, "DaemonSet", "unwedge-agent");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["hostPID"], true,
+        "the reboot rung and the fd gate need the host PID namespace"
+    );
+    assert_ne!(
+        pod["hostNetwork"], true,
+        "hostNetwork would let any pod's root forge uevents (DESIGN §1)"
+    );
+    assert_eq!(pod["serviceAccountName"], "unwedge-agent");
+    let c = &pod["containers"][0];
+    assert_eq!(c["image"], "unwedge/agent:0.1.0");
+    assert_eq!(c["imagePullPolicy"], "IfNotPresent");
+    assert_eq!(c["securityContext"]["privileged"], true);
+    let env = &c["env"][0];
+    assert_eq!(env["name"], "NODE_NAME");
+    assert_eq!(env["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    let mounts: Vec<(&str, bool)> = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["mountPath"].as_str().unwrap(), m["readOnly"] == true))
+        .collect();
+    for (path, read_only) in [
+        ("/sys", false),
+        ("/dev", false),
+        ("/var/lib/kubelet/pod-resources", true),
+        ("/var/lib/unwedge", false),
+    ] {
+        assert!(
+            mounts.contains(&(path, read_only)),
+            "agent mount {path} (readOnly {read_only}) missing: {mounts:?}"
+        );
+    }
+    let host_paths: Vec<&str> = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["hostPath"]["path"].as_str())
+        .collect();
+    assert_eq!(
+        host_paths,
+        [
+            "/sys",
+            "/dev",
+            "/var/lib/kubelet/pod-resources",
+            "/var/lib/unwedge"
+        ]
+    );
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(c[probe]["httpGet"]["path"], "/healthz", "agent {probe}");
+        assert_eq!(c[probe]["httpGet"]["port"], "metrics", "agent {probe}");
+    }
+    assert_eq!(c["ports"][0]["containerPort"], 9101);
+    let args = args_of(c);
+    assert!(
+        args.contains(&"--reboot-mode=syscall".to_string()),
+        "the scratch image has no shell: {args:?}"
+    );
+    assert_eq!(pod["tolerations"][0]["operator"], "Exists");
+    assert!(
+        pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["matchExpressions"][0]["key"] == "unwedge.io/gpu"),
+        "GPU node affinity"
+    );
+
+    // The operator: two replicas, non-root, read-only, no capabilities, seccomp, probes.
+    let dep = find(&objs, "Deployment", "unwedge-operator");
+    assert_eq!(dep["spec"]["replicas"], 2);
+    let pod = &dep["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsUser"], 65532);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let c = &pod["containers"][0];
+    assert_eq!(c["image"], "unwedge/operator:0.1.0");
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["ports"][0]["containerPort"], 9100);
+    assert!(
+        c["resources"]["requests"]["cpu"].is_string()
+            && c["resources"]["limits"]["memory"].is_string()
+    );
+    let env: Vec<&str> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        env,
+        ["POD_NAME", "POD_NAMESPACE"],
+        "no DRA settings without DRA"
+    );
+    let args = args_of(c);
+    assert!(
+        args.contains(&"--dra=off".to_string()),
+        "auto without a DRA cluster renders off: {args:?}"
+    );
+    assert!(
+        args.contains(&"--leader-elect=true".to_string()),
+        "{args:?}"
+    );
+    let pdb = find(&objs, "PodDisruptionBudget", "unwedge-operator");
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+
+    // RBAC: least privilege, DRA rights only with DRA.
+    let agent = find(&objs, "ClusterRole", "unwedge-agent");
+    assert_eq!(
+        grants(agent, "unwedge.io", "gpuwedges"),
+        sorted(&[
+            "get", "list", "watch", "create", "update", "patch", "delete"
+        ])
+    );
+    assert_eq!(
+        grants(agent, "unwedge.io", "gpuwedges/status"),
+        sorted(&["patch", "update"])
+    );
+    assert_eq!(grants(agent, "", "pods"), sorted(&["get", "list"]));
+    assert!(
+        grants(agent, "", "nodes").is_empty(),
+        "the agent needs no node rights"
+    );
+    assert!(grants(agent, "resource.k8s.io", "resourceslices").is_empty());
+    let op = find(&objs, "ClusterRole", "unwedge-operator");
+    assert_eq!(grants(op, "", "pods/eviction"), sorted(&["create"]));
+    assert_eq!(
+        grants(op, "", "nodes"),
+        sorted(&["get", "list", "watch", "patch"])
+    );
+    assert!(
+        !grants(op, "unwedge.io", "gpuwedges").contains(&"create".to_string()),
+        "only agents create wedges"
+    );
+    assert!(grants(op, "resource.k8s.io", "devicetaintrules").is_empty());
+    assert!(
+        grants(op, "coordination.k8s.io", "leases").is_empty(),
+        "leases only in the release namespace"
+    );
+    let lease_role = find(&objs, "Role", "unwedge-operator-leader-election");
+    assert_eq!(lease_role["metadata"]["namespace"], NS);
+
+    // Admission policies and their bindings.
+    for name in [
+        "unwedge-agent-own-node",
+        "unwedge-human-verbs-by",
+        "unwedge-single-default-policy",
+    ] {
+        let vap = find(&objs, "ValidatingAdmissionPolicy", name);
+        assert_eq!(vap["apiVersion"], "admissionregistration.k8s.io/v1");
+        assert_eq!(vap["spec"]["failurePolicy"], "Fail");
+        let binding = find(&objs, "ValidatingAdmissionPolicyBinding", name);
+        assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
+    }
+    let agent_vap = find(&objs, "ValidatingAdmissionPolicy", "unwedge-agent-own-node");
+    assert_eq!(
+        agent_vap["spec"]["matchConditions"][0]["expression"],
+        "request.userInfo.username == 'system:serviceaccount:unwedge-system:unwedge-agent'"
+    );
+    let binding = find(
+        &objs,
+        "ValidatingAdmissionPolicyBinding",
+        "unwedge-single-default-policy",
+    );
+    assert_eq!(
+        binding["spec"]["paramRef"],
+        json!({"selector": {}, "parameterNotFoundAction": "Allow"})
+    );
+
+    // The default policy, and the metrics Services (no Prometheus Operator objects by default).
+    let policy = find(&objs, "RecoveryPolicy", "default");
+    assert_eq!(policy["spec"]["default"], true);
+    assert_eq!(policy["spec"]["approval"], "Automatic");
+    assert_eq!(policy["spec"]["none"]["action"], "EvictBlamed");
+    find(&objs, "Service", "unwedge-operator-metrics");
+    find(&objs, "Service", "unwedge-agent-metrics");
+    assert!(
+        !objs
+            .iter()
+            .any(|o| o["kind"] == "ServiceMonitor" || o["kind"] == "PrometheusRule")
+    );
+}
+
+#[test]
+fn template_manual_approval_with_a_reboot_budget() {
+    let objs = template(
+        "helm",
+        &[
+            "--set",
+            "defaultPolicy.approval=Manual",
+            "--set",
+            "defaultPolicy.maxConcurrentReboots=2",
+            "--set-string",
+            "defaultPolicy.maxUnavailable=25%",
+            "--set",
+            "defaultPolicy.none.action=Ignore",
+            "--set",
+            "metrics.serviceMonitor.enabled=true",
+            "--set",
+            "metrics.prometheusRule.enabled=true",
+        ],
+    );
+    let spec = &find(&objs, "RecoveryPolicy", "default")["spec"];
+    assert_eq!(spec["approval"], "Manual");
+    assert_eq!(spec["maxConcurrentReboots"], 2);
+    assert_eq!(spec["maxUnavailable"], "25%");
+    assert_eq!(spec["none"]["action"], "Ignore");
+    assert_eq!(spec["escalation"], json!(["rebind", "bus-reset", "reboot"]));
+    find(&objs, "ServiceMonitor", "unwedge-operator");
+    find(&objs, "ServiceMonitor", "unwedge-agent");
+    let rule = find(&objs, "PrometheusRule", "unwedge");
+    let alerts: Vec<&str> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["alert"].as_str().unwrap())
+        .collect();
+    assert!(alerts.contains(&"UnwedgeOperatorDown"), "{alerts:?}");
+}
+
+#[test]
+fn template_dra_on_grants_device_taint_rights_and_passes_the_attribute_map() {
+    let on = template(
+        "helm",
+        &[
+            "--set",
+            "dra.enabled=true",
+            "--set",
+            "dra.driverAttributes.gpu\\.example\\.com=gpu.example.com/pci",
+        ],
+    );
+    // auto follows the cluster's API: with DeviceTaintRule served, DRA is on.
+    let auto = template(
+        "helm",
+        &["--api-versions", "resource.k8s.io/v1/DeviceTaintRule"],
+    );
+    for (what, objs) in [("dra.enabled=true", &on), ("auto on a DRA cluster", &auto)] {
+        let op = find(objs, "ClusterRole", "unwedge-operator");
+        assert_eq!(
+            grants(op, "resource.k8s.io", "devicetaintrules"),
+            sorted(&[
+                "get", "list", "watch", "create", "update", "patch", "delete"
+            ]),
+            "{what}"
+        );
+        assert_eq!(
+            grants(op, "resource.k8s.io", "resourceclaims"),
+            sorted(&["get", "list", "watch"]),
+            "{what}"
+        );
+        assert_eq!(
+            grants(op, "resource.k8s.io", "resourceslices"),
+            sorted(&["get", "list", "watch"]),
+            "{what}"
+        );
+        let agent = find(objs, "ClusterRole", "unwedge-agent");
+        assert_eq!(
+            grants(agent, "resource.k8s.io", "resourceslices"),
+            sorted(&["get", "list"]),
+            "{what}"
+        );
+        let c = &find(objs, "Deployment", "unwedge-operator")["spec"]["template"]["spec"]["containers"]
+            [0];
+        assert!(
+            args_of(c).contains(&"--dra=on".to_string()),
+            "{what}: {:?}",
+            args_of(c)
+        );
+        let env = |name: &str| {
+            c["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == name)
+                .map(|e| e["value"].as_str().unwrap().to_string())
+        };
+        assert_eq!(
+            env("DRA_PCI_ATTRIBUTE").as_deref(),
+            Some("resource.kubernetes.io/pciBusID"),
+            "{what}"
+        );
+    }
+    let c =
+        &find(&on, "Deployment", "unwedge-operator")["spec"]["template"]["spec"]["containers"][0];
+    let map = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "DRA_DRIVER_ATTRIBUTES")
+        .unwrap();
+    let map: Value = serde_json::from_str(map["value"].as_str().unwrap()).unwrap();
+    assert_eq!(map, json!({"gpu.example.com": "gpu.example.com/pci"}));
+    // And false means off even on a DRA cluster.
+    let off = template(
+        "helm",
+        &[
+            "--set",
+            "dra.enabled=false",
+            "--api-versions",
+            "resource.k8s.io/v1/DeviceTaintRule",
+        ],
+    );
+    assert!(
+        grants(
+            find(&off, "ClusterRole", "unwedge-operator"),
+            "resource.k8s.io",
+            "devicetaintrules"
+        )
+        .is_empty()
+    );
+}
+
+#[test]
+fn values_schema_refuses_bad_values_with_a_clear_error() {
+    let home = tempfile::tempdir().unwrap();
+    let chart = chart_dir();
+    for (set, field) in [
+        ("defaultPolicy.approval=Sometimes", "approval"),
+        ("agent.reboot.mode=kexec", "mode"),
+        ("dra.enabled=maybe", "enabled"),
+        ("defaultPolicy.escalation[0]=Bus_Reset", "escalation"),
+        ("agent.image.pullPolicy=Sometimes", "pullPolicy"),
+    ] {
+        let err = helm(
+            "helm",
+            home.path(),
+            &[
+                "template",
+                "unwedge",
+                chart.to_str().unwrap(),
+                "--kube-version",
+                KUBE_VERSION,
+                "--set",
+                set,
+            ],
+        )
+        .expect_err(&format!(
+            "--set {set} must be refused by values.schema.json"
+        ));
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("schema") && msg.contains(field),
+            "--set {set}: {msg}"
+        );
+    }
+}
+
+/// Polls `f` every 250 ms until it returns `Some`, or fails after `timeout` with `what`.
+async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last;
+    loop {
+        match f().await {
+            Ok(Some(v)) => return v,
+            Ok(None) => last = "not yet".into(),
+            Err(e) => last = format!("{e:#}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what} (last: {last})"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Installs the chart with `helm_bin` into a fresh control plane with one GPU node and one
+/// other node, then checks that the API server accepted every object Helm says it installed
+/// and that the workloads were scheduled where they belong.
+async fn install_and_check(helm_bin: &str) {
+    let cp = ControlPlane::start().await.expect("control plane");
+    cp.add_kwok_node("gpu-node", &[("unwedge.io/gpu", "true")], &[])
+        .await
+        .unwrap();
+    cp.add_kwok_node("cpu-node", &[], &[]).await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let kubeconfig = cp.kubeconfig_path().to_str().unwrap().to_string();
+    let chart = chart_dir();
+    let out = helm(
+        helm_bin,
+        home.path(),
+        &[
+            "install",
+            "unwedge",
+            chart.to_str().unwrap(),
+            "--namespace",
+            NS,
+            "--create-namespace",
+            "--kubeconfig",
+            &kubeconfig,
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        out.contains("kubectl get gw"),
+        "NOTES.txt tells the user what to run next: {out}"
+    );
+
+    // Every object of the release exists in the API server (helm get manifest lists them).
+    let manifest = helm(
+        helm_bin,
+        home.path(),
+        &[
+            "get",
+            "manifest",
+            "unwedge",
+            "--namespace",
+            NS,
+            "--kubeconfig",
+            &kubeconfig,
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let objs = documents(&manifest);
+    let mut kinds: Vec<String> = Vec::new();
+    for o in &objs {
+        let kind = o["kind"].as_str().unwrap();
+        let name = o["metadata"]["name"].as_str().unwrap();
+        let api_version = o["apiVersion"].as_str().unwrap();
+        let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
+        let resource = if group.is_empty() {
+            kind.to_lowercase()
+        } else {
+            format!("{}.{group}", kind.to_lowercase())
+        };
+        let mut args = vec!["get", resource.as_str(), name, "-o", "name"];
+        if let Some(ns) = o["metadata"]["namespace"].as_str() {
+            args.extend(["-n", ns]);
+        }
+        let got = cp
+            .kubectl_ok(&args)
+            .await
+            .unwrap_or_else(|e| panic!("{helm_bin}: {kind}/{name} not in the API server: {e:#}"));
+        assert!(got.contains(name), "{kind}/{name}: {got}");
+        kinds.push(kind.to_string());
+    }
+    for kind in [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "DaemonSet",
+        "Deployment",
+        "PodDisruptionBudget",
+        "Service",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+        "RecoveryPolicy",
+    ] {
+        assert!(
+            kinds.iter().any(|k| k == kind),
+            "{helm_bin} installed no {kind}: {kinds:?}"
+        );
+    }
+    // The CRDs from crds/ are installed and established.
+    for crd in ["gpuwedges.unwedge.io", "recoverypolicies.unwedge.io"] {
+        let cond = cp
+            .kubectl_ok(&[
+                "get",
+                "crd",
+                crd,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type=='Established')].status}",
+            ])
+            .await
+            .unwrap();
+        assert_eq!(cond.trim(), "True", "{helm_bin}: CRD {crd} established");
+    }
+    // The VAPs type-check against the CRD schemas without warnings.
+    for vap in [
+        "unwedge-agent-own-node",
+        "unwedge-human-verbs-by",
+        "unwedge-single-default-policy",
+    ] {
+        let client = cp.client().await.unwrap();
+        let api: Api<k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy> =
+            Api::all(client);
+        let checked = wait_for(
+            &format!("{vap} type-checked"),
+            Duration::from_secs(60),
+            || {
+                let api = api.clone();
+                async move {
+                    let p = api.get(vap).await?;
+                    Ok(p.status
+                        .and_then(|s| s.type_checking)
+                        .map(|t| t.expression_warnings.unwrap_or_default()))
+                }
+            },
+        )
+        .await;
+        assert!(
+            checked.is_empty(),
+            "{helm_bin}: {vap} has type-checking warnings: {checked:?}"
+        );
+    }
+
+    // The agent runs on the GPU node only; both operator replicas are scheduled.
+    let client = cp.client().await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let ds: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    wait_for(
+        "agent DaemonSet scheduled on the GPU node",
+        Duration::from_secs(90),
+        || {
+            let ds = ds.clone();
+            async move {
+                let s = ds.get("unwedge-agent").await?.status.unwrap_or_default();
+                Ok(
+                    (s.desired_number_scheduled == 1 && s.current_number_scheduled == 1)
+                        .then_some(()),
+                )
+            }
+        },
+    )
+    .await;
+    let agent_pods = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+        .await
+        .unwrap();
+    let nodes: Vec<String> = agent_pods
+        .items
+        .iter()
+        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .collect();
+    assert_eq!(
+        nodes,
+        ["gpu-node"],
+        "{helm_bin}: the agent belongs on GPU nodes only"
+    );
+    wait_for("two operator replicas", Duration::from_secs(90), || {
+        let deps = deps.clone();
+        async move {
+            let s = deps
+                .get("unwedge-operator")
+                .await?
+                .status
+                .unwrap_or_default();
+            Ok((s.replicas == Some(2)).then_some(()))
+        }
+    })
+    .await;
+
+    // An upgrade with other values goes through too (Manual approval, a reboot budget).
+    helm(
+        helm_bin,
+        home.path(),
+        &[
+            "upgrade",
+            "unwedge",
+            chart.to_str().unwrap(),
+            "--namespace",
+            NS,
+            "--kubeconfig",
+            &kubeconfig,
+            "--set",
+            "defaultPolicy.approval=Manual",
+            "--set",
+            "defaultPolicy.maxConcurrentReboots=2",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let policies: Api<RecoveryPolicy> = Api::all(client);
+    let p = policies.get("default").await.unwrap();
+    assert_eq!(
+        p.spec.approval,
+        unwedge_crds::ApprovalMode::Manual,
+        "{helm_bin} upgrade"
+    );
+    assert_eq!(p.spec.max_concurrent_reboots, Some(2), "{helm_bin} upgrade");
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_with_helm_3_every_object_is_accepted() {
+    tokio::time::timeout(TEST_TIMEOUT, install_and_check("helm"))
+        .await
+        .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_with_helm_4_every_object_is_accepted() {
+    tokio::time::timeout(TEST_TIMEOUT, install_and_check("helm4"))
+        .await
+        .expect("test timed out");
+}
+
+/// An older copy of the generated CRDs, as a previous chart release would have shipped them:
+/// without the newest optional status field and its printer column, with older descriptions.
+fn older_crds(dir: &Path) {
+    for file in [
+        "gpuwedges.unwedge.io.yaml",
+        "recoverypolicies.unwedge.io.yaml",
+    ] {
+        let text = std::fs::read_to_string(chart_dir().join("crds").join(file)).unwrap();
+        let mut docs = documents(&text);
+        assert_eq!(docs.len(), 1, "{file} holds one CRD");
+        let crd = &mut docs[0];
+        let version = &mut crd["spec"]["versions"][0];
+        if file.starts_with("gpuwedges") {
+            let props = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+                .as_object_mut()
+                .expect("status properties");
+            assert!(
+                props.remove("quarantineRule").is_some(),
+                "the current CRD has status.quarantineRule"
+            );
+            let cols = version["additionalPrinterColumns"].as_array_mut().unwrap();
+            cols.retain(|c| c["name"] != "POLICY");
+        }
+        version["schema"]["openAPIV3Schema"]["description"] = json!("an older description");
+        std::fs::write(dir.join(file), serde_yaml::to_string(crd).unwrap()).unwrap();
+    }
+}
+
+async fn crd_upgrade() {
+    let cp = ControlPlane::start().await.expect("control plane");
+    let home = tempfile::tempdir().unwrap();
+    let kubeconfig = cp.kubeconfig_path().to_str().unwrap().to_string();
+
+    // The previous release: the same chart with the older CRDs in crds/, installed by Helm.
+    let old_chart = tempfile::tempdir().unwrap();
+    let copy = Command::new("cp")
+        .arg("-r")
+        .arg(chart_dir())
+        .arg(old_chart.path())
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    let old_chart = old_chart.path().join("unwedge");
+    older_crds(&old_chart.join("crds"));
+    helm(
+        "helm",
+        home.path(),
+        &[
+            "install",
+            "unwedge",
+            old_chart.to_str().unwrap(),
+            "--namespace",
+            NS,
+            "--create-namespace",
+            "--kubeconfig",
+            &kubeconfig,
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let schema = cp
+        .kubectl_ok(&["get", "crd", "gpuwedges.unwedge.io", "-o", "json"])
+        .await
+        .unwrap();
+    assert!(
+        !schema.contains("quarantineRule"),
+        "the older CRD is installed"
+    );
+
+    // An incident recorded under the older CRD.
+    let client = cp.client().await.unwrap();
+    let wedges: Api<GpuWedge> = Api::all(client.clone());
+    let wedge: GpuWedge = serde_json::from_value(json!({
+        "apiVersion": "unwedge.io/v1alpha1", "kind": "GpuWedge",
+        "metadata": {"name": "node-a-0000-03-00-0-7", "labels": {"unwedge.io/node": "node-a", "unwedge.io/device": "0000-03-00.0"}},
+        "spec": {"nodeName": "node-a", "device": {"pciAddress": "0000:03:00.0", "driver": "xe", "card": "card0"},
+                 "methods": ["rebind", "bus-reset"], "detectedAt": "2026-11-25T10:00:00Z", "bootId": "b1",
+                 "uevent": {"ACTION": "change", "WEDGED": "rebind,bus-reset", "SEQNUM": "7"}}
+    }))
+    .unwrap();
+    wedges.create(&PostParams::default(), &wedge).await.unwrap();
+    wedges
+        .patch_status(
+            "node-a-0000-03-00-0-7",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Cordoned", "cordoned": true, "methods": "rebind,bus-reset"}})),
+        )
+        .await
+        .unwrap();
+
+    // Why the README says --force-conflicts: Helm created the first copy, so Helm's field
+    // manager owns the values the new copy changes, and a plain server-side apply conflicts.
+    let crds = chart_dir().join("crds");
+    let plain = cp
+        .kubectl(&["apply", "--server-side", "-f", crds.to_str().unwrap()])
+        .await
+        .unwrap();
+    let plain_err = String::from_utf8_lossy(&plain.stderr).to_string();
+    assert!(
+        !plain.status.success() && plain_err.contains("conflict"),
+        "expected a conflict with Helm's field manager (else drop --force-conflicts from the README): {plain_err}"
+    );
+
+    // The upgrade step exactly as charts/unwedge/README.md documents it.
+    let applied = cp
+        .kubectl_ok(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            crds.to_str().unwrap(),
+        ])
+        .await
+        .unwrap_or_else(|e| panic!("the documented CRD upgrade failed: {e:#}"));
+    assert!(
+        applied.contains("gpuwedges.unwedge.io serverside-applied"),
+        "{applied}"
+    );
+    assert!(
+        applied.contains("recoverypolicies.unwedge.io serverside-applied"),
+        "{applied}"
+    );
+    // The next upgrade is the same command: kubectl now owns the fields.
+    cp.kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        crds.to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+    cp.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/gpuwedges.unwedge.io",
+        "--timeout=30s",
+    ])
+    .await
+    .unwrap();
+    let schema = cp
+        .kubectl_ok(&["get", "crd", "gpuwedges.unwedge.io", "-o", "json"])
+        .await
+        .unwrap();
+    assert!(
+        schema.contains("quarantineRule"),
+        "the current CRD is in place"
+    );
+
+    // The old incident stays readable, typed and through kubectl, and takes the new field.
+    let got = wedges.get("node-a-0000-03-00-0-7").await.unwrap();
+    assert_eq!(got.spec.node_name, "node-a");
+    assert_eq!(
+        got.status.as_ref().and_then(|s| s.phase),
+        Some(unwedge_crds::Phase::Cordoned)
+    );
+    let listed = cp.kubectl_ok(&["get", "gw", "-o", "wide"]).await.unwrap();
+    assert!(
+        listed.contains("node-a-0000-03-00-0-7") && listed.contains("Cordoned"),
+        "{listed}"
+    );
+    wedges
+        .patch_status(
+            "node-a-0000-03-00-0-7",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"quarantineRule": "unwedge-node-a-0000-03-00-0-7"}})),
+        )
+        .await
+        .unwrap();
+    let got = wedges.get("node-a-0000-03-00-0-7").await.unwrap();
+    assert_eq!(
+        got.status.and_then(|s| s.quarantine_rule).as_deref(),
+        Some("unwedge-node-a-0000-03-00-0-7"),
+        "the new field is stored, not pruned"
+    );
+    let policies: Api<RecoveryPolicy> = Api::all(client);
+    assert!(policies.get("default").await.unwrap().spec.default);
+
+    // And then the release upgrade itself.
+    helm(
+        "helm",
+        home.path(),
+        &[
+            "upgrade",
+            "unwedge",
+            chart_dir().to_str().unwrap(),
+            "--namespace",
+            NS,
+            "--kubeconfig",
+            &kubeconfig,
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crd_upgrade_applies_server_side_over_an_older_copy() {
+    tokio::time::timeout(TEST_TIMEOUT, crd_upgrade())
+        .await
+        .expect("test timed out");
+}
