@@ -976,3 +976,41 @@ async fn crd_upgrade_applies_server_side_over_an_older_copy() {
         .await
         .expect("test timed out");
 }
+
+#[test]
+fn template_device_id_map_renders_the_agents_file_format() {
+    let objs = template(
+        "helm",
+        &[
+            "--set",
+            "agent.deviceIdMatch=map",
+            "--set",
+            "agent.deviceIdMap.GPU-0=0000:03:00.0",
+            "--set",
+            "agent.deviceIdMap.GPU-1=0000:83:00.0",
+        ],
+    );
+    let cm = find(&objs, "ConfigMap", "unwedge-device-id-map");
+    // node-agent/src/podresources.rs load_map: one `<device id>=<pci address>` per line.
+    assert_eq!(
+        cm["data"]["device-id-map"],
+        "GPU-0=0000:03:00.0\nGPU-1=0000:83:00.0\n"
+    );
+    let pod = &find(&objs, "DaemonSet", "unwedge-agent")["spec"]["template"]["spec"];
+    let args = args_of(&pod["containers"][0]);
+    assert!(
+        args.contains(&"--device-id-match=map".to_string()),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&"--device-id-map=/etc/unwedge/device-id-map".to_string()),
+        "{args:?}"
+    );
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "device-id-map")
+        .expect("the map is mounted");
+    assert_eq!(mount["mountPath"], "/etc/unwedge");
+}
