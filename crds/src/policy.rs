@@ -105,8 +105,14 @@ pub struct RecoveryPolicySpec {
 fn int_or_percent(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "x-kubernetes-int-or-string": true,
-        "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": "^(100|[1-9]?[0-9])%$"}],
-        "description": "An integer, or a percentage such as \"10%\" (0%..100%)."
+        "maxLength": 4,
+        "description": "An integer, or a percentage such as \"10%\" (0%..100%).",
+        // A CEL rule, not anyOf: the structural schema drops the branch types, and an untyped
+        // `minimum` branch would accept any string.
+        "x-kubernetes-validations": [{
+            "rule": "type(self) == int ? self >= 0 : self.matches('^(100|[1-9]?[0-9])%$')",
+            "message": "must be a non-negative integer or a percentage from 0% to 100%"
+        }]
     })
 }
 
