@@ -1014,3 +1014,191 @@ fn template_device_id_map_renders_the_agents_file_format() {
         .expect("the map is mounted");
     assert_eq!(mount["mountPath"], "/etc/unwedge");
 }
+
+/// Builds the operator binary in this test's profile and returns its path.
+fn operator_binary() -> PathBuf {
+    let release = !cfg!(debug_assertions);
+    let root = repo_root();
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(&root).args([
+        "build",
+        "-q",
+        "-p",
+        "unwedge-operator",
+        "--bin",
+        "unwedge-operator",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    assert!(
+        cmd.status().expect("run cargo build").success(),
+        "cargo build of unwedge-operator failed"
+    );
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join(if release { "release" } else { "debug" })
+        .join("unwedge-operator")
+}
+
+/// GET `path` on 127.0.0.1:`port`; the HTTP status code, if the server answered.
+async fn http_status(port: u16, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    String::from_utf8_lossy(&buf)
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The operator, run with the chart's rendered arguments and a token of the chart's operator
+/// ServiceAccount, can do its job with the chart's RBAC: it takes the Lease, turns ready, and
+/// writes a wedge's status, and never hears "forbidden".
+async fn operator_with_chart_rbac() {
+    let bin = operator_binary();
+    let cp = ControlPlane::start().await.expect("control plane");
+    cp.add_kwok_node("node-a", &[("unwedge.io/gpu", "true")], &[])
+        .await
+        .unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let kubeconfig = cp.kubeconfig_path().to_str().unwrap().to_string();
+    let chart = chart_dir();
+    helm(
+        "helm",
+        home.path(),
+        &[
+            "install",
+            "unwedge",
+            chart.to_str().unwrap(),
+            "--namespace",
+            NS,
+            "--create-namespace",
+            "--kubeconfig",
+            &kubeconfig,
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let manifest = helm(
+        "helm",
+        home.path(),
+        &[
+            "get",
+            "manifest",
+            "unwedge",
+            "--namespace",
+            NS,
+            "--kubeconfig",
+            &kubeconfig,
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let objs = documents(&manifest);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let args: Vec<String> = args_of(
+        &find(&objs, "Deployment", "unwedge-operator")["spec"]["template"]["spec"]["containers"][0],
+    )
+    .into_iter()
+    .map(|a| {
+        if a.starts_with("--metrics-addr=") {
+            format!("--metrics-addr=127.0.0.1:{port}")
+        } else {
+            a
+        }
+    })
+    .collect();
+    let token = cp.create_token(NS, "unwedge-operator", None).await.unwrap();
+    let op_kubeconfig = home.path().join("operator.kubeconfig");
+    cp.write_kubeconfig(&token, &op_kubeconfig).unwrap();
+    let log_path = home.path().join("operator.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = tokio::process::Command::new(&bin)
+        .args(&args)
+        .env("KUBECONFIG", &op_kubeconfig)
+        .env("POD_NAME", "unwedge-operator-test-0")
+        .env("POD_NAMESPACE", NS)
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the operator");
+    let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
+
+    let client = cp.client().await.unwrap();
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), NS);
+    wait_for(
+        "the operator holds the Lease",
+        Duration::from_secs(60),
+        || {
+            let leases = leases.clone();
+            async move {
+                let l = leases.get_opt("unwedge-operator").await?;
+                Ok(l.and_then(|l| l.spec?.holder_identity)
+                    .filter(|h| h == "unwedge-operator-test-0"))
+            }
+        },
+    )
+    .await;
+    wait_for("the operator is ready", Duration::from_secs(60), || async {
+        Ok((http_status(port, "/readyz").await == Some(200)).then_some(()))
+    })
+    .await;
+
+    let wedges: Api<GpuWedge> = Api::all(client.clone());
+    let wedge: GpuWedge = serde_json::from_value(json!({
+        "apiVersion": "unwedge.io/v1alpha1", "kind": "GpuWedge",
+        "metadata": {"name": "node-a-0000-03-00-0-9", "labels": {"unwedge.io/node": "node-a", "unwedge.io/device": "0000-03-00.0"}},
+        "spec": {"nodeName": "node-a", "device": {"pciAddress": "0000:03:00.0", "driver": "xe", "card": "card0"},
+                 "methods": ["rebind", "bus-reset"], "detectedAt": "2026-11-25T10:00:00Z", "bootId": "b1",
+                 "uevent": {"ACTION": "change", "WEDGED": "rebind,bus-reset", "SEQNUM": "9"}}
+    }))
+    .unwrap();
+    wedges.create(&PostParams::default(), &wedge).await.unwrap();
+    let phase = wait_for(
+        "the operator writes the wedge's phase",
+        Duration::from_secs(60),
+        || {
+            let wedges = wedges.clone();
+            async move {
+                Ok(wedges
+                    .get("node-a-0000-03-00-0-9")
+                    .await?
+                    .status
+                    .and_then(|s| s.phase))
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let text = log_text();
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the operator exited:\n{text}"
+    );
+    assert!(
+        !text.to_lowercase().contains("forbidden"),
+        "the chart's RBAC refused the operator something (phase reached: {phase:?}):\n{text}"
+    );
+    child.kill().await.unwrap();
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_runs_with_the_charts_rbac_and_arguments() {
+    tokio::time::timeout(TEST_TIMEOUT, operator_with_chart_rbac())
+        .await
+        .expect("test timed out");
+}
