@@ -6,6 +6,11 @@
 pub mod breaker;
 pub mod budget;
 pub mod decide;
+pub mod drain;
+pub mod leader;
+pub mod ledger;
+pub mod metrics;
 pub mod policy_match;
+pub mod reconciler;
 pub mod settings;
 pub mod status;

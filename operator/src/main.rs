@@ -1,1 +1,112 @@
-fn main() {}
+//! `unwedge-operator`: cordon, drain, admit, approve, escalate, uncordon (DESIGN §2–§5).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use clap::Parser;
+use tokio::sync::watch;
+use unwedge_operator::{leader, metrics, reconciler};
+
+/// Coordinates GPU recoveries on Kubernetes nodes.
+#[derive(Parser, Debug)]
+#[command(name = "unwedge-operator", version, about)]
+struct Cli {
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9100")]
+    metrics_addr: SocketAddr,
+    /// Elect a leader through a Lease (two replicas: one acts).
+    #[arg(long, env = "LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// The Lease name.
+    #[arg(long, default_value = "unwedge-operator")]
+    lease_name: String,
+    /// The Lease namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "unwedge-system")]
+    lease_namespace: String,
+    /// This replica's identity (default: hostname and pid).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// DRA device quarantine: auto, on or off (quarantine itself is not implemented yet; the
+    /// operator cordons nodes in every mode).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    dra: String,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn identity(cli: &Cli) -> String {
+    cli.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        format!("{host}-{}", std::process::id())
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn".into());
+    if cli.log_format == "json" {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let id = identity(&cli);
+    tracing::info!(identity = %id, leader_elect = cli.leader_elect, dra = %cli.dra, "starting unwedge-operator");
+    let client = kube::Client::try_default().await?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let (leader_tx, leader_rx) = watch::channel(false);
+    let election = if cli.leader_elect {
+        let e = leader::Elector::new(client.clone(), &cli.lease_namespace, &cli.lease_name, &id);
+        Some(tokio::spawn(e.run(leader_tx, shutdown_rx.clone())))
+    } else {
+        let _ = leader_tx.send(true);
+        // Keep the sender alive for the process lifetime.
+        let mut rx = shutdown_rx.clone();
+        Some(tokio::spawn(async move {
+            let _ = rx.changed().await;
+            drop(leader_tx);
+        }))
+    };
+
+    let server = {
+        let m = metrics.clone();
+        let mut rx = shutdown_rx.clone();
+        let addr = cli.metrics_addr;
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.changed().await;
+            };
+            if let Err(e) = metrics::serve(addr, m, stop).await {
+                tracing::error!(error = %e, %addr, "metrics server failed");
+            }
+        })
+    };
+
+    let signals = tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        let _ = shutdown_tx.send(true);
+    });
+
+    reconciler::run(client, id, metrics, leader_rx, shutdown_rx).await;
+    if let Some(e) = election {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), e).await;
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), server).await;
+    signals.abort();
+    Ok(())
+}

@@ -1,0 +1,264 @@
+//! Prometheus metrics and the health endpoints (`/metrics`, `/healthz`, `/readyz`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// `{driver, method}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriverMethod {
+    /// Kernel driver.
+    pub driver: String,
+    /// First method the kernel listed.
+    pub method: String,
+}
+
+/// `{method, result}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodResult {
+    /// Method (or `none`).
+    pub method: String,
+    /// `recovered` or `abandoned`.
+    pub result: String,
+}
+
+/// `{phase}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    /// Phase name.
+    pub phase: String,
+}
+
+/// `{policy, unit}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyUnit {
+    /// Policy.
+    pub policy: String,
+    /// `node`, `reboot`, `device`, `none`.
+    pub unit: String,
+}
+
+/// `{policy}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabel {
+    /// Policy.
+    pub policy: String,
+}
+
+/// Every metric the operator exports.
+pub struct Metrics {
+    /// unwedge_wedges_total{driver,method}
+    pub wedges: Family<DriverMethod, Counter>,
+    /// unwedge_recovery_duration_seconds{method,result}
+    pub recovery_duration: Family<MethodResult, Histogram>,
+    /// unwedge_wedges_by_phase{phase}
+    pub by_phase: Family<PhaseLabel, Gauge>,
+    /// unwedge_budget_in_use{policy,unit}
+    pub budget_in_use: Family<PolicyUnit, Gauge>,
+    /// unwedge_budget_allowed{policy,unit}
+    pub budget_allowed: Family<PolicyUnit, Gauge>,
+    /// unwedge_queue_length{policy}
+    pub queue_length: Family<PolicyLabel, Gauge>,
+    /// unwedge_evictions_total{result}
+    pub evictions: Family<EvictionResult, Counter>,
+    /// unwedge_attempt_failures_total{method}
+    pub attempt_failures: Family<MethodLabel, Counter>,
+    /// unwedge_circuit_breaker_tripped{policy}
+    pub breaker: Family<PolicyLabel, Gauge>,
+    /// unwedge_leader
+    pub leader: Gauge,
+    registry: Registry,
+    ready: AtomicBool,
+}
+
+/// `{result}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EvictionResult {
+    /// evicted, deleted, gone, refused, failed.
+    pub result: String,
+}
+
+/// `{method}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    /// The method.
+    pub method: String,
+}
+
+fn histogram() -> Histogram {
+    Histogram::new([
+        1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+    ])
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            wedges: Family::default(),
+            recovery_duration: Family::new_with_constructor(histogram),
+            by_phase: Family::default(),
+            budget_in_use: Family::default(),
+            budget_allowed: Family::default(),
+            queue_length: Family::default(),
+            evictions: Family::default(),
+            attempt_failures: Family::default(),
+            breaker: Family::default(),
+            leader: Gauge::default(),
+            registry: Registry::default(),
+            ready: AtomicBool::new(false),
+        };
+        registry.register(
+            "unwedge_wedges",
+            "GpuWedges seen, by driver and first method",
+            m.wedges.clone(),
+        );
+        registry.register(
+            "unwedge_recovery_duration_seconds",
+            "Detection to Recovered/Abandoned",
+            m.recovery_duration.clone(),
+        );
+        registry.register(
+            "unwedge_wedges_by_phase",
+            "GpuWedges by phase",
+            m.by_phase.clone(),
+        );
+        registry.register(
+            "unwedge_budget_in_use",
+            "Budget in use per policy and unit",
+            m.budget_in_use.clone(),
+        );
+        registry.register(
+            "unwedge_budget_allowed",
+            "Budget allowed per policy and unit",
+            m.budget_allowed.clone(),
+        );
+        registry.register(
+            "unwedge_queue_length",
+            "Wedges waiting for budget",
+            m.queue_length.clone(),
+        );
+        registry.register(
+            "unwedge_evictions",
+            "Evictions by result",
+            m.evictions.clone(),
+        );
+        registry.register(
+            "unwedge_attempt_failures",
+            "Failed or timed-out attempts by method",
+            m.attempt_failures.clone(),
+        );
+        registry.register(
+            "unwedge_circuit_breaker_tripped",
+            "1 while a policy's circuit breaker holds",
+            m.breaker.clone(),
+        );
+        registry.register(
+            "unwedge_leader",
+            "1 on the replica that holds the lease",
+            m.leader.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Marks the process ready (stores synced).
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` resolves.
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let m = metrics.clone();
+    let r = metrics.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let r = r.clone();
+                async move {
+                    if r.ready.load(Ordering::Relaxed) {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_exported_with_its_name() {
+        let m = Metrics::new();
+        m.wedges
+            .get_or_create(&DriverMethod {
+                driver: "xe".into(),
+                method: "rebind".into(),
+            })
+            .inc();
+        m.by_phase
+            .get_or_create(&PhaseLabel {
+                phase: "Draining".into(),
+            })
+            .set(2);
+        m.leader.set(1);
+        let text = m.encode();
+        for name in [
+            "unwedge_wedges_total{driver=\"xe\",method=\"rebind\"} 1",
+            "unwedge_wedges_by_phase{phase=\"Draining\"} 2",
+            "unwedge_leader 1",
+        ] {
+            assert!(text.contains(name), "{name} missing in\n{text}");
+        }
+    }
+}

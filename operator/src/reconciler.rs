@@ -1,0 +1,1103 @@
+//! The controller: loads a GpuWedge's surroundings, calls `decide`, persists the status, then
+//! performs the one effect, and requeues.
+//!
+//! Nodes and RecoveryPolicies are watched into stores (and trigger the wedges they concern);
+//! pods trigger the wedges of their node and are listed fresh per reconcile. Only the leader
+//! acts: every API write first checks that leadership still holds.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::watch;
+use unwedge_crds::labels::{
+    ANN_ABANDON, ANN_APPROVE, ANN_BY, ANN_CORDONED_BY, ANN_RESUME, ANN_RETRY, NODE_CONDITION,
+};
+use unwedge_crds::{Eviction, GpuWedge, Phase, RecoveryPolicy};
+
+use crate::breaker::{self, Verdict};
+use crate::budget::{self, Limits};
+use crate::decide::{
+    self, Decision, Governance, Input, NodeView, PastWedge, PodView, PolicyView, Step, Verbs,
+};
+use crate::drain;
+use crate::ledger;
+use crate::metrics::{self, Metrics};
+use crate::policy_match::{self, Governing};
+use crate::settings::Settings;
+use crate::status::OperatorStatus;
+
+/// Errors of one reconcile; the controller retries with a backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An API call failed.
+    #[error("API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The ledger could not be changed.
+    #[error(transparent)]
+    Ledger(#[from] ledger::LedgerError),
+    /// This replica lost the lease mid-reconcile.
+    #[error("not the leader any more")]
+    NotLeader,
+}
+
+/// Shared state of the controller.
+pub struct Ctx {
+    /// API client.
+    pub client: Client,
+    /// GpuWedges (the controller's own store).
+    pub wedges: Store<GpuWedge>,
+    /// Nodes.
+    pub nodes: Store<Node>,
+    /// RecoveryPolicies.
+    pub policies: Store<RecoveryPolicy>,
+    /// Events.
+    pub recorder: Recorder,
+    /// Our identity (the approver of automatic approvals).
+    pub identity: String,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Whether we lead.
+    pub leader: watch::Receiver<bool>,
+}
+
+impl Ctx {
+    fn ensure_leader(&self) -> Result<(), Error> {
+        if *self.leader.borrow() {
+            Ok(())
+        } else {
+            Err(Error::NotLeader)
+        }
+    }
+
+    fn policy_api(&self) -> Api<RecoveryPolicy> {
+        Api::all(self.client.clone())
+    }
+
+    fn wedge_api(&self) -> Api<GpuWedge> {
+        Api::all(self.client.clone())
+    }
+
+    async fn event(&self, obj: &k8s_openapi::api::core::v1::ObjectReference, note: &decide::Note) {
+        let ev = Event {
+            type_: if note.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: note.reason.clone(),
+            note: Some(note.message.chars().take(1000).collect()),
+            action: note.reason.clone(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, obj).await {
+            tracing::warn!(error = %e, "could not publish an event");
+        }
+    }
+}
+
+fn open(w: &GpuWedge) -> bool {
+    !w.status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(Phase::is_terminal)
+}
+
+fn phase_of(w: &GpuWedge) -> Phase {
+    w.status.as_ref().and_then(|s| s.phase).unwrap_or_default()
+}
+
+fn node_labels(n: Option<&Node>) -> BTreeMap<String, String> {
+    n.map(|n| n.labels().clone()).unwrap_or_default()
+}
+
+/// The governing policy of a node and the settings, resolved from the stores.
+fn resolve_policy(ctx: &Ctx, node: Option<&Node>) -> (Governing, Vec<Arc<RecoveryPolicy>>) {
+    let policies: Vec<Arc<RecoveryPolicy>> = ctx.policies.state();
+    let plain: Vec<RecoveryPolicy> = policies.iter().map(|p| (**p).clone()).collect();
+    (
+        policy_match::governing(&plain, &node_labels(node)),
+        policies,
+    )
+}
+
+fn nodes_governed_by(ctx: &Ctx, policies: &[RecoveryPolicy], name: &str) -> Vec<String> {
+    ctx.nodes
+        .state()
+        .iter()
+        .filter(|n| policy_match::governing(policies, n.labels()) == Governing::Policy(name.into()))
+        .map(|n| n.name_any())
+        .collect()
+}
+
+fn pod_view(p: &Pod) -> PodView {
+    let owners = p.metadata.owner_references.clone().unwrap_or_default();
+    let phase = p
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_default();
+    PodView {
+        namespace: p.namespace().unwrap_or_default(),
+        name: p.name_any(),
+        mirror: p.annotations().contains_key("kubernetes.io/config.mirror"),
+        daemon_set: owners.iter().any(|o| o.kind == "DaemonSet"),
+        terminating: p.metadata.deletion_timestamp.is_some(),
+        finished: phase == "Succeeded" || phase == "Failed",
+        empty_dir: p
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.as_ref())
+            .is_some_and(|v| v.iter().any(|v| v.empty_dir.is_some())),
+    }
+}
+
+fn verbs(w: &GpuWedge) -> Verbs {
+    let a = w.annotations();
+    Verbs {
+        approve: a.get(ANN_APPROVE).cloned(),
+        retry: a.get(ANN_RETRY).cloned(),
+        abandon: a.get(ANN_ABANDON).cloned(),
+        by: a.get(ANN_BY).cloned(),
+    }
+}
+
+/// Reconciles one GpuWedge.
+pub async fn reconcile(w: Arc<GpuWedge>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    if !*ctx.leader.borrow() {
+        return Ok(Action::await_change());
+    }
+    let name = w.name_any();
+    let now = Timestamp::now();
+    let node_name = w.spec.node_name.clone();
+    let node = ctx.nodes.get(&ObjectRef::new(&node_name));
+    let (governing, policies) = resolve_policy(&ctx, node.as_deref());
+    let plain: Vec<RecoveryPolicy> = policies.iter().map(|p| (**p).clone()).collect();
+    let all: Vec<Arc<GpuWedge>> = ctx.wedges.state();
+
+    if w.status.as_ref().and_then(|s| s.phase).is_none() {
+        let method = w.spec.methods.first().cloned().unwrap_or_default();
+        ctx.metrics
+            .wedges
+            .get_or_create(&metrics::DriverMethod {
+                driver: w.spec.device.driver.clone(),
+                method,
+            })
+            .inc();
+    }
+
+    // Policy view (owned data first, borrowed view after).
+    let mut settings_holder: Option<(
+        String,
+        Settings,
+        Vec<unwedge_crds::Admission>,
+        Limits,
+        bool,
+    )> = None;
+    let mut invalid: Option<(String, String)> = None;
+    if let Governing::Policy(pname) = &governing {
+        let p = policies
+            .iter()
+            .find(|p| p.name_any() == *pname)
+            .expect("governing policy is in the store");
+        match Settings::from_spec(&p.spec) {
+            Ok(s) => {
+                let nodes = nodes_governed_by(&ctx, &plain, pname);
+                let st = p.status.clone().unwrap_or_default();
+                let limits = Limits::of(&s, nodes.len() as u32, st.devices_selected);
+                let tripped = breaker_check(&ctx, p, &s, &all, &nodes, now).await?;
+                settings_holder = Some((pname.clone(), s, st.admitted, limits, tripped));
+            }
+            Err(e) => invalid = Some((pname.clone(), e.to_string())),
+        }
+    }
+    let plan_is_none = decide::plan_methods(&w).first().map(String::as_str) == Some(decide::NONE);
+    let mut ahead: Vec<(Timestamp, String, String)> = all
+        .iter()
+        .filter(|o| open(o) && o.spec.node_name != node_name)
+        .filter(|o| {
+            o.status.as_ref().and_then(|s| s.policy.as_deref())
+                == settings_holder.as_ref().map(|h| h.0.as_str())
+        })
+        .filter(|o| {
+            (decide::plan_methods(o).first().map(String::as_str) == Some(decide::NONE))
+                == plan_is_none
+        })
+        .filter(|o| (o.spec.detected_at.0, o.name_any()) < (w.spec.detected_at.0, name.clone()))
+        .filter(|o| {
+            !settings_holder
+                .as_ref()
+                .is_some_and(|h| h.2.iter().any(|a| a.wedge == o.name_any()))
+        })
+        .map(|o| (o.spec.detected_at.0, o.name_any(), o.spec.node_name.clone()))
+        .collect();
+    ahead.sort();
+    let waiting_ahead: Vec<(String, String)> = ahead.into_iter().map(|(_, w, n)| (w, n)).collect();
+    let governance = match (&governing, &settings_holder, &invalid) {
+        (_, Some((pname, s, ledger, limits, tripped)), _) => Governance::Policy(PolicyView {
+            name: pname,
+            settings: s,
+            ledger,
+            limits: *limits,
+            waiting_ahead: waiting_ahead.clone(),
+            breaker_tripped: *tripped,
+        }),
+        (_, None, Some((n, e))) => Governance::Invalid {
+            name: n.clone(),
+            error: e.clone(),
+        },
+        (Governing::Conflict(n), _, _) => Governance::Conflict(n.clone()),
+        _ => Governance::NoPolicy,
+    };
+
+    let device = unwedge_crds::labels::device_label(&w.spec.device.pci_address);
+    let history: Vec<PastWedge> = all
+        .iter()
+        .filter(|o| {
+            o.name_any() != name
+                && o.spec.node_name == node_name
+                && unwedge_crds::labels::device_label(&o.spec.device.pci_address) == device
+        })
+        .filter(|o| o.spec.detected_at.0 <= w.spec.detected_at.0)
+        .map(|o| PastWedge {
+            name: o.name_any(),
+            detected_at: o.spec.detected_at.0,
+            evicted_at: o
+                .status
+                .as_ref()
+                .and_then(|s| s.evictions.as_ref())
+                .and_then(|e| e.iter().map(|e| e.at.0).max()),
+        })
+        .collect();
+    let mut others: Vec<String> = all
+        .iter()
+        .filter(|o| o.name_any() != name && o.spec.node_name == node_name && open(o))
+        .map(|o| o.name_any())
+        .collect();
+    others.sort();
+    let pods: Vec<PodView> = Api::<Pod>::all(ctx.client.clone())
+        .list(&ListParams::default().fields(&format!("spec.nodeName={node_name}")))
+        .await?
+        .items
+        .iter()
+        .map(pod_view)
+        .collect();
+    let node_view = node.as_ref().map(|n| NodeView {
+        name: n.name_any(),
+        unschedulable: n
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false),
+        cordoned_by: n.annotations().get(ANN_CORDONED_BY).cloned(),
+    });
+    let input = Input {
+        wedge: &w,
+        node: node_view.as_ref(),
+        policy: governance,
+        pods: &pods,
+        history: &history,
+        others_on_node: &others,
+        device_advertised: None,
+        now,
+        operator: &ctx.identity,
+        verbs: verbs(&w),
+    };
+    let decision = decide::decide(&input);
+    let action = perform(&w, &ctx, &input, decision, node.as_deref()).await?;
+    update_node_condition(&ctx, &node_name, &name).await?;
+    Ok(action)
+}
+
+/// Evaluates the policy's circuit breaker and records a trip or a resume on the policy.
+async fn breaker_check(
+    ctx: &Ctx,
+    p: &RecoveryPolicy,
+    s: &Settings,
+    all: &[Arc<GpuWedge>],
+    nodes: &[String],
+    now: Timestamp,
+) -> Result<bool, Error> {
+    let st = p.status.clone().unwrap_or_default();
+    let resumed_at = st
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "CircuitBreakerTripped" && c.status == "False")
+        .map(|c| c.last_transition_time.0);
+    let annotation = p.annotations().get(ANN_RESUME).cloned();
+    let state = breaker::State {
+        tripped_at: st.circuit_breaker_tripped_at.as_ref().map(|t| t.0),
+        resumed: st.resumed.as_deref(),
+        resume_annotation: annotation.as_deref(),
+        resumed_at,
+    };
+    let detections: Vec<Timestamp> = all
+        .iter()
+        .filter(|w| nodes.contains(&w.spec.node_name))
+        .map(|w| w.spec.detected_at.0)
+        .collect();
+    let verdict = breaker::evaluate(s.circuit_breaker.as_ref(), &state, &detections, now);
+    let pname = p.name_any();
+    ctx.metrics
+        .breaker
+        .get_or_create(&metrics::PolicyLabel {
+            policy: pname.clone(),
+        })
+        .set(i64::from(verdict.holds()));
+    match &verdict {
+        Verdict::Trip { count } => {
+            ctx.ensure_leader()?;
+            let count = *count;
+            let _: Result<_, std::convert::Infallible> =
+                ledger::update(&ctx.policy_api(), &pname, |_, st| {
+                    if st.circuit_breaker_tripped_at.is_some() {
+                        return Ok(false);
+                    }
+                    st.circuit_breaker_tripped_at = Some(Time(now));
+                    set_policy_condition(
+                        st,
+                        "CircuitBreakerTripped",
+                        true,
+                        "TooManyWedges",
+                        &format!(
+                            "{count} wedges in the window; annotate unwedge.io/resume to resume"
+                        ),
+                        now,
+                    );
+                    Ok(true)
+                })
+                .await?;
+            ctx.event(&p.object_ref(&()), &decide::Note { warning: true, reason: "CircuitBreakerTripped".into(), message: format!("{count} wedges within the window: automatic actions paused; change annotation unwedge.io/resume to resume") }).await;
+        }
+        Verdict::Resume { value } => {
+            ctx.ensure_leader()?;
+            let _: Result<_, std::convert::Infallible> =
+                ledger::update(&ctx.policy_api(), &pname, |_, st| {
+                    st.circuit_breaker_tripped_at = None;
+                    st.resumed = Some(value.clone());
+                    set_policy_condition(
+                        st,
+                        "CircuitBreakerTripped",
+                        false,
+                        "Resumed",
+                        &format!("resumed ({value})"),
+                        now,
+                    );
+                    Ok(true)
+                })
+                .await?;
+        }
+        _ => {}
+    }
+    Ok(verdict.holds())
+}
+
+fn set_policy_condition(
+    st: &mut unwedge_crds::RecoveryPolicyStatus,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+) {
+    let list = st.conditions.get_or_insert_with(Vec::new);
+    let s = if status { "True" } else { "False" };
+    if let Some(c) = list.iter_mut().find(|c| c.type_ == type_) {
+        if c.status != s {
+            c.last_transition_time = Time(now);
+        }
+        c.status = s.into();
+        c.reason = reason.into();
+        c.message = message.into();
+    } else {
+        list.push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: type_.into(),
+            status: s.into(),
+            reason: reason.into(),
+            message: message.into(),
+            last_transition_time: Time(now),
+            observed_generation: None,
+        });
+    }
+}
+
+async fn patch_status(ctx: &Ctx, w: &GpuWedge, status: &OperatorStatus) -> Result<(), Error> {
+    ctx.ensure_leader()?;
+    // The resourceVersion makes the write a compare-and-swap against the object we decided on.
+    let mut body = status.merge_patch();
+    body["metadata"] = json!({ "resourceVersion": w.resource_version() });
+    ctx.wedge_api()
+        .patch_status(&w.name_any(), &PatchParams::default(), &Patch::Merge(&body))
+        .await?;
+    Ok(())
+}
+
+async fn perform(
+    w: &GpuWedge,
+    ctx: &Ctx,
+    input: &Input<'_>,
+    d: Decision,
+    node: Option<&Node>,
+) -> Result<Action, Error> {
+    let name = w.name_any();
+    let current = w
+        .status
+        .as_ref()
+        .map(OperatorStatus::of)
+        .unwrap_or_default();
+    let changed = d.status != current;
+    if changed {
+        match patch_status(ctx, w, &d.status).await {
+            Err(Error::Kube(kube::Error::Api(s))) if s.is_conflict() => {
+                return Ok(Action::requeue(Duration::from_millis(200)));
+            }
+            r => r?,
+        }
+        if let Some(n) = &d.note {
+            ctx.event(&w.object_ref(&()), n).await;
+            if matches!(n.reason.as_str(), "Escalating" | "LadderExhausted")
+                && let Some(a) = &current.approval
+            {
+                ctx.metrics
+                    .attempt_failures
+                    .get_or_create(&metrics::MethodLabel {
+                        method: a.method.clone(),
+                    })
+                    .inc();
+            }
+        }
+        let finished = matches!(d.status.phase, Some(Phase::Recovered | Phase::Abandoned))
+            && !matches!(current.phase, Some(Phase::Recovered | Phase::Abandoned));
+        if finished {
+            let secs = now_secs(w);
+            let method = d
+                .status
+                .approval
+                .as_ref()
+                .map_or_else(|| "none".to_string(), |a| a.method.clone());
+            let result = if d.status.phase == Some(Phase::Recovered) {
+                "recovered"
+            } else {
+                "abandoned"
+            };
+            ctx.metrics
+                .recovery_duration
+                .get_or_create(&metrics::MethodResult {
+                    method,
+                    result: result.into(),
+                })
+                .observe(secs);
+        }
+    }
+    let policy = d.status.policy.clone().unwrap_or_default();
+    let settings = match &input.policy {
+        Governance::Policy(p) => Some(p.settings.clone()),
+        _ => None,
+    };
+    let grace = settings.as_ref().and_then(|s| s.grace_period_seconds);
+    let soon = Action::requeue(Duration::from_millis(500));
+    let force = matches!(d.step, Step::ForceDelete { .. });
+    match d.step.clone() {
+        Step::Nothing => Ok(if changed {
+            soon
+        } else {
+            Action::requeue(Duration::from_secs(60))
+        }),
+        Step::Wait { requeue_after, why } => {
+            tracing::debug!(wedge = %name, %why, "waiting");
+            Ok(Action::requeue(requeue_after))
+        }
+        Step::Admit { candidate, reclaim } => {
+            ctx.ensure_leader()?;
+            let (limits, ahead) = match &input.policy {
+                Governance::Policy(p) => (p.limits, p.waiting_ahead.clone()),
+                _ => return Ok(soon),
+            };
+            match ledger::admit(
+                &ctx.policy_api(),
+                &policy,
+                &candidate,
+                &limits,
+                &ahead,
+                reclaim,
+            )
+            .await?
+            {
+                Ok(()) => {
+                    tracing::info!(wedge = %name, policy = %policy, reboot = candidate.reboot, "admitted");
+                    Ok(soon)
+                }
+                Err(reason) => {
+                    let q = decide::queued_status(&d.status, &reason.0, Timestamp::now());
+                    if q != current {
+                        patch_status(ctx, w, &q).await.or_else(ignore_conflict)?;
+                    }
+                    Ok(Action::requeue(Duration::from_secs(30)))
+                }
+            }
+        }
+        Step::Release => {
+            ctx.ensure_leader()?;
+            match ledger::release(&ctx.policy_api(), &policy, &name).await {
+                Ok(()) | Err(ledger::LedgerError::NoPolicy(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            cleanup_history(ctx, w, settings.as_ref().map_or(5, |s| s.history_limit)).await?;
+            Ok(Action::requeue(Duration::from_secs(300)))
+        }
+        Step::Cordon => {
+            ctx.ensure_leader()?;
+            let body = json!({
+                "metadata": {"annotations": {ANN_CORDONED_BY: name}},
+                "spec": {"unschedulable": true}
+            });
+            Api::<Node>::all(ctx.client.clone())
+                .patch(
+                    &w.spec.node_name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&body),
+                )
+                .await?;
+            if let Some(n) = node {
+                ctx.event(
+                    &n.object_ref(&()),
+                    &decide::Note {
+                        warning: false,
+                        reason: "GpuWedgeCordon".into(),
+                        message: format!("cordoned by unwedge for {name}"),
+                    },
+                )
+                .await;
+            }
+            Ok(soon)
+        }
+        Step::Uncordon | Step::HandOverCordon { .. } => {
+            ctx.ensure_leader()?;
+            // Re-read the node and guard with its resourceVersion: never uncordon a cordon
+            // that is not (or no longer) ours.
+            let api = Api::<Node>::all(ctx.client.clone());
+            let fresh = api.get(&w.spec.node_name).await?;
+            if fresh.annotations().get(ANN_CORDONED_BY) != Some(&name) {
+                return Ok(soon);
+            }
+            let body = match &d.step {
+                Step::HandOverCordon { to } => {
+                    json!({"metadata": {"resourceVersion": fresh.resource_version(), "annotations": {ANN_CORDONED_BY: to}}})
+                }
+                _ => {
+                    json!({"metadata": {"resourceVersion": fresh.resource_version(), "annotations": {ANN_CORDONED_BY: null}}, "spec": {"unschedulable": false}})
+                }
+            };
+            match api
+                .patch(
+                    &w.spec.node_name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&body),
+                )
+                .await
+            {
+                Err(kube::Error::Api(s)) if s.is_conflict() => return Ok(soon),
+                r => r?,
+            };
+            let msg = match &d.step {
+                Step::HandOverCordon { to } => format!("cordon handed from {name} to {to}"),
+                _ => format!("uncordoned by unwedge: {name} recovered"),
+            };
+            ctx.event(
+                &fresh.object_ref(&()),
+                &decide::Note {
+                    warning: false,
+                    reason: "GpuWedgeUncordon".into(),
+                    message: msg,
+                },
+            )
+            .await;
+            Ok(soon)
+        }
+        Step::Evict { pods } | Step::ForceDelete { pods } => {
+            let mut records: Vec<Eviction> = d.status.evictions.clone().unwrap_or_default();
+            let mut refused = Vec::new();
+            for p in &pods {
+                ctx.ensure_leader()?;
+                let out = if force {
+                    drain::force_delete(&ctx.client, p, grace).await
+                } else {
+                    drain::evict(&ctx.client, p, grace).await
+                };
+                ctx.metrics
+                    .evictions
+                    .get_or_create(&metrics::EvictionResult {
+                        result: out.metric().into(),
+                    })
+                    .inc();
+                match (&out, out.recorded()) {
+                    (_, Some(result)) => records.push(Eviction {
+                        namespace: p.namespace.clone(),
+                        pod: p.name.clone(),
+                        at: Time(Timestamp::now()),
+                        result: result.into(),
+                    }),
+                    (drain::Outcome::Refused(m), _) | (drain::Outcome::Failed(m), _) => {
+                        refused.push(format!("{}/{}: {m}", p.namespace, p.name))
+                    }
+                    _ => {}
+                }
+            }
+            if records.len() != d.status.evictions.as_ref().map_or(0, Vec::len) {
+                // Only the evictions array: a plain merge patch, no resourceVersion (the
+                // status was just written and the agent may have written since).
+                let body = json!({"status": {"evictions": records}});
+                ctx.wedge_api()
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&body))
+                    .await?;
+            }
+            if !refused.is_empty() {
+                tracing::info!(wedge = %name, refused = ?refused, "evictions refused; backing off");
+                ctx.event(
+                    &w.object_ref(&()),
+                    &decide::Note {
+                        warning: true,
+                        reason: "EvictionRefused".into(),
+                        message: refused.join("; "),
+                    },
+                )
+                .await;
+                return Ok(Action::requeue(Duration::from_secs(5)));
+            }
+            Ok(Action::requeue(Duration::from_secs(2)))
+        }
+        Step::ClearVerbs { keys } => {
+            ctx.ensure_leader()?;
+            let ann: serde_json::Map<String, serde_json::Value> = keys
+                .into_iter()
+                .map(|k| (k, serde_json::Value::Null))
+                .collect();
+            let body = json!({"metadata": {"annotations": ann}});
+            ctx.wedge_api()
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&body))
+                .await?;
+            Ok(soon)
+        }
+        Step::Quarantine => Ok(Action::requeue(Duration::from_secs(60))),
+    }
+}
+
+fn ignore_conflict(e: Error) -> Result<(), Error> {
+    match e {
+        Error::Kube(kube::Error::Api(s)) if s.is_conflict() => Ok(()),
+        e => Err(e),
+    }
+}
+
+fn now_secs(w: &GpuWedge) -> f64 {
+    Timestamp::now()
+        .duration_since(w.spec.detected_at.0)
+        .as_secs_f64()
+        .max(0.0)
+}
+
+/// Keeps `limit` finished GpuWedges per device of this wedge's node; deletes older ones.
+async fn cleanup_history(ctx: &Ctx, w: &GpuWedge, limit: u32) -> Result<(), Error> {
+    let mut done: Vec<Arc<GpuWedge>> = ctx
+        .wedges
+        .state()
+        .into_iter()
+        .filter(|o| {
+            o.spec.node_name == w.spec.node_name
+                && o.spec.device.pci_address == w.spec.device.pci_address
+                && !open(o)
+        })
+        .collect();
+    done.sort_by_key(|o| {
+        std::cmp::Reverse(
+            o.status
+                .as_ref()
+                .and_then(|s| s.finished_at.clone())
+                .map(|t| t.0)
+                .unwrap_or(o.spec.detected_at.0),
+        )
+    });
+    for old in done.iter().skip(limit as usize) {
+        ctx.ensure_leader()?;
+        match ctx
+            .wedge_api()
+            .delete(&old.name_any(), &DeleteParams::default())
+            .await
+        {
+            Ok(_) => tracing::info!(wedge = %old.name_any(), "history cleanup: deleted"),
+            Err(kube::Error::Api(s)) if s.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Sets the node condition `GpuWedged` while any device on it is unrecovered.
+async fn update_node_condition(ctx: &Ctx, node: &str, _this: &str) -> Result<(), Error> {
+    let Some(n) = ctx.nodes.get(&ObjectRef::new(node)) else {
+        return Ok(());
+    };
+    // Read our own fresh view of the wedges on the node (the store may lag our own writes).
+    let lp = ListParams::default().labels(&format!("{}={node}", unwedge_crds::labels::LABEL_NODE));
+    let wedges = ctx.wedge_api().list(&lp).await?;
+    let open_ones: Vec<String> = wedges
+        .items
+        .iter()
+        .filter(|w| open(w))
+        .map(|w| format!("{} ({:?})", w.spec.device.pci_address, phase_of(w)))
+        .collect();
+    let (status, reason, message) = if open_ones.is_empty() {
+        (
+            "False",
+            "AllRecovered",
+            "no wedged GPU on this node".to_string(),
+        )
+    } else {
+        (
+            "True",
+            "Unrecovered",
+            format!("wedged: {}", open_ones.join(", ")),
+        )
+    };
+    let current = n
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == NODE_CONDITION));
+    if current.is_some_and(|c| c.status == status && c.message.as_deref() == Some(message.as_str()))
+    {
+        return Ok(());
+    }
+    if current.is_none() && open_ones.is_empty() {
+        return Ok(());
+    }
+    ctx.ensure_leader()?;
+    let now = Time(Timestamp::now());
+    let since = match current {
+        Some(c) if c.status == status => c.last_transition_time.clone().unwrap_or(now.clone()),
+        _ => now.clone(),
+    };
+    let body = json!({"status": {"conditions": [{
+        "type": NODE_CONDITION, "status": status, "reason": reason, "message": message,
+        "lastHeartbeatTime": now, "lastTransitionTime": since
+    }]}});
+    Api::<Node>::all(ctx.client.clone())
+        .patch_status(node, &PatchParams::default(), &Patch::Strategic(&body))
+        .await?;
+    Ok(())
+}
+
+fn error_policy(w: Arc<GpuWedge>, e: &Error, _ctx: Arc<Ctx>) -> Action {
+    match e {
+        Error::NotLeader => Action::await_change(),
+        e => {
+            tracing::warn!(wedge = %w.name_any(), error = %e, "reconcile failed; retrying");
+            Action::requeue(Duration::from_secs(5))
+        }
+    }
+}
+
+/// Drops ledger entries of wedges that are gone or finished, read fresh from the API.
+pub async fn repair_ledgers(client: &Client) -> Result<(), Error> {
+    let wedges: Api<GpuWedge> = Api::all(client.clone());
+    let open_set: std::collections::BTreeSet<String> = wedges
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|w| open(w))
+        .map(|w| w.name_any())
+        .collect();
+    let policies: Api<RecoveryPolicy> = Api::all(client.clone());
+    for p in policies.list(&ListParams::default()).await?.items {
+        let dropped = ledger::repair(&policies, &p.name_any(), |w| open_set.contains(w)).await?;
+        if !dropped.is_empty() {
+            tracing::info!(policy = %p.name_any(), ?dropped, "ledger repaired: dropped finished or deleted wedges");
+        }
+    }
+    Ok(())
+}
+
+/// Refreshes the gauges and each policy's status summary and Conflict condition.
+pub async fn refresh(ctx: &Ctx) -> Result<(), Error> {
+    let wedges = ctx.wedges.state();
+    let mut by_phase: BTreeMap<String, i64> = BTreeMap::new();
+    for w in &wedges {
+        *by_phase.entry(format!("{:?}", phase_of(w))).or_default() += 1;
+    }
+    for p in [
+        "Detected",
+        "Queued",
+        "Cordoned",
+        "Draining",
+        "AwaitingApproval",
+        "Approved",
+        "Recovering",
+        "Verifying",
+        "Restarting",
+        "Recovered",
+        "NeedsAttention",
+        "Abandoned",
+    ] {
+        ctx.metrics
+            .by_phase
+            .get_or_create(&metrics::PhaseLabel { phase: p.into() })
+            .set(*by_phase.get(p).unwrap_or(&0));
+    }
+    ctx.metrics.leader.set(i64::from(*ctx.leader.borrow()));
+    let policies: Vec<RecoveryPolicy> =
+        ctx.policies.state().iter().map(|p| (**p).clone()).collect();
+    let nodes: BTreeMap<String, BTreeMap<String, String>> = ctx
+        .nodes
+        .state()
+        .iter()
+        .map(|n| (n.name_any(), n.labels().clone()))
+        .collect();
+    for p in &policies {
+        let pname = p.name_any();
+        let Ok(s) = Settings::from_spec(&p.spec) else {
+            continue;
+        };
+        let selected = nodes_governed_by(ctx, &policies, &pname).len() as u32;
+        let st = p.status.clone().unwrap_or_default();
+        let limits = Limits::of(&s, selected, st.devices_selected);
+        let u = budget::usage(&st.admitted);
+        let queued = wedges
+            .iter()
+            .filter(|w| {
+                phase_of(w) == Phase::Queued
+                    && w.status.as_ref().and_then(|s| s.policy.as_deref()) == Some(pname.as_str())
+            })
+            .count();
+        for (unit, used, allowed) in [
+            ("node", u.nodes, limits.nodes),
+            ("reboot", u.reboots, limits.reboots),
+            ("device", u.devices, limits.devices),
+            ("none", u.none, limits.none),
+        ] {
+            let l = metrics::PolicyUnit {
+                policy: pname.clone(),
+                unit: unit.into(),
+            };
+            ctx.metrics
+                .budget_in_use
+                .get_or_create(&l)
+                .set(i64::from(used));
+            ctx.metrics
+                .budget_allowed
+                .get_or_create(&l)
+                .set(i64::from(allowed));
+        }
+        ctx.metrics
+            .queue_length
+            .get_or_create(&metrics::PolicyLabel {
+                policy: pname.clone(),
+            })
+            .set(queued as i64);
+        if !*ctx.leader.borrow() {
+            continue;
+        }
+        let conflicts = policy_match::conflicts_of(&pname, &policies, &nodes);
+        let summary = budget::summary(&st.admitted, &limits, queued);
+        let now = Timestamp::now();
+        let _: Result<_, std::convert::Infallible> =
+            ledger::update(&ctx.policy_api(), &pname, |_, st| {
+                let before = st.clone();
+                st.nodes_selected = selected;
+                st.summary = Some(summary.clone());
+                if conflicts.is_empty() {
+                    if st
+                        .conditions
+                        .iter()
+                        .flatten()
+                        .any(|c| c.type_ == "Conflict")
+                    {
+                        set_policy_condition(
+                            st,
+                            "Conflict",
+                            false,
+                            "NoConflict",
+                            "no other policy selects the same nodes",
+                            now,
+                        );
+                    }
+                } else {
+                    let msg: Vec<String> = conflicts
+                        .iter()
+                        .map(|(n, o)| format!("{n}: also selected by {}", o.join(", ")))
+                        .collect();
+                    set_policy_condition(
+                        st,
+                        "Conflict",
+                        true,
+                        "OverlappingSelectors",
+                        &msg.join("; "),
+                        now,
+                    );
+                }
+                Ok(*st != before)
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Wires stores, triggers and the controller, and runs until `shutdown` turns true.
+pub async fn run(
+    client: Client,
+    identity: String,
+    metrics: Arc<Metrics>,
+    leader: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let wedges: Api<GpuWedge> = Api::all(client.clone());
+    let (nodes_store, nodes_writer) = reflector::store::<Node>();
+    let node_stream = reflector::reflector(
+        nodes_writer,
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let (policy_store, policy_writer) = reflector::store::<RecoveryPolicy>();
+    let policy_stream = reflector::reflector(
+        policy_writer,
+        watcher(
+            Api::<RecoveryPolicy>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+
+    let controller = Controller::new(wedges, watcher::Config::default());
+    let wedge_store = controller.store();
+    let by_node = {
+        let s = wedge_store.clone();
+        move |node: String| -> Vec<ObjectRef<GpuWedge>> {
+            s.state()
+                .iter()
+                .filter(|w| w.spec.node_name == node && open(w))
+                .map(|w| ObjectRef::from_obj(&**w))
+                .collect()
+        }
+    };
+    let by_node_n = by_node.clone();
+    let by_node_p = by_node.clone();
+    let all_open = {
+        let s = wedge_store.clone();
+        move |_p: RecoveryPolicy| -> Vec<ObjectRef<GpuWedge>> {
+            s.state()
+                .iter()
+                .filter(|w| open(w))
+                .map(|w| ObjectRef::from_obj(&**w))
+                .collect()
+        }
+    };
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "unwedge-operator".into(),
+            instance: Some(identity.clone()),
+        },
+    );
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        wedges: wedge_store.clone(),
+        nodes: nodes_store.clone(),
+        policies: policy_store.clone(),
+        recorder,
+        identity,
+        metrics: metrics.clone(),
+        leader: leader.clone(),
+    });
+    // Re-examine every wedge (after repairing the ledgers) whenever we become leader.
+    let became_leader = futures::stream::unfold(
+        (leader.clone(), client.clone()),
+        |(mut rx, client)| async move {
+            loop {
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+                if *rx.borrow_and_update() {
+                    if let Err(e) = repair_ledgers(&client).await {
+                        tracing::warn!(error = %e, "ledger repair failed; it runs again on the next leadership change");
+                    }
+                    return Some(((), (rx, client)));
+                }
+            }
+        },
+    );
+    let refresher = {
+        let ctx = ctx.clone();
+        let mut sd = shutdown.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                    _ = sd.changed() => return,
+                }
+                if let Err(e) = refresh(&ctx).await {
+                    tracing::warn!(error = %e, "refresh of policy status and gauges failed");
+                }
+            }
+        }
+    };
+    let readiness = {
+        let (n, p, w, m) = (
+            nodes_store.clone(),
+            policy_store.clone(),
+            wedge_store.clone(),
+            metrics.clone(),
+        );
+        async move {
+            let _ = n.wait_until_ready().await;
+            let _ = p.wait_until_ready().await;
+            let _ = w.wait_until_ready().await;
+            m.set_ready();
+        }
+    };
+    tokio::spawn(readiness);
+    tokio::spawn(refresher);
+    let stop = async move {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    drop(wedge_store);
+    controller
+        .watches_stream(node_stream, move |n: Node| by_node_n(n.name_any()))
+        .watches_stream(policy_stream, all_open)
+        .watches(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default(),
+            move |p: Pod| {
+                p.spec
+                    .and_then(|s| s.node_name)
+                    .map(&by_node_p)
+                    .unwrap_or_default()
+            },
+        )
+        .reconcile_all_on(became_leader)
+        .graceful_shutdown_on(stop)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "controller event");
+            }
+        })
+        .await;
+}
