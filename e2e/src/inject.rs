@@ -25,7 +25,7 @@ pub fn wedge_payload(
 ) -> Vec<u8> {
     let minor = card.trim_start_matches("card");
     let mut fields = vec![
-        format!("ACTION=change"),
+        "ACTION=change".to_string(),
         format!("DEVPATH={devpath}"),
         "SUBSYSTEM=drm".to_string(),
         "DEVTYPE=drm_minor".to_string(),
