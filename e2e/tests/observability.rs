@@ -1,0 +1,425 @@
+//! The chart's alerts and dashboard are checked against promtool and against the metrics the
+//! real binaries export.
+//!
+//! - `promtool check rules` and `promtool test rules` (promtool built from the Go module proxy
+//!   by tools/promtool/build.sh) on charts/unwedge/files/rules.yaml;
+//! - the PrometheusRule the chart renders is that same file;
+//! - every unwedge series the dashboard and the rules use — metric names, the labels they
+//!   group by, and the label values they select — exists in the live `/metrics` of the
+//!   operator and the agent, started against the real local control plane.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use e2e::cluster::{ControlPlane, ensure_binaries, repo_root};
+use e2e::fleet::Bins;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use unwedge_crds::{DeviceRef, GpuWedge, GpuWedgeSpec, RecoveryPolicy};
+
+fn promtool() -> PathBuf {
+    let out = Command::new(repo_root().join("tools/promtool/build.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run tools/promtool/build.sh");
+    assert!(out.status.success(), "tools/promtool/build.sh failed");
+    let path = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
+    PathBuf::from(path)
+}
+
+fn rules_file() -> PathBuf {
+    repo_root().join("charts/unwedge/files/rules.yaml")
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn promtool_checks_and_unit_tests_the_rules() {
+    let promtool = promtool();
+    let check = run_ok(Command::new(&promtool).arg("check").arg("rules").arg(rules_file()));
+    assert!(check.contains("SUCCESS: 8 rules found"), "{check}");
+    let tests = repo_root().join("tools/promtool/tests");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&tests)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no promtool tests in {}", tests.display());
+    let out = run_ok(Command::new(&promtool).arg("test").arg("rules").args(&files));
+    assert!(out.contains("SUCCESS") && !out.contains("FAILED"), "{out}");
+}
+
+fn helm_template(args: &[&str]) -> Vec<Value> {
+    let bin = ensure_binaries().expect("pinned binaries");
+    let home = tempfile::tempdir().unwrap();
+    let chart = repo_root().join("charts/unwedge");
+    let out = run_ok(
+        Command::new(bin.join("helm"))
+            .env("HELM_CACHE_HOME", home.path())
+            .env("HELM_CONFIG_HOME", home.path())
+            .env("HELM_DATA_HOME", home.path())
+            .args(["template", "rel", chart.to_str().unwrap(), "--namespace", "ops", "--kube-version", "1.37.2"])
+            .args(args),
+    );
+    serde_yaml::Deserializer::from_str(&out)
+        .map(|d| Value::deserialize(d).expect("helm template prints YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+#[test]
+fn the_prometheus_rule_is_the_rules_file_with_the_release_job_names() {
+    let objs = helm_template(&["--set", "metrics.prometheusRule.enabled=true"]);
+    let rule = objs
+        .iter()
+        .find(|o| o["kind"] == "PrometheusRule")
+        .expect("a PrometheusRule when metrics.prometheusRule.enabled=true");
+    let text = std::fs::read_to_string(rules_file())
+        .unwrap()
+        .replace("job=\"unwedge-agent-metrics\"", "job=\"rel-unwedge-agent-metrics\"")
+        .replace("job=\"unwedge-operator-metrics\"", "job=\"rel-unwedge-operator-metrics\"");
+    let file: Value = serde_yaml::from_str(&text).unwrap();
+    assert_eq!(rule["spec"], file, "the PrometheusRule must embed charts/unwedge/files/rules.yaml");
+    // The job names are the metrics Services the ServiceMonitors select.
+    let services: BTreeSet<&str> = objs
+        .iter()
+        .filter(|o| o["kind"] == "Service")
+        .filter_map(|o| o["metadata"]["name"].as_str())
+        .collect();
+    for svc in ["rel-unwedge-agent-metrics", "rel-unwedge-operator-metrics"] {
+        assert!(services.contains(svc), "no Service {svc} for the alerts' job label: {services:?}");
+    }
+    assert!(!objs.iter().any(|o| o["kind"] == "PrometheusRule" && o["metadata"]["name"] != "rel-unwedge"));
+}
+
+/// Every PromQL expression of the dashboard and the rules.
+fn expressions() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let dash: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo_root().join("charts/unwedge/dashboards/unwedge.json")).unwrap())
+            .expect("the dashboard is JSON");
+    fn walk(v: &Value, out: &mut Vec<(String, String)>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(e)) = m.get("expr") {
+                    out.push(("dashboard".into(), e.clone()));
+                }
+                m.values().for_each(|v| walk(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(&dash, &mut out);
+    let rules: Value = serde_yaml::from_str(&std::fs::read_to_string(rules_file()).unwrap()).unwrap();
+    for g in rules["groups"].as_array().unwrap() {
+        for r in g["rules"].as_array().unwrap() {
+            out.push((format!("alert {}", r["alert"].as_str().unwrap()), r["expr"].as_str().unwrap().into()));
+        }
+    }
+    out
+}
+
+/// What an expression asks of the unwedge series: metric names, `by (...)` labels, and
+/// `label="value"` matchers of each metric.
+#[derive(Debug, Default)]
+struct Uses {
+    metrics: BTreeSet<String>,
+    by_labels: BTreeSet<String>,
+    matchers: BTreeSet<(String, String, String)>,
+}
+
+fn ident_end(s: &[u8], mut i: usize) -> usize {
+    while i < s.len() && (s[i].is_ascii_alphanumeric() || s[i] == b'_' || s[i] == b':') {
+        i += 1;
+    }
+    i
+}
+
+fn uses(expr: &str) -> Uses {
+    let mut u = Uses::default();
+    let b = expr.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i].is_ascii_alphabetic() || b[i] == b'_' {
+            let start = i;
+            i = ident_end(b, i);
+            let word = &expr[start..i];
+            let rest = expr[i..].trim_start();
+            if (word == "by" || word == "without") && rest.starts_with('(') {
+                let close = rest.find(')').unwrap();
+                if word == "by" {
+                    for l in rest[1..close].split(',').map(str::trim).filter(|l| !l.is_empty()) {
+                        u.by_labels.insert(l.into());
+                    }
+                }
+                i = expr.len() - rest.len() + close + 1;
+            } else if word.starts_with("unwedge_") {
+                u.metrics.insert(word.into());
+                if let Some(sel) = rest.strip_prefix('{') {
+                    let close = sel.find('}').unwrap();
+                    for m in sel[..close].split(',') {
+                        if let Some((k, v)) = m.split_once('=') {
+                            let (k, v) = (k.trim(), v.trim());
+                            if !k.ends_with('!') && !v.starts_with('~') {
+                                u.matchers.insert((word.into(), k.into(), v.trim_matches('"').into()));
+                            }
+                        }
+                    }
+                    i = expr.len() - sel.len() + close + 1;
+                }
+            }
+        } else if b[i] == b'"' {
+            i += 1 + expr[i + 1..].find('"').map(|n| n + 1).unwrap_or(expr.len() - i - 1);
+        } else {
+            i += 1;
+        }
+    }
+    u
+}
+
+#[test]
+fn expression_scanner_finds_names_labels_and_matchers() {
+    let u = uses(r#"max by (policy, unit) (unwedge_budget_in_use{unit="node"}) and on (policy) sum(rate(unwedge_x_bucket[5m])) > up{job="unwedge_not_a_metric"}"#);
+    assert_eq!(u.metrics, BTreeSet::from(["unwedge_budget_in_use".to_string(), "unwedge_x_bucket".to_string()]));
+    assert_eq!(u.by_labels, BTreeSet::from(["policy".to_string(), "unit".to_string()]));
+    assert_eq!(
+        u.matchers,
+        BTreeSet::from([("unwedge_budget_in_use".to_string(), "unit".to_string(), "node".to_string())])
+    );
+}
+
+/// Sample name → the label sets seen, from a text exposition.
+fn parse_exposition(text: &str) -> (BTreeMap<String, Vec<BTreeMap<String, String>>>, BTreeSet<String>) {
+    let mut series: BTreeMap<String, Vec<BTreeMap<String, String>>> = BTreeMap::new();
+    let mut declared = BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some(name) = rest.split_whitespace().next() {
+                declared.insert(name.to_string());
+            }
+            continue;
+        }
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let end = line.find(['{', ' ']).unwrap_or(line.len());
+        let name = &line[..end];
+        let mut labels = BTreeMap::new();
+        if line[end..].starts_with('{') {
+            let close = line.rfind('}').unwrap();
+            for kv in line[end + 1..close].split("\",") {
+                if let Some((k, v)) = kv.split_once("=\"") {
+                    labels.insert(k.trim().to_string(), v.trim_end_matches('"').to_string());
+                }
+            }
+        }
+        series.entry(name.to_string()).or_default().push(labels);
+    }
+    (series, declared)
+}
+
+/// A child process, killed on drop.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_addr() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+async fn scrape(addr: &str) -> anyhow::Result<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP body")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "{head}");
+    Ok(body.to_string())
+}
+
+fn spawn(bin: &Path, args: &[String], env: &[(&str, &Path)], log: &Path, what: &'static str) -> Running {
+    let f = std::fs::File::create(log).unwrap();
+    let mut cmd = Command::new(bin);
+    cmd.args(args).stdout(f.try_clone().unwrap()).stderr(f);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Running(cmd.spawn().unwrap_or_else(|e| panic!("start {what} ({}): {e}", bin.display())))
+}
+
+/// What the dashboard and rules need that a scrape does not have, one line each.
+fn missing(scraped: &BTreeMap<String, Vec<BTreeMap<String, String>>>, declared: &BTreeSet<String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (who, expr) in expressions() {
+        let u = uses(&expr);
+        let mut labels_here = BTreeSet::new();
+        for m in &u.metrics {
+            match scraped.get(m) {
+                Some(sets) => sets.iter().for_each(|s| labels_here.extend(s.keys().cloned())),
+                None => {
+                    let family = ["_total", "_bucket", "_count", "_sum"]
+                        .iter()
+                        .find_map(|suf| m.strip_suffix(suf))
+                        .unwrap_or(m);
+                    let why = if declared.contains(family) || declared.contains(m.as_str()) {
+                        "declared (# TYPE) but no series: its label sets are never pre-initialised"
+                    } else {
+                        "not exported at all"
+                    };
+                    out.push(format!("{who}: {m} — {why}"));
+                }
+            }
+        }
+        for (m, k, v) in &u.matchers {
+            if let Some(sets) = scraped.get(m) {
+                if !sets.iter().any(|s| s.get(k) == Some(v)) {
+                    let seen: BTreeSet<&String> = sets.iter().filter_map(|s| s.get(k)).collect();
+                    out.push(format!("{who}: no {m}{{{k}=\"{v}\"}} series (values seen: {seen:?})"));
+                }
+            }
+        }
+        if !u.metrics.is_empty() && u.metrics.iter().all(|m| scraped.contains_key(m)) {
+            for l in &u.by_labels {
+                if l != "le" && !labels_here.contains(l) {
+                    out.push(format!("{who}: groups by {l:?}, which no series of {:?} carries", u.metrics));
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_series_the_dashboard_and_rules_use_is_in_live_metrics() -> anyhow::Result<()> {
+    let bins = tokio::task::spawn_blocking(Bins::build).await??;
+    let cp = ControlPlane::start().await?;
+    cp.apply_crds().await?;
+    let client = cp.client().await?;
+    let ns: Api<Namespace> = Api::all(client.clone());
+    ns.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "unwedge-system"}}))?)
+        .await?;
+    cp.add_kwok_node("node-a", &[("unwedge.io/gpu", "true")], &[]).await?;
+    let policies: Api<RecoveryPolicy> = Api::all(client.clone());
+    policies
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "unwedge.io/v1alpha1", "kind": "RecoveryPolicy",
+                "metadata": {"name": "default"}, "spec": {"default": true}
+            }))?,
+        )
+        .await?;
+
+    let work = tempfile::tempdir()?;
+    let kubeconfig = cp.kubeconfig_path().to_path_buf();
+    let op_addr = free_addr();
+    let agent_addr = free_addr();
+    let _operator = spawn(
+        &bins.operator,
+        &[
+            "--leader-elect=true".into(),
+            "--lease-namespace=unwedge-system".into(),
+            "--identity=observability-test".into(),
+            format!("--metrics-addr={op_addr}"),
+        ],
+        &[("KUBECONFIG", &kubeconfig)],
+        &work.path().join("operator.log"),
+        "operator",
+    );
+    for d in ["sys", "dev", "proc", "state"] {
+        std::fs::create_dir_all(work.path().join(d))?;
+    }
+    let p = |d: &str| work.path().join(d).display().to_string();
+    let _agent = spawn(
+        &bins.agent,
+        &[
+            "--node-name=node-a".into(),
+            format!("--sysfs-root={}", p("sys")),
+            format!("--dev-root={}", p("dev")),
+            format!("--proc-root={}", p("proc")),
+            format!("--state-dir={}", p("state")),
+            format!("--pod-resources-socket={}", p("state/none.sock")),
+            format!("--metrics-addr={agent_addr}"),
+        ],
+        &[("KUBECONFIG", &kubeconfig)],
+        &work.path().join("agent.log"),
+        "agent",
+    );
+
+    // A wedge as the agent reports it, so the operator has something to count.
+    let wedges: Api<GpuWedge> = Api::all(client.clone());
+    let w = GpuWedge::new(
+        "node-a-0000-03-00-0-1",
+        GpuWedgeSpec {
+            node_name: "node-a".into(),
+            device: DeviceRef { pci_address: "0000:03:00.0".into(), driver: "xe".into(), ..Default::default() },
+            methods: vec!["rebind".into(), "bus-reset".into()],
+            detected_at: Time(jiff::Timestamp::now()),
+            boot_id: String::new(),
+            uevent: BTreeMap::new(),
+            blamed: None,
+        },
+    );
+    wedges.create(&PostParams::default(), &w).await?;
+    let _ = wedges.patch_status("node-a-0000-03-00-0-1", &PatchParams::default(), &Patch::Merge(&json!({"status": {}}))).await;
+
+    // Both must serve; then poll until nothing is missing or the deadline passes.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut gaps: Vec<String>;
+    loop {
+        let (op, agent) = (scrape(&op_addr).await, scrape(&agent_addr).await);
+        match (op, agent) {
+            (Ok(op), Ok(agent)) => {
+                let (mut series, mut declared) = parse_exposition(&op);
+                let (s2, d2) = parse_exposition(&agent);
+                series.extend(s2);
+                declared.extend(d2);
+                let last = missing(&series, &declared);
+                if last.is_empty() {
+                    break;
+                }
+                gaps = last;
+            }
+            (op, agent) => {
+                gaps = vec![format!("scrape: operator {:?}, agent {:?}", op.err(), agent.err())];
+            }
+        }
+        if Instant::now() > deadline {
+            let logs = |f: &str| std::fs::read_to_string(work.path().join(f)).unwrap_or_default();
+            let tail = |s: String| s.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            panic!(
+                "series used by the dashboard/rules missing from live /metrics after 60s:\n  {}\n\noperator log:\n{}\n\nagent log:\n{}",
+                gaps.join("\n  "),
+                tail(logs("operator.log")),
+                tail(logs("agent.log"))
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    Ok(())
+}
