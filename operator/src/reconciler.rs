@@ -542,7 +542,16 @@ async fn perform(
                 Err(reason) => {
                     let q = decide::queued_status(&d.status, &reason.0, Timestamp::now());
                     if q != current {
-                        patch_status(ctx, w, &q).await.or_else(ignore_conflict)?;
+                        // Derived from the status just written (which moved the resourceVersion):
+                        // a plain merge patch of the operator's fields.
+                        ctx.ensure_leader()?;
+                        ctx.wedge_api()
+                            .patch_status(
+                                &name,
+                                &PatchParams::default(),
+                                &Patch::Merge(&q.merge_patch()),
+                            )
+                            .await?;
                     }
                     Ok(Action::requeue(Duration::from_secs(30)))
                 }
@@ -691,13 +700,6 @@ async fn perform(
             Ok(soon)
         }
         Step::Quarantine => Ok(Action::requeue(Duration::from_secs(60))),
-    }
-}
-
-fn ignore_conflict(e: Error) -> Result<(), Error> {
-    match e {
-        Error::Kube(kube::Error::Api(s)) if s.is_conflict() => Ok(()),
-        e => Err(e),
     }
 }
 
