@@ -468,6 +468,11 @@ impl ControlPlane {
         format!("https://127.0.0.1:{}", self.ports.apiserver)
     }
 
+    /// Process ids of the running components (each is also its process group id).
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().flatten().map(Proc::pid).collect()
+    }
+
     /// The loopback ports in use.
     pub fn ports(&self) -> Ports {
         self.ports
@@ -685,10 +690,9 @@ impl ControlPlane {
             .create_token_request(serviceaccount, &PostParams::default(), &req)
             .await
             .with_context(|| format!("TokenRequest for {namespace}/{serviceaccount}"))?;
-        Ok(resp
-            .status
+        resp.status
             .and_then(|s| s.token)
-            .context("TokenRequest returned no token")?)
+            .context("TokenRequest returned no token")
     }
 
     /// The kubeconfig text for a bearer token against this control plane.
@@ -732,10 +736,11 @@ impl Drop for ControlPlane {
                 p.kill_now();
             }
         }
-        if panicking && std::env::var_os("UNWEDGE_KEEP_LOGS").is_some() {
-            if let Some(dir) = self.dir.take() {
-                eprintln!("kept {}", dir.keep().display());
-            }
+        if panicking
+            && std::env::var_os("UNWEDGE_KEEP_LOGS").is_some()
+            && let Some(dir) = self.dir.take()
+        {
+            eprintln!("kept {}", dir.keep().display());
         }
     }
 }

@@ -532,14 +532,108 @@ where
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let last = api.get_opt(name).await;
-        if let Ok(Some(k)) = &last {
-            if ok(k) {
-                return k.clone();
-            }
+        if let Ok(Some(k)) = &last
+            && ok(k)
+        {
+            return k.clone();
         }
         if tokio::time::Instant::now() > deadline {
             panic!("timed out waiting for {name}: {last:?}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie is dead for our purposes (its parent has not reaped it yet).
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.split_whitespace().next() != Some("Z"))
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_test_leaves_no_process_behind() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let task = tokio::spawn(async move {
+        let cp = started().await;
+        tx.send(cp.pids()).unwrap();
+        panic!("deliberate panic while the control plane runs");
+    });
+    assert!(task.await.unwrap_err().is_panic());
+    let pids = rx.recv().unwrap();
+    assert_eq!(
+        pids.len(),
+        5,
+        "etcd, apiserver, controller-manager, scheduler, kwok"
+    );
+    let left: Vec<u32> = pids.into_iter().filter(|p| alive(*p)).collect();
+    assert!(left.is_empty(), "still running after the panic: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_binary_serves_and_its_children_die_with_it() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cluster"))
+        .arg("up")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let kubeconfig = tokio::time::timeout(Duration::from_secs(300), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(path) = line.strip_prefix("export KUBECONFIG=") {
+                return path.to_string();
+            }
+        }
+        panic!("cluster up exited without printing the kubeconfig");
+    })
+    .await
+    .expect("cluster up prints the kubeconfig");
+    // The CRDs are served through the printed kubeconfig.
+    let kc = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    let api: Api<GpuWedge> = Api::all(kube::Client::try_from(config).unwrap());
+    assert!(
+        api.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+
+    // SIGKILL leaves no chance to clean up: PR_SET_PDEATHSIG must take the children down.
+    let pid = child.id().unwrap();
+    let children: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = s.rsplit_once(')')?.1.to_string();
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect();
+    assert_eq!(children.len(), 5, "children of cluster up: {children:?}");
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while children.iter().any(|p| alive(*p)) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left: Vec<u32> = children.into_iter().filter(|p| alive(*p)).collect();
+    assert!(
+        left.is_empty(),
+        "still running after SIGKILL of cluster up: {left:?}"
+    );
 }
