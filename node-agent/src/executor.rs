@@ -1,1 +1,1117 @@
-//! TODO(executor): being written.
+//! Carries out the recoveries the operator approved (team brief "Approval protocol").
+//!
+//! `next_action` decides, from the wedge, the local attempt journal and the boot id, what to
+//! do; it is pure. `Executor` performs the step: journal first (fsync'd), then status, then the
+//! fd gate, then the host action, then verification. The journal makes "at most once" hold
+//! across restarts even when a status patch was lost (DESIGN invariant 2).
+//!
+//! `--dry-run`: the host is never touched and the attempt is reported `Failed` with a message
+//! "dry-run: would ...". Reporting `Succeeded` would be a lie the operator acts on (it would
+//! uncordon a node whose GPU is still wedged); `Failed` makes it escalate to a human in the end,
+//! which is what a dry run of a real wedge deserves. `none` needs no host action, so it succeeds.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use unwedge_crds::{AttemptOutcome, AttemptResult, GpuWedge};
+
+use crate::fdgate;
+use crate::host::HostActions;
+use crate::metrics::Metrics;
+
+/// Methods this agent knows how to carry out.
+pub const KNOWN_METHODS: [&str; 4] = ["none", "rebind", "bus-reset", "reboot"];
+
+/// How far an attempt got, as recorded in the journal.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// The attempt id is spent; the device has not been touched yet.
+    Started,
+    /// The fd gate was clear and the host action is about to run.
+    Acting,
+    /// The attempt ended with `result`.
+    Finished,
+}
+
+/// One line of `<state-dir>/attempts.jsonl`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct JournalRecord {
+    /// The wedge's name.
+    pub wedge: String,
+    /// The wedge's uid (a recreated wedge of the same name is another incident).
+    pub uid: String,
+    /// Attempt id.
+    pub attempt: u32,
+    /// Method.
+    pub method: String,
+    /// Stage reached.
+    pub stage: Stage,
+    /// When.
+    pub at: Timestamp,
+    /// Boot id at that moment.
+    pub boot_id: String,
+    /// Final result (stage Finished).
+    #[serde(default)]
+    pub result: Option<AttemptOutcome>,
+    /// Final message (stage Finished).
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// What the journal knows about one attempt.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct AttemptLog {
+    /// The Started record.
+    pub started: Option<JournalRecord>,
+    /// The Acting record.
+    pub acting: Option<JournalRecord>,
+    /// The Finished record.
+    pub finished: Option<JournalRecord>,
+}
+
+/// The append-only attempt journal.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    records: Vec<JournalRecord>,
+}
+
+impl Journal {
+    /// Loads `<state_dir>/attempts.jsonl` (creating the dir). Unparseable lines (a torn last
+    /// line after a crash) are logged and skipped.
+    pub fn open(state_dir: &Path) -> io::Result<Self> {
+        fs::create_dir_all(state_dir)?;
+        let path = state_dir.join("attempts.jsonl");
+        let mut records = Vec::new();
+        if let Ok(f) = File::open(&path) {
+            for (i, line) in BufReader::new(f).lines().enumerate() {
+                let line = line?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match serde_json::from_str(&line) {
+                    Ok(r) => records.push(r),
+                    Err(e) => {
+                        tracing::warn!(file = %path.display(), line = i + 1, error = %e, "skipping unreadable attempt journal line")
+                    }
+                }
+            }
+        }
+        Ok(Self { path, records })
+    }
+
+    /// Appends a record and fsyncs it before returning.
+    pub fn append(&mut self, rec: JournalRecord) -> io::Result<()> {
+        let mut line = serde_json::to_vec(&rec).map_err(io::Error::other)?;
+        line.push(b'\n');
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        f.write_all(&line)?;
+        f.sync_all()?;
+        self.records.push(rec);
+        Ok(())
+    }
+
+    /// What is recorded for attempt `attempt` of the wedge with `uid`.
+    pub fn of(&self, uid: &str, attempt: u32) -> AttemptLog {
+        let mut log = AttemptLog::default();
+        for r in self
+            .records
+            .iter()
+            .filter(|r| r.uid == uid && r.attempt == attempt)
+        {
+            let slot = match r.stage {
+                Stage::Started => &mut log.started,
+                Stage::Acting => &mut log.acting,
+                Stage::Finished => &mut log.finished,
+            };
+            *slot = Some(r.clone());
+        }
+        log
+    }
+}
+
+/// What the executor should do for a wedge now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExecutorStep {
+    /// Nothing: no approval, already done, or the incident is over.
+    Idle,
+    /// A new approval: journal and report Started, gate, act, verify.
+    Start {
+        /// Attempt id.
+        attempt: u32,
+        /// Method.
+        method: String,
+    },
+    /// Started before a restart but the gate never cleared (the device was not touched): gate again.
+    ResumeGate {
+        /// Attempt id.
+        attempt: u32,
+        /// Method.
+        method: String,
+    },
+    /// A reboot attempt and the boot id changed: verify the device and report.
+    VerifyAfterReboot {
+        /// Attempt id.
+        attempt: u32,
+        /// The boot id recorded before rebooting.
+        started_boot_id: String,
+    },
+    /// The agent restarted while acting (or lost its journal): report Failed, never re-execute.
+    ReportInterrupted {
+        /// Attempt id.
+        attempt: u32,
+        /// Method.
+        method: String,
+    },
+    /// The journal has the final result but the status does not (a lost patch): report it.
+    ReportFinished {
+        /// The Finished record.
+        record: JournalRecord,
+    },
+}
+
+/// The uid the journal keys a wedge by (its name when the object has no uid, e.g. in tests).
+pub fn wedge_key(w: &GpuWedge) -> String {
+    w.uid().unwrap_or_else(|| w.name_any())
+}
+
+/// Decides the next step for `wedge` given the journal and the current boot id.
+pub fn next_action(wedge: &GpuWedge, journal: &Journal, boot_id: &str) -> ExecutorStep {
+    let Some(status) = wedge.status.as_ref() else {
+        return ExecutorStep::Idle;
+    };
+    let Some(approval) = status.approval.as_ref() else {
+        return ExecutorStep::Idle;
+    };
+    if status.phase.is_some_and(|p| p.is_terminal()) {
+        return ExecutorStep::Idle;
+    }
+    let attempt = approval.attempt;
+    let method = approval.method.clone();
+    let reported = status
+        .attempts
+        .iter()
+        .flatten()
+        .find(|a| a.attempt == attempt);
+    if reported
+        .is_some_and(|a| matches!(a.result, AttemptOutcome::Succeeded | AttemptOutcome::Failed))
+    {
+        return ExecutorStep::Idle;
+    }
+    let log = journal.of(&wedge_key(wedge), attempt);
+    if let Some(record) = log.finished {
+        return ExecutorStep::ReportFinished { record };
+    }
+    if let Some(acting) = log.acting {
+        return if acting.method == "reboot" && acting.boot_id != boot_id {
+            ExecutorStep::VerifyAfterReboot {
+                attempt,
+                started_boot_id: acting.boot_id,
+            }
+        } else {
+            ExecutorStep::ReportInterrupted {
+                attempt,
+                method: acting.method,
+            }
+        };
+    }
+    if let Some(started) = log.started {
+        return ExecutorStep::ResumeGate {
+            attempt,
+            method: started.method,
+        };
+    }
+    if reported.is_some() {
+        // Status says Started/Blocked but this state dir never heard of it: another agent
+        // instance (or a wiped state dir) may have acted. Never guess: report.
+        return ExecutorStep::ReportInterrupted { attempt, method };
+    }
+    ExecutorStep::Start { attempt, method }
+}
+
+/// `attempts` with `entry` put in place of the one with the same attempt id (or appended).
+pub fn upsert_attempt(attempts: &[AttemptResult], entry: AttemptResult) -> Vec<AttemptResult> {
+    let mut out: Vec<AttemptResult> = attempts
+        .iter()
+        .filter(|a| a.attempt != entry.attempt)
+        .cloned()
+        .collect();
+    out.push(entry);
+    out.sort_by_key(|a| a.attempt);
+    out
+}
+
+/// The device nodes and PCI addresses the fd gate must see closed for `wedge`: the device
+/// itself and every reset-domain member the method disturbs (all of them when none says).
+pub fn gate_targets(wedge: &GpuWedge, method: &str) -> (Vec<String>, Vec<String>) {
+    let mut nodes = Vec::new();
+    let mut pcis = vec![wedge.spec.device.pci_address.clone()];
+    nodes.extend(wedge.spec.device.card.clone());
+    nodes.extend(wedge.spec.device.render_node.clone());
+    let domain = wedge
+        .status
+        .as_ref()
+        .and_then(|s| s.reset_domain.clone())
+        .unwrap_or_default();
+    let relevant: Vec<_> = domain
+        .iter()
+        .filter(|d| d.methods.iter().any(|m| m == method))
+        .collect();
+    let members = if relevant.is_empty() {
+        domain.iter().collect()
+    } else {
+        relevant
+    };
+    for d in members {
+        pcis.push(d.pci_address.clone());
+        nodes.extend(d.card.clone());
+        nodes.extend(d.render_node.clone());
+    }
+    nodes.sort();
+    nodes.dedup();
+    pcis.sort();
+    pcis.dedup();
+    (nodes, pcis)
+}
+
+/// Where the executor reads and writes GpuWedges (the API in production).
+pub trait WedgeStore: Send + Sync {
+    /// The current object, fresh from the source of truth.
+    fn get(
+        &self,
+        name: &str,
+    ) -> impl std::future::Future<Output = Result<Option<GpuWedge>, String>> + Send;
+    /// Replaces `status.attempts` (the agent's own array) by merge patch.
+    fn patch_attempts(
+        &self,
+        name: &str,
+        attempts: &[AttemptResult],
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+}
+
+/// `WedgeStore` on the API server.
+#[derive(Clone)]
+pub struct KubeStore {
+    api: Api<GpuWedge>,
+}
+
+impl KubeStore {
+    /// A store over `client`.
+    pub fn new(client: kube::Client) -> Self {
+        Self {
+            api: Api::all(client),
+        }
+    }
+}
+
+impl WedgeStore for KubeStore {
+    async fn get(&self, name: &str) -> Result<Option<GpuWedge>, String> {
+        self.api.get_opt(name).await.map_err(|e| e.to_string())
+    }
+
+    async fn patch_attempts(&self, name: &str, attempts: &[AttemptResult]) -> Result<(), String> {
+        let patch = json!({ "status": { "attempts": attempts } });
+        self.api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// When each device (by PCI address) last sent a WEDGED uevent; the listener writes it, the
+/// verifier reads it for the settle window.
+#[derive(Debug, Default, Clone)]
+pub struct WedgeClock(Arc<Mutex<HashMap<String, Instant>>>);
+
+impl WedgeClock {
+    /// Records a wedge of `pci` now.
+    pub fn wedged(&self, pci: &str) {
+        self.0
+            .lock()
+            .expect("wedge clock poisoned")
+            .insert(pci.to_string(), Instant::now());
+    }
+
+    /// Whether `pci` wedged after `since`.
+    pub fn wedged_since(&self, pci: &str, since: Instant) -> bool {
+        self.0
+            .lock()
+            .expect("wedge clock poisoned")
+            .get(pci)
+            .is_some_and(|t| *t > since)
+    }
+}
+
+/// Executor settings.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// `--proc-root`.
+    pub proc_root: PathBuf,
+    /// `--dev-root`.
+    pub dev_root: PathBuf,
+    /// `--dry-run`.
+    pub dry_run: bool,
+    /// `--settle`.
+    pub settle: Duration,
+    /// `--verify-command`.
+    pub verify_command: Option<String>,
+    /// How often the fd gate re-checks while blocked (2 s).
+    pub gate_interval: Duration,
+    /// How long to wait for the driver and card to come back after acting.
+    pub reappear_timeout: Duration,
+}
+
+/// Performs `ExecutorStep`s for the wedges of this node.
+pub struct Executor<H, S> {
+    cfg: ExecutorConfig,
+    host: Arc<H>,
+    store: S,
+    journal: Mutex<Journal>,
+    in_flight: Mutex<HashSet<(String, u32)>>,
+    clock: WedgeClock,
+    metrics: Arc<Metrics>,
+}
+
+/// An attempt's end as the executor saw it.
+type Outcome = (AttemptOutcome, String);
+
+impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
+    /// An executor with its journal under `state_dir`.
+    pub fn new(
+        cfg: ExecutorConfig,
+        host: Arc<H>,
+        store: S,
+        state_dir: &Path,
+        clock: WedgeClock,
+        metrics: Arc<Metrics>,
+    ) -> io::Result<Self> {
+        Ok(Self {
+            cfg,
+            host,
+            store,
+            journal: Mutex::new(Journal::open(state_dir)?),
+            in_flight: Mutex::new(HashSet::new()),
+            clock,
+            metrics,
+        })
+    }
+
+    fn boot_id(&self) -> String {
+        self.host.boot_id().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot read the boot id; recording it as unknown");
+            "unknown".to_string()
+        })
+    }
+
+    /// Decides and performs the next step for `wedge`, to the end (a blocked gate waits here).
+    /// Returns the step taken. A step already running for the same attempt is skipped.
+    pub async fn process(&self, wedge: &GpuWedge) -> ExecutorStep {
+        let Some(approval) = wedge.status.as_ref().and_then(|s| s.approval.as_ref()) else {
+            return ExecutorStep::Idle;
+        };
+        // Claim the attempt before deciding, so a decision is always made from a journal that
+        // includes everything an earlier run of the same attempt wrote.
+        let key = (wedge_key(wedge), approval.attempt);
+        if !self
+            .in_flight
+            .lock()
+            .expect("in-flight poisoned")
+            .insert(key.clone())
+        {
+            return ExecutorStep::Idle;
+        }
+        let boot_id = self.boot_id();
+        let step = {
+            let journal = self.journal.lock().expect("journal poisoned");
+            next_action(wedge, &journal, &boot_id)
+        };
+        if let Err(e) = self.perform(wedge, &step, &boot_id).await {
+            self.metrics.api_errors.inc();
+            tracing::error!(wedge = %wedge.name_any(), attempt = key.1, error = %e, "attempt step not completed; will retry on the next resync");
+        }
+        self.in_flight
+            .lock()
+            .expect("in-flight poisoned")
+            .remove(&key);
+        step
+    }
+
+    fn journal(
+        &self,
+        wedge: &GpuWedge,
+        attempt: u32,
+        method: &str,
+        stage: Stage,
+        boot_id: &str,
+        end: Option<&Outcome>,
+    ) -> Result<(), String> {
+        let rec = JournalRecord {
+            wedge: wedge.name_any(),
+            uid: wedge_key(wedge),
+            attempt,
+            method: method.to_string(),
+            stage,
+            at: Timestamp::now(),
+            boot_id: boot_id.to_string(),
+            result: end.map(|o| o.0),
+            message: end.map(|o| o.1.clone()),
+        };
+        self.journal
+            .lock()
+            .expect("journal poisoned")
+            .append(rec)
+            .map_err(|e| format!("cannot write the attempt journal (refusing to act): {e}"))
+    }
+
+    /// Upserts this attempt's entry in status.attempts, retrying for a while if the API is away.
+    async fn report(&self, name: &str, entry: AttemptResult) -> Result<(), String> {
+        let mut last = String::new();
+        for i in 0..10u32 {
+            match self.store.get(name).await {
+                Ok(Some(current)) => {
+                    let attempts = current.status.and_then(|s| s.attempts).unwrap_or_default();
+                    match self
+                        .store
+                        .patch_attempts(name, &upsert_attempt(&attempts, entry.clone()))
+                        .await
+                    {
+                        Ok(()) => {
+                            self.metrics
+                                .attempt(&entry.method, &format!("{:?}", entry.result));
+                            return Ok(());
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Ok(None) => return Err(format!("GpuWedge {name} is gone")),
+                Err(e) => last = e,
+            }
+            self.metrics.api_errors.inc();
+            tokio::time::sleep(Duration::from_millis(200) * (i + 1).min(10)).await;
+        }
+        Err(format!("cannot report attempt on {name}: {last}"))
+    }
+
+    fn entry(
+        attempt: u32,
+        method: &str,
+        result: AttemptOutcome,
+        started_at: Timestamp,
+        boot_id: &str,
+        message: String,
+    ) -> AttemptResult {
+        let finished = matches!(result, AttemptOutcome::Succeeded | AttemptOutcome::Failed);
+        AttemptResult {
+            attempt,
+            method: method.to_string(),
+            result,
+            started_at: Time(started_at),
+            finished_at: finished.then(|| Time(Timestamp::now())),
+            message,
+            boot_id: Some(boot_id.to_string()),
+        }
+    }
+
+    async fn finish(
+        &self,
+        wedge: &GpuWedge,
+        attempt: u32,
+        method: &str,
+        started_at: Timestamp,
+        boot_id: &str,
+        outcome: Outcome,
+    ) -> Result<(), String> {
+        tracing::info!(wedge = %wedge.name_any(), attempt, method, result = ?outcome.0, message = %outcome.1, "attempt finished");
+        self.journal(
+            wedge,
+            attempt,
+            method,
+            Stage::Finished,
+            boot_id,
+            Some(&outcome),
+        )?;
+        self.report(
+            &wedge.name_any(),
+            Self::entry(attempt, method, outcome.0, started_at, boot_id, outcome.1),
+        )
+        .await
+    }
+
+    fn started_at(wedge: &GpuWedge, attempt: u32) -> Timestamp {
+        wedge
+            .status
+            .as_ref()
+            .and_then(|s| s.attempts.as_ref())
+            .and_then(|a| a.iter().find(|a| a.attempt == attempt))
+            .map(|a| a.started_at.0)
+            .unwrap_or_else(Timestamp::now)
+    }
+
+    async fn perform(
+        &self,
+        wedge: &GpuWedge,
+        step: &ExecutorStep,
+        boot_id: &str,
+    ) -> Result<(), String> {
+        let name = wedge.name_any();
+        match step {
+            ExecutorStep::Idle => Ok(()),
+            ExecutorStep::ReportFinished { record } => {
+                tracing::info!(wedge = %name, attempt = record.attempt, "re-reporting a finished attempt whose status was lost");
+                let outcome = (
+                    record.result.unwrap_or(AttemptOutcome::Failed),
+                    record.message.clone().unwrap_or_default(),
+                );
+                let entry = Self::entry(
+                    record.attempt,
+                    &record.method,
+                    outcome.0,
+                    Self::started_at(wedge, record.attempt),
+                    &record.boot_id,
+                    outcome.1,
+                );
+                self.report(&name, entry).await
+            }
+            ExecutorStep::ReportInterrupted { attempt, method } => {
+                tracing::warn!(wedge = %name, attempt, method, "attempt interrupted by an agent restart; reporting it, not re-executing");
+                let outcome = (
+                    AttemptOutcome::Failed,
+                    "agent restarted during the attempt; not re-executed".to_string(),
+                );
+                self.finish(
+                    wedge,
+                    *attempt,
+                    method,
+                    Self::started_at(wedge, *attempt),
+                    boot_id,
+                    outcome,
+                )
+                .await
+            }
+            ExecutorStep::VerifyAfterReboot {
+                attempt,
+                started_boot_id,
+            } => {
+                let outcome = match self.verify(wedge, Instant::now()).await {
+                    Ok(m) => (
+                        AttemptOutcome::Succeeded,
+                        format!("rebooted (boot id {started_boot_id} -> {boot_id}); {m}"),
+                    ),
+                    Err(m) => (
+                        AttemptOutcome::Failed,
+                        format!("rebooted (boot id {started_boot_id} -> {boot_id}) but {m}"),
+                    ),
+                };
+                self.finish(
+                    wedge,
+                    *attempt,
+                    "reboot",
+                    Self::started_at(wedge, *attempt),
+                    boot_id,
+                    outcome,
+                )
+                .await
+            }
+            ExecutorStep::Start { attempt, method }
+            | ExecutorStep::ResumeGate { attempt, method } => {
+                let started_at = Self::started_at(wedge, *attempt);
+                if matches!(step, ExecutorStep::Start { .. }) {
+                    self.journal(wedge, *attempt, method, Stage::Started, boot_id, None)?;
+                }
+                self.report(
+                    &name,
+                    Self::entry(
+                        *attempt,
+                        method,
+                        AttemptOutcome::Started,
+                        started_at,
+                        boot_id,
+                        format!("{method}: started"),
+                    ),
+                )
+                .await?;
+                if !KNOWN_METHODS.contains(&method.as_str()) {
+                    let outcome = (
+                        AttemptOutcome::Failed,
+                        format!("agent does not know how to carry out {method}"),
+                    );
+                    return self
+                        .finish(wedge, *attempt, method, started_at, boot_id, outcome)
+                        .await;
+                }
+                if method == "none" {
+                    let outcome = (
+                        AttemptOutcome::Succeeded,
+                        "none: the driver recovered by itself; nothing done to the device"
+                            .to_string(),
+                    );
+                    return self
+                        .finish(wedge, *attempt, method, started_at, boot_id, outcome)
+                        .await;
+                }
+                if self.cfg.dry_run {
+                    let outcome = (
+                        AttemptOutcome::Failed,
+                        format!(
+                            "dry-run: would {}; the host was not touched",
+                            plan_text(wedge, method)
+                        ),
+                    );
+                    return self
+                        .finish(wedge, *attempt, method, started_at, boot_id, outcome)
+                        .await;
+                }
+                if let Some(outcome) = self
+                    .gate(wedge, *attempt, method, started_at, boot_id)
+                    .await?
+                {
+                    return self
+                        .finish(wedge, *attempt, method, started_at, boot_id, outcome)
+                        .await;
+                }
+                self.journal(wedge, *attempt, method, Stage::Acting, boot_id, None)?;
+                tracing::info!(wedge = %name, attempt, method, "acting: {}", plan_text(wedge, method));
+                let acted = self.act(wedge, method, *attempt, started_at, boot_id).await;
+                let outcome = match acted {
+                    Ok(None) => return Ok(()),
+                    Ok(Some(done)) => match self.verify(wedge, Instant::now()).await {
+                        Ok(m) => (AttemptOutcome::Succeeded, format!("{done}; {m}")),
+                        Err(m) => (AttemptOutcome::Failed, format!("{done} but {m}")),
+                    },
+                    Err(e) => (AttemptOutcome::Failed, format!("{method} failed: {e}")),
+                };
+                self.finish(wedge, *attempt, method, started_at, boot_id, outcome)
+                    .await
+            }
+        }
+    }
+
+    /// Waits until no process holds a device of the reset domain. `Some(outcome)` when the
+    /// approval went away meanwhile (nothing was done).
+    async fn gate(
+        &self,
+        wedge: &GpuWedge,
+        attempt: u32,
+        method: &str,
+        started_at: Timestamp,
+        boot_id: &str,
+    ) -> Result<Option<Outcome>, String> {
+        let (nodes, pcis) = gate_targets(wedge, method);
+        let mut last_message = String::new();
+        loop {
+            let (proc_root, dev_root) = (self.cfg.proc_root.clone(), self.cfg.dev_root.clone());
+            let (n, p) = (nodes.clone(), pcis.clone());
+            let holders =
+                tokio::task::spawn_blocking(move || fdgate::holders(&proc_root, &dev_root, &n, &p))
+                    .await
+                    .map_err(|e| format!("fd gate scan panicked: {e}"))?;
+            if holders.is_empty() {
+                return Ok(None);
+            }
+            let message = format!(
+                "blocked by the fd gate: {}",
+                holders
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            if message != last_message {
+                tracing::warn!(wedge = %wedge.name_any(), attempt, "{message}");
+                self.metrics.fd_gate_blocked.inc();
+                self.report(
+                    &wedge.name_any(),
+                    Self::entry(
+                        attempt,
+                        method,
+                        AttemptOutcome::Blocked,
+                        started_at,
+                        boot_id,
+                        message.clone(),
+                    ),
+                )
+                .await?;
+                last_message = message;
+            }
+            tokio::time::sleep(self.cfg.gate_interval).await;
+            let current = self.store.get(&wedge.name_any()).await?;
+            let still = current
+                .as_ref()
+                .and_then(|w| w.status.as_ref())
+                .is_some_and(|s| {
+                    s.approval.as_ref().is_some_and(|a| a.attempt == attempt)
+                        && !s.phase.is_some_and(|p| p.is_terminal())
+                });
+            if !still {
+                return Ok(Some((
+                    AttemptOutcome::Failed,
+                    "approval withdrawn while blocked by the fd gate; nothing was done".to_string(),
+                )));
+            }
+        }
+    }
+
+    /// Runs the method on the host. `Ok(None)`: a reboot is under way (nothing to report yet).
+    async fn act(
+        &self,
+        wedge: &GpuWedge,
+        method: &str,
+        attempt: u32,
+        started_at: Timestamp,
+        boot_id: &str,
+    ) -> Result<Option<String>, String> {
+        let bdf = wedge.spec.device.pci_address.clone();
+        let driver = self.driver_for(wedge)?;
+        let host = self.host.clone();
+        match method {
+            "rebind" => {
+                let (b, d) = (bdf.clone(), driver.clone());
+                blocking(move || {
+                    if host.driver_of(&b).is_some() {
+                        host.unbind(&b, &d)?;
+                    }
+                    host.bind(&b, &d)
+                })
+                .await?;
+                Ok(Some(format!("rebind: unbound and bound {bdf} to {driver}")))
+            }
+            "bus-reset" => {
+                let (b, d) = (bdf.clone(), driver.clone());
+                let done = blocking(move || {
+                    if host.driver_of(&b).is_some() {
+                        host.unbind(&b, &d)?;
+                    }
+                    match host.pci_reset(&b) {
+                        Ok(used) => {
+                            host.bind(&b, &d)?;
+                            Ok(format!("bus-reset: {b} reset by the kernel's {used} reset_method, bound to {d}"))
+                        }
+                        Err(e) => {
+                            host.remove(&b)?;
+                            host.rescan()?;
+                            Ok(format!("bus-reset: reset of {b} failed ({e}); removed and rescanned the bus"))
+                        }
+                    }
+                })
+                .await?;
+                Ok(Some(done))
+            }
+            "reboot" => {
+                self.report(
+                    &wedge.name_any(),
+                    Self::entry(
+                        attempt,
+                        method,
+                        AttemptOutcome::Started,
+                        started_at,
+                        boot_id,
+                        format!("rebooting the host (boot id {boot_id})"),
+                    ),
+                )
+                .await?;
+                blocking(move || host.reboot()).await?;
+                tracing::warn!(wedge = %wedge.name_any(), "reboot requested; waiting for the host to go down");
+                Ok(None)
+            }
+            other => Err(format!("agent does not know how to carry out {other}")),
+        }
+    }
+
+    fn driver_for(&self, wedge: &GpuWedge) -> Result<String, String> {
+        let spec = wedge.spec.device.driver.clone();
+        if !spec.is_empty() {
+            return Ok(spec);
+        }
+        self.host
+            .driver_of(&wedge.spec.device.pci_address)
+            .ok_or_else(|| {
+                format!(
+                    "no driver known for {}: neither spec.device.driver nor sysfs names one",
+                    wedge.spec.device.pci_address
+                )
+            })
+    }
+
+    /// Driver bound again (same driver), card node back (found by PCI address), quiet for the
+    /// settle window, verify command exits 0.
+    async fn verify(&self, wedge: &GpuWedge, acted_at: Instant) -> Result<String, String> {
+        let bdf = wedge.spec.device.pci_address.clone();
+        let driver = self.driver_for(wedge)?;
+        let deadline = Instant::now() + self.cfg.reappear_timeout;
+        let card = loop {
+            let (d, c) = (self.host.driver_of(&bdf), self.host.card_of(&bdf));
+            if d.as_deref() == Some(driver.as_str()) && c.is_some() {
+                break c.unwrap_or_default();
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the device did not come back within {:?}: driver {:?} (want {driver}), card {:?}",
+                    self.cfg.reappear_timeout, d, c
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        tokio::time::sleep(self.cfg.settle).await;
+        if self.clock.wedged_since(&bdf, acted_at) {
+            return Err(format!(
+                "{bdf} wedged again within the settle window of {:?}",
+                self.cfg.settle
+            ));
+        }
+        if let Some(cmd) = &self.cfg.verify_command {
+            let out = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .env("UNWEDGE_PCI_ADDRESS", &bdf)
+                .env("UNWEDGE_CARD", &card)
+                .env("UNWEDGE_DRIVER", &driver)
+                .kill_on_drop(true)
+                .output()
+                .await
+                .map_err(|e| format!("cannot run the verify command {cmd:?}: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "verify command {cmd:?} exited with {}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+        let was = wedge.spec.device.card.clone().unwrap_or_default();
+        Ok(format!(
+            "verified: {driver} bound, {card} present (was {was}), quiet for {:?}",
+            self.cfg.settle
+        ))
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::host::HostError> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("host action panicked: {e}"))?
+        .map_err(|e| e.to_string())
+}
+
+/// What a method would do to this wedge's device, in words (logs and dry-run messages).
+pub fn plan_text(wedge: &GpuWedge, method: &str) -> String {
+    let bdf = &wedge.spec.device.pci_address;
+    let drv = &wedge.spec.device.driver;
+    match method {
+        "none" => "do nothing to the device".to_string(),
+        "rebind" => format!("unbind {bdf} from {drv} and bind it again"),
+        "bus-reset" => format!(
+            "unbind {bdf} from {drv}, write 1 to its reset file, bind it again (fallback: remove + rescan)"
+        ),
+        "reboot" => "reboot the host".to_string(),
+        other => format!("not know how to carry out {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use unwedge_crds::{Approval, DeviceRef, GpuWedgeSpec, GpuWedgeStatus, Phase};
+
+    fn wedge(approval: Option<(&str, u32)>, attempts: Vec<AttemptResult>) -> GpuWedge {
+        let mut w = GpuWedge::new(
+            "node-a-0000-03-00-0-7",
+            GpuWedgeSpec {
+                node_name: "node-a".into(),
+                device: DeviceRef {
+                    pci_address: "0000:03:00.0".into(),
+                    driver: "xe".into(),
+                    ..DeviceRef::default()
+                },
+                methods: vec!["rebind".into()],
+                detected_at: Time(Timestamp::UNIX_EPOCH),
+                boot_id: "b1".into(),
+                uevent: Default::default(),
+                blamed: None,
+            },
+        );
+        w.metadata.uid = Some("uid-1".into());
+        w.status = Some(GpuWedgeStatus {
+            approval: approval.map(|(m, a)| Approval {
+                method: m.into(),
+                attempt: a,
+                at: Time(Timestamp::UNIX_EPOCH),
+                by: "op".into(),
+            }),
+            attempts: Some(attempts),
+            ..GpuWedgeStatus::default()
+        });
+        w
+    }
+
+    fn rec(stage: Stage, method: &str, boot: &str) -> JournalRecord {
+        JournalRecord {
+            wedge: "node-a-0000-03-00-0-7".into(),
+            uid: "uid-1".into(),
+            attempt: 1,
+            method: method.into(),
+            stage,
+            at: Timestamp::UNIX_EPOCH,
+            boot_id: boot.into(),
+            result: (stage == Stage::Finished).then_some(AttemptOutcome::Succeeded),
+            message: None,
+        }
+    }
+
+    fn journal(recs: Vec<JournalRecord>) -> (tempfile::TempDir, Journal) {
+        let t = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(t.path()).unwrap();
+        for r in recs {
+            j.append(r).unwrap();
+        }
+        let j = Journal::open(t.path()).unwrap();
+        (t, j)
+    }
+
+    fn result(r: AttemptOutcome) -> AttemptResult {
+        AttemptResult {
+            attempt: 1,
+            method: "rebind".into(),
+            result: r,
+            started_at: Time(Timestamp::UNIX_EPOCH),
+            finished_at: None,
+            message: String::new(),
+            boot_id: None,
+        }
+    }
+
+    #[test]
+    fn new_approval_starts() {
+        let (_t, j) = journal(vec![]);
+        assert_eq!(
+            next_action(&wedge(Some(("rebind", 1)), vec![]), &j, "b1"),
+            ExecutorStep::Start {
+                attempt: 1,
+                method: "rebind".into()
+            }
+        );
+        assert_eq!(
+            next_action(&wedge(None, vec![]), &j, "b1"),
+            ExecutorStep::Idle
+        );
+    }
+
+    #[test]
+    fn finished_attempts_and_closed_incidents_are_idle() {
+        let (_t, j) = journal(vec![]);
+        assert_eq!(
+            next_action(
+                &wedge(Some(("rebind", 1)), vec![result(AttemptOutcome::Failed)]),
+                &j,
+                "b1"
+            ),
+            ExecutorStep::Idle
+        );
+        let mut w = wedge(Some(("rebind", 1)), vec![]);
+        w.status.as_mut().unwrap().phase = Some(Phase::Abandoned);
+        assert_eq!(next_action(&w, &j, "b1"), ExecutorStep::Idle);
+    }
+
+    #[test]
+    fn journal_wins_over_a_lost_status_patch() {
+        let (_t, j) = journal(vec![
+            rec(Stage::Started, "rebind", "b1"),
+            rec(Stage::Acting, "rebind", "b1"),
+            rec(Stage::Finished, "rebind", "b1"),
+        ]);
+        assert!(matches!(
+            next_action(&wedge(Some(("rebind", 1)), vec![]), &j, "b1"),
+            ExecutorStep::ReportFinished { .. }
+        ));
+    }
+
+    #[test]
+    fn interrupted_action_is_reported_not_repeated() {
+        let (_t, j) = journal(vec![
+            rec(Stage::Started, "rebind", "b1"),
+            rec(Stage::Acting, "rebind", "b1"),
+        ]);
+        let w = wedge(Some(("rebind", 1)), vec![result(AttemptOutcome::Started)]);
+        assert_eq!(
+            next_action(&w, &j, "b1"),
+            ExecutorStep::ReportInterrupted {
+                attempt: 1,
+                method: "rebind".into()
+            }
+        );
+        let (_t2, empty) = journal(vec![]);
+        assert_eq!(
+            next_action(&w, &empty, "b1"),
+            ExecutorStep::ReportInterrupted {
+                attempt: 1,
+                method: "rebind".into()
+            }
+        );
+    }
+
+    #[test]
+    fn gate_not_passed_resumes_the_gate() {
+        let (_t, j) = journal(vec![rec(Stage::Started, "rebind", "b1")]);
+        let w = wedge(Some(("rebind", 1)), vec![result(AttemptOutcome::Blocked)]);
+        assert_eq!(
+            next_action(&w, &j, "b1"),
+            ExecutorStep::ResumeGate {
+                attempt: 1,
+                method: "rebind".into()
+            }
+        );
+    }
+
+    #[test]
+    fn reboot_is_proven_by_a_new_boot_id() {
+        let (_t, j) = journal(vec![
+            rec(Stage::Started, "reboot", "b1"),
+            rec(Stage::Acting, "reboot", "b1"),
+        ]);
+        let w = wedge(Some(("reboot", 1)), vec![]);
+        assert_eq!(
+            next_action(&w, &j, "b2"),
+            ExecutorStep::VerifyAfterReboot {
+                attempt: 1,
+                started_boot_id: "b1".into()
+            }
+        );
+        assert_eq!(
+            next_action(&w, &j, "b1"),
+            ExecutorStep::ReportInterrupted {
+                attempt: 1,
+                method: "reboot".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_torn_journal_line_is_skipped() {
+        let t = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(t.path()).unwrap();
+        j.append(rec(Stage::Started, "rebind", "b1")).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(t.path().join("attempts.jsonl"))
+            .unwrap();
+        f.write_all(b"{\"wedge\":\"x\",\"ui").unwrap();
+        let j = Journal::open(t.path()).unwrap();
+        assert!(j.of("uid-1", 1).started.is_some());
+    }
+}

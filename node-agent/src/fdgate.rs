@@ -63,7 +63,7 @@ pub fn holders(
             if !pci_addresses.is_empty() && looks_like_device(&target) {
                 let info = p.path().join("fdinfo").join(fd.file_name());
                 if let Some(pdev) = drm_pdev(&info)
-                    && pci_addresses.iter().any(|a| *a == pdev)
+                    && pci_addresses.contains(&pdev)
                 {
                     found.push(format!("drm-pdev:{pdev} via {}", target.display()));
                 }

@@ -1,1 +1,256 @@
-//! TODO(startup): being written.
+//! Start-up (and post-overrun) reconciliation: what the uevent socket may have missed.
+//!
+//! - A GPU in xe's survivability mode is a wedge the agent may not have heard: it is reported as
+//!   a GpuWedge with methods `["vendor-specific"]` (what the kernel sends for it since 6.18) and
+//!   `spec.uevent` `{SOURCE: startup-reconcile, SURVIVABILITY_MODE: <mode>}`, through the outbox
+//!   (an open incident of that device absorbs it).
+//! - A GPU with no driver bound is logged, counted and, when the device has an open incident,
+//!   written to its `agentMessage`. No GpuWedge is created for it: a GPU can be unbound on
+//!   purpose (blacklisted driver, passthrough), and a wedge would cordon the node on a guess.
+//! - Open incidents of this node whose attempts were left `Started`/`Blocked` are logged; the
+//!   executor's first pass reports them (never re-executes them).
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use kube::ResourceExt;
+use unwedge_crds::{AttemptOutcome, DeviceRef, GpuWedge};
+
+use crate::reporter::{DetectedWedge, Source, is_open};
+use crate::sysfs::Sysfs;
+
+/// Something reconciliation found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finding {
+    /// A GPU with no driver bound; `open_incident` names its open wedge, if any.
+    UnboundDriver {
+        /// PCI address.
+        pci: String,
+        /// The open wedge of that device.
+        open_incident: Option<String>,
+    },
+    /// xe's survivability mode is set.
+    Survivability {
+        /// PCI address.
+        pci: String,
+        /// The attribute's value.
+        mode: String,
+    },
+    /// An open incident with attempts left unfinished.
+    InterruptedAttempts {
+        /// The wedge.
+        wedge: String,
+        /// The unfinished attempt ids.
+        attempts: Vec<u32>,
+    },
+}
+
+impl Finding {
+    /// The metric label of this finding.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Finding::UnboundDriver { .. } => "unbound-driver",
+            Finding::Survivability { .. } => "survivability-mode",
+            Finding::InterruptedAttempts { .. } => "interrupted-attempt",
+        }
+    }
+}
+
+/// The findings, from the node's GPUs `(pci, driver)`, a survivability probe and this node's
+/// wedges. Pure.
+pub fn findings(
+    gpus: &[(String, Option<String>)],
+    survivability: impl Fn(&str) -> Option<String>,
+    wedges: &[GpuWedge],
+) -> Vec<Finding> {
+    let open: Vec<&GpuWedge> = wedges.iter().filter(|w| is_open(w)).collect();
+    let mut out = Vec::new();
+    for (pci, driver) in gpus {
+        if driver.is_none() {
+            out.push(Finding::UnboundDriver {
+                pci: pci.clone(),
+                open_incident: open
+                    .iter()
+                    .find(|w| w.spec.device.pci_address == *pci)
+                    .map(|w| w.name_any()),
+            });
+        }
+        if let Some(mode) = survivability(pci) {
+            out.push(Finding::Survivability {
+                pci: pci.clone(),
+                mode,
+            });
+        }
+    }
+    for w in open {
+        let attempts: Vec<u32> = w
+            .status
+            .as_ref()
+            .and_then(|s| s.attempts.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| matches!(a.result, AttemptOutcome::Started | AttemptOutcome::Blocked))
+            .map(|a| a.attempt)
+            .collect();
+        if !attempts.is_empty() {
+            out.push(Finding::InterruptedAttempts {
+                wedge: w.name_any(),
+                attempts,
+            });
+        }
+    }
+    out
+}
+
+/// Runs the sysfs side of reconciliation and returns the findings plus the detections to put
+/// in the outbox (survivability mode). `wedges` are this node's GpuWedges (empty if the API is
+/// away: the outbox's open-incident check still collapses duplicates later).
+pub fn reconcile(
+    sysfs: &Sysfs,
+    node: &str,
+    boot_id: &str,
+    wedges: &[GpuWedge],
+) -> (Vec<Finding>, Vec<DetectedWedge>) {
+    let found = findings(&sysfs.gpus(), |pci| sysfs.survivability_mode(pci), wedges);
+    let mut detections = Vec::new();
+    for f in &found {
+        match f {
+            Finding::UnboundDriver { pci, open_incident } => tracing::warn!(
+                pci = %pci,
+                open_incident = open_incident.as_deref().unwrap_or("none"),
+                "GPU has no driver bound at agent start; if it was not unbound on purpose, a wedge or an interrupted recovery left it so"
+            ),
+            Finding::Survivability { pci, mode } => {
+                tracing::warn!(pci = %pci, mode = %mode, "GPU is in xe survivability mode; reporting it as a vendor-specific wedge");
+                let device = sysfs.resolve_pci(pci).map(|r| r.device).unwrap_or_else(|e| {
+                    tracing::error!(pci = %pci, error = %e, "cannot resolve the device; reporting what is known");
+                    DeviceRef { pci_address: pci.clone(), ..DeviceRef::default() }
+                });
+                let detected_at = Timestamp::from_second(Timestamp::now().as_second())
+                    .unwrap_or_else(|_| Timestamp::now());
+                detections.push(DetectedWedge {
+                    node: node.to_string(),
+                    device,
+                    methods: vec!["vendor-specific".to_string()],
+                    detected_at,
+                    boot_id: boot_id.to_string(),
+                    uevent: BTreeMap::from([
+                        ("SOURCE".to_string(), "startup-reconcile".to_string()),
+                        ("SURVIVABILITY_MODE".to_string(), mode.clone()),
+                    ]),
+                    seqnum: None,
+                    blamed: None,
+                    consumers: Vec::new(),
+                    reset_domain: Vec::new(),
+                    agent_message: Some(format!(
+                        "found at agent start: xe survivability_mode={mode}"
+                    )),
+                    source: Source::Startup,
+                });
+            }
+            Finding::InterruptedAttempts { wedge, attempts } => tracing::warn!(
+                wedge = %wedge,
+                ?attempts,
+                "open incident has unfinished attempts; the executor reports them and does not re-execute them"
+            ),
+        }
+    }
+    (found, detections)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use unwedge_crds::{AttemptResult, GpuWedgeSpec, GpuWedgeStatus, Phase};
+
+    fn wedge(pci: &str, phase: Option<Phase>, attempt: Option<AttemptOutcome>) -> GpuWedge {
+        let mut w = GpuWedge::new(
+            &format!("n-{}", pci.replace([':', '.'], "-")),
+            GpuWedgeSpec {
+                node_name: "n".into(),
+                device: DeviceRef {
+                    pci_address: pci.into(),
+                    ..DeviceRef::default()
+                },
+                methods: vec!["rebind".into()],
+                detected_at: Time(Timestamp::UNIX_EPOCH),
+                boot_id: String::new(),
+                uevent: BTreeMap::new(),
+                blamed: None,
+            },
+        );
+        w.status = Some(GpuWedgeStatus {
+            phase,
+            attempts: attempt.map(|r| {
+                vec![AttemptResult {
+                    attempt: 4,
+                    method: "rebind".into(),
+                    result: r,
+                    started_at: Time(Timestamp::UNIX_EPOCH),
+                    finished_at: None,
+                    message: String::new(),
+                    boot_id: None,
+                }]
+            }),
+            ..GpuWedgeStatus::default()
+        });
+        w
+    }
+
+    #[test]
+    fn reports_unbound_survivability_and_interrupted() {
+        let gpus = vec![
+            ("0000:03:00.0".to_string(), None),
+            ("0000:04:00.0".to_string(), Some("xe".to_string())),
+            ("0000:05:00.0".to_string(), Some("xe".to_string())),
+        ];
+        let wedges = vec![
+            wedge(
+                "0000:03:00.0",
+                Some(Phase::Recovering),
+                Some(AttemptOutcome::Started),
+            ),
+            wedge(
+                "0000:05:00.0",
+                Some(Phase::Recovered),
+                Some(AttemptOutcome::Started),
+            ),
+        ];
+        let f = findings(
+            &gpus,
+            |p| (p == "0000:04:00.0").then(|| "Runtime".to_string()),
+            &wedges,
+        );
+        assert_eq!(
+            f,
+            vec![
+                Finding::UnboundDriver {
+                    pci: "0000:03:00.0".into(),
+                    open_incident: Some("n-0000-03-00-0".into())
+                },
+                Finding::Survivability {
+                    pci: "0000:04:00.0".into(),
+                    mode: "Runtime".into()
+                },
+                Finding::InterruptedAttempts {
+                    wedge: "n-0000-03-00-0".into(),
+                    attempts: vec![4]
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_healthy_node_has_no_findings() {
+        let gpus = vec![("0000:03:00.0".to_string(), Some("amdgpu".to_string()))];
+        assert!(
+            findings(
+                &gpus,
+                |_| None,
+                &[wedge("0000:03:00.0", Some(Phase::Recovered), None)]
+            )
+            .is_empty()
+        );
+    }
+}

@@ -1,0 +1,101 @@
+//! Invariant 4 at the file level: a wedge written to the outbox survives an agent restart while
+//! the API server is unreachable, and nothing is removed until the API accepts it.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::TcpListener;
+
+use unwedge_agent::outbox::{Outbox, replay};
+use unwedge_agent::reporter::{DetectedWedge, Reporter, Source};
+use unwedge_crds::DeviceRef;
+
+fn detected(seq: u64) -> DetectedWedge {
+    DetectedWedge {
+        node: "node-a".into(),
+        device: DeviceRef {
+            pci_address: "0000:03:00.0".into(),
+            card: Some("card0".into()),
+            driver: "xe".into(),
+            ..DeviceRef::default()
+        },
+        methods: vec!["rebind".into(), "bus-reset".into()],
+        detected_at: "2026-11-25T10:00:00Z".parse().unwrap(),
+        boot_id: "boot-1".into(),
+        uevent: BTreeMap::from([
+            ("WEDGED".into(), "rebind,bus-reset".into()),
+            ("SEQNUM".into(), seq.to_string()),
+        ]),
+        seqnum: Some(seq),
+        blamed: None,
+        consumers: vec![],
+        reset_domain: vec![],
+        agent_message: None,
+        source: Source::Uevent,
+    }
+}
+
+/// A client for an API server that is not there: a port that was bound and released.
+fn dead_api() -> kube::Client {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = kube::Config::new(format!("http://127.0.0.1:{port}").parse().unwrap());
+    kube::Client::try_from(cfg).unwrap()
+}
+
+#[tokio::test]
+async fn outbox_survives_a_restart_with_the_api_down() {
+    let state = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(state.path()).unwrap();
+    let path = outbox.put(&detected(4242)).unwrap();
+    assert_eq!(path.file_name().unwrap(), "node-a-0000-03-00-0-4242.json");
+    // A duplicate of the same event replaces, not adds.
+    outbox.put(&detected(4242)).unwrap();
+    assert_eq!(outbox.len(), 1);
+
+    let reporter = Reporter::new(dead_api(), "node-a");
+    let pass = replay(&outbox, &reporter).await.unwrap();
+    assert!(pass.stalled, "the API is down: {pass:?}");
+    assert!(pass.reported.is_empty());
+    drop(outbox);
+
+    // A crash mid-write leaves a temp file: the next start ignores and removes it.
+    fs::write(
+        state.path().join("outbox/node-a-0000-03-00-0-9.json.tmp"),
+        b"{\"trunc",
+    )
+    .unwrap();
+    // Restart: a new Outbox over the same state dir, API still down.
+    let outbox = Outbox::open(state.path()).unwrap();
+    let pending = outbox.pending().unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].wedge, detected(4242));
+    assert!(
+        !state
+            .path()
+            .join("outbox/node-a-0000-03-00-0-9.json.tmp")
+            .exists()
+    );
+    let pass = replay(&outbox, &Reporter::new(dead_api(), "node-a"))
+        .await
+        .unwrap();
+    assert!(pass.stalled);
+    assert_eq!(
+        outbox.len(),
+        1,
+        "still there after the second failed replay"
+    );
+}
+
+#[test]
+fn a_corrupt_entry_is_set_aside_and_does_not_block_the_rest() {
+    let state = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(state.path()).unwrap();
+    outbox.put(&detected(1)).unwrap();
+    fs::write(outbox.dir().join("garbage.json"), b"not json").unwrap();
+    let pending = outbox.pending().unwrap();
+    assert_eq!(pending.len(), 1);
+    assert!(outbox.dir().join("garbage.bad").exists());
+}
