@@ -107,6 +107,8 @@ struct Shared {
     journal_file: Mutex<File>,
     faults: Faults,
     stop: AtomicBool,
+    /// Set when the tree's FIFOs changed outside the harness thread.
+    reopen: AtomicBool,
 }
 
 /// A fake sysfs tree and /dev for one simulated node, with its harness thread.
@@ -193,7 +195,11 @@ impl FakeSysfs {
     pub fn new(dir: &Path, gpus: Vec<Gpu>) -> Result<FakeSysfs, FakeSysfsError> {
         let sys = dir.join("sys");
         let dev = dir.join("dev");
-        io("mkdir", &sys, fs::create_dir_all(sys.join("bus/pci/devices")))?;
+        io(
+            "mkdir",
+            &sys,
+            fs::create_dir_all(sys.join("bus/pci/devices")),
+        )?;
         io("mkdir", &dev, fs::create_dir_all(dev.join("dri")))?;
         io("mkdir", &sys, fs::create_dir_all(sys.join("class/drm")))?;
         let mut drivers: Vec<&str> = gpus.iter().map(|g| g.driver.as_str()).collect();
@@ -224,6 +230,7 @@ impl FakeSysfs {
                 journal_file: Mutex::new(journal_file),
                 faults: Faults::default(),
                 stop: AtomicBool::new(false),
+                reopen: AtomicBool::new(false),
             }),
             thread: None,
         };
@@ -291,7 +298,11 @@ impl FakeSysfs {
                 )?;
                 if i > 0 {
                     link(
-                        &format!("../../{}/{}/xgmi_hive_info", members[0].port(), members[0].bdf),
+                        &format!(
+                            "../../{}/{}/xgmi_hive_info",
+                            members[0].port(),
+                            members[0].bdf
+                        ),
                         &mdir.join("xgmi_hive_info"),
                     )?;
                 }
@@ -369,6 +380,21 @@ impl FakeSysfs {
         self.shared.faults.failing_binds.store(n, Ordering::SeqCst);
     }
 
+    /// A host reboot as the devices see it: faults cleared, every device enumerated and bound
+    /// again. Not an agent write, so nothing is journaled.
+    pub fn power_cycle(&self) -> Result<(), FakeSysfsError> {
+        self.shared.faults.failing_binds.store(0, Ordering::SeqCst);
+        let t = self.tree();
+        for g in &self.gpus {
+            if !t.devdir(g).exists() {
+                t.create_device(g)?;
+            }
+            t.bind(g)?;
+        }
+        self.shared.reopen.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// Waits until the harness has journaled at least `n` writes, or `timeout`.
     pub fn wait_writes(&self, n: usize, timeout: Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
@@ -440,7 +466,11 @@ impl Tree {
         let d = self.devdir(g);
         link(
             &format!("../../../../devices/pci0000:00/{}/{}", g.port(), g.bdf),
-            &self.sys.join("bus/pci/drivers").join(&g.driver).join(&g.bdf),
+            &self
+                .sys
+                .join("bus/pci/drivers")
+                .join(&g.driver)
+                .join(&g.bdf),
         )?;
         for (name, minor) in [(g.card_name(), g.card), (g.render_name(), 128 + g.card)] {
             let nd = d.join("drm").join(&name);
@@ -471,7 +501,12 @@ impl Tree {
             let _ = fs::remove_file(self.dev.join("dri").join(&name));
         }
         let _ = fs::remove_dir_all(d.join("drm"));
-        let _ = fs::remove_file(self.sys.join("bus/pci/drivers").join(&g.driver).join(&g.bdf));
+        let _ = fs::remove_file(
+            self.sys
+                .join("bus/pci/drivers")
+                .join(&g.driver)
+                .join(&g.bdf),
+        );
         let _ = fs::remove_file(d.join("driver"));
     }
 
@@ -499,7 +534,7 @@ impl Tree {
         let mut open: Vec<(Fifo, File)> = Vec::new();
         let mut reopen = true;
         while !self.shared.stop.load(Ordering::SeqCst) {
-            if reopen {
+            if reopen || self.shared.reopen.swap(false, Ordering::SeqCst) {
                 open.clear();
                 for (path, kind) in self.fifos() {
                     // O_RDWR keeps the FIFO open for writers without ever reading EOF.
@@ -539,7 +574,10 @@ impl Tree {
                             Err(_) => break,
                         }
                     }
-                    batch.push((open[i].0.clone(), String::from_utf8_lossy(&buf).into_owned()));
+                    batch.push((
+                        open[i].0.clone(),
+                        String::from_utf8_lossy(&buf).into_owned(),
+                    ));
                 }
             }
             batch.sort_by_key(|(k, _)| k.rank());
@@ -573,11 +611,10 @@ impl Tree {
                 .journal_file
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            let t = w
-                .at
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64();
+            let t =
+                w.at.duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64();
             let _ = writeln!(f, "{t:.6} {op} {bdf} {driver} {value:?}");
         }
         self.shared
@@ -672,7 +709,10 @@ mod tests {
         let fs = FakeSysfs::new(dir.path(), vec![Gpu::nth(0, "xe"), Gpu::nth(1, "xe")]).unwrap();
         let g = fs.gpus()[0].clone();
         let card = fs.sys_root().join("class/drm/card0");
-        assert!(card.join("device/driver").exists(), "card0 resolves to a bound device");
+        assert!(
+            card.join("device/driver").exists(),
+            "card0 resolves to a bound device"
+        );
         assert_eq!(
             fs::read_link(fs.sys_root().join(&g.card_devpath()[1..]).join("device"))
                 .unwrap()
@@ -680,20 +720,37 @@ mod tests {
             Some("../../../0000:03:00.0")
         );
         fs::write(fs.sys_root().join("bus/pci/drivers/xe/unbind"), &g.bdf).unwrap();
-        assert!(wait(|| !fs.is_bound(&g.bdf)), "unbind removes the driver link");
+        assert!(
+            wait(|| !fs.is_bound(&g.bdf)),
+            "unbind removes the driver link"
+        );
         assert!(!fs.dev_root().join("dri/card0").exists());
         fs.fail_next_binds(1);
         fs::write(fs.sys_root().join("bus/pci/drivers/xe/bind"), &g.bdf).unwrap();
         assert!(wait(|| fs.count("bind", &g.bdf) == 1));
         assert!(!fs.is_bound(&g.bdf), "the failing bind leaves it unbound");
-        fs::write(fs.sys_root().join("bus/pci/devices").join(&g.bdf).join("reset"), "1").unwrap();
-        fs::write(fs.sys_root().join("bus/pci/drivers/xe/bind"), format!("{}\n", g.bdf)).unwrap();
+        fs::write(
+            fs.sys_root()
+                .join("bus/pci/devices")
+                .join(&g.bdf)
+                .join("reset"),
+            "1",
+        )
+        .unwrap();
+        fs::write(
+            fs.sys_root().join("bus/pci/drivers/xe/bind"),
+            format!("{}\n", g.bdf),
+        )
+        .unwrap();
         assert!(wait(|| fs.is_bound(&g.bdf)), "the second bind restores it");
         assert!(fs.dev_root().join("dri/card0").exists());
         assert_eq!(fs.count("unbind", &g.bdf), 1);
         assert_eq!(fs.count("reset", &g.bdf), 1);
         assert_eq!(fs.count("bind", &g.bdf), 2);
-        assert!(fs.is_bound(&fs.gpus()[1].bdf), "the other GPU was never touched");
+        assert!(
+            fs.is_bound(&fs.gpus()[1].bdf),
+            "the other GPU was never touched"
+        );
         let log = fs::read_to_string(dir.path().join("sysfs-journal.log")).unwrap();
         assert_eq!(log.lines().count(), 4, "journal file: {log}");
     }
@@ -703,12 +760,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fs = FakeSysfs::new(dir.path(), vec![Gpu::nth(0, "xe")]).unwrap();
         let bdf = fs.gpus()[0].bdf.clone();
-        fs::write(fs.sys_root().join("bus/pci/devices").join(&bdf).join("remove"), "1").unwrap();
-        assert!(wait(|| !fs.sys_root().join("bus/pci/devices").join(&bdf).exists()));
+        fs::write(
+            fs.sys_root()
+                .join("bus/pci/devices")
+                .join(&bdf)
+                .join("remove"),
+            "1",
+        )
+        .unwrap();
+        assert!(wait(|| !fs
+            .sys_root()
+            .join("bus/pci/devices")
+            .join(&bdf)
+            .exists()));
         fs::write(fs.sys_root().join("bus/pci/rescan"), "1").unwrap();
         assert!(wait(|| fs.is_bound(&bdf)));
         // The recreated reset FIFO is served again.
-        fs::write(fs.sys_root().join("bus/pci/devices").join(&bdf).join("reset"), "1").unwrap();
+        fs::write(
+            fs.sys_root()
+                .join("bus/pci/devices")
+                .join(&bdf)
+                .join("reset"),
+            "1",
+        )
+        .unwrap();
         assert!(wait(|| fs.count("reset", &bdf) == 1));
     }
 

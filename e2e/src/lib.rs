@@ -1,6 +1,9 @@
 //! Test harness: the local control plane.
-pub mod fakesysfs;
-pub mod netns;
-pub mod recorder;
-pub mod inject;
 pub mod cluster;
+pub mod fakesysfs;
+pub mod fleet;
+pub mod inject;
+pub mod netns;
+pub mod podresources_server;
+pub mod recorder;
+pub mod demo;

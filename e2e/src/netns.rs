@@ -97,9 +97,64 @@ impl NetNs {
         ))
     }
 
+    /// A TCP connection to `127.0.0.1:port` inside the namespace (a socket made by a thread
+    /// that entered the namespace keeps it).
+    pub async fn connect(&self, port: u16) -> io::Result<TcpStream> {
+        let ns = self.ns.try_clone()?;
+        let s = tokio::task::spawn_blocking(move || -> io::Result<std::net::TcpStream> {
+            std::thread::spawn(move || {
+                // SAFETY: setns on this short-lived thread only.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let s = std::net::TcpStream::connect_timeout(
+                    &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                    std::time::Duration::from_secs(2),
+                )?;
+                s.set_nonblocking(true)?;
+                Ok(s)
+            })
+            .join()
+            .map_err(|_| io::Error::other("the namespace thread panicked"))?
+        })
+        .await
+        .map_err(io::Error::other)??;
+        TcpStream::from_std(s)
+    }
+
+    /// `GET path` on `127.0.0.1:port` inside the namespace: status code and body.
+    pub async fn http_get(&self, port: u16, path: &str) -> io::Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = self.connect(port).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer"))??;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("not an HTTP answer: {text:?}")))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((code, body))
+    }
+
     /// `nsenter --net=<ns> --` followed by `program args`, as program and arguments.
     pub fn wrap(&self, program: &str, args: &[String]) -> (PathBuf, Vec<String>) {
-        let mut a = vec![format!("--net={}", self.path().display()), "--".into(), program.into()];
+        let mut a = vec![
+            format!("--net={}", self.path().display()),
+            "--".into(),
+            program.into(),
+        ];
         a.extend(args.iter().cloned());
         (PathBuf::from("nsenter"), a)
     }
@@ -130,9 +185,17 @@ mod tests {
             tokio::process::Command::new(prog).args(args).output()
         };
         // /proc/net follows the reader's namespace (sysfs would show the mounter's).
-        let out = run("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '".into()).await.unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "lo", "only loopback in the namespace");
-        let out = run(format!("exec 3<>/dev/tcp/127.0.0.1/{port}; head -c 19 <&3")).await.unwrap();
+        let out = run("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '".into())
+            .await
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "lo",
+            "only loopback in the namespace"
+        );
+        let out = run(format!("exec 3<>/dev/tcp/127.0.0.1/{port}; head -c 19 <&3"))
+            .await
+            .unwrap();
         assert_eq!(
             String::from_utf8_lossy(&out.stdout),
             "hello from the host",

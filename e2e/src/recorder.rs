@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -72,7 +72,10 @@ fn holds_node(w: &GpuWedge) -> bool {
     let p = phase_of(w);
     st.admitted_at.is_some()
         && !p.is_terminal()
-        && !matches!(p, Phase::Restarting | Phase::Quarantined | Phase::Detected | Phase::Queued)
+        && !matches!(
+            p,
+            Phase::Restarting | Phase::Quarantined | Phase::Detected | Phase::Queued
+        )
 }
 
 impl State {
@@ -142,9 +145,14 @@ impl State {
                 t,
                 format!(
                     "wedge {name}: {} -> {:?}{}",
-                    old_phase.map(|p| format!("{p:?}")).unwrap_or_else(|| "-".into()),
+                    old_phase
+                        .map(|p| format!("{p:?}"))
+                        .unwrap_or_else(|| "-".into()),
                     new_phase,
-                    st.action.as_ref().map(|a| format!(" ({a})")).unwrap_or_default()
+                    st.action
+                        .as_ref()
+                        .map(|a| format!(" ({a})"))
+                        .unwrap_or_default()
                 ),
             ));
         }
@@ -153,7 +161,10 @@ impl State {
         {
             self.timeline.push((
                 t,
-                format!("wedge {name}: approved {} attempt {} by {}", a.method, a.attempt, a.by),
+                format!(
+                    "wedge {name}: approved {} attempt {} by {}",
+                    a.method, a.attempt, a.by
+                ),
             ));
             self.approvals.insert(SeenApproval {
                 wedge: name.clone(),
@@ -166,7 +177,10 @@ impl State {
         }
         let old_attempts = ost.attempts.unwrap_or_default();
         for a in st.attempts.clone().unwrap_or_default() {
-            if !old_attempts.iter().any(|o| o.attempt == a.attempt && o.result == a.result) {
+            if !old_attempts
+                .iter()
+                .any(|o| o.attempt == a.attempt && o.result == a.result)
+            {
                 self.timeline.push((
                     t,
                     format!(
@@ -174,17 +188,27 @@ impl State {
                         a.attempt,
                         a.method,
                         a.result,
-                        if a.message.is_empty() { String::new() } else { format!(": {}", a.message) }
+                        if a.message.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {}", a.message)
+                        }
                     ),
                 ));
             }
         }
         let old_ev = ost.evictions.unwrap_or_default();
         for e in st.evictions.clone().unwrap_or_default() {
-            if !old_ev.iter().any(|o| o.namespace == e.namespace && o.pod == e.pod) {
+            if !old_ev
+                .iter()
+                .any(|o| o.namespace == e.namespace && o.pod == e.pod)
+            {
                 self.timeline.push((
                     t,
-                    format!("wedge {name}: evicted {}/{} ({})", e.namespace, e.pod, e.result),
+                    format!(
+                        "wedge {name}: evicted {}/{} ({})",
+                        e.namespace, e.pod, e.result
+                    ),
                 ));
             }
         }
@@ -212,7 +236,11 @@ impl State {
                 t,
                 format!(
                     "node {name}: {}{}",
-                    if v.unschedulable { "cordoned" } else { "uncordoned" },
+                    if v.unschedulable {
+                        "cordoned"
+                    } else {
+                        "uncordoned"
+                    },
                     v.cordoned_by
                         .as_ref()
                         .or(old.cordoned_by.as_ref())
@@ -220,7 +248,8 @@ impl State {
                         .unwrap_or_default()
                 ),
             ));
-            if old.unschedulable && !v.unschedulable && old.cordoned_by.is_none() && self.ready >= 2 {
+            if old.unschedulable && !v.unschedulable && old.cordoned_by.is_none() && self.ready >= 2
+            {
                 self.violations.push(format!(
                     "invariant 3 at +{:.1}s: node {name} was uncordoned but unwedge had not cordoned it (no {ANN_CORDONED_BY} annotation before)",
                     t.as_secs_f64()
@@ -254,12 +283,16 @@ impl Recorder {
         let nodes: Api<Node> = Api::all(client);
         let (s1, c1) = (state.clone(), changed.clone());
         let t1 = tokio::spawn(async move {
-            let mut stream = watcher(wedges, watcher::Config::default()).boxed();
+            let mut stream = watcher(wedges, watcher::Config::default())
+                .default_backoff()
+                .boxed();
             while let Some(ev) = stream.next().await {
                 let t = started.elapsed();
                 let mut s = s1.lock().unwrap_or_else(|e| e.into_inner());
                 match ev {
-                    Ok(watcher::Event::Apply(w)) | Ok(watcher::Event::InitApply(w)) => s.on_wedge(t, w),
+                    Ok(watcher::Event::Apply(w)) | Ok(watcher::Event::InitApply(w)) => {
+                        s.on_wedge(t, w)
+                    }
                     Ok(watcher::Event::Delete(w)) => {
                         let name = w.metadata.name.clone().unwrap_or_default();
                         s.timeline.push((t, format!("wedge {name} deleted")));
@@ -267,7 +300,9 @@ impl Recorder {
                     }
                     Ok(watcher::Event::InitDone) => s.ready += 1,
                     Ok(watcher::Event::Init) => {}
-                    Err(e) => s.timeline.push((t, format!("(recorder: wedge watch error: {e})"))),
+                    Err(e) => s
+                        .timeline
+                        .push((t, format!("(recorder: wedge watch error: {e})"))),
                 }
                 drop(s);
                 c1.notify_waiters();
@@ -275,18 +310,24 @@ impl Recorder {
         });
         let (s2, c2) = (state.clone(), changed.clone());
         let t2 = tokio::spawn(async move {
-            let mut stream = watcher(nodes, watcher::Config::default()).boxed();
+            let mut stream = watcher(nodes, watcher::Config::default())
+                .default_backoff()
+                .boxed();
             while let Some(ev) = stream.next().await {
                 let t = started.elapsed();
                 let mut s = s2.lock().unwrap_or_else(|e| e.into_inner());
                 match ev {
-                    Ok(watcher::Event::Apply(n)) | Ok(watcher::Event::InitApply(n)) => s.on_node(t, n),
+                    Ok(watcher::Event::Apply(n)) | Ok(watcher::Event::InitApply(n)) => {
+                        s.on_node(t, n)
+                    }
                     Ok(watcher::Event::Delete(n)) => {
                         s.nodes.remove(&n.metadata.name.clone().unwrap_or_default());
                     }
                     Ok(watcher::Event::InitDone) => s.ready += 1,
                     Ok(watcher::Event::Init) => {}
-                    Err(e) => s.timeline.push((t, format!("(recorder: node watch error: {e})"))),
+                    Err(e) => s
+                        .timeline
+                        .push((t, format!("(recorder: node watch error: {e})"))),
                 }
                 drop(s);
                 c2.notify_waiters();
@@ -298,9 +339,13 @@ impl Recorder {
             started,
             tasks: vec![t1, t2],
         };
-        r.wait_until("the recorder's initial lists", Duration::from_secs(30), |s| s.ready >= 2)
-            .await
-            .map_err(anyhow::Error::msg)?;
+        r.wait_until(
+            "the recorder's initial lists",
+            Duration::from_secs(30),
+            |s| s.ready >= 2,
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
         Ok(r)
     }
 
@@ -351,17 +396,29 @@ impl Recorder {
     ) -> Result<(), String> {
         let node = node.to_string();
         self.wait_wedges(what, timeout, move |ws| {
-            let mine: Vec<GpuWedge> = ws.iter().filter(|w| w.spec.node_name == node).cloned().collect();
+            let mine: Vec<GpuWedge> = ws
+                .iter()
+                .filter(|w| w.spec.node_name == node)
+                .cloned()
+                .collect();
             pred(&mine)
         })
         .await
     }
 
     /// Waits until some wedge of `node` reaches `phase`; returns it.
-    pub async fn wait_phase(&self, node: &str, phase: Phase, timeout: Duration) -> Result<GpuWedge, String> {
-        self.wait_node_wedges(node, &format!("a wedge of node {node} in phase {phase:?}"), timeout, |ws| {
-            ws.iter().any(|w| phase_of(w) == phase)
-        })
+    pub async fn wait_phase(
+        &self,
+        node: &str,
+        phase: Phase,
+        timeout: Duration,
+    ) -> Result<GpuWedge, String> {
+        self.wait_node_wedges(
+            node,
+            &format!("a wedge of node {node} in phase {phase:?}"),
+            timeout,
+            |ws| ws.iter().any(|w| phase_of(w) == phase),
+        )
         .await?;
         Ok(self
             .wedges_of(node)
@@ -427,7 +484,12 @@ impl Recorder {
 
     /// Invariants 1 and 3 so far: Err lists every violation, with the timeline.
     pub fn check_invariants(&self) -> Result<(), String> {
-        let v = self.state.lock().unwrap_or_else(|e| e.into_inner()).violations.clone();
+        let v = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .violations
+            .clone();
         if v.is_empty() {
             Ok(())
         } else {
@@ -453,7 +515,11 @@ impl Recorder {
             // Devices of a reset domain are disturbed by the wedged device's attempts too.
             let domain_attempts: usize = approvals
                 .iter()
-                .filter(|a| a.node == node && a.device != g.bdf && (a.method == "rebind" || a.method == "bus-reset"))
+                .filter(|a| {
+                    a.node == node
+                        && a.device != g.bdf
+                        && (a.method == "rebind" || a.method == "bus-reset")
+                })
                 .count();
             let unbinds = sysfs.count("unbind", &g.bdf);
             let binds = sysfs.count("bind", &g.bdf);
@@ -481,7 +547,11 @@ impl Recorder {
         if errs.is_empty() {
             Ok(())
         } else {
-            Err(format!("{}\njournal: {:?}", errs.join("\n"), sysfs.journal()))
+            Err(format!(
+                "{}\njournal: {:?}",
+                errs.join("\n"),
+                sysfs.journal()
+            ))
         }
     }
 
