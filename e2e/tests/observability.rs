@@ -287,7 +287,7 @@ fn missing(scraped: &BTreeMap<String, Vec<BTreeMap<String, String>>>, declared: 
                     let why = if declared.contains(family) || declared.contains(m.as_str()) {
                         "declared (# TYPE) but no series: its label sets are never pre-initialised"
                     } else {
-                        "not exported at all"
+                        "no series: prometheus-client 0.24 prints nothing (not even # TYPE) for a labelled family until a label set exists, so the code must pre-initialise its label sets"
                     };
                     out.push(format!("{who}: {m} — {why}"));
                 }
@@ -422,4 +422,18 @@ async fn every_series_the_dashboard_and_rules_use_is_in_live_metrics() -> anyhow
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     Ok(())
+}
+
+#[test]
+fn exposition_parser_tells_declared_families_from_series() {
+    let m = unwedge_agent::metrics::Metrics::new();
+    m.uevent("wedge");
+    let (series, declared) = parse_exposition(&m.encode());
+    assert!(series.contains_key("unwedge_agent_uevents_received_total"), "{series:?}");
+    assert!(series.contains_key("unwedge_agent_netlink_overruns_total"), "{series:?}");
+    assert!(!series.contains_key("unwedge_agent_attempts_total"), "no attempt yet: no series");
+    // prometheus-client prints no descriptor for a family without a label set: such a family
+    // is invisible to Prometheus until the code creates a label set.
+    assert!(!declared.contains("unwedge_agent_attempts"), "{declared:?}");
+    assert!(declared.contains("unwedge_agent_uevents_received"), "{declared:?}");
 }
