@@ -20,8 +20,10 @@ use unwedge_crds::{DeviceRef, GpuWedge, GpuWedgeSpec, RecoveryPolicy};
 fn build_plugin() -> PathBuf {
     let release = !cfg!(debug_assertions);
     let root = repo_root();
-    let mut cmd = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(&root).args(["build", "-q", "-p", "kubectl-unwedge"]);
+    let mut cmd =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(&root)
+        .args(["build", "-q", "-p", "kubectl-unwedge"]);
     if release {
         cmd.arg("--release");
     }
@@ -31,7 +33,11 @@ fn build_plugin() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
         .join(if release { "release" } else { "debug" });
-    assert!(dir.join("kubectl-unwedge").exists(), "no kubectl-unwedge in {}", dir.display());
+    assert!(
+        dir.join("kubectl-unwedge").exists(),
+        "no kubectl-unwedge in {}",
+        dir.display()
+    );
     dir
 }
 
@@ -111,10 +117,16 @@ async fn wedge(api: &Api<GpuWedge>, name: &str, node: &str, detected: &str, stat
             blamed: None,
         },
     );
-    api.create(&PostParams::default(), &w).await.unwrap_or_else(|e| panic!("create {name}: {e}"));
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&json!({ "status": status })))
+    api.create(&PostParams::default(), &w)
         .await
-        .unwrap_or_else(|e| panic!("status of {name}: {e}"));
+        .unwrap_or_else(|e| panic!("create {name}: {e}"));
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({ "status": status })),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("status of {name}: {e}"));
 }
 
 fn line_of<'a>(text: &'a str, name: &str) -> &'a str {
@@ -211,7 +223,14 @@ async fn kubectl_unwedge_lists_describes_and_steers_wedges() -> anyhow::Result<(
         ("wq-tie-a", "node-e", "2026-11-25T11:00:20Z"),
         ("wq-early", "node-f", "2026-11-25T11:00:10Z"),
     ] {
-        wedge(&wedges, name, node, at, json!({"phase": "Queued", "policy": "gpu", "budget": "1/1 nodes under recovery"})).await;
+        wedge(
+            &wedges,
+            name,
+            node,
+            at,
+            json!({"phase": "Queued", "policy": "gpu", "budget": "1/1 nodes under recovery"}),
+        )
+        .await;
     }
     // An Event about the NeedsAttention wedge, as the operator's recorder writes it.
     let events: Api<Event> = Api::namespaced(client.clone(), "default");
@@ -219,7 +238,10 @@ async fn kubectl_unwedge_lists_describes_and_steers_wedges() -> anyhow::Result<(
         .create(
             &PostParams::default(),
             &Event {
-                metadata: ObjectMeta { name: Some("wn-attention.1".into()), ..Default::default() },
+                metadata: ObjectMeta {
+                    name: Some("wn-attention.1".into()),
+                    ..Default::default()
+                },
                 involved_object: ObjectReference {
                     api_version: Some("unwedge.io/v1alpha1".into()),
                     kind: Some("GpuWedge".into()),
@@ -240,14 +262,44 @@ async fn kubectl_unwedge_lists_describes_and_steers_wedges() -> anyhow::Result<(
     // list: the columns, and queue positions in FCFS order.
     let list = plugin.ok(&["list"]).await;
     let header: Vec<&str> = list.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "NODE", "DEVICE", "DRIVER", "METHODS", "PHASE", "ACTION", "AGE", "QUEUE"], "{list}");
-    let cols = |name: &str| -> Vec<String> { line_of(&list, name).split_whitespace().map(String::from).collect() };
-    assert_eq!(cols("wa-approve")[..6], ["wa-approve", "node-a", "0000:03:00.0", "xe", "rebind,bus-reset", "AwaitingApproval"]);
+    assert_eq!(
+        header,
+        [
+            "NAME", "NODE", "DEVICE", "DRIVER", "METHODS", "PHASE", "ACTION", "AGE", "QUEUE"
+        ],
+        "{list}"
+    );
+    let cols = |name: &str| -> Vec<String> {
+        line_of(&list, name)
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(
+        cols("wa-approve")[..6],
+        [
+            "wa-approve",
+            "node-a",
+            "0000:03:00.0",
+            "xe",
+            "rebind,bus-reset",
+            "AwaitingApproval"
+        ]
+    );
     assert_eq!(cols("wa-approve").last().unwrap(), "-", "{list}");
-    for (name, pos) in [("wq-early", "1/4"), ("wq-tie-a", "2/4"), ("wq-tie-b", "3/4"), ("wq-late", "4/4")] {
+    for (name, pos) in [
+        ("wq-early", "1/4"),
+        ("wq-tie-a", "2/4"),
+        ("wq-tie-b", "3/4"),
+        ("wq-late", "4/4"),
+    ] {
         let c = cols(name);
         assert_eq!(c[5], "Queued", "{list}");
-        assert_eq!(c[c.len() - 2..], [pos.to_string(), "(gpu)".to_string()], "queue position of {name}:\n{list}");
+        assert_eq!(
+            c[c.len() - 2..],
+            [pos.to_string(), "(gpu)".to_string()],
+            "queue position of {name}:\n{list}"
+        );
     }
 
     // describe: the incident in order.
@@ -265,68 +317,151 @@ async fn kubectl_unwedge_lists_describes_and_steers_wedges() -> anyhow::Result<(
     let timeline = d.split("Timeline:").nth(1).expect("a Timeline section");
     let mut at = 0;
     for step in order {
-        let found = timeline[at..].find(step).unwrap_or_else(|| panic!("{step:?} missing or out of order in:\n{timeline}"));
+        let found = timeline[at..]
+            .find(step)
+            .unwrap_or_else(|| panic!("{step:?} missing or out of order in:\n{timeline}"));
         at += found + step.len();
     }
-    assert!(timeline.contains("device did not come back after bind"), "{timeline}");
+    assert!(
+        timeline.contains("device did not come back after bind"),
+        "{timeline}"
+    );
     assert!(timeline.contains("SEQNUM=4242"), "{timeline}");
     let d = plugin.ok(&["describe", "wa-approve"]).await;
-    assert!(d.contains("eviction") && d.contains("ml/train-0: Evicted"), "{d}");
+    assert!(
+        d.contains("eviction") && d.contains("ml/train-0: Evicted"),
+        "{d}"
+    );
 
     // Unknown names.
-    let e = plugin.fails(&plugin.kubeconfig, &["describe", "nope"]).await;
-    assert!(e.contains("no GpuWedge named nope; try `kubectl unwedge list`"), "{e}");
+    let e = plugin
+        .fails(&plugin.kubeconfig, &["describe", "nope"])
+        .await;
+    assert!(
+        e.contains("no GpuWedge named nope; try `kubectl unwedge list`"),
+        "{e}"
+    );
     let e = plugin.fails(&plugin.kubeconfig, &["approve", "nope"]).await;
     assert!(e.contains("no GpuWedge named nope"), "{e}");
 
     // approve: wrong phase, a method the policy excludes, then the real thing.
-    let e = plugin.fails(&plugin.kubeconfig, &["approve", "wq-early"]).await;
-    assert!(e.contains("cannot approve GpuWedge wq-early: it is Queued"), "{e}");
-    assert!(e.contains("waits for budget (1/1 nodes under recovery)"), "{e}");
-    let e = plugin.fails(&plugin.kubeconfig, &["approve", "wa-approve", "--method", "reboot"]).await;
-    assert!(e.contains("RecoveryPolicy gpu allows only: rebind, bus-reset"), "{e}");
-    assert!(annotations(&wedges.get("wa-approve").await?).is_empty(), "a refused approve writes nothing");
-    let out = plugin.ok(&["approve", "wa-approve", "--method", "bus-reset"]).await;
+    let e = plugin
+        .fails(&plugin.kubeconfig, &["approve", "wq-early"])
+        .await;
+    assert!(
+        e.contains("cannot approve GpuWedge wq-early: it is Queued"),
+        "{e}"
+    );
+    assert!(
+        e.contains("waits for budget (1/1 nodes under recovery)"),
+        "{e}"
+    );
+    let e = plugin
+        .fails(
+            &plugin.kubeconfig,
+            &["approve", "wa-approve", "--method", "reboot"],
+        )
+        .await;
+    assert!(
+        e.contains("RecoveryPolicy gpu allows only: rebind, bus-reset"),
+        "{e}"
+    );
+    assert!(
+        annotations(&wedges.get("wa-approve").await?).is_empty(),
+        "a refused approve writes nothing"
+    );
+    let out = plugin
+        .ok(&["approve", "wa-approve", "--method", "bus-reset"])
+        .await;
     assert!(out.contains(&format!("by {admin}")), "{out}");
     let ann = annotations(&wedges.get("wa-approve").await?);
-    assert_eq!(ann.get("unwedge.io/approve").map(String::as_str), Some("bus-reset"));
-    assert_eq!(ann.get("unwedge.io/by"), Some(&admin), "by must be the username the API server sees");
+    assert_eq!(
+        ann.get("unwedge.io/approve").map(String::as_str),
+        Some("bus-reset")
+    );
+    assert_eq!(
+        ann.get("unwedge.io/by"),
+        Some(&admin),
+        "by must be the username the API server sees"
+    );
 
     // retry and abandon.
-    let e = plugin.fails(&plugin.kubeconfig, &["retry", "wq-late"]).await;
-    assert!(e.contains("cannot retry GpuWedge wq-late: it is Queued"), "{e}");
+    let e = plugin
+        .fails(&plugin.kubeconfig, &["retry", "wq-late"])
+        .await;
+    assert!(
+        e.contains("cannot retry GpuWedge wq-late: it is Queued"),
+        "{e}"
+    );
     plugin.ok(&["retry", "wn-attention"]).await;
     let ann = annotations(&wedges.get("wn-attention").await?);
-    assert!(ann.get("unwedge.io/retry").is_some_and(|v| v.parse::<jiff::Timestamp>().is_ok()), "{ann:?}");
+    assert!(
+        ann.get("unwedge.io/retry")
+            .is_some_and(|v| v.parse::<jiff::Timestamp>().is_ok()),
+        "{ann:?}"
+    );
     assert_eq!(ann.get("unwedge.io/by"), Some(&admin));
-    let out = plugin.ok(&["abandon", "wq-late", "--reason", "bad board, RMA"]).await;
+    let out = plugin
+        .ok(&["abandon", "wq-late", "--reason", "bad board, RMA"])
+        .await;
     assert!(out.contains("node node-c stays cordoned"), "{out}");
     let ann = annotations(&wedges.get("wq-late").await?);
-    assert_eq!(ann.get("unwedge.io/abandon").map(String::as_str), Some("bad board, RMA"));
+    assert_eq!(
+        ann.get("unwedge.io/abandon").map(String::as_str),
+        Some("bad board, RMA")
+    );
     assert_eq!(ann.get("unwedge.io/by"), Some(&admin));
 
     // budget: the ledger and the queue.
     let b = plugin.ok(&["budget"]).await;
     let header: Vec<&str> = b.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["POLICY", "NODES", "ALLOWED", "IN-USE", "REBOOTS", "DEVICES", "QUEUED", "STATE"], "{b}");
+    assert_eq!(
+        header,
+        [
+            "POLICY", "NODES", "ALLOWED", "IN-USE", "REBOOTS", "DEVICES", "QUEUED", "STATE"
+        ],
+        "{b}"
+    );
     let row: Vec<&str> = line_of(&b, "gpu").split_whitespace().collect();
-    assert_eq!(row, ["gpu", "4", "1", "1", "0/1", "0/1", "of", "0", "4", "-"], "{b}");
+    assert_eq!(
+        row,
+        ["gpu", "4", "1", "1", "0/1", "0/1", "of", "0", "4", "-"],
+        "{b}"
+    );
 
     // A user without RBAC: the message names the verb and resource it lacks.
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
-    sas.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "nobody"}}))?).await?;
+    sas.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "nobody"}}))?,
+    )
+    .await?;
     let token = cp.create_token("default", "nobody", None).await?;
     let dir = tempfile::tempdir()?;
     let nobody = dir.path().join("nobody.kubeconfig");
     cp.write_kubeconfig(&token, &nobody)?;
     let e = plugin.fails(&nobody, &["list"]).await;
-    assert!(e.contains("missing RBAC: you may not list gpuwedges.unwedge.io (cluster-wide)"), "{e}");
-    assert!(e.contains("system:serviceaccount:default:nobody"), "the API server's message names the user: {e}");
+    assert!(
+        e.contains("missing RBAC: you may not list gpuwedges.unwedge.io (cluster-wide)"),
+        "{e}"
+    );
+    assert!(
+        e.contains("system:serviceaccount:default:nobody"),
+        "the API server's message names the user: {e}"
+    );
     let e = plugin.fails(&nobody, &["approve", "wa-approve"]).await;
-    assert!(e.contains("you may not get gpuwedges.unwedge.io named wa-approve"), "{e}");
+    assert!(
+        e.contains("you may not get gpuwedges.unwedge.io named wa-approve"),
+        "{e}"
+    );
     // --kubeconfig works as well as KUBECONFIG.
     let nobody_arg = nobody.display().to_string();
-    let e = plugin.fails(&plugin.kubeconfig, &["budget", "--kubeconfig", &nobody_arg]).await;
-    assert!(e.contains("you may not list recoverypolicies.unwedge.io"), "{e}");
+    let e = plugin
+        .fails(&plugin.kubeconfig, &["budget", "--kubeconfig", &nobody_arg])
+        .await;
+    assert!(
+        e.contains("you may not list recoverypolicies.unwedge.io"),
+        "{e}"
+    );
     Ok(())
 }

@@ -30,7 +30,11 @@ fn promtool() -> PathBuf {
         .output()
         .expect("run tools/promtool/build.sh");
     assert!(out.status.success(), "tools/promtool/build.sh failed");
-    let path = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
     PathBuf::from(path)
 }
 
@@ -40,7 +44,11 @@ fn rules_file() -> PathBuf {
 
 fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "{cmd:?} failed:\n{text}");
     text
 }
@@ -48,7 +56,12 @@ fn run_ok(cmd: &mut Command) -> String {
 #[test]
 fn promtool_checks_and_unit_tests_the_rules() {
     let promtool = promtool();
-    let check = run_ok(Command::new(&promtool).arg("check").arg("rules").arg(rules_file()));
+    let check = run_ok(
+        Command::new(&promtool)
+            .arg("check")
+            .arg("rules")
+            .arg(rules_file()),
+    );
     assert!(check.contains("SUCCESS: 8 rules found"), "{check}");
     let tests = repo_root().join("tools/promtool/tests");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&tests)
@@ -58,8 +71,17 @@ fn promtool_checks_and_unit_tests_the_rules() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
-    assert!(!files.is_empty(), "no promtool tests in {}", tests.display());
-    let out = run_ok(Command::new(&promtool).arg("test").arg("rules").args(&files));
+    assert!(
+        !files.is_empty(),
+        "no promtool tests in {}",
+        tests.display()
+    );
+    let out = run_ok(
+        Command::new(&promtool)
+            .arg("test")
+            .arg("rules")
+            .args(&files),
+    );
     assert!(out.contains("SUCCESS") && !out.contains("FAILED"), "{out}");
 }
 
@@ -72,7 +94,15 @@ fn helm_template(args: &[&str]) -> Vec<Value> {
             .env("HELM_CACHE_HOME", home.path())
             .env("HELM_CONFIG_HOME", home.path())
             .env("HELM_DATA_HOME", home.path())
-            .args(["template", "rel", chart.to_str().unwrap(), "--namespace", "ops", "--kube-version", "1.37.2"])
+            .args([
+                "template",
+                "rel",
+                chart.to_str().unwrap(),
+                "--namespace",
+                "ops",
+                "--kube-version",
+                "1.37.2",
+            ])
             .args(args),
     );
     serde_yaml::Deserializer::from_str(&out)
@@ -90,10 +120,19 @@ fn the_prometheus_rule_is_the_rules_file_with_the_release_job_names() {
         .expect("a PrometheusRule when metrics.prometheusRule.enabled=true");
     let text = std::fs::read_to_string(rules_file())
         .unwrap()
-        .replace("job=\"unwedge-agent-metrics\"", "job=\"rel-unwedge-agent-metrics\"")
-        .replace("job=\"unwedge-operator-metrics\"", "job=\"rel-unwedge-operator-metrics\"");
+        .replace(
+            "job=\"unwedge-agent-metrics\"",
+            "job=\"rel-unwedge-agent-metrics\"",
+        )
+        .replace(
+            "job=\"unwedge-operator-metrics\"",
+            "job=\"rel-unwedge-operator-metrics\"",
+        );
     let file: Value = serde_yaml::from_str(&text).unwrap();
-    assert_eq!(rule["spec"], file, "the PrometheusRule must embed charts/unwedge/files/rules.yaml");
+    assert_eq!(
+        rule["spec"], file,
+        "the PrometheusRule must embed charts/unwedge/files/rules.yaml"
+    );
     // The job names are the metrics Services the ServiceMonitors select.
     let services: BTreeSet<&str> = objs
         .iter()
@@ -101,17 +140,26 @@ fn the_prometheus_rule_is_the_rules_file_with_the_release_job_names() {
         .filter_map(|o| o["metadata"]["name"].as_str())
         .collect();
     for svc in ["rel-unwedge-agent-metrics", "rel-unwedge-operator-metrics"] {
-        assert!(services.contains(svc), "no Service {svc} for the alerts' job label: {services:?}");
+        assert!(
+            services.contains(svc),
+            "no Service {svc} for the alerts' job label: {services:?}"
+        );
     }
-    assert!(!objs.iter().any(|o| o["kind"] == "PrometheusRule" && o["metadata"]["name"] != "rel-unwedge"));
+    assert!(
+        !objs
+            .iter()
+            .any(|o| o["kind"] == "PrometheusRule" && o["metadata"]["name"] != "rel-unwedge")
+    );
 }
 
 /// Every PromQL expression of the dashboard and the rules.
 fn expressions() -> Vec<(String, String)> {
     let mut out = Vec::new();
-    let dash: Value =
-        serde_json::from_str(&std::fs::read_to_string(repo_root().join("charts/unwedge/dashboards/unwedge.json")).unwrap())
-            .expect("the dashboard is JSON");
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("charts/unwedge/dashboards/unwedge.json"))
+            .unwrap(),
+    )
+    .expect("the dashboard is JSON");
     fn walk(v: &Value, out: &mut Vec<(String, String)>) {
         match v {
             Value::Object(m) => {
@@ -125,10 +173,14 @@ fn expressions() -> Vec<(String, String)> {
         }
     }
     walk(&dash, &mut out);
-    let rules: Value = serde_yaml::from_str(&std::fs::read_to_string(rules_file()).unwrap()).unwrap();
+    let rules: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(rules_file()).unwrap()).unwrap();
     for g in rules["groups"].as_array().unwrap() {
         for r in g["rules"].as_array().unwrap() {
-            out.push((format!("alert {}", r["alert"].as_str().unwrap()), r["expr"].as_str().unwrap().into()));
+            out.push((
+                format!("alert {}", r["alert"].as_str().unwrap()),
+                r["expr"].as_str().unwrap().into(),
+            ));
         }
     }
     out
@@ -163,7 +215,11 @@ fn uses(expr: &str) -> Uses {
             if (word == "by" || word == "without") && rest.starts_with('(') {
                 let close = rest.find(')').unwrap();
                 if word == "by" {
-                    for l in rest[1..close].split(',').map(str::trim).filter(|l| !l.is_empty()) {
+                    for l in rest[1..close]
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                    {
                         u.by_labels.insert(l.into());
                     }
                 }
@@ -176,7 +232,11 @@ fn uses(expr: &str) -> Uses {
                         if let Some((k, v)) = m.split_once('=') {
                             let (k, v) = (k.trim(), v.trim());
                             if !k.ends_with('!') && !v.starts_with('~') {
-                                u.matchers.insert((word.into(), k.into(), v.trim_matches('"').into()));
+                                u.matchers.insert((
+                                    word.into(),
+                                    k.into(),
+                                    v.trim_matches('"').into(),
+                                ));
                             }
                         }
                     }
@@ -184,7 +244,10 @@ fn uses(expr: &str) -> Uses {
                 }
             }
         } else if b[i] == b'"' {
-            i += 1 + expr[i + 1..].find('"').map(|n| n + 1).unwrap_or(expr.len() - i - 1);
+            i += 1 + expr[i + 1..]
+                .find('"')
+                .map(|n| n + 1)
+                .unwrap_or(expr.len() - i - 1);
         } else {
             i += 1;
         }
@@ -194,18 +257,36 @@ fn uses(expr: &str) -> Uses {
 
 #[test]
 fn expression_scanner_finds_names_labels_and_matchers() {
-    let u = uses(r#"max by (policy, unit) (unwedge_budget_in_use{unit="node"}) and on (policy) sum(rate(unwedge_x_bucket[5m])) > up{job="unwedge_not_a_metric"}"#);
-    assert_eq!(u.metrics, BTreeSet::from(["unwedge_budget_in_use".to_string(), "unwedge_x_bucket".to_string()]));
-    assert_eq!(u.by_labels, BTreeSet::from(["policy".to_string(), "unit".to_string()]));
+    let u = uses(
+        r#"max by (policy, unit) (unwedge_budget_in_use{unit="node"}) and on (policy) sum(rate(unwedge_x_bucket[5m])) > up{job="unwedge_not_a_metric"}"#,
+    );
+    assert_eq!(
+        u.metrics,
+        BTreeSet::from([
+            "unwedge_budget_in_use".to_string(),
+            "unwedge_x_bucket".to_string()
+        ])
+    );
+    assert_eq!(
+        u.by_labels,
+        BTreeSet::from(["policy".to_string(), "unit".to_string()])
+    );
     assert_eq!(
         u.matchers,
-        BTreeSet::from([("unwedge_budget_in_use".to_string(), "unit".to_string(), "node".to_string())])
+        BTreeSet::from([(
+            "unwedge_budget_in_use".to_string(),
+            "unit".to_string(),
+            "node".to_string()
+        )])
     );
 }
 
-/// Sample name → the label sets seen, from a text exposition.
-fn parse_exposition(text: &str) -> (BTreeMap<String, Vec<BTreeMap<String, String>>>, BTreeSet<String>) {
-    let mut series: BTreeMap<String, Vec<BTreeMap<String, String>>> = BTreeMap::new();
+/// Sample name → the label sets seen.
+type Series = BTreeMap<String, Vec<BTreeMap<String, String>>>;
+
+/// The series of a text exposition, and the family names it declares (`# TYPE`).
+fn parse_exposition(text: &str) -> (Series, BTreeSet<String>) {
+    let mut series = Series::new();
     let mut declared = BTreeSet::new();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
@@ -251,34 +332,49 @@ fn free_addr() -> String {
 async fn scrape(addr: &str) -> anyhow::Result<String> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await?;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").context("no HTTP body")?;
-    anyhow::ensure!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "{head}");
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "{head}"
+    );
     Ok(body.to_string())
 }
 
-fn spawn(bin: &Path, args: &[String], env: &[(&str, &Path)], log: &Path, what: &'static str) -> Running {
+fn spawn(
+    bin: &Path,
+    args: &[String],
+    env: &[(&str, &Path)],
+    log: &Path,
+    what: &'static str,
+) -> Running {
     let f = std::fs::File::create(log).unwrap();
     let mut cmd = Command::new(bin);
     cmd.args(args).stdout(f.try_clone().unwrap()).stderr(f);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    Running(cmd.spawn().unwrap_or_else(|e| panic!("start {what} ({}): {e}", bin.display())))
+    Running(
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("start {what} ({}): {e}", bin.display())),
+    )
 }
 
 /// What the dashboard and rules need that a scrape does not have, one line each.
-fn missing(scraped: &BTreeMap<String, Vec<BTreeMap<String, String>>>, declared: &BTreeSet<String>) -> Vec<String> {
+fn missing(scraped: &Series, declared: &BTreeSet<String>) -> Vec<String> {
     let mut out = Vec::new();
     for (who, expr) in expressions() {
         let u = uses(&expr);
         let mut labels_here = BTreeSet::new();
         for m in &u.metrics {
             match scraped.get(m) {
-                Some(sets) => sets.iter().for_each(|s| labels_here.extend(s.keys().cloned())),
+                Some(sets) => sets
+                    .iter()
+                    .for_each(|s| labels_here.extend(s.keys().cloned())),
                 None => {
                     let family = ["_total", "_bucket", "_count", "_sum"]
                         .iter()
@@ -294,17 +390,23 @@ fn missing(scraped: &BTreeMap<String, Vec<BTreeMap<String, String>>>, declared: 
             }
         }
         for (m, k, v) in &u.matchers {
-            if let Some(sets) = scraped.get(m) {
-                if !sets.iter().any(|s| s.get(k) == Some(v)) {
-                    let seen: BTreeSet<&String> = sets.iter().filter_map(|s| s.get(k)).collect();
-                    out.push(format!("{who}: no {m}{{{k}=\"{v}\"}} series (values seen: {seen:?})"));
-                }
+            if let Some(sets) = scraped
+                .get(m)
+                .filter(|sets| !sets.iter().any(|s| s.get(k) == Some(v)))
+            {
+                let seen: BTreeSet<&String> = sets.iter().filter_map(|s| s.get(k)).collect();
+                out.push(format!(
+                    "{who}: no {m}{{{k}=\"{v}\"}} series (values seen: {seen:?})"
+                ));
             }
         }
         if !u.metrics.is_empty() && u.metrics.iter().all(|m| scraped.contains_key(m)) {
             for l in &u.by_labels {
                 if l != "le" && !labels_here.contains(l) {
-                    out.push(format!("{who}: groups by {l:?}, which no series of {:?} carries", u.metrics));
+                    out.push(format!(
+                        "{who}: groups by {l:?}, which no series of {:?} carries",
+                        u.metrics
+                    ));
                 }
             }
         }
@@ -321,9 +423,13 @@ async fn every_series_the_dashboard_and_rules_use_is_in_live_metrics() -> anyhow
     cp.apply_crds().await?;
     let client = cp.client().await?;
     let ns: Api<Namespace> = Api::all(client.clone());
-    ns.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "unwedge-system"}}))?)
+    ns.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "unwedge-system"}}))?,
+    )
+    .await?;
+    cp.add_kwok_node("node-a", &[("unwedge.io/gpu", "true")], &[])
         .await?;
-    cp.add_kwok_node("node-a", &[("unwedge.io/gpu", "true")], &[]).await?;
     let policies: Api<RecoveryPolicy> = Api::all(client.clone());
     policies
         .create(
@@ -377,7 +483,11 @@ async fn every_series_the_dashboard_and_rules_use_is_in_live_metrics() -> anyhow
         "node-a-0000-03-00-0-1",
         GpuWedgeSpec {
             node_name: "node-a".into(),
-            device: DeviceRef { pci_address: "0000:03:00.0".into(), driver: "xe".into(), ..Default::default() },
+            device: DeviceRef {
+                pci_address: "0000:03:00.0".into(),
+                driver: "xe".into(),
+                ..Default::default()
+            },
             methods: vec!["rebind".into(), "bus-reset".into()],
             detected_at: Time(jiff::Timestamp::now()),
             boot_id: String::new(),
@@ -386,7 +496,13 @@ async fn every_series_the_dashboard_and_rules_use_is_in_live_metrics() -> anyhow
         },
     );
     wedges.create(&PostParams::default(), &w).await?;
-    let _ = wedges.patch_status("node-a-0000-03-00-0-1", &PatchParams::default(), &Patch::Merge(&json!({"status": {}}))).await;
+    let _ = wedges
+        .patch_status(
+            "node-a-0000-03-00-0-1",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"status": {}})),
+        )
+        .await;
 
     // Both must serve; then poll until nothing is missing or the deadline passes.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -406,12 +522,25 @@ async fn every_series_the_dashboard_and_rules_use_is_in_live_metrics() -> anyhow
                 gaps = last;
             }
             (op, agent) => {
-                gaps = vec![format!("scrape: operator {:?}, agent {:?}", op.err(), agent.err())];
+                gaps = vec![format!(
+                    "scrape: operator {:?}, agent {:?}",
+                    op.err(),
+                    agent.err()
+                )];
             }
         }
         if Instant::now() > deadline {
             let logs = |f: &str| std::fs::read_to_string(work.path().join(f)).unwrap_or_default();
-            let tail = |s: String| s.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            let tail = |s: String| {
+                s.lines()
+                    .rev()
+                    .take(15)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
             panic!(
                 "series used by the dashboard/rules missing from live /metrics after 60s:\n  {}\n\noperator log:\n{}\n\nagent log:\n{}",
                 gaps.join("\n  "),
@@ -429,11 +558,23 @@ fn exposition_parser_tells_declared_families_from_series() {
     let m = unwedge_agent::metrics::Metrics::new();
     m.uevent("wedge");
     let (series, declared) = parse_exposition(&m.encode());
-    assert!(series.contains_key("unwedge_agent_uevents_received_total"), "{series:?}");
-    assert!(series.contains_key("unwedge_agent_netlink_overruns_total"), "{series:?}");
-    assert!(!series.contains_key("unwedge_agent_attempts_total"), "no attempt yet: no series");
+    assert!(
+        series.contains_key("unwedge_agent_uevents_received_total"),
+        "{series:?}"
+    );
+    assert!(
+        series.contains_key("unwedge_agent_netlink_overruns_total"),
+        "{series:?}"
+    );
+    assert!(
+        !series.contains_key("unwedge_agent_attempts_total"),
+        "no attempt yet: no series"
+    );
     // prometheus-client prints no descriptor for a family without a label set: such a family
     // is invisible to Prometheus until the code creates a label set.
     assert!(!declared.contains("unwedge_agent_attempts"), "{declared:?}");
-    assert!(declared.contains("unwedge_agent_uevents_received"), "{declared:?}");
+    assert!(
+        declared.contains("unwedge_agent_uevents_received"),
+        "{declared:?}"
+    );
 }
