@@ -6,11 +6,13 @@
 pub mod breaker;
 pub mod budget;
 pub mod decide;
+pub mod dra;
 pub mod drain;
 pub mod leader;
 pub mod ledger;
 pub mod metrics;
 pub mod policy_match;
+pub mod quarantine;
 pub mod reconciler;
 pub mod settings;
 pub mod status;
