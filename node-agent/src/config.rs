@@ -70,6 +70,13 @@ pub struct Args {
     /// How long the device must stay quiet (no new WEDGED) after an action, e.g. `10s`, `500ms`.
     #[arg(long, env = "SETTLE", default_value = "10s", value_parser = parse_duration)]
     pub settle: Duration,
+    /// The ResourceSlice attribute that holds a DRA device's PCI address (DRA nodes only).
+    #[arg(long, env = "DRA_PCI_ATTRIBUTE", default_value = crate::dra::PCI_BUS_ID)]
+    pub dra_pci_attribute: String,
+    /// Per DRA driver, the attribute holding the PCI address when it is not
+    /// `--dra-pci-attribute`: `driver=attribute[,...]` or a JSON object.
+    #[arg(long, env = "DRA_DRIVER_ATTRIBUTES", default_value = "")]
+    pub dra_driver_attributes: String,
     /// Log line format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

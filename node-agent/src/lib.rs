@@ -3,6 +3,7 @@
 
 pub mod blamed;
 pub mod config;
+pub mod dra;
 pub mod executor;
 pub mod fdgate;
 pub mod host;

@@ -14,6 +14,7 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use tokio::sync::Notify;
 use unwedge_agent::config::{Args, DeviceIdMatchArg, LogFormat};
+use unwedge_agent::dra::{self, AttributeMap};
 use unwedge_agent::executor::{Executor, ExecutorConfig, KubeStore, WedgeClock};
 use unwedge_agent::host::{HostActions, SysfsHost};
 use unwedge_agent::listener::{ListenError, UeventListener};
@@ -62,6 +63,8 @@ struct Agent {
     clock: WedgeClock,
     metrics: Arc<Metrics>,
     client: Client,
+    /// Which ResourceSlice attribute holds a DRA device's PCI address.
+    dra_attributes: AttributeMap,
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -87,6 +90,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("no Kubernetes client configuration (in-cluster service account or KUBECONFIG)")?;
     let matcher = device_id_match(&args);
+    let dra_attributes = AttributeMap::parse(&args.dra_pci_attribute, &args.dra_driver_attributes)
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "bad DRA attribute map; using {} for every driver", args.dra_pci_attribute);
+            AttributeMap::parse(&args.dra_pci_attribute, "").unwrap_or_default()
+        });
     let host = Arc::new(SysfsHost {
         sysfs_root: args.sysfs_root.clone(),
         reboot_mode: args.reboot_mode,
@@ -102,6 +110,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         clock: WedgeClock::default(),
         metrics: metrics.clone(),
         client: client.clone(),
+        dra_attributes,
         args,
     });
 
@@ -328,11 +337,48 @@ async fn on_wedge(agent: &Arc<Agent>, ev: WedgeUevent) {
             });
         }
     }
+    dra_device(agent, &mut d).await;
     if let Err(e) = agent.outbox.put(&d) {
         tracing::error!(error = %e, "cannot rewrite the outbox entry");
     }
     agent.metrics.outbox_pending.set(agent.outbox.len() as i64);
     agent.wake.notify_one();
+}
+
+/// On DRA nodes: the wedged device's name in this node's ResourceSlices (`spec.device.dra`),
+/// so the operator quarantines the device instead of cordoning the node. No slices (or no
+/// right to read them: DRA is off in the chart) leaves the wedge a device-plugin one; slices
+/// without the device say why in the agent message.
+async fn dra_device(agent: &Agent, d: &mut DetectedWedge) {
+    let node = &agent.args.node_name;
+    let lookup = dra::lookup(
+        &agent.client,
+        node,
+        &d.device.pci_address,
+        &agent.dra_attributes,
+    );
+    let note = match tokio::time::timeout(Duration::from_secs(5), lookup).await {
+        Ok(Ok(dra::Lookup::Found(dev))) => {
+            tracing::info!(driver = %dev.driver, pool = %dev.pool, device = %dev.device, "wedged GPU is a DRA device");
+            d.device.dra = Some(dev);
+            None
+        }
+        Ok(Ok(dra::Lookup::NoSlices)) => None,
+        Ok(Ok(dra::Lookup::NoMatch(why))) => Some(format!("DRA: {why}")),
+        Ok(Err(kube::Error::Api(s))) if s.code == 403 || s.code == 404 => {
+            tracing::debug!(error = %s.message, "ResourceSlices not readable: not a DRA node for unwedge");
+            None
+        }
+        Ok(Err(e)) => Some(format!("DRA: cannot list this node's ResourceSlices ({e}); handled like a device-plugin node")),
+        Err(_) => Some("DRA: listing this node's ResourceSlices took over 5s; handled like a device-plugin node".to_string()),
+    };
+    if let Some(note) = note {
+        tracing::warn!(%note, "wedged GPU not matched to a DRA device");
+        d.agent_message = Some(match d.agent_message.take() {
+            Some(m) => format!("{m}; {note}"),
+            None => note,
+        });
+    }
 }
 
 async fn reconcile(agent: &Arc<Agent>, why: &str) {
