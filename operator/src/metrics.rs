@@ -91,6 +91,9 @@ pub struct MethodLabel {
     pub method: String,
 }
 
+/// The methods the agent knows how to carry out; other tokens still get series when first seen.
+const KNOWN_METHODS: [&str; 4] = ["none", "rebind", "bus-reset", "reboot"];
+
 fn histogram() -> Histogram {
     Histogram::new([
         1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
@@ -165,7 +168,29 @@ impl Metrics {
             "1 on the replica that holds the lease",
             m.leader.clone(),
         );
+        m.preinitialise();
         Metrics { registry, ..m }
+    }
+
+    /// Creates the label sets dashboards and alerts query, so each series exists at zero
+    /// before its first event (prometheus-client prints nothing for an unused label set).
+    fn preinitialise(&self) {
+        for result in ["evicted", "deleted", "gone", "refused", "failed"] {
+            self.evictions.get_or_create(&EvictionResult {
+                result: result.into(),
+            });
+        }
+        for method in KNOWN_METHODS {
+            self.attempt_failures.get_or_create(&MethodLabel {
+                method: method.into(),
+            });
+            for result in ["recovered", "abandoned"] {
+                self.recovery_duration.get_or_create(&MethodResult {
+                    method: method.into(),
+                    result: result.into(),
+                });
+            }
+        }
     }
 
     /// Marks the process ready (stores synced).
