@@ -176,16 +176,16 @@ impl Metrics {
     /// before its first event (prometheus-client prints nothing for an unused label set).
     fn preinitialise(&self) {
         for result in ["evicted", "deleted", "gone", "refused", "failed"] {
-            self.evictions.get_or_create(&EvictionResult {
+            let _ = self.evictions.get_or_create(&EvictionResult {
                 result: result.into(),
             });
         }
         for method in KNOWN_METHODS {
-            self.attempt_failures.get_or_create(&MethodLabel {
+            let _ = self.attempt_failures.get_or_create(&MethodLabel {
                 method: method.into(),
             });
             for result in ["recovered", "abandoned"] {
-                self.recovery_duration.get_or_create(&MethodResult {
+                let _ = self.recovery_duration.get_or_create(&MethodResult {
                     method: method.into(),
                     result: result.into(),
                 });
