@@ -140,6 +140,20 @@ pub struct Input<'a> {
     pub operator: &'a str,
     /// Human verbs on the wedge.
     pub verbs: Verbs,
+    /// The wedge's DRA device, when the operator quarantines DRA devices and the agent named
+    /// one (`spec.device.dra`): the non-reboot path then taints the device, not the node.
+    pub dra: Option<DraView>,
+    /// Whether unwedge's DeviceTaintRule for this wedge exists now.
+    pub quarantine_rule: bool,
+}
+
+/// The DRA side of a wedge (DESIGN §5 "On DRA clusters").
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DraView {
+    /// The DeviceTaintRule's name.
+    pub rule: String,
+    /// Pods that reserve a ResourceClaim allocated the device.
+    pub consumers: Vec<PodRef>,
 }
 
 /// The one effect to perform after the status is persisted.
@@ -165,8 +179,10 @@ pub enum Step {
     Release,
     /// Cordon the node and annotate `unwedge.io/cordoned-by=<wedge>`.
     Cordon,
-    /// Taint only the DRA device (DESIGN §5). Extension point: not produced yet.
+    /// Create the DeviceTaintRule that keeps new claims off the wedged DRA device (DESIGN §5).
     Quarantine,
+    /// Delete unwedge's DeviceTaintRule of this wedge (it is Recovered).
+    Unquarantine,
     /// Pass the cordon to another open wedge of the node instead of uncordoning.
     HandOverCordon {
         /// The wedge that keeps the node cordoned.
@@ -236,6 +252,8 @@ pub mod cond {
     pub const ADMITTED: &str = "Admitted";
     /// The node is cordoned (reason CordonedByUnwedge or AlreadyCordoned).
     pub const CORDONED: &str = "Cordoned";
+    /// Only the DRA device is tainted (DeviceTaintRule); the node keeps serving.
+    pub const QUARANTINED: &str = "Quarantined";
     /// The device's pods are gone (False: Evicting, EvictionRefused).
     pub const DRAINED: &str = "Drained";
     /// An attempt is approved (False: AwaitingApproval, AttemptFailed).
@@ -498,6 +516,23 @@ pub fn decide(input: &Input) -> Decision {
     if phase.is_terminal() {
         if phase == Phase::Recovered && ours {
             return release_cordon(d, input);
+        }
+        if phase == Phase::Recovered && input.quarantine_rule {
+            d.new.quarantine_rule = None;
+            d.condition(
+                cond::QUARANTINED,
+                false,
+                "Released",
+                "the device is recovered: its DeviceTaintRule is deleted",
+            );
+            return d.done(
+                Step::Unquarantine,
+                note(
+                    false,
+                    "Unquarantined",
+                    "the device is recovered: deleting its DeviceTaintRule",
+                ),
+            );
         }
         return match held {
             Some(_) => d.done(Step::Release, None),
@@ -1032,19 +1067,63 @@ fn decide_recovery(
     let node_name = input.wedge.spec.node_name.clone();
     let plan = ladder(methods, s);
 
-    // 1. Admission: a place in the budget before anything touches the node.
+    // The rung planned now. A DRA device is quarantined for every rung but reboot, which takes
+    // all the node's devices down and so cordons and drains the node (DESIGN §5).
+    let rung_now = match phase {
+        Phase::Approved | Phase::Recovering | Phase::Verifying => {
+            status.approval.as_ref().map(|a| a.method.clone())
+        }
+        _ => plan_of(d.new.action.as_deref()).map(|p| p.0),
+    }
+    .or_else(|| plan.as_ref().ok().map(|l| l[0].clone()));
+    let quarantine = input.dra.as_ref().filter(|_| {
+        rung_now.as_deref() != Some(REBOOT) && held.is_none_or(|h| h.unit != BudgetUnit::Node)
+    });
+    let unit = if quarantine.is_some() {
+        BudgetUnit::Device
+    } else {
+        BudgetUnit::Node
+    };
+    let device_text = {
+        let dev = input.wedge.spec.device.dra.clone().unwrap_or_default();
+        format!("{}/{}/{}", dev.driver, dev.pool, dev.device)
+    };
+
+    // 1. Admission: a place in the budget before anything touches the node (or the device).
     let held = match held {
-        Some(h) if h.unit == BudgetUnit::Node => h,
+        Some(h) if h.unit == unit => h,
         _ => {
-            let reboot = plan.as_ref().is_ok_and(|l| l[0] == REBOOT);
+            let reboot = rung_now.as_deref() == Some(REBOOT);
             let cand = Candidate {
                 wedge: name.into(),
                 node: node_name.clone(),
-                unit: BudgetUnit::Node,
+                unit,
                 reboot,
             };
-            let holds_node =
-                d.old.cordoned.is_some() || !matches!(phase, Phase::Detected | Phase::Queued);
+            if quarantine.is_none() && held.is_some_and(|h| h.unit == BudgetUnit::Device) {
+                // A quarantined device escalated to reboot: the node must fit the node and
+                // reboot budgets before it is cordoned; meanwhile the device stays quarantined.
+                let mut d = match gate(d, pv, &format!("cordon {node_name} for a reboot")) {
+                    Ok(d) => d,
+                    Err(h) => return *h,
+                };
+                return match budget::admit(pv.ledger, &cand, &pv.limits, &[]) {
+                    Ok(_) => d.done(
+                        Step::Admit {
+                            candidate: cand,
+                            reclaim: false,
+                        },
+                        None,
+                    ),
+                    Err(r) => {
+                        d.new.budget = Some(r.0.clone());
+                        d.done(wait(Duration::from_secs(30), r.0), None)
+                    }
+                };
+            }
+            let holds_node = d.old.cordoned.is_some()
+                || (quarantine.is_some() && d.old.quarantine_rule.is_some())
+                || !matches!(phase, Phase::Detected | Phase::Queued);
             if holds_node {
                 return d.done(
                     Step::Admit {
@@ -1058,11 +1137,14 @@ fn decide_recovery(
                 Ok(l) => format!("approve {}#{}", l[0], next_attempt(&status)),
                 Err(a) => format!("ask a human ({})", a.reason),
             };
-            let d = match gate(
-                d,
-                pv,
-                &format!("cordon {node_name}, drain the device's pods, {first}"),
-            ) {
+            let what = match quarantine {
+                Some(q) => format!(
+                    "quarantine device {device_text} (DeviceTaintRule {}), drain its pods, {first}",
+                    q.rule
+                ),
+                None => format!("cordon {node_name}, drain the device's pods, {first}"),
+            };
+            let d = match gate(d, pv, &what) {
                 Ok(d) => d,
                 Err(h) => return *h,
             };
@@ -1081,7 +1163,7 @@ fn decide_recovery(
     );
 
     // 2. The cordon, kept while the recovery runs (never in Verifying: that one releases it).
-    if phase != Phase::Verifying {
+    if phase != Phase::Verifying && quarantine.is_none() {
         let node = input.node;
         let unschedulable = node.is_some_and(|n| n.unschedulable);
         match d.old.cordoned {
@@ -1105,7 +1187,10 @@ fn decide_recovery(
                     Err(h) => return *h,
                 };
                 d.new.cordoned = Some(true);
-                d.phase(Phase::Cordoned).action("cordon");
+                // A quarantined device escalated to reboot keeps its rung; others start here.
+                if !(phase == Phase::Draining && plan_of(d.new.action.as_deref()).is_some()) {
+                    d.phase(Phase::Cordoned).action("cordon");
+                }
                 let msg =
                     format!("cordoned node {node_name} (annotation unwedge.io/cordoned-by={name})");
                 d.condition(cond::CORDONED, true, "CordonedByUnwedge", msg.clone());
@@ -1136,11 +1221,56 @@ fn decide_recovery(
         }
     }
 
+    // 2'. On a DRA device: the DeviceTaintRule instead, kept until the wedge is Recovered.
+    if let Some(q) = quarantine
+        && !input.quarantine_rule
+    {
+        let first = d.old.quarantine_rule.is_none();
+        let mut d = if first {
+            match gate(d, pv, &format!("quarantine device {device_text}")) {
+                Ok(d) => d,
+                Err(h) => return *h,
+            }
+        } else {
+            d
+        };
+        d.new.quarantine_rule = Some(q.rule.clone());
+        if matches!(
+            phase,
+            Phase::Detected | Phase::Queued | Phase::Cordoned | Phase::Quarantined
+        ) {
+            d.phase(Phase::Quarantined).action("quarantine");
+        }
+        let msg = format!(
+            "DeviceTaintRule {} taints device {device_text} (NoSchedule, key unwedge.io/wedged); node {node_name} stays schedulable",
+            q.rule
+        );
+        d.condition(cond::QUARANTINED, true, "DeviceTainted", msg.clone());
+        let n = if first {
+            note(false, "Quarantined", msg)
+        } else {
+            note(
+                true,
+                "Requarantined",
+                format!("DeviceTaintRule {} was gone: creating it again", q.rule),
+            )
+        };
+        return d.done(Step::Quarantine, n);
+    }
+
     let verbs = &input.verbs;
     let by = verbs.by.clone();
     match phase {
-        Phase::Detected | Phase::Queued | Phase::Cordoned | Phase::Restarting => {
-            d.phase(Phase::Cordoned);
+        Phase::Detected
+        | Phase::Queued
+        | Phase::Cordoned
+        | Phase::Quarantined
+        | Phase::Restarting => {
+            d.phase(if quarantine.is_some() {
+                Phase::Quarantined
+            } else {
+                Phase::Cordoned
+            });
             if let Some(a) = repeat_offender(input, pv) {
                 return attention(d, a);
             }
@@ -1188,10 +1318,16 @@ fn decide_recovery(
                     }
                 };
             }
-            let targets = match drain_targets(input, pv, &method) {
+            let mut targets = match drain_targets(input, pv, &method) {
                 Ok(t) => t,
                 Err(a) => return attention(d, a),
             };
+            if let Some(q) = quarantine {
+                // The pods whose ResourceClaims hold the device, beside what the agent saw.
+                let all: BTreeSet<PodRef> =
+                    targets.into_iter().chain(q.consumers.clone()).collect();
+                targets = all.into_iter().collect();
+            }
             let mut d = match drain(d, input, pv, &targets, &format!("for {method}#{n}")) {
                 Ok(d) => d,
                 Err(dec) => return *dec,
@@ -1319,13 +1455,6 @@ fn decide_recovery(
         Phase::Approved | Phase::Recovering | Phase::Verifying => {
             attempt_progress(d, input, pv, &status, plan.ok(), ours)
         }
-        Phase::Quarantined => d.done(
-            wait(
-                REQUEUE_SLOW,
-                "DRA quarantine is handled by the DRA extension",
-            ),
-            None,
-        ),
         Phase::Recovered | Phase::Abandoned => d.done(Step::Nothing, None),
     }
 }

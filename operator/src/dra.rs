@@ -72,10 +72,7 @@ pub fn rule(wedge: &str, wedge_uid: Option<&str>, device: &DraDeviceRef) -> Devi
                 LABEL_WEDGE.to_string(),
                 wedge_label(wedge),
             )])),
-            annotations: Some(BTreeMap::from([(
-                ANN_WEDGE.to_string(),
-                wedge.to_string(),
-            )])),
+            annotations: Some(BTreeMap::from([(ANN_WEDGE.to_string(), wedge.to_string())])),
             owner_references: wedge_uid.map(|uid| {
                 vec![OwnerReference {
                     api_version: "unwedge.io/v1alpha1".into(),
@@ -167,11 +164,7 @@ pub fn devices_on(slices: &[ResourceSlice], nodes: &BTreeSet<String>) -> u32 {
     }
     let mut devices: BTreeSet<(&str, &str, &str)> = BTreeSet::new();
     for s in slices {
-        let on_node = s
-            .spec
-            .node_name
-            .as_ref()
-            .is_some_and(|n| nodes.contains(n));
+        let on_node = s.spec.node_name.as_ref().is_some_and(|n| nodes.contains(n));
         let key = (s.spec.driver.as_str(), s.spec.pool.name.as_str());
         if !on_node || newest.get(&key) != Some(&s.spec.pool.generation) {
             continue;
@@ -239,7 +232,10 @@ mod tests {
         assert_eq!(v["spec"]["taint"]["effect"], "NoSchedule");
         assert_eq!(v["metadata"]["ownerReferences"][0]["kind"], "GpuWedge");
         assert!(is_ours(&r, "node-a-0000-03-00-0-7"));
-        assert!(!is_ours(&r, "node-a-0000-03-00-0-8"), "another wedge's rule");
+        assert!(
+            !is_ours(&r, "node-a-0000-03-00-0-8"),
+            "another wedge's rule"
+        );
     }
 
     #[test]

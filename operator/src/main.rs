@@ -26,8 +26,9 @@ struct Cli {
     /// This replica's identity (default: hostname and pid).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
-    /// DRA device quarantine: auto, on or off (quarantine itself is not implemented yet; the
-    /// operator cordons nodes in every mode).
+    /// DRA device quarantine: on, off, or auto (on when the API server serves
+    /// resource.k8s.io/v1 DeviceTaintRules). On: a wedged GPU that the agent found in its
+    /// node's ResourceSlice is tainted alone instead of cordoning the node.
     #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
     dra: String,
     /// Log format.
@@ -102,7 +103,9 @@ async fn main() -> anyhow::Result<()> {
         let _ = shutdown_tx.send(true);
     });
 
-    reconciler::run(client, id, metrics, leader_rx, shutdown_rx).await;
+    let dra = unwedge_operator::quarantine::enabled(&client, &cli.dra).await;
+    tracing::info!(mode = %cli.dra, enabled = dra, "DRA device quarantine");
+    reconciler::run(client, id, metrics, leader_rx, shutdown_rx, dra).await;
     if let Some(e) = election {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), e).await;
     }

@@ -113,7 +113,10 @@ pub async fn claims(client: &Client) -> Result<Vec<ResourceClaim>, kube::Error> 
 }
 
 /// The ResourceSlices of one node, or of all nodes with `None`.
-pub async fn slices(client: &Client, node: Option<&str>) -> Result<Vec<ResourceSlice>, kube::Error> {
+pub async fn slices(
+    client: &Client,
+    node: Option<&str>,
+) -> Result<Vec<ResourceSlice>, kube::Error> {
     let lp = match node {
         Some(n) => ListParams::default().fields(&format!("spec.nodeName={n}")),
         None => ListParams::default(),

@@ -31,10 +31,12 @@ use crate::budget::{self, Limits};
 use crate::decide::{
     self, Decision, Governance, Input, NodeView, PastWedge, PodView, PolicyView, Step, Verbs,
 };
+use crate::dra;
 use crate::drain;
 use crate::ledger;
 use crate::metrics::{self, Metrics};
 use crate::policy_match::{self, Governing};
+use crate::quarantine;
 use crate::settings::Settings;
 use crate::status::OperatorStatus;
 
@@ -50,6 +52,9 @@ pub enum Error {
     /// This replica lost the lease mid-reconcile.
     #[error("not the leader any more")]
     NotLeader,
+    /// The DeviceTaintRule could not be read, created or deleted.
+    #[error(transparent)]
+    Quarantine(#[from] quarantine::QuarantineError),
 }
 
 /// Shared state of the controller.
@@ -70,6 +75,8 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     /// Whether we lead.
     pub leader: watch::Receiver<bool>,
+    /// Whether DRA devices are quarantined (`--dra`, discovery in `auto`).
+    pub dra: bool,
 }
 
 impl Ctx {
@@ -302,6 +309,7 @@ pub async fn reconcile(w: Arc<GpuWedge>, ctx: Arc<Ctx>) -> Result<Action, Error>
             .unwrap_or(false),
         cordoned_by: n.annotations().get(ANN_CORDONED_BY).cloned(),
     });
+    let (dra_view, quarantine_rule, device_advertised) = dra_inputs(&ctx, &w).await?;
     let input = Input {
         wedge: &w,
         node: node_view.as_ref(),
@@ -309,15 +317,61 @@ pub async fn reconcile(w: Arc<GpuWedge>, ctx: Arc<Ctx>) -> Result<Action, Error>
         pods: &pods,
         history: &history,
         others_on_node: &others,
-        device_advertised: None,
+        device_advertised,
         now,
         operator: &ctx.identity,
         verbs: verbs(&w),
+        dra: dra_view,
+        quarantine_rule,
     };
     let decision = decide::decide(&input);
     let action = perform(&w, &ctx, &input, decision, node.as_deref()).await?;
     update_node_condition(&ctx, &node_name, &name).await?;
     Ok(action)
+}
+
+/// The DRA side of a wedge: its view (when DRA is on and the agent named a DRA device),
+/// whether our rule exists, and whether the device is published again (the verification).
+async fn dra_inputs(
+    ctx: &Ctx,
+    w: &GpuWedge,
+) -> Result<(Option<decide::DraView>, bool, Option<bool>), Error> {
+    let name = w.name_any();
+    let dev = w.spec.device.dra.as_ref().filter(|_| ctx.dra);
+    // A rule of ours is looked for whatever the mode, so one left from a DRA-on run is
+    // still deleted at recovery.
+    let rule = if ctx.dra
+        || w.status
+            .as_ref()
+            .is_some_and(|s| s.quarantine_rule.is_some())
+    {
+        match quarantine::get(&ctx.client, &name).await {
+            Ok(r) => r.is_some(),
+            Err(e) => {
+                tracing::warn!(wedge = %name, error = %e, "cannot read the DeviceTaintRule");
+                return Err(Error::Quarantine(e));
+            }
+        }
+    } else {
+        false
+    };
+    let Some(dev) = dev else {
+        return Ok((None, rule, None));
+    };
+    if w.status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(Phase::is_terminal)
+    {
+        return Ok((None, rule, None));
+    }
+    let claims = quarantine::claims(&ctx.client).await?;
+    let slices = quarantine::slices(&ctx.client, Some(&w.spec.node_name)).await?;
+    let view = decide::DraView {
+        rule: dra::rule_name(&name),
+        consumers: dra::consumers(&claims, dev),
+    };
+    Ok((Some(view), rule, Some(dra::advertised(&slices, dev))))
 }
 
 /// Evaluates the policy's circuit breaker and records a trip or a resume on the policy.
@@ -699,7 +753,26 @@ async fn perform(
                 .await?;
             Ok(soon)
         }
-        Step::Quarantine => Ok(Action::requeue(Duration::from_secs(60))),
+        Step::Quarantine => {
+            ctx.ensure_leader()?;
+            let dev = w.spec.device.dra.clone().unwrap_or_default();
+            match quarantine::ensure(&ctx.client, &name, w.uid().as_deref(), &dev).await? {
+                quarantine::Ensured::Created => {
+                    tracing::info!(wedge = %name, rule = %dra::rule_name(&name), device = %dev.device, "device quarantined")
+                }
+                quarantine::Ensured::Existing => {
+                    tracing::debug!(wedge = %name, "DeviceTaintRule already there")
+                }
+            }
+            Ok(soon)
+        }
+        Step::Unquarantine => {
+            ctx.ensure_leader()?;
+            if quarantine::remove(&ctx.client, &name).await? {
+                tracing::info!(wedge = %name, rule = %dra::rule_name(&name), "quarantine lifted: DeviceTaintRule deleted");
+            }
+            Ok(soon)
+        }
     }
 }
 
@@ -867,14 +940,30 @@ pub async fn refresh(ctx: &Ctx) -> Result<(), Error> {
         .iter()
         .map(|n| (n.name_any(), n.labels().clone()))
         .collect();
+    // The devices each policy's maxUnavailableDevices is a share of (DRA only).
+    let slices = if ctx.dra {
+        match quarantine::slices(&ctx.client, None).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list ResourceSlices: devicesSelected not refreshed");
+                None
+            }
+        }
+    } else {
+        None
+    };
     for p in &policies {
         let pname = p.name_any();
         let Ok(s) = Settings::from_spec(&p.spec) else {
             continue;
         };
-        let selected = nodes_governed_by(ctx, &policies, &pname).len() as u32;
+        let governed = nodes_governed_by(ctx, &policies, &pname);
+        let selected = governed.len() as u32;
         let st = p.status.clone().unwrap_or_default();
-        let limits = Limits::of(&s, selected, st.devices_selected);
+        let devices = slices.as_ref().map_or(st.devices_selected, |sl| {
+            dra::devices_on(sl, &governed.iter().cloned().collect())
+        });
+        let limits = Limits::of(&s, selected, devices);
         let u = budget::usage(&st.admitted);
         let queued = wedges
             .iter()
@@ -918,6 +1007,7 @@ pub async fn refresh(ctx: &Ctx) -> Result<(), Error> {
             ledger::update(&ctx.policy_api(), &pname, |_, st| {
                 let before = st.clone();
                 st.nodes_selected = selected;
+                st.devices_selected = devices;
                 st.summary = Some(summary.clone());
                 if conflicts.is_empty() {
                     if st
@@ -956,13 +1046,15 @@ pub async fn refresh(ctx: &Ctx) -> Result<(), Error> {
     Ok(())
 }
 
-/// Wires stores, triggers and the controller, and runs until `shutdown` turns true.
+/// Wires stores, triggers and the controller, and runs until `shutdown` turns true. `dra`:
+/// quarantine DRA devices instead of cordoning their node (DESIGN §5).
 pub async fn run(
     client: Client,
     identity: String,
     metrics: Arc<Metrics>,
     leader: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
+    dra: bool,
 ) {
     let wedges: Api<GpuWedge> = Api::all(client.clone());
     let (nodes_store, nodes_writer) = reflector::store::<Node>();
@@ -1023,6 +1115,7 @@ pub async fn run(
         identity,
         metrics: metrics.clone(),
         leader: leader.clone(),
+        dra,
     });
     // Re-examine every wedge (after repairing the ledgers) whenever we become leader.
     let became_leader = futures::stream::unfold(

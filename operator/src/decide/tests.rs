@@ -47,6 +47,10 @@ struct World {
     advertised: Option<bool>,
     now: Timestamp,
     verbs: Verbs,
+    /// The DRA view (a DRA device and DRA on).
+    dra: Option<DraView>,
+    /// Whether our DeviceTaintRule exists.
+    rule: bool,
     /// Effects performed, in order (for assertions).
     log: Vec<Step>,
 }
@@ -104,6 +108,8 @@ impl World {
             advertised: None,
             now: t(1),
             verbs: Verbs::default(),
+            dra: None,
+            rule: false,
             log: vec![],
         }
     }
@@ -144,6 +150,8 @@ impl World {
             now: self.now,
             operator: "system:serviceaccount:unwedge-system:unwedge-operator",
             verbs: self.verbs.clone(),
+            dra: self.dra.clone(),
+            quarantine_rule: self.rule,
         };
         decide(&input)
     }
@@ -160,6 +168,7 @@ impl World {
         st.approval = o.approval.clone();
         st.budget = o.budget.clone();
         st.cordoned = o.cordoned;
+        st.quarantine_rule = o.quarantine_rule.clone();
         st.admitted_at = o.admitted_at.clone();
         st.phase_since = o.phase_since.clone();
         st.finished_at = o.finished_at.clone();
@@ -215,7 +224,9 @@ impl World {
                 self.wedge.status = Some(st);
             }
             Step::ClearVerbs { .. } => self.verbs = Verbs::default(),
-            Step::Nothing | Step::Wait { .. } | Step::Quarantine => {}
+            Step::Quarantine => self.rule = true,
+            Step::Unquarantine => self.rule = false,
+            Step::Nothing | Step::Wait { .. } => {}
         }
         self.log.push(d.step.clone());
     }
@@ -1338,4 +1349,191 @@ fn plan_tokens_round_trip() {
     );
     assert_eq!(plan_of(Some("rebind#1")), Some(("rebind".into(), 1)));
     assert_eq!(plan_of(None), None);
+}
+
+// ---- DRA quarantine (DESIGN §5 "On DRA clusters") ----
+
+fn dra_world(methods: &str) -> World {
+    let mut w = World::new(methods);
+    w.wedge.spec.device.dra = Some(unwedge_crds::DraDeviceRef {
+        driver: "gpu.e2e.unwedge.io".into(),
+        pool: "node-a".into(),
+        device: "gpu-3".into(),
+    });
+    // The agent saw no consumer through PodResources; the claims name the pods.
+    w.wedge.status.as_mut().unwrap().consumers = Some(vec![]);
+    w.pods.push(pod("ml", "claim-a"));
+    w.pods.push(pod("ml", "claim-b"));
+    w.dra = Some(DraView {
+        rule: format!("unwedge-{W}"),
+        consumers: vec![
+            PodRef {
+                namespace: "ml".into(),
+                name: "claim-a".into(),
+                container: None,
+            },
+            PodRef {
+                namespace: "ml".into(),
+                name: "claim-b".into(),
+                container: None,
+            },
+        ],
+    });
+    w
+}
+
+#[test]
+fn a_dra_device_is_quarantined_not_cordoned_and_only_its_claims_pods_are_evicted() {
+    let mut w = dra_world("rebind,bus-reset");
+    w.run(20);
+    assert_eq!(w.phase(), Phase::Approved, "action {:?}", w.status().action);
+    assert!(!w.node.unschedulable, "the node is never cordoned");
+    assert_eq!(w.node.cordoned_by, None);
+    assert!(w.rule, "the DeviceTaintRule exists");
+    assert_eq!(
+        w.status().quarantine_rule.as_deref(),
+        Some(format!("unwedge-{W}").as_str())
+    );
+    assert_eq!(w.ledger.len(), 1);
+    assert_eq!(w.ledger[0].unit, BudgetUnit::Device, "a device, not a node");
+    assert_eq!(
+        evicted(&w),
+        vec!["ml/claim-a", "ml/claim-b"],
+        "the claim's pods only"
+    );
+    let kinds: Vec<&str> = w
+        .steps()
+        .iter()
+        .map(|s| match s {
+            Step::Admit { .. } => "admit",
+            Step::Quarantine => "quarantine",
+            Step::Cordon => "cordon",
+            Step::Evict { .. } => "evict",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(kinds, ["admit", "quarantine", "evict"]);
+    assert_eq!(w.cond(cond::QUARANTINED).unwrap().status, "True");
+
+    w.agent(AttemptOutcome::Started, "");
+    w.run(5);
+    w.agent(AttemptOutcome::Succeeded, "rebound");
+    w.advertised = Some(false);
+    w.run(5);
+    assert_eq!(
+        w.phase(),
+        Phase::Verifying,
+        "waits until the slice names the device again"
+    );
+    assert!(w.rule, "the rule stays while verifying");
+    w.advertised = Some(true);
+    w.run(10);
+    assert_eq!(w.phase(), Phase::Recovered);
+    assert!(!w.rule, "the rule is deleted when Recovered");
+    assert!(w.ledger.is_empty());
+    assert!(
+        w.log
+            .iter()
+            .all(|s| !matches!(s, Step::Cordon | Step::Uncordon))
+    );
+}
+
+#[test]
+fn the_device_budget_queues_a_second_quarantine() {
+    let mut w = dra_world("rebind");
+    w.ledger.push(Admission {
+        wedge: "other".into(),
+        node: "node-b".into(),
+        unit: BudgetUnit::Device,
+        reboot: false,
+    });
+    w.run(5);
+    assert_eq!(w.phase(), Phase::Queued);
+    assert_eq!(
+        w.status().budget.as_deref(),
+        Some("1/1 devices quarantined")
+    );
+    assert!(!w.rule && !w.node.unschedulable);
+    // A node held by a cordon elsewhere does not take the device's place.
+    w.ledger = vec![Admission {
+        wedge: "other".into(),
+        node: "node-b".into(),
+        unit: BudgetUnit::Node,
+        reboot: false,
+    }];
+    w.run(10);
+    assert!(
+        w.rule,
+        "admitted on the device budget: {:?}",
+        w.status().budget
+    );
+}
+
+#[test]
+fn a_deleted_rule_is_created_again_while_the_wedge_is_open() {
+    let mut w = dra_world("rebind");
+    w.run(20);
+    assert_eq!(w.phase(), Phase::Approved);
+    w.rule = false;
+    let d = w.decide();
+    assert_eq!(d.step, Step::Quarantine);
+    assert_eq!(d.note.as_ref().unwrap().reason, "Requarantined");
+    assert_eq!(
+        d.status.phase,
+        Some(Phase::Approved),
+        "the attempt is not disturbed"
+    );
+}
+
+#[test]
+fn a_paused_policy_holds_the_quarantine() {
+    let mut w = dra_world("rebind");
+    w.settings.paused = true;
+    w.run(5);
+    assert!(!w.rule && w.ledger.is_empty());
+    assert!(
+        w.status()
+            .action
+            .unwrap()
+            .contains("quarantine device gpu.e2e.unwedge.io/node-a/gpu-3")
+    );
+}
+
+#[test]
+fn without_dra_the_same_wedge_cordons_the_node() {
+    let mut w = dra_world("rebind");
+    w.dra = None;
+    w.run(20);
+    assert!(w.node.unschedulable);
+    assert!(!w.rule);
+    assert_eq!(w.ledger[0].unit, BudgetUnit::Node);
+}
+
+#[test]
+fn escalation_to_reboot_cordons_and_drains_the_node_and_keeps_the_taint_until_recovered() {
+    let mut w = dra_world("rebind");
+    w.run(20);
+    assert_eq!(w.phase(), Phase::Approved);
+    w.agent(AttemptOutcome::Failed, "still wedged");
+    w.run(20);
+    assert!(w.node.unschedulable, "reboot cordons the node");
+    assert_eq!(w.ledger.len(), 1);
+    assert_eq!(w.ledger[0].unit, BudgetUnit::Node);
+    assert!(w.ledger[0].reboot);
+    let a = w.status().approval.unwrap();
+    assert_eq!((a.method.as_str(), a.attempt), ("reboot", 2));
+    assert!(
+        w.pods
+            .iter()
+            .all(|p| p.name == "exporter" || p.namespace != "ml"),
+        "whole node drained: {:?}",
+        w.pods.iter().map(|p| &p.name).collect::<Vec<_>>()
+    );
+    assert!(w.rule, "the taint stays");
+    w.agent(AttemptOutcome::Succeeded, "rebooted");
+    w.advertised = Some(true);
+    w.run(20);
+    assert_eq!(w.phase(), Phase::Recovered);
+    assert!(!w.node.unschedulable, "uncordoned: unwedge cordoned it");
+    assert!(!w.rule, "and the rule is gone");
 }
