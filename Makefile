@@ -13,9 +13,9 @@ SHELL := /bin/bash
 CARGO ?= cargo
 E2E_THREADS ?= 1
 
-.PHONY: test lint test-unit test-e2e test-chart test-kind demo binaries cluster crds
+.PHONY: test lint test-unit test-e2e test-bench test-kind images demo binaries cluster crds
 
-test: lint test-unit test-e2e test-chart test-kind
+test: lint test-unit test-e2e test-bench test-kind
 
 # Formatting, clippy on every target, and the generated CRD YAML is current.
 lint:
@@ -32,22 +32,32 @@ test-unit:
 binaries:
 	bash e2e/cluster/build-binaries.sh
 
-# End to end on a real local control plane: foundation, admission, chart install, scenarios.
-test-e2e: binaries
+# The workspace binaries the end-to-end tests run as real processes (agent, operator, injector,
+# kubectl plugin). Built before the tests: cargo holds its lock while tests run.
+bins:
+	$(CARGO) build -p unwedge-agent -p unwedge-operator -p kubectl-unwedge -p e2e --bins
+
+# End to end on a real local control plane: foundation, admission, chart (helm lint/template/
+# install with Helm 3 and 4), kubectl plugin, observability, DRA, the scenarios.
+test-e2e: binaries bins
 	$(CARGO) test -p e2e -- --test-threads=$(E2E_THREADS)
 
-# Hook for chart checks that are not Rust tests (filled by the chart work).
-test-chart:
-	@echo "test-chart: no chart checks outside the e2e crate yet"
+# The benchmarks in their short mode: proves they still run and still assert the invariants.
+test-bench: binaries bins
+	$(CARGO) run -q -p e2e --bin bench -- storm --short
 
-# Hook for the kind tier (filled by the kind work).
-test-kind:
-	@echo "test-kind: the kind tier is not wired into make test yet"
+# The FROM-scratch images (static musl builds); starts dockerd when it is not running.
+images:
+	bash images/build.sh
 
-# Hook for the demo (filled by the e2e work).
-demo:
-	@echo "make demo: not yet implemented" >&2
-	@exit 1
+# kind with real kubelets: offline node image, fake GPU device plugin, the chart, scenarios.
+test-kind: images
+	bash e2e/kind/run.sh
+
+# unwedge on a local control plane with simulated GPU nodes: injects a wedge and shows the
+# recovery live. `make demo ARGS=--keep` leaves the cluster up and prints its kubeconfig.
+demo: binaries bins
+	$(CARGO) run -q -p e2e --bin demo -- $(ARGS)
 
 # A local control plane with the CRDs, up until Ctrl-C (prints the kubeconfig path).
 cluster:
