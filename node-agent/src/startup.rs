@@ -4,8 +4,8 @@
 //!   a GpuWedge with methods `["vendor-specific"]` (what the kernel sends for it since 6.18) and
 //!   `spec.uevent` `{SOURCE: startup-reconcile, SURVIVABILITY_MODE: <mode>}`, through the outbox
 //!   (an open incident of that device absorbs it).
-//! - A GPU with no driver bound is logged, counted and, when the device has an open incident,
-//!   written to its `agentMessage`. No GpuWedge is created for it: a GPU can be unbound on
+//! - A GPU with no driver bound is logged (naming its open incident, if any) and counted in
+//!   `startup_findings_total{kind="unbound-driver"}`. No GpuWedge is created for it: a GPU can be unbound on
 //!   purpose (blacklisted driver, passthrough), and a wedge would cordon the node on a guess.
 //! - Open incidents of this node whose attempts were left `Started`/`Blocked` are logged; the
 //!   executor's first pass reports them (never re-executes them).
