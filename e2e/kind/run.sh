@@ -205,7 +205,7 @@ lap "fake device plugin image"
 "$ROOT/images/build.sh" dev >&2
 lap "unwedge images"
 have_inject=0
-if ( cd "$ROOT" && cargo build -q -p e2e --release --target $MUSL --bin uevent-inject ) >&2; then
+if ( cd "$ROOT" && cargo build -q -p uevent-inject --release --target $MUSL --bin uevent-inject ) >&2; then
   have_inject=1
 else
   log "uevent-inject could not be built: the injection scenarios will FAIL"
@@ -222,7 +222,7 @@ k -n kube-system rollout status ds/fake-device-plugin --timeout=120s >/dev/null
 wait_until 60 sh -c "[ \"\$(kubectl get node $NODE -o jsonpath='{.status.allocatable.unwedge\\.io/fake-gpu}')\" = 8 ]" \
   || die "the node does not offer 8 unwedge.io/fake-gpu"
 docker cp "$KIND_WORK/fake-device-plugin/podresources-list" "$NODE:/usr/local/bin/podresources-list"
-[ $have_inject = 0 ] || docker cp "$ROOT/target/$MUSL/release/uevent-inject" "$NODE:/usr/local/bin/uevent-inject"
+[ $have_inject = 0 ] || docker cp "${CARGO_TARGET_DIR:-$ROOT/target}/$MUSL/release/uevent-inject" "$NODE:/usr/local/bin/uevent-inject"
 k label node "$NODE" unwedge.io/gpu=true >/dev/null
 lap "fake device plugin ready"
 

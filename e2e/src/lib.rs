@@ -2,7 +2,7 @@
 pub mod cluster;
 pub mod fakesysfs;
 pub mod fleet;
-pub mod inject;
+pub use uevent_inject as inject;
 pub mod netns;
 pub mod podresources_server;
 pub mod recorder;

@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use e2e::inject;
+use uevent_inject as inject;
 
 /// Inject a WEDGED uevent through the kernel's uevent_net_rcv.
 #[derive(Parser, Debug)]
