@@ -114,7 +114,7 @@ impl Metrics {
             "What start-up reconciliation found",
             startup_findings.clone(),
         );
-        Self {
+        let m = Self {
             registry,
             uevents_received,
             netlink_overruns,
@@ -125,6 +125,26 @@ impl Metrics {
             api_errors,
             startup_findings,
             ready: AtomicBool::new(false),
+        };
+        m.preinitialise();
+        m
+    }
+
+    /// Creates the label sets dashboards and alerts query, so each series exists at zero
+    /// before its first event (prometheus-client prints nothing for an unused label set).
+    fn preinitialise(&self) {
+        for kind in ["wedge", "ignored", "malformed", "foreign"] {
+            let _ = self
+                .uevents_received
+                .get_or_create(&KindLabel { kind: kind.into() });
+        }
+        for method in ["none", "rebind", "bus-reset", "reboot"] {
+            for result in ["Started", "Blocked", "Succeeded", "Failed"] {
+                let _ = self.attempts.get_or_create(&AttemptLabels {
+                    method: method.into(),
+                    result: result.into(),
+                });
+            }
         }
     }
 
@@ -226,6 +246,23 @@ mod tests {
             "unwedge_agent_api_errors_total",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn dashboard_series_exist_at_zero() {
+        let text = Metrics::new().encode();
+        for kind in ["wedge", "ignored", "malformed", "foreign"] {
+            let s = format!("unwedge_agent_uevents_received_total{{kind=\"{kind}\"}} 0");
+            assert!(text.contains(&s), "{s} missing from:\n{text}");
+        }
+        for method in ["none", "rebind", "bus-reset", "reboot"] {
+            for result in ["Started", "Blocked", "Succeeded", "Failed"] {
+                let s = format!(
+                    "unwedge_agent_attempts_total{{method=\"{method}\",result=\"{result}\"}} 0"
+                );
+                assert!(text.contains(&s), "{s} missing from:\n{text}");
+            }
         }
     }
 }
