@@ -7,9 +7,14 @@
 #   e2e/kind/run.sh helm_install wedge_rebind   # only these (helm_install always runs first)
 #   KIND_NODE_IMAGE=kindest/node:v1.37.2 e2e/kind/run.sh   # stock node image, registry access
 #
-# Output: "timing:" lines per step, then one line per scenario: PASS, FAIL or NOT IMPLEMENTED.
-# Exit status: 0 all scenarios passed; 1 a scenario or a step failed; 3 none failed but some
-# are not implemented (a not implemented scenario never counts as passed).
+# Output: "timing:" lines per step, `kubectl get pods -A` of the running cluster, then one line
+# per scenario: PASS or FAIL. Exit status: 0 only when every selected scenario passed; 1 otherwise
+# (a failed step, a failed scenario, an unknown scenario name).
+#
+# Safety: the reboot rung never runs here. The kind install leaves reboot out of the policy's
+# allowed methods and escalation, and sets the agent's reboot mode to `command` (the agent's image
+# has no shell, so even a reboot approval could only fail). Besides, the suite stops unless the
+# agent's PID namespace is the kind node's own, not this machine's.
 set -euo pipefail
 . "$(cd "$(dirname "$0")" && pwd)/lib.sh"
 ROOT=$(cd "$E2E_DIR/.." && pwd)
@@ -57,11 +62,10 @@ summary() {
   for s in "${SCENARIOS[@]}"; do
     if [[ " ${selected[*]} " != *" $s "* ]]; then echo "not selected: $s"; continue; fi
     echo "${RESULT[$s]:-NOT RUN}: $s"
-    case "${RESULT[$s]:-NOT RUN}" in
-      PASS) ;;
-      "NOT IMPLEMENTED") [ $st = 1 ] || st=3 ;;
-      *) st=1 ;;
-    esac
+    [ "${RESULT[$s]:-NOT RUN}" = PASS ] || st=1
+  done
+  for s in "${selected[@]}"; do
+    [[ " ${SCENARIOS[*]} " == *" $s "* ]] || { echo "UNKNOWN: $s"; st=1; }
   done
   [ $failed = 0 ] || st=1
   exit_status=$st
@@ -81,59 +85,66 @@ wait_until() { # wait_until <seconds> cmd...
   local end=$(( $(date +%s) + $1 )); shift
   until "$@" >/dev/null 2>&1; do [ "$(date +%s)" -lt $end ] || return 1; sleep 1; done
 }
+# The helm flags of the kind install: local images, the fake sysfs and /dev trees as the agent's
+# host paths, and no reboot rung (see Safety above).
+HELM_SET=(
+  --set agent.image.tag=dev --set agent.image.pullPolicy=Never
+  --set operator.image.tag=dev --set operator.image.pullPolicy=Never
+  --set agent.sysfsHostPath=/var/lib/unwedge-fake/sysfs --set agent.devHostPath=/var/lib/unwedge-fake/dev
+  --set agent.reboot.mode=command --set-string agent.reboot.command=false
+  --set "defaultPolicy.allowedMethods={rebind,bus-reset}" --set "defaultPolicy.escalation={rebind,bus-reset}"
+)
+dev() { # dev N: sets card, bdf, bridge and label of fake GPU N (card0 = 0000:03:00.0 behind 0000:00:01.0)
+  card=card$1
+  printf -v bdf '0000:%02x:00.0' $((3 + $1))
+  printf -v bridge '0000:00:%02x.0' $((1 + $1))
+  label=${bdf//:/-}
+}
 pod_holding() { # the namespace/pod the real kubelet reports holding BDF $1
   ne podresources-list | awk -v b="$1" '$3 == "unwedge.io/fake-gpu" && $4 == b { print $1 }'
 }
-agent_pid() { # the agent container's main process, as a PID of the node's namespace
-  local pod cid
-  pod=$(k -n $NS get pod -l app.kubernetes.io/component=agent -o jsonpath='{.items[0].metadata.name}')
-  cid=$(k -n $NS get pod "$pod" -o jsonpath='{.status.containerStatuses[0].containerID}')
+agent_pod() { # the running agent pod (not one being deleted)
+  k -n $NS get pod -l app.kubernetes.io/component=agent -o json |
+    jq -r '[.items[] | select(.metadata.deletionTimestamp == null and .status.phase == "Running")][0].metadata.name // empty'
+}
+container_pid() { # container_pid <ns> <pod>: the main process of its first container, as a PID of the node's namespace
+  local cid
+  cid=$(k -n "$1" get pod "$2" -o jsonpath='{.status.containerStatuses[0].containerID}')
+  [ -n "$cid" ] || return 1
   ne crictl inspect "${cid#containerd://}" | jq -r .info.pid
 }
+agent_pid() { container_pid $NS "$(agent_pod)"; }
 journal_count() { # lines of the fake sysfs journal whose file ends with $1 and value is $2
   awk -F'\t' -v f="$1" -v v="$2" 'substr($2, length($2) - length(f) + 1) == f && $3 == v' \
     "$RUN/fake/journal.log" 2>/dev/null | wc -l
 }
+journal_lines_of() { # lines of the fake sysfs journal that name BDF $1 (in the file or the value)
+  grep -c -F "$1" "$RUN/fake/journal.log" 2>/dev/null || true
+}
 inject() { # inject <cardN> <bdf> <bridge> <methods> [extra uevent-inject args...]
   local card=$1 bdf=$2 bridge=$3 methods=$4; shift 4
   local pid; pid=$(agent_pid)
+  [ -n "$pid" ] && [ "$pid" != null ] || { echo "  no agent process to inject into"; return 1; }
   ne nsenter -n -t "$pid" /usr/local/bin/uevent-inject \
     --devpath "/devices/pci0000:00/$bridge/$bdf/drm/$card" --card "$card" --methods "$methods" "$@"
 }
-
-# --- scenarios -----------------------------------------------------------------------------
-s_helm_install() {
-  local out
-  out=$("$HELM" install $RELEASE "$ROOT/charts/unwedge" -n $NS --create-namespace \
-    --set agent.image.tag=dev --set agent.image.pullPolicy=Never \
-    --set operator.image.tag=dev --set operator.image.pullPolicy=Never \
-    --post-renderer "$KIND_DIR/helm-post-render.sh" --wait --timeout 3m 2>&1) || { echo "$out"; return 1; }
-  echo "$out" | sed 's/^/  helm: /'
-  expect "helm printed NOTES" grep -q '^NOTES:' <<<"$out"
-  expect "agent DaemonSet: 1 pod Ready on $NODE" \
-    wait_until 120 sh -c "[ \"\$(kubectl -n $NS get ds $RELEASE-agent -o jsonpath='{.status.numberReady}')\" = 1 ]"
-  expect "operator Deployment 2/2 Ready" \
-    wait_until 120 sh -c "[ \"\$(kubectl -n $NS get deploy $RELEASE-operator -o jsonpath='{.status.readyReplicas}')\" = 2 ]"
-  local holder pods
-  wait_until 60 sh -c "[ -n \"\$(kubectl -n $NS get lease unwedge-operator -o jsonpath='{.spec.holderIdentity}')\" ]" || true
-  holder=$(k -n $NS get lease unwedge-operator -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)
-  pods=$(k -n $NS get pod -l app.kubernetes.io/component=operator -o jsonpath='{.items[*].metadata.name}')
-  expect "exactly one Lease holder ('$holder'), one of the operator pods ($pods)" \
-    sh -c "[ -n '$holder' ] && [ \$(echo '$pods' | tr ' ' '\n' | grep -c -x -F '$holder') = 1 ]"
-  local apod metrics
-  apod=$(k -n $NS get pod -l app.kubernetes.io/component=agent -o jsonpath='{.items[0].metadata.name}')
-  metrics=$(k get --raw "/api/v1/namespaces/$NS/pods/$apod:9101/proxy/metrics" 2>&1 || true)
-  expect "agent /metrics answers with Prometheus text" grep -q '^# \(HELP\|TYPE\) ' <<<"$metrics"
-  local opod
-  opod=$(k -n $NS get pod -l app.kubernetes.io/component=operator -o jsonpath='{.items[0].metadata.name}')
-  metrics=$(k get --raw "/api/v1/namespaces/$NS/pods/$opod:9100/proxy/metrics" 2>&1 || true)
-  expect "operator /metrics answers with Prometheus text" grep -q '^# \(HELP\|TYPE\) ' <<<"$metrics"
-  expect "kubectl get gw works" k get gw
+gw_of() { # the GpuWedge of device label $1 created after the scenario began (waits up to 60s)
+  local known=${2:-}
+  wait_until 60 sh -c "kubectl get gw -l unwedge.io/device=$1 -o name | grep -v -x -F -e '${known:-none}' | grep -q ." || true
+  k get gw -l unwedge.io/device="$1" -o name | grep -v -x -F -e "${known:-none}" | head -1 | sed 's#.*/##'
 }
-
-s_wedge_rebind() {
-  local card=card3 bdf=0000:06:00.0 bridge=0000:00:04.0 label=0000-06-00.0
-  # Eight one-GPU pods fill the node, so device 3 surely has a consumer.
+gw_phase() { k get gw "$1" -o jsonpath='{.status.phase}'; }
+wait_phase() { # wait_phase <gw> <phase> <seconds>
+  wait_until "$3" sh -c "[ \"\$(kubectl get gw $1 -o jsonpath='{.status.phase}')\" = $2 ]"
+}
+attempts() { # method=result lines of a GpuWedge's attempts
+  k get gw "$1" -o jsonpath='{range .status.attempts[*]}{.attempt} {.method}={.result}{"\n"}{end}'
+}
+node_clean() { # the node is schedulable and carries no cordoned-by annotation
+  [ -z "$(k get node $NODE -o jsonpath='{.spec.unschedulable}{.metadata.annotations.unwedge\.io/cordoned-by}')" ]
+}
+gpu_uids() { k get pods -l app=gpu-work -o jsonpath='{range .items[*]}{.metadata.uid}{"\n"}{end}' | sort; }
+gpu_work_up() { # eight one-GPU pods fill the node, so every fake GPU has a consumer
   k apply -f - >/dev/null <<EOF
 apiVersion: apps/v1
 kind: Deployment
@@ -152,42 +163,276 @@ spec:
         resources: {limits: {unwedge.io/fake-gpu: 1}}
 EOF
   expect "8 GPU pods Ready" k rollout status deploy/gpu-work --timeout=180s
-  local victim others before_journal
+}
+gpu_work_down() {
+  k delete deploy gpu-work --ignore-not-found --wait=true >/dev/null
+  wait_until 60 sh -c "[ -z \"\$(kubectl get pods -l app=gpu-work -o name)\" ]" || true
+}
+only_victim_gone() { # only_victim_gone <victim uid> <uids before>: the victim vanished, the 7 others did not
+  local victim_uid=$1 before=$2
+  expect "the evicted pod (uid $victim_uid) is really gone" \
+    wait_until 60 sh -c "! kubectl get pods -l app=gpu-work -o jsonpath='{.items[*].metadata.uid}' | grep -qw '$victim_uid'"
+  local others untouched
+  others=$(grep -v -x "$victim_uid" <<<"$before")
+  untouched=$(comm -12 <(echo "$others") <(gpu_uids) | grep -c . || true)
+  expect "the 7 other GPU pods were not touched (still there: $untouched)" [ "$untouched" = 7 ]
+}
+
+# --- scenarios -----------------------------------------------------------------------------
+s_helm_install() {
+  local out
+  out=$("$HELM" install $RELEASE "$ROOT/charts/unwedge" -n $NS --create-namespace "${HELM_SET[@]}" \
+    --wait --timeout 3m 2>&1) || { echo "$out"; return 1; }
+  echo "$out" | sed 's/^/  helm: /'
+  expect "helm printed NOTES" grep -q '^NOTES:' <<<"$out"
+  expect "agent DaemonSet: 1 pod Ready on $NODE" \
+    wait_until 120 sh -c "[ \"\$(kubectl -n $NS get ds $RELEASE-agent -o jsonpath='{.status.numberReady}')\" = 1 ]"
+  # Safety: hostPID must mean the kind node's PID namespace, never this machine's (Safety above).
+  local node_ns own_ns agent_ns apid
+  apid=$(agent_pid)
+  own_ns=$(readlink /proc/self/ns/pid)
+  node_ns=$(ne readlink /proc/1/ns/pid)
+  agent_ns=$(ne readlink "/proc/$apid/ns/pid")
+  if [ -z "$agent_ns" ] || [ "$agent_ns" != "$node_ns" ] || [ "$node_ns" = "$own_ns" ]; then
+    echo "  FAILED: the agent's PID namespace ($agent_ns) must be the kind node's ($node_ns), not this machine's ($own_ns): stopping"
+    exit 1
+  fi
+  echo "  ok: the agent's PID namespace is the kind node's ($node_ns), not this machine's ($own_ns)"
+  expect "operator Deployment 2/2 Ready" \
+    wait_until 120 sh -c "[ \"\$(kubectl -n $NS get deploy $RELEASE-operator -o jsonpath='{.status.readyReplicas}')\" = 2 ]"
+  local holder pods
+  wait_until 60 sh -c "[ -n \"\$(kubectl -n $NS get lease unwedge-operator -o jsonpath='{.spec.holderIdentity}')\" ]" || true
+  holder=$(k -n $NS get lease unwedge-operator -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)
+  pods=$(k -n $NS get pod -l app.kubernetes.io/component=operator -o jsonpath='{.items[*].metadata.name}')
+  expect "exactly one Lease holder ('$holder'), one of the operator pods ($pods)" \
+    sh -c "[ -n '$holder' ] && [ \$(echo '$pods' | tr ' ' '\n' | grep -c -x -F '$holder') = 1 ]"
+  local apod metrics
+  apod=$(agent_pod)
+  metrics=$(k get --raw "/api/v1/namespaces/$NS/pods/$apod:9101/proxy/metrics" 2>&1 || true)
+  expect "agent /metrics answers with Prometheus text" grep -q '^# \(HELP\|TYPE\) ' <<<"$metrics"
+  local opod
+  opod=$(k -n $NS get pod -l app.kubernetes.io/component=operator -o jsonpath='{.items[0].metadata.name}')
+  metrics=$(k get --raw "/api/v1/namespaces/$NS/pods/$opod:9100/proxy/metrics" 2>&1 || true)
+  expect "operator /metrics answers with Prometheus text" grep -q '^# \(HELP\|TYPE\) ' <<<"$metrics"
+  expect "kubectl get gw works" k get gw
+}
+
+s_wedge_rebind() {
+  local card bdf bridge label; dev 3
+  gpu_work_up
+  local victim before before_journal victim_uid
   victim=$(pod_holding $bdf)
   expect "the real kubelet reports a consumer of $bdf ($victim)" [ -n "$victim" ]
-  others=$(k get pods -l app=gpu-work -o jsonpath='{range .items[*]}{.metadata.uid}{"\n"}{end}' | sort)
-  local victim_uid; victim_uid=$(k get pod "${victim#default/}" -o jsonpath='{.metadata.uid}')
-  others=$(grep -v -x "$victim_uid" <<<"$others")
+  before=$(gpu_uids)
+  victim_uid=$(k get pod "${victim#default/}" -o jsonpath='{.metadata.uid}')
   before_journal=$(journal_count /bind $bdf)
 
   expect "uevent injected into the agent's network namespace" inject $card $bdf $bridge rebind,bus-reset
-  local gw=""
-  wait_until 60 sh -c "kubectl get gw -l unwedge.io/device=$label -o name | grep -q ." || true
-  gw=$(k get gw -l unwedge.io/device=$label -o jsonpath='{.items[0].metadata.name}' 2>/dev/null || true)
+  local gw; gw=$(gw_of $label)
   expect "a GpuWedge for $bdf exists ($gw)" [ -n "$gw" ]
   expect "its consumers list the pod the kubelet reports (${victim})" \
     wait_until 60 sh -c "kubectl get gw $gw -o jsonpath='{range .status.consumers[*]}{.namespace}/{.pod}{\"\\n\"}{end}' | grep -qx '$victim'"
-  expect "the GpuWedge reaches Recovered" \
-    wait_until 300 sh -c "[ \"\$(kubectl get gw $gw -o jsonpath='{.status.phase}')\" = Recovered ]"
-  expect "the consumer pod ($victim, uid $victim_uid) is really gone" \
-    wait_until 60 sh -c "! kubectl get pods -l app=gpu-work -o jsonpath='{.items[*].metadata.uid}' | grep -qw '$victim_uid'"
-  local now; now=$(k get pods -l app=gpu-work -o jsonpath='{range .items[*]}{.metadata.uid}{"\n"}{end}' | sort)
-  local untouched; untouched=$(comm -12 <(echo "$others") <(echo "$now") | grep -c . || true)
-  expect "the 7 other GPU pods were not touched (still there: $untouched)" [ "$untouched" = 7 ]
+  expect "the GpuWedge reaches Recovered" wait_phase $gw Recovered 300
+  only_victim_gone "$victim_uid" "$before"
   expect "unbind of $bdf journaled exactly once" [ "$(journal_count /unbind $bdf)" = 1 ]
   expect "bind of $bdf journaled exactly once more" [ "$(journal_count /bind $bdf)" = $((before_journal + 1)) ]
   expect "no reset written (rebind sufficed)" [ "$(journal_count $bdf/reset 1)" = 0 ]
-  expect "the attempt is Succeeded with method rebind" \
-    sh -c "kubectl get gw $gw -o jsonpath='{range .status.attempts[*]}{.method}={.result}{\"\\n\"}{end}' | grep -qx 'rebind=Succeeded'"
-  expect "the node is schedulable again and carries no cordoned-by annotation" \
-    wait_until 60 sh -c "[ -z \"\$(kubectl get node $NODE -o jsonpath='{.spec.unschedulable}{.metadata.annotations.unwedge\\.io/cordoned-by}')\" ]"
+  expect "the attempt is Succeeded with method rebind" sh -c "kubectl get gw $gw -o jsonpath='{range .status.attempts[*]}{.method}={.result}{\"\\n\"}{end}' | grep -qx 'rebind=Succeeded'"
+  expect "the node is schedulable again and carries no cordoned-by annotation" wait_until 60 node_clean
   expect "the Deployment's replacement pod is Running (8/8 ready)" k rollout status deploy/gpu-work --timeout=120s
   local holders; holders=$(ne podresources-list | grep -c '^default/gpu-work-.* unwedge.io/fake-gpu ' || true)
   expect "the real kubelet reports 8 gpu-work pods on fake GPUs again (got $holders)" [ "$holders" = 8 ]
-  k delete deploy gpu-work --wait=true >/dev/null
+  gpu_work_down
 }
 
-not_implemented() { echo "  not implemented yet: $1"; RESULT[$1]="NOT IMPLEMENTED"; }
+# WEDGED=none on card1 blaming a process of the pod on card5: EvictBlamed evicts exactly the pod
+# whose container holds the PID (EvictConsumers would have evicted card1's pod instead).
+s_none_blamed_pid() {
+  local card bdf bridge label; dev 5
+  local blamed_bdf=$bdf; dev 1
+  gpu_work_up
+  local blamed blamed_uid pid before lines_before watcher watchlog=$RUN/none-node-watch.log
+  blamed=$(pod_holding $blamed_bdf)
+  expect "the real kubelet reports a consumer of $blamed_bdf ($blamed)" [ -n "$blamed" ]
+  blamed_uid=$(k get pod "${blamed#default/}" -o jsonpath='{.metadata.uid}')
+  pid=$(container_pid default "${blamed#default/}")
+  expect "PID $pid (node's namespace) is the main process of $blamed's container" grep -qx '[0-9]*[0-9]' <<<"$pid"
+  before=$(gpu_uids)
+  lines_before=$(journal_lines_of $bdf)
+  k get node $NODE -w -o jsonpath='{.spec.unschedulable}/{.metadata.annotations.unwedge\.io/cordoned-by}{"\n"}' >"$watchlog" 2>&1 &
+  watcher=$!
+  trap 'kill $watcher 2>/dev/null || true' EXIT
+  expect "WEDGED=none PID=$pid injected for $bdf" inject $card $bdf $bridge none --pid "$pid" --task pause
+  local gw; gw=$(gw_of $label)
+  expect "a GpuWedge for $bdf exists ($gw)" [ -n "$gw" ]
+  expect "it names the blamed pod $blamed" \
+    wait_until 60 sh -c "[ \"\$(kubectl get gw $gw -o jsonpath='{.spec.blamed.pod.namespace}/{.spec.blamed.pod.name}')\" = '$blamed' ]"
+  expect "the GpuWedge reaches Recovered" wait_phase $gw Recovered 180
+  only_victim_gone "$blamed_uid" "$before"
+  kill "$watcher" 2>/dev/null || true; wait "$watcher" 2>/dev/null || true
+  expect "the node watch saw the node (got: $(head -c 200 "$watchlog"))" grep -q '^/' "$watchlog"
+  expect "the node was never cordoned (watched: $(sort -u "$watchlog" | tr '\n' ' '))" \
+    sh -c "! grep -q -e '^true' -e '/.' '$watchlog'"
+  expect "nothing was written to $bdf's sysfs" [ "$(journal_lines_of $bdf)" = "$lines_before" ]
+  expect "no attempt was approved" [ -z "$(attempts $gw)" ]
+  expect "the Deployment is 8/8 again" k rollout status deploy/gpu-work --timeout=120s
+  gpu_work_down
+}
+
+# An admin cordoned the node before the wedge: unwedge recovers the device but never uncordons a
+# node it did not cordon (DESIGN §4 invariant 3).
+s_admin_cordon_kept() {
+  local card bdf bridge label; dev 2
+  gpu_work_up
+  local victim victim_uid before binds
+  victim=$(pod_holding $bdf)
+  expect "the real kubelet reports a consumer of $bdf ($victim)" [ -n "$victim" ]
+  victim_uid=$(k get pod "${victim#default/}" -o jsonpath='{.metadata.uid}')
+  before=$(gpu_uids)
+  binds=$(journal_count /bind $bdf)
+  expect "an admin cordons $NODE" k cordon $NODE
+  expect "uevent injected" inject $card $bdf $bridge rebind,bus-reset
+  local gw; gw=$(gw_of $label)
+  expect "a GpuWedge for $bdf exists ($gw)" [ -n "$gw" ]
+  expect "the GpuWedge reaches Recovered" wait_phase $gw Recovered 300
+  only_victim_gone "$victim_uid" "$before"
+  expect "bind of $bdf journaled exactly once more" [ "$(journal_count /bind $bdf)" = $((binds + 1)) ]
+  sleep 5   # an uncordon would follow Recovered at once
+  expect "the node is still cordoned" [ "$(k get node $NODE -o jsonpath='{.spec.unschedulable}')" = true ]
+  expect "and carries no unwedge.io/cordoned-by annotation" \
+    [ -z "$(k get node $NODE -o jsonpath='{.metadata.annotations.unwedge\.io/cordoned-by}')" ]
+  expect "the replacement pod waits (Pending) on the cordoned node" \
+    sh -c "kubectl get pods -l app=gpu-work --field-selector=status.phase=Pending -o name | grep -q ."
+  k uncordon $NODE >/dev/null
+  expect "after the admin's uncordon the Deployment is 8/8 again" k rollout status deploy/gpu-work --timeout=120s
+  gpu_work_down
+}
+
+# The agent pod is deleted between the approval and the action: a process on the node (not a pod,
+# so no drain removes it) holds card4, the fd gate blocks the approved attempt, the agent pod is
+# deleted, the DaemonSet starts a new one; then the holder lets go. The independent journal of
+# the fake sysfs shows exactly one execution.
+s_agent_restart() {
+  local card bdf bridge label; dev 4
+  gpu_work_up
+  local holder_pidfile=/tmp/unwedge-kind-holder.pid
+  # A private mount namespace where the fake /dev is /dev, so the holder's fd reads /dev/dri/card4.
+  ne sh -c "rm -f $holder_pidfile; setsid unshare -m --propagation private sh -c 'mount --bind $FAKE_ROOT/dev /dev && echo \$\$ > $holder_pidfile && exec sleep 600 3</dev/dri/$card' >/dev/null 2>&1 </dev/null &"
+  expect "a node process holds /dev/dri/$card" wait_until 10 ne test -s $holder_pidfile
+  hpid=$(ne cat $holder_pidfile)   # global (this subshell's): the EXIT trap reads it
+  release_holder() { ne kill "$hpid" 2>/dev/null || true; }
+  trap release_holder EXIT
+  local unbinds binds old_agent
+  unbinds=$(journal_count /unbind $bdf); binds=$(journal_count /bind $bdf)
+  old_agent=$(agent_pod)
+  expect "uevent injected" inject $card $bdf $bridge rebind,bus-reset
+  local gw; gw=$(gw_of $label)
+  expect "a GpuWedge for $bdf exists ($gw)" [ -n "$gw" ]
+  expect "the approved attempt is Blocked by the fd gate (holder pid $hpid)" \
+    wait_until 240 sh -c "kubectl get gw $gw -o jsonpath='{range .status.attempts[*]}{.result}{\"\\n\"}{end}' | grep -qx Blocked"
+  local first; first=$(attempts $gw | head -1)
+  echo "  attempt: $first; message: $(k get gw $gw -o jsonpath='{.status.attempts[0].message}')"
+  expect "nothing written to $bdf yet" [ "$(journal_count /unbind $bdf)" = "$unbinds" ]
+  expect "the agent pod $old_agent is deleted" k -n $NS delete pod "$old_agent" --wait=true --timeout=90s
+  expect "the DaemonSet runs a new agent pod, Ready" \
+    wait_until 120 sh -c "[ \"\$(kubectl -n $NS get ds $RELEASE-agent -o jsonpath='{.status.numberReady}')\" = 1 ] && [ -n \"\$(kubectl -n $NS get pod -l app.kubernetes.io/component=agent -o name | grep -v -x 'pod/$old_agent')\" ]"
+  # The new agent finds attempt ${first%% *} in the state dir's journal as started but never acted on
+  # (still in the gate): it resumes the gate; had it begun acting, it would report Failed "agent
+  # restarted during the attempt; not re-executed". Either way nothing may be written yet.
+  sleep 10
+  echo "  after the restart: $(k get gw $gw -o jsonpath='{range .status.attempts[*]}{.attempt} {.method}={.result} ({.message}); {end}')"
+  expect "attempt ${first%% *} is not Succeeded while the holder holds $card" \
+    sh -c "! kubectl get gw $gw -o jsonpath='{range .status.attempts[*]}{.attempt} {.result}{\"\\n\"}{end}' | grep -qx '${first%% *} Succeeded'"
+  expect "still nothing written to $bdf while the holder holds $card" [ "$(journal_count /unbind $bdf)" = "$unbinds" ]
+  release_holder
+  expect "the GpuWedge reaches Recovered once the holder is gone" wait_phase $gw Recovered 300
+  echo "  attempts: $(attempts $gw | tr '\n' ';')"
+  expect "the journal shows one execution: one unbind of $bdf" [ "$(journal_count /unbind $bdf)" = $((unbinds + 1)) ]
+  expect "and one bind" [ "$(journal_count /bind $bdf)" = $((binds + 1)) ]
+  expect "exactly one attempt Succeeded" [ "$(attempts $gw | grep -c '=Succeeded$')" = 1 ]
+  expect "the node is schedulable again" wait_until 60 node_clean
+  expect "the Deployment is 8/8 again" k rollout status deploy/gpu-work --timeout=120s
+  gpu_work_down
+}
+
+# The operator's leader is deleted mid-drain: a PodDisruptionBudget holds the drain (evictions
+# refused), the leader pod is deleted, the other replica takes the Lease and finishes once the
+# budget is lifted.
+s_leader_failover() {
+  local card bdf bridge label; dev 6
+  gpu_work_up
+  k apply -f - >/dev/null <<EOF
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata: {name: gpu-work, namespace: default}
+spec:
+  maxUnavailable: 0
+  selector: {matchLabels: {app: gpu-work}}
+EOF
+  local victim victim_uid before binds
+  victim=$(pod_holding $bdf)
+  victim_uid=$(k get pod "${victim#default/}" -o jsonpath='{.metadata.uid}')
+  before=$(gpu_uids)
+  binds=$(journal_count /bind $bdf)
+  expect "uevent injected" inject $card $bdf $bridge rebind,bus-reset
+  local gw; gw=$(gw_of $label)
+  expect "a GpuWedge for $bdf exists ($gw)" [ -n "$gw" ]
+  expect "the GpuWedge is Draining (eviction refused by the PodDisruptionBudget)" wait_phase $gw Draining 120
+  local leader others
+  leader=$(k -n $NS get lease unwedge-operator -o jsonpath='{.spec.holderIdentity}')
+  others=$(k -n $NS get pod -l app.kubernetes.io/component=operator -o jsonpath='{.items[*].metadata.name}' | tr ' ' '\n' | grep -v -x -F "$leader")
+  expect "the leader $leader is one of the operator pods; the other is $others" [ -n "$leader" -a -n "$others" ]
+  sleep 3
+  expect "still Draining, $victim still there" sh -c "[ \"\$(kubectl get gw $gw -o jsonpath='{.status.phase}')\" = Draining ] && kubectl get pods -l app=gpu-work -o jsonpath='{.items[*].metadata.uid}' | grep -qw '$victim_uid'"
+  expect "the leader pod $leader is deleted" k -n $NS delete pod "$leader" --wait=false
+  expect "another operator pod takes the Lease" \
+    wait_until 120 sh -c "h=\$(kubectl -n $NS get lease unwedge-operator -o jsonpath='{.spec.holderIdentity}'); [ -n \"\$h\" ] && [ \"\$h\" != '$leader' ]"
+  local new; new=$(k -n $NS get lease unwedge-operator -o jsonpath='{.spec.holderIdentity}')
+  echo "  new leader: $new (the standby was: $others)"
+  expect "the new leader is the standby replica" [ "$new" = "$others" ]
+  expect "the budget is lifted" k delete pdb gpu-work
+  expect "the new leader finishes: the GpuWedge reaches Recovered" wait_phase $gw Recovered 300
+  only_victim_gone "$victim_uid" "$before"
+  expect "bind of $bdf journaled exactly once more" [ "$(journal_count /bind $bdf)" = $((binds + 1)) ]
+  expect "the node is schedulable again" wait_until 60 node_clean
+  expect "operator 2/2 Ready again" \
+    wait_until 120 sh -c "[ \"\$(kubectl -n $NS get deploy $RELEASE-operator -o jsonpath='{.status.readyReplicas}')\" = 2 ]"
+  expect "the Deployment is 8/8 again" k rollout status deploy/gpu-work --timeout=120s
+  gpu_work_down
+}
+
+# helm upgrade with changed values rolls the agent and operator; helm uninstall leaves nothing of
+# unwedge's but the CRDs (and the GpuWedge records they hold), and no node cordoned.
+s_helm_upgrade_uninstall() {
+  local out
+  out=$("$HELM" upgrade $RELEASE "$ROOT/charts/unwedge" -n $NS "${HELM_SET[@]}" \
+    --set agent.settle=5s --set operator.logFormat=text --wait --timeout 3m 2>&1) || { echo "$out"; return 1; }
+  expect "helm reports revision 2 deployed" sh -c "'$HELM' status $RELEASE -n $NS | grep -q '^REVISION: 2'"
+  expect "the agent DaemonSet runs with --settle=5s, 1 pod Ready" \
+    wait_until 120 sh -c "kubectl -n $NS get pod -l app.kubernetes.io/component=agent -o jsonpath='{.items[*].spec.containers[0].args}' | grep -q -e '--settle=5s' && [ \"\$(kubectl -n $NS get ds $RELEASE-agent -o jsonpath='{.status.updatedNumberScheduled}/{.status.numberReady}')\" = 1/1 ]"
+  expect "the operator runs with --log-format=text, 2/2 Ready" \
+    wait_until 180 sh -c "[ \"\$(kubectl -n $NS get deploy $RELEASE-operator -o jsonpath='{.status.updatedReplicas}/{.status.readyReplicas}/{.status.replicas}')\" = 2/2/2 ] && kubectl -n $NS get deploy $RELEASE-operator -o jsonpath='{.spec.template.spec.containers[0].args}' | grep -q -e '--log-format=text'"
+  expect "kubectl get gw still works" k get gw
+  out=$("$HELM" uninstall $RELEASE -n $NS --wait --timeout 3m 2>&1) || { echo "$out"; return 1; }
+  echo "$out" | sed 's/^/  helm: /'
+  expect "no pods left in $NS" wait_until 120 sh -c "[ -z \"\$(kubectl -n $NS get pods -o name)\" ]"
+  local kinds left
+  kinds=$(k api-resources --verbs=list -o name | grep -v -x -e events -e events.events.k8s.io | paste -sd, -)
+  left=$(k get "$kinds" -A -o json 2>/dev/null | jq -r '.items[]
+      | select((.metadata.labels["app.kubernetes.io/instance"] == "unwedge")
+               or (.metadata.name | test("unwedge"))
+               or (.metadata.namespace == "unwedge-system"))
+      | select(.kind != "CustomResourceDefinition" and .kind != "GpuWedge" and .kind != "Namespace")
+      | select(.kind != "ConfigMap" or .metadata.name != "kube-root-ca.crt")
+      | select(.kind != "ServiceAccount" or .metadata.name != "default")
+      | "\(.kind)/\(.metadata.namespace // "-")/\(.metadata.name)"')
+  expect "nothing of unwedge's is left but the CRDs (left: ${left:-nothing})" [ -z "$left" ]
+  expect "the CRDs stay" sh -c "kubectl get crd -o name | grep -q 'unwedge.io'"
+  expect "no node is cordoned" sh -c "[ -z \"\$(kubectl get nodes -o jsonpath='{.items[*].spec.unschedulable}')\" ]"
+  expect "no node carries unwedge.io/cordoned-by" \
+    sh -c "! kubectl get nodes -o jsonpath='{.items[*].metadata.annotations}' | grep -q cordoned-by"
+}
+
 
 # --- prerequisites ------------------------------------------------------------------------
 selected=("$@")
@@ -204,12 +449,9 @@ lap "fake device plugin image"
 [ -x "$ROOT/images/build.sh" ] || die "images/build.sh is missing: the unwedge images cannot be built"
 "$ROOT/images/build.sh" dev >&2
 lap "unwedge images"
-have_inject=0
-if ( cd "$ROOT" && cargo build -q -p uevent-inject --release --target $MUSL --bin uevent-inject ) >&2; then
-  have_inject=1
-else
-  log "uevent-inject could not be built: the injection scenarios will FAIL"
-fi
+# Built every run (cargo rebuilds what changed), like the images above: never a stale binary.
+( cd "$ROOT" && cargo build -q -p uevent-inject --release --target $MUSL --bin uevent-inject ) >&2 \
+  || die "uevent-inject could not be built"
 lap "uevent-inject"
 
 export KUBECONFIG
@@ -222,16 +464,17 @@ k -n kube-system rollout status ds/fake-device-plugin --timeout=120s >/dev/null
 wait_until 60 sh -c "[ \"\$(kubectl get node $NODE -o jsonpath='{.status.allocatable.unwedge\\.io/fake-gpu}')\" = 8 ]" \
   || die "the node does not offer 8 unwedge.io/fake-gpu"
 docker cp "$KIND_WORK/fake-device-plugin/podresources-list" "$NODE:/usr/local/bin/podresources-list"
-[ $have_inject = 0 ] || docker cp "${CARGO_TARGET_DIR:-$ROOT/target}/$MUSL/release/uevent-inject" "$NODE:/usr/local/bin/uevent-inject"
+docker cp "${CARGO_TARGET_DIR:-$ROOT/target}/$MUSL/release/uevent-inject" "$NODE:/usr/local/bin/uevent-inject"
 k label node "$NODE" unwedge.io/gpu=true >/dev/null
 lap "fake device plugin ready"
 
 for s in "${selected[@]}"; do
   echo "=== scenario $s"
-  if ! declare -F "s_$s" >/dev/null; then not_implemented "$s"; continue; fi
+  if ! declare -F "s_$s" >/dev/null; then echo "  no such scenario: $s"; RESULT[$s]=FAIL; failed=1; continue; fi
   if [ "$s" != helm_install ] && [ "${RESULT[helm_install]:-}" != PASS ]; then
     echo "  skipped: helm_install did not pass"; RESULT[$s]="FAIL (helm_install failed)"; failed=1; continue
   fi
+  if [ "$s" = helm_upgrade_uninstall ]; then echo "--- kubectl get pods -A (before the uninstall)"; k get pods -A -o wide; fi
   if ( "s_$s" ); then RESULT[$s]=PASS; else RESULT[$s]=FAIL; failed=1; fi
   lap "scenario $s"
 done
