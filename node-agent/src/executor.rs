@@ -783,7 +783,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                 let (b, d) = (bdf.clone(), driver.clone());
                 blocking(move || {
                     if host.driver_of(&b).is_some() {
-                        host.unbind(&b, &d)?;
+                        unbind_confirmed(host.as_ref(), &b, &d)?;
                     }
                     host.bind(&b, &d)
                 })
@@ -794,7 +794,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                 let (b, d) = (bdf.clone(), driver.clone());
                 let done = blocking(move || {
                     if host.driver_of(&b).is_some() {
-                        host.unbind(&b, &d)?;
+                        unbind_confirmed(host.as_ref(), &b, &d)?;
                     }
                     match host.pci_reset(&b) {
                         Ok(used) => {
@@ -898,6 +898,30 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
             self.cfg.settle
         ))
     }
+}
+
+/// How long an unbind may take to show in sysfs before the attempt fails.
+const UNBIND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Unbinds and waits until sysfs shows the device without a driver, so the bind that follows
+/// never races a driver still going away (a driver whose remove failed or hangs fails the
+/// attempt here with a clear message instead of a bind that silently did nothing).
+fn unbind_confirmed<H: HostActions + ?Sized>(
+    host: &H,
+    bdf: &str,
+    driver: &str,
+) -> Result<(), crate::host::HostError> {
+    host.unbind(bdf, driver)?;
+    let deadline = Instant::now() + UNBIND_TIMEOUT;
+    while host.driver_of(bdf).is_some() {
+        if Instant::now() >= deadline {
+            return Err(crate::host::HostError::Command(format!(
+                "{bdf} still bound to {driver} {UNBIND_TIMEOUT:?} after the unbind write"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 async fn blocking<T: Send + 'static>(

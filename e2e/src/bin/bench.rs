@@ -1,0 +1,104 @@
+//! `cargo run -p e2e --release --bin bench -- <scenario> [--short]`: the benchmarks of issue 17
+//! on the real local control plane (see `e2e::bench` and docs/benchmarks.md). Needs root
+//! (network namespaces) and the pinned Kubernetes binaries (built on first use).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use e2e::bench;
+
+/// unwedge benchmarks.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    #[command(subcommand)]
+    scenario: Scenario,
+    /// Small sizes for CI; the invariants are still asserted.
+    #[arg(long, global = true)]
+    short: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Scenario {
+    /// Idle RSS/CPU/wakeups of the agent, then a flood of irrelevant uevents.
+    AgentFootprint {
+        /// Idle window, seconds (default 60; --short: 5).
+        #[arg(long)]
+        idle: Option<u64>,
+        /// Flood rate, uevents/s.
+        #[arg(long, default_value_t = 10_000)]
+        rate: u64,
+        /// Flood duration, seconds (default 10; --short: 1).
+        #[arg(long)]
+        flood: Option<u64>,
+    },
+    /// uevent → GpuWedge on a watch, beside raw creates (the floor).
+    DetectionLatency {
+        /// Events (default 1000; --short: 50).
+        #[arg(long)]
+        events: Option<usize>,
+    },
+    /// N simultaneous wedges on N nodes under a budget.
+    Storm {
+        /// Nodes (default 1000; --short: 20).
+        #[arg(long)]
+        nodes: Option<usize>,
+        /// maxUnavailable (default 50; --short: 5).
+        #[arg(long)]
+        budget: Option<usize>,
+        /// Extra kwok nodes to watch afterwards (default 10000; --short: 0).
+        #[arg(long)]
+        watch_nodes: Option<usize>,
+    },
+    /// Device-scoped drain vs kubectl drain of one node.
+    Drain {
+        /// Pods on the node (default 100; --short: 20).
+        #[arg(long)]
+        pods: Option<usize>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let short = args.short;
+    let pick = |v: Option<u64>, full: u64, small: u64| v.unwrap_or(if short { small } else { full });
+    let pick_n =
+        |v: Option<usize>, full: usize, small: usize| v.unwrap_or(if short { small } else { full });
+    let res = match args.scenario {
+        Scenario::AgentFootprint { idle, rate, flood } => {
+            bench::footprint::run(
+                Duration::from_secs(pick(idle, 60, 5)),
+                rate,
+                Duration::from_secs(pick(flood, 10, 1)),
+                short,
+            )
+            .await
+        }
+        Scenario::DetectionLatency { events } => {
+            bench::latency::run(pick_n(events, 1000, 50), short).await
+        }
+        Scenario::Storm {
+            nodes,
+            budget,
+            watch_nodes,
+        } => {
+            bench::storm::run(bench::storm::Options {
+                nodes: pick_n(nodes, 1000, 20),
+                budget: pick_n(budget, 50, 5),
+                watch_nodes: pick_n(watch_nodes, 10_000, 0),
+                short,
+            })
+            .await
+        }
+        Scenario::Drain { pods } => bench::drain::run(pick_n(pods, 100, 20), short).await,
+    };
+    match res.and_then(|r| r.save()) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
