@@ -7,3 +7,4 @@ pub mod netns;
 pub mod podresources_server;
 pub mod recorder;
 pub mod demo;
+pub mod bench;
