@@ -146,7 +146,10 @@ pub async fn run(pods: usize, short: bool) -> anyhow::Result<Report> {
     // The PodResources server must report the 8 GPU holders before the wedge.
     let deadline = Instant::now() + Duration::from_secs(30);
     while sc.fleet.sim(NODE).podres.holders().len() < gpus.len() {
-        anyhow::ensure!(Instant::now() < deadline, "PodResources does not list 8 holders");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "PodResources does not list 8 holders"
+        );
         super::sleep(Duration::from_millis(200)).await;
     }
     rep.note(format!(

@@ -15,7 +15,12 @@ use super::{Report, cpu_percent, sample};
 use crate::fleet::{Fleet, NodeSpec};
 
 /// Runs the scenario: `idle` window, then `rate` uevents/s for `flood`.
-pub async fn run(idle: Duration, rate: u64, flood: Duration, short: bool) -> anyhow::Result<Report> {
+pub async fn run(
+    idle: Duration,
+    rate: u64,
+    flood: Duration,
+    short: bool,
+) -> anyhow::Result<Report> {
     let mut rep = Report::new("agent-footprint", short);
     let (cp, bins) = super::control_plane(short).await?;
     let mut fleet = Fleet::new(&cp, bins).await?;
@@ -36,8 +41,18 @@ pub async fn run(idle: Duration, rate: u64, flood: Duration, short: bool) -> any
     super::sleep(idle).await;
     let b = sample(pid)?;
     let secs = idle.as_secs_f64();
-    rep.fig("idle RSS (VmRSS)", b.rss_kib as f64 / 1024.0, "MiB", "goal ≤ 8 MiB");
-    rep.fig("idle peak RSS (VmHWM)", b.hwm_kib as f64 / 1024.0, "MiB", "since start");
+    rep.fig(
+        "idle RSS (VmRSS)",
+        b.rss_kib as f64 / 1024.0,
+        "MiB",
+        "goal ≤ 8 MiB",
+    );
+    rep.fig(
+        "idle peak RSS (VmHWM)",
+        b.hwm_kib as f64 / 1024.0,
+        "MiB",
+        "since start",
+    );
     rep.fig(
         "idle CPU",
         cpu_percent(&a, &b),
@@ -86,11 +101,29 @@ pub async fn run(idle: Duration, rate: u64, flood: Duration, short: bool) -> any
         "flood: uevents sent",
         sent as f64 / took.as_secs_f64(),
         "uevents/s",
-        &format!("{sent} irrelevant (SUBSYSTEM=usb) uevents in {:.2} s", took.as_secs_f64()),
+        &format!(
+            "{sent} irrelevant (SUBSYSTEM=usb) uevents in {:.2} s",
+            took.as_secs_f64()
+        ),
     );
-    rep.fig("flood: agent CPU", cpu_percent(&c, &d), "% of one core", "during the flood");
-    rep.fig("flood: RSS after", d.rss_kib as f64 / 1024.0, "MiB", "VmRSS");
-    rep.fig("flood: peak RSS", d.hwm_kib as f64 / 1024.0, "MiB", "VmHWM since start");
+    rep.fig(
+        "flood: agent CPU",
+        cpu_percent(&c, &d),
+        "% of one core",
+        "during the flood",
+    );
+    rep.fig(
+        "flood: RSS after",
+        d.rss_kib as f64 / 1024.0,
+        "MiB",
+        "VmRSS",
+    );
+    rep.fig(
+        "flood: peak RSS",
+        d.hwm_kib as f64 / 1024.0,
+        "MiB",
+        "VmHWM since start",
+    );
     rep.fig(
         "flood: voluntary context switches",
         (d.voluntary - c.voluntary) as f64,
@@ -133,7 +166,10 @@ pub async fn run(idle: Duration, rate: u64, flood: Duration, short: bool) -> any
         "WEDGED after the flood reported",
         t0.elapsed().as_secs_f64() * 1000.0,
         "ms",
-        &format!("GpuWedge {} (polled every 20 ms)", w.metadata.name.unwrap_or_default()),
+        &format!(
+            "GpuWedge {} (polled every 20 ms)",
+            w.metadata.name.unwrap_or_default()
+        ),
     );
     anyhow::ensure!(
         fleet.node(node).agent_pid().is_some(),

@@ -217,12 +217,7 @@ pub async fn run(events: usize, short: bool) -> anyhow::Result<Report> {
         rep.fig(&format!("{what} max"), pct(v, 100.0), "ms", desc);
     }
     let ratio = pct(&agent_ms, 99.0) / pct(&floor_ms, 99.0);
-    rep.fig(
-        "agent p99 / floor p99",
-        ratio,
-        "×",
-        "goal ≤ 2",
-    );
+    rep.fig("agent p99 / floor p99", ratio, "×", "goal ≤ 2");
     let n_ok = agent_ms.len();
     anyhow::ensure!(
         n_ok == events && floor_ms.len() == events,

@@ -126,7 +126,11 @@ pub fn machine() -> String {
         .and_then(|s| {
             s.lines()
                 .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<u64>().ok())
+                })
         })
         .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -318,7 +322,9 @@ pub async fn control_plane(short: bool) -> anyhow::Result<(ControlPlane, crate::
     let bins = tokio::task::spawn_blocking(crate::fleet::Bins::build)
         .await
         .context("build the binaries")??;
-    let cp = ControlPlane::start().await.context("start the control plane")?;
+    let cp = ControlPlane::start()
+        .await
+        .context("start the control plane")?;
     cp.apply_crds().await.context("apply the CRDs")?;
     Ok((cp, bins))
 }

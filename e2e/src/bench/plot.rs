@@ -113,8 +113,7 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("p.png");
-        nodes_under_recovery(&out, &[(0.1, 3), (0.5, 5), (2.0, 2), (3.0, 0)], 5, 20, 3.0)
-            .unwrap();
+        nodes_under_recovery(&out, &[(0.1, 3), (0.5, 5), (2.0, 2), (3.0, 0)], 5, 20, 3.0).unwrap();
         let bytes = std::fs::read(&out).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
         assert!(bytes.len() > 5_000, "a plot with text and lines");

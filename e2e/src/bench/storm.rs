@@ -137,10 +137,9 @@ impl Tracker {
                         s.push_series(t);
                     }
                     Ok(watcher::Event::Delete(w)) => {
-                        if let Some(n) = &w.metadata.name {
-                            if let Some(e) = s.wedges.get_mut(n) {
-                                e.holds = false;
-                            }
+                        if let Some(e) = w.metadata.name.as_ref().and_then(|n| s.wedges.get_mut(n))
+                        {
+                            e.holds = false;
                         }
                         s.push_series(t);
                     }
@@ -193,9 +192,11 @@ impl Tracker {
             changed,
             tasks: vec![t1, t2],
         };
-        tr.wait("the tracker's initial lists", Duration::from_secs(60), |s| {
-            s.ready >= 2
-        })
+        tr.wait(
+            "the tracker's initial lists",
+            Duration::from_secs(60),
+            |s| s.ready >= 2,
+        )
         .await?;
         Ok(tr)
     }
@@ -342,10 +343,15 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     ))?;
     drop(inj);
     tracker
-        .wait_wedges("the solo wedge Recovered", t0, Duration::from_secs(180), |ws| {
-            ws.iter()
-                .any(|w| w.node == "storm-solo" && w.phase == Phase::Recovered)
-        })
+        .wait_wedges(
+            "the solo wedge Recovered",
+            t0,
+            Duration::from_secs(180),
+            |ws| {
+                ws.iter()
+                    .any(|w| w.node == "storm-solo" && w.phase == Phase::Recovered)
+            },
+        )
         .await
         .map_err(|e| anyhow::anyhow!("{e:#}\n{}", sc.fail("solo recovery")))?;
     let one = tracker
@@ -374,7 +380,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 for p in &pids {
                     if let Ok(s) = sample(*p) {
-                        sampling.lock().unwrap_or_else(|e| e.into_inner()).push((*p, s));
+                        sampling
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((*p, s));
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -465,7 +474,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let cordons = tracker.cordons_since(t_storm);
     let first_wave = b.min(n);
     if cordons.len() >= first_wave {
-        let t = cordons[first_wave - 1].0.duration_since(t_storm).as_secs_f64();
+        let t = cordons[first_wave - 1]
+            .0
+            .duration_since(t_storm)
+            .as_secs_f64();
         rep.fig(
             "admission + cordon rate, first wave",
             first_wave as f64 / t,
@@ -520,8 +532,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     // Operator figures: the leader is the one that used the CPU.
     let samples = sampling.lock().unwrap_or_else(|e| e.into_inner()).clone();
     for (i, p) in op_pids.iter().enumerate() {
-        let mine: Vec<&super::ProcSample> =
-            samples.iter().filter(|(q, _)| q == p).map(|(_, s)| s).collect();
+        let mine: Vec<&super::ProcSample> = samples
+            .iter()
+            .filter(|(q, _)| q == p)
+            .map(|(_, s)| s)
+            .collect();
         let (Some(a), Some(z)) = (op_before.get(i), mine.last()) else {
             continue;
         };
@@ -602,7 +617,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         let appr: Vec<_> = approvals.iter().filter(|a| &a.node == name).collect();
         let rebinds = appr.iter().filter(|a| a.method == "rebind").count();
         let want = 1;
-        let (u, bi) = (node.sysfs.count("unbind", bdf), node.sysfs.count("bind", bdf));
+        let (u, bi) = (
+            node.sysfs.count("unbind", bdf),
+            node.sysfs.count("bind", bdf),
+        );
         if appr.len() != want || rebinds != want || u != want || bi != want {
             errs.push(format!(
                 "node {name}: {} approvals ({rebinds} rebind), journal {u} unbind / {bi} bind (want {want} each)",
@@ -688,7 +706,10 @@ async fn watched_nodes(
         "watched kwok nodes created",
         made as f64,
         "nodes",
-        &format!("in {:.1} s (16 concurrent creates)", t.elapsed().as_secs_f64()),
+        &format!(
+            "in {:.1} s (16 concurrent creates)",
+            t.elapsed().as_secs_f64()
+        ),
     );
     if let Err(e) = res {
         rep.note(format!("node creation stopped after {made} nodes: {e:#}"));

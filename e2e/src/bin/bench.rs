@@ -63,7 +63,8 @@ enum Scenario {
 async fn main() -> ExitCode {
     let args = Args::parse();
     let short = args.short;
-    let pick = |v: Option<u64>, full: u64, small: u64| v.unwrap_or(if short { small } else { full });
+    let pick =
+        |v: Option<u64>, full: u64, small: u64| v.unwrap_or(if short { small } else { full });
     let pick_n =
         |v: Option<usize>, full: usize, small: usize| v.unwrap_or(if short { small } else { full });
     let res = match args.scenario {
