@@ -894,13 +894,7 @@ impl Scenario {
         for _ in 0..300 {
             let p = pods.get(name).await?;
             let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-            let listed = self
-                .fleet
-                .node(node)
-                .podres
-                .holders()
-                .values()
-                .any(|v| *v == key);
+            let listed = self.fleet.node(node).podres.has_devices(ns, name);
             if running && (gpus == 0 || listed) {
                 return Ok(p);
             }

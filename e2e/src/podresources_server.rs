@@ -344,6 +344,16 @@ impl PodResourcesServer {
             .unwrap_or_else(|e| e.into_inner())
             .holders()
     }
+
+    /// Whether the pod `namespace/name` is listed with at least one device (several pods may
+    /// share one pinned device, so [`PodResourcesServer::holders`] cannot tell).
+    pub fn has_devices(&self, namespace: &str, name: &str) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(namespace, name)
+            .is_some_and(|p| p.containers.iter().any(|c| !c.devices.is_empty()))
+    }
 }
 
 impl Drop for PodResourcesServer {
