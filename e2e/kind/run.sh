@@ -162,7 +162,7 @@ spec:
         imagePullPolicy: Never
         resources: {limits: {unwedge.io/fake-gpu: 1}}
 EOF
-  expect "8 GPU pods Ready" k rollout status deploy/gpu-work --timeout=180s
+  expect "8 GPU pods Ready" sh -c "kubectl rollout status deploy/gpu-work --timeout=180s >/dev/null"
 }
 gpu_work_down() {
   k delete deploy gpu-work --ignore-not-found --wait=true >/dev/null
@@ -239,7 +239,7 @@ s_wedge_rebind() {
   expect "no reset written (rebind sufficed)" [ "$(journal_count $bdf/reset 1)" = 0 ]
   expect "the attempt is Succeeded with method rebind" sh -c "kubectl get gw $gw -o jsonpath='{range .status.attempts[*]}{.method}={.result}{\"\\n\"}{end}' | grep -qx 'rebind=Succeeded'"
   expect "the node is schedulable again and carries no cordoned-by annotation" wait_until 60 node_clean
-  expect "the Deployment's replacement pod is Running (8/8 ready)" k rollout status deploy/gpu-work --timeout=120s
+  expect "the Deployment's replacement pod is Running (8/8 ready)" sh -c "kubectl rollout status deploy/gpu-work --timeout=120s >/dev/null"
   local holders; holders=$(ne podresources-list | grep -c '^default/gpu-work-.* unwedge.io/fake-gpu ' || true)
   expect "the real kubelet reports 8 gpu-work pods on fake GPUs again (got $holders)" [ "$holders" = 8 ]
   gpu_work_down
@@ -251,7 +251,7 @@ s_none_blamed_pid() {
   local card bdf bridge label; dev 5
   local blamed_bdf=$bdf; dev 1
   gpu_work_up
-  local blamed blamed_uid pid before lines_before watcher watchlog=$RUN/none-node-watch.log
+  local blamed blamed_uid pid before lines_before watchlog=$RUN/none-node-watch.log
   blamed=$(pod_holding $blamed_bdf)
   expect "the real kubelet reports a consumer of $blamed_bdf ($blamed)" [ -n "$blamed" ]
   blamed_uid=$(k get pod "${blamed#default/}" -o jsonpath='{.metadata.uid}')
@@ -260,8 +260,8 @@ s_none_blamed_pid() {
   before=$(gpu_uids)
   lines_before=$(journal_lines_of $bdf)
   k get node $NODE -w -o jsonpath='{.spec.unschedulable}/{.metadata.annotations.unwedge\.io/cordoned-by}{"\n"}' >"$watchlog" 2>&1 &
-  watcher=$!
-  trap 'kill $watcher 2>/dev/null || true' EXIT
+  watcher=$!   # global (this subshell's): the EXIT trap reads it
+  trap 'kill ${watcher:-} 2>/dev/null || true' EXIT
   expect "WEDGED=none PID=$pid injected for $bdf" inject $card $bdf $bridge none --pid "$pid" --task pause
   local gw; gw=$(gw_of $label)
   expect "a GpuWedge for $bdf exists ($gw)" [ -n "$gw" ]
@@ -275,7 +275,7 @@ s_none_blamed_pid() {
     sh -c "! grep -q -e '^true' -e '/.' '$watchlog'"
   expect "nothing was written to $bdf's sysfs" [ "$(journal_lines_of $bdf)" = "$lines_before" ]
   expect "no attempt was approved" [ -z "$(attempts $gw)" ]
-  expect "the Deployment is 8/8 again" k rollout status deploy/gpu-work --timeout=120s
+  expect "the Deployment is 8/8 again" sh -c "kubectl rollout status deploy/gpu-work --timeout=120s >/dev/null"
   gpu_work_down
 }
 
@@ -290,7 +290,7 @@ s_admin_cordon_kept() {
   victim_uid=$(k get pod "${victim#default/}" -o jsonpath='{.metadata.uid}')
   before=$(gpu_uids)
   binds=$(journal_count /bind $bdf)
-  expect "an admin cordons $NODE" k cordon $NODE
+  expect "an admin cordons $NODE" sh -c "kubectl cordon $NODE >/dev/null"
   expect "uevent injected" inject $card $bdf $bridge rebind,bus-reset
   local gw; gw=$(gw_of $label)
   expect "a GpuWedge for $bdf exists ($gw)" [ -n "$gw" ]
@@ -304,7 +304,7 @@ s_admin_cordon_kept() {
   expect "the replacement pod waits (Pending) on the cordoned node" \
     sh -c "kubectl get pods -l app=gpu-work --field-selector=status.phase=Pending -o name | grep -q ."
   k uncordon $NODE >/dev/null
-  expect "after the admin's uncordon the Deployment is 8/8 again" k rollout status deploy/gpu-work --timeout=120s
+  expect "after the admin's uncordon the Deployment is 8/8 again" sh -c "kubectl rollout status deploy/gpu-work --timeout=120s >/dev/null"
   gpu_work_down
 }
 
@@ -320,7 +320,7 @@ s_agent_restart() {
   ne sh -c "rm -f $holder_pidfile; setsid unshare -m --propagation private sh -c 'mount --bind $FAKE_ROOT/dev /dev && echo \$\$ > $holder_pidfile && exec sleep 600 3</dev/dri/$card' >/dev/null 2>&1 </dev/null &"
   expect "a node process holds /dev/dri/$card" wait_until 10 ne test -s $holder_pidfile
   hpid=$(ne cat $holder_pidfile)   # global (this subshell's): the EXIT trap reads it
-  release_holder() { ne kill "$hpid" 2>/dev/null || true; }
+  release_holder() { ne kill "${hpid:-}" 2>/dev/null || true; }
   trap release_holder EXIT
   local unbinds binds old_agent
   unbinds=$(journal_count /unbind $bdf); binds=$(journal_count /bind $bdf)
@@ -351,7 +351,7 @@ s_agent_restart() {
   expect "and one bind" [ "$(journal_count /bind $bdf)" = $((binds + 1)) ]
   expect "exactly one attempt Succeeded" [ "$(attempts $gw | grep -c '=Succeeded$')" = 1 ]
   expect "the node is schedulable again" wait_until 60 node_clean
-  expect "the Deployment is 8/8 again" k rollout status deploy/gpu-work --timeout=120s
+  expect "the Deployment is 8/8 again" sh -c "kubectl rollout status deploy/gpu-work --timeout=120s >/dev/null"
   gpu_work_down
 }
 
@@ -397,7 +397,7 @@ EOF
   expect "the node is schedulable again" wait_until 60 node_clean
   expect "operator 2/2 Ready again" \
     wait_until 120 sh -c "[ \"\$(kubectl -n $NS get deploy $RELEASE-operator -o jsonpath='{.status.readyReplicas}')\" = 2 ]"
-  expect "the Deployment is 8/8 again" k rollout status deploy/gpu-work --timeout=120s
+  expect "the Deployment is 8/8 again" sh -c "kubectl rollout status deploy/gpu-work --timeout=120s >/dev/null"
   gpu_work_down
 }
 
