@@ -35,7 +35,7 @@ binaries:
 # The workspace binaries the end-to-end tests run as real processes (agent, operator, injector,
 # kubectl plugin). Built before the tests: cargo holds its lock while tests run.
 bins:
-	$(CARGO) build -p unwedge-agent -p unwedge-operator -p kubectl-unwedge -p e2e --bins
+	$(CARGO) build -p unwedge-agent -p unwedge-operator -p kubectl-unwedge -p uevent-inject -p e2e --bins
 
 # End to end on a real local control plane: foundation, admission, chart (helm lint/template/
 # install with Helm 3 and 4), kubectl plugin, observability, DRA, the scenarios.

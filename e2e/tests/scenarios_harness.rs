@@ -86,7 +86,9 @@ async fn fleet_harness_on_the_real_control_plane() {
     let bins = Bins {
         agent: "/nonexistent/unwedge-agent".into(),
         operator: "/nonexistent/unwedge-operator".into(),
-        inject: env!("CARGO_BIN_EXE_uevent-inject").into(),
+        inject: Bins::build()
+            .expect("the workspace binaries (`make bins` builds them)")
+            .inject,
     };
     let mut fleet = Fleet::new(&cp, bins).await.expect("fleet identities");
     eprintln!("RBAC and admission from: {}", fleet.identities());
