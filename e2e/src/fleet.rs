@@ -16,7 +16,6 @@ use anyhow::Context as _;
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::Client;
 use kube::api::{Api, PostParams};
-use serde::Deserialize as _;
 
 use crate::cluster::{ControlPlane, Proc, repo_root};
 use crate::fakesysfs::{FakeSysfs, Gpu};
@@ -372,7 +371,8 @@ pub struct Fleet {
     api_port: u16,
     server_url: String,
     ca_pem: String,
-    identities: &'static str,
+    identities: String,
+    operator_dra: String,
 }
 
 /// Writes one kubeconfig YAML for a bearer token.
@@ -389,9 +389,10 @@ impl Fleet {
     /// with [`Fleet::add_node`]; operators started with [`Fleet::start_operators`].
     pub async fn new(cp: &ControlPlane, bins: Bins) -> anyhow::Result<Fleet> {
         let client = cp.client().await?;
-        let identities = ensure_identities(cp, &client).await?;
+        let (identities, operator_dra) = ensure_identities(cp, &client).await?;
         Ok(Fleet {
             identities,
+            operator_dra,
             bins,
             nodes: BTreeMap::new(),
             operators: vec![],
@@ -405,9 +406,10 @@ impl Fleet {
         })
     }
 
-    /// Where the RBAC and admission policies came from: `chart` or `harness`.
-    pub fn identities(&self) -> &'static str {
-        self.identities
+    /// Where the RBAC and admission policies came from: `chart`, or `harness: <why the chart
+    /// could not be rendered>`.
+    pub fn identities(&self) -> &str {
+        &self.identities
     }
 
     /// The admin client.
@@ -536,6 +538,7 @@ impl Fleet {
                 SYSTEM_NS.into(),
                 "--identity".into(),
                 format!("operator-{i}"),
+                format!("--dra={}", self.operator_dra),
             ];
             let log = self.dir.path().join(format!("operator-{i}.log"));
             let p = Proc::spawn(&format!("operator-{i}"), Path::new("env"), &args, &log)?;
@@ -626,7 +629,7 @@ async fn create_agent_pod(client: &Client, node: &str) -> anyhow::Result<String>
 /// template charts/unwedge`, keeping ServiceAccounts, RBAC and ValidatingAdmissionPolicies),
 /// or, when the chart cannot be rendered, the harness's minimal RBAC ([`HARNESS_RBAC`]).
 /// Returns which one was applied.
-async fn ensure_identities(cp: &ControlPlane, client: &Client) -> anyhow::Result<&'static str> {
+async fn ensure_identities(cp: &ControlPlane, client: &Client) -> anyhow::Result<(String, String)> {
     let nss: Api<Namespace> = Api::all(client.clone());
     if nss.get_opt(SYSTEM_NS).await?.is_none() {
         nss.create(
@@ -636,15 +639,15 @@ async fn ensure_identities(cp: &ControlPlane, client: &Client) -> anyhow::Result
         .await?;
     }
     let file = cp.work_dir().join("fleet-identities.yaml");
-    let source = match chart_identities(cp) {
-        Ok(yaml) => {
+    let (source, dra) = match chart_identities(cp) {
+        Ok((yaml, dra)) => {
             std::fs::write(&file, yaml)?;
-            "chart"
+            ("chart".to_string(), dra)
         }
         Err(e) => {
             tracing::warn!("using the harness RBAC: cannot render the chart: {e:#}");
             std::fs::write(&file, HARNESS_RBAC)?;
-            "harness"
+            (format!("harness: {e:#}"), "auto".to_string())
         }
     };
     cp.apply_yaml_file(&file).await?;
@@ -658,11 +661,13 @@ async fn ensure_identities(cp: &ControlPlane, client: &Client) -> anyhow::Result
             .await?;
         }
     }
-    Ok(source)
+    Ok((source, dra))
 }
 
-/// The chart's ServiceAccounts, RBAC and admission policies, rendered by `helm template`.
-fn chart_identities(cp: &ControlPlane) -> anyhow::Result<String> {
+/// The chart's ServiceAccounts, RBAC and admission policies, rendered by `helm template`, and
+/// the operator's `--dra` value the chart rendered with them (its RBAC grants DRA rights only
+/// when that is `on`, so the operators here run with the same value).
+fn chart_identities(cp: &ControlPlane) -> anyhow::Result<(String, String)> {
     const KINDS: [&str; 7] = [
         "ServiceAccount",
         "ClusterRole",
@@ -685,10 +690,17 @@ fn chart_identities(cp: &ControlPlane) -> anyhow::Result<String> {
     );
     let text = String::from_utf8(out.stdout)?;
     let mut keep = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v = serde_yaml::Value::deserialize(doc)?;
-        let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
+    // Pick documents by their top-level `kind:` line first and parse only those, so a problem
+    // in a workload template (which the fleet does not use) cannot hide the RBAC and policies.
+    for doc in text.split("\n---") {
+        let kind = doc
+            .lines()
+            .find_map(|l| l.strip_prefix("kind:"))
+            .map(str::trim)
+            .unwrap_or_default();
         if KINDS.contains(&kind) {
+            let v: serde_yaml::Value =
+                serde_yaml::from_str(doc).with_context(|| format!("parse the chart's {kind}"))?;
             keep.push(serde_yaml::to_string(&v)?);
         }
     }
@@ -696,7 +708,13 @@ fn chart_identities(cp: &ControlPlane) -> anyhow::Result<String> {
         keep.iter().any(|d| d.contains("ValidatingAdmissionPolicy")),
         "the rendered chart has no ValidatingAdmissionPolicy"
     );
-    Ok(keep.join("---\n"))
+    let dra = text
+        .split("--dra=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_alphanumeric()).next())
+        .unwrap_or("auto")
+        .to_string();
+    Ok((keep.join("---\n"), dra))
 }
 
 /// RBAC for the agent and the operator until the chart's templates are applied here:

@@ -4,7 +4,11 @@
 //! runs the scenarios one after the other; every scenario asserts its outcome and invariants
 //! 1–3 (recorder + sysfs journal), and all failures are reported together.
 //!
-//! Needs root (network namespaces, cgroup v1). `cargo test -p e2e --release --test scenarios`.
+//! Needs root (network namespaces, cgroup v1). Build the binaries under test first (a test
+//! cannot run cargo while cargo holds the lock), then run:
+//! `cargo build -p unwedge-agent -p unwedge-operator -p uevent-inject && cargo test -p e2e --test
+//! scenarios -- --nocapture`. `UNWEDGE_SCENARIOS=happy,storm,…` runs a subset (happy, storm,
+//! att, killed, none, esc, outbox); `UNWEDGE_STORM_NODES` sizes the storm (default 30).
 
 use std::time::Duration;
 
@@ -219,6 +223,78 @@ async fn agent_killed_between_approval_and_action(cp: &ControlPlane, bins: &Bins
     sc.check_invariants()
 }
 
+/// API server down when the wedge happens: the agent keeps it in its outbox on the host and
+/// reports it once the API server is back; nothing is lost and nothing duplicated.
+async fn api_down_outbox(cp: &mut ControlPlane, bins: &Bins) -> Outcome {
+    let node = "outbox-a";
+    let sc = Scenario::new(
+        cp,
+        bins,
+        "outbox",
+        vec![NodeSpec::new(node, 1, "xe")],
+        1,
+        serde_json::json!({}),
+        2,
+    )
+    .await
+    .map_err(|x| format!("scenario outbox: setup: {x:#}"))?;
+    let g0 = sc.fleet.sim(node).sysfs.gpus()[0].bdf.clone();
+    cp.stop_apiserver().await;
+    let injected = sc
+        .fleet
+        .sim(node)
+        .inject(bins, &g0, "rebind,bus-reset", &[])
+        .await;
+    // The outbox is durable state on the host: the wedge must be there while the API is down.
+    let state = sc.fleet.sim(node).state_dir();
+    let mut in_outbox = false;
+    for _ in 0..100 {
+        in_outbox = grep_dir(&state, &g0);
+        if in_outbox {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let restarted = cp.start_apiserver().await;
+    injected.map_err(e(&sc, "inject"))?;
+    restarted.map_err(e(&sc, "restart kube-apiserver"))?;
+    if !in_outbox {
+        return Err(sc.fail(&format!(
+            "API down: expected the wedge of {g0} in the agent's outbox under {}, found nothing",
+            state.display()
+        )));
+    }
+    let w = sc
+        .rec
+        .wait_phase(node, Phase::Recovered, RECOVERY)
+        .await
+        .map_err(|x| sc.fail(&x))?;
+    let all = sc.rec.wedges_of(node);
+    if all.len() != 1 {
+        return Err(sc.fail(&format!(
+            "expected exactly 1 GpuWedge for {node}/{g0} after the replay, seen {}",
+            all.len()
+        )));
+    }
+    let _ = w;
+    sc.check_invariants()
+}
+
+fn grep_dir(dir: &std::path::Path, needle: &str) -> bool {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                grep_dir(&p, needle)
+            } else {
+                std::fs::read(&p).is_ok_and(|b| String::from_utf8_lossy(&b).contains(needle))
+            }
+        })
+}
+
 /// `none` with each none.action: two pods share the device (pinned), the driver blames a PID
 /// placed in a kubepods cgroup of the first. EvictBlamed evicts exactly that pod,
 /// EvictConsumers both, Ignore none; the node is never cordoned and sysfs never written.
@@ -427,13 +503,224 @@ async fn escalation(cp: &ControlPlane, bins: &Bins) -> Outcome {
     sc.check_invariants()
 }
 
+/// Budget storm: `UNWEDGE_STORM_NODES` nodes (default 30) of one policy with maxUnavailable 5
+/// all wedge in the same instant. The recorder, watching every change of every GpuWedge and
+/// Node, never sees more than 5 of them under recovery (invariant 1); every wedge ends
+/// Recovered, every node uncordoned, every device unbound and bound exactly once.
+async fn budget_storm(cp: &ControlPlane, bins: &Bins) -> Outcome {
+    const BUDGET: usize = 5;
+    let n: usize = std::env::var("UNWEDGE_STORM_NODES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let nodes: Vec<String> = (0..n).map(|i| format!("storm-{i:03}")).collect();
+    let sc = Scenario::new(
+        cp,
+        bins,
+        "storm",
+        nodes.iter().map(|x| NodeSpec::new(x, 1, "xe")).collect(),
+        BUDGET,
+        serde_json::json!({}),
+        2,
+    )
+    .await
+    .map_err(|x| format!("scenario storm: setup: {x:#}"))?;
+    let injections = nodes.iter().map(|x| {
+        let sim = sc.fleet.sim(x);
+        let g = sim.sysfs.gpus()[0].bdf.clone();
+        async move { sim.inject(bins, &g, "rebind,bus-reset", &[]).await }
+    });
+    for r in futures::future::join_all(injections).await {
+        r.map_err(e(&sc, "inject"))?;
+    }
+    let timeout = Duration::from_secs(60 + 10 * n as u64);
+    sc.rec
+        .wait_wedges(&format!("all {n} storm wedges Recovered"), timeout, |ws| {
+            ws.iter()
+                .filter(|w| {
+                    w.spec.node_name.starts_with("storm-")
+                        && w.status.as_ref().and_then(|s| s.phase) == Some(Phase::Recovered)
+                })
+                .count()
+                == n
+        })
+        .await
+        .map_err(|x| sc.fail(&x))?;
+    sc.check_invariants()?;
+    let peak = sc.rec.peak("storm");
+    eprintln!("storm: {n} nodes, budget {BUDGET}, peak under recovery {peak}");
+    if !(2..=BUDGET).contains(&peak) {
+        return Err(sc.fail(&format!(
+            "policy storm: peak nodes under recovery expected within 2..={BUDGET} (concurrent, within budget), seen {peak}"
+        )));
+    }
+    for x in &nodes {
+        let ws = sc.rec.wedges_of(x);
+        if ws.len() != 1 {
+            return Err(sc.fail(&format!(
+                "node {x}: expected exactly 1 GpuWedge, seen {}",
+                ws.len()
+            )));
+        }
+        let s = &sc.fleet.sim(x).sysfs;
+        let g = &s.gpus()[0].bdf;
+        let counts = (s.count("unbind", g), s.count("bind", g));
+        if counts != (1, 1) {
+            return Err(sc.fail(&format!(
+                "sysfs journal on {x}: expected (unbind, bind) = (1, 1), seen {counts:?}"
+            )));
+        }
+        if sc.rec.node_cordoned(x) != Some(false) {
+            return Err(sc.fail(&format!(
+                "node {x} expected uncordoned after Recovered, seen {:?}",
+                sc.rec.node_cordoned(x)
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn phase(w: &GpuWedge) -> Option<Phase> {
+    w.status.as_ref().and_then(|s| s.phase)
+}
+
+/// vendor-specific and cold-reset → NeedsAttention, holding their budget places; and an
+/// agent's credentials are refused on another node's wedge and on the human verbs.
+/// Policy maxUnavailable 2: `att-vendor` wedges with `vendor-specific`, `att-cold` with
+/// `cold-reset`: both end NeedsAttention with their nodes cordoned and their devices
+/// untouched. Then `att-late` wedges with `rebind,bus-reset` and stays Queued (node not
+/// cordoned, nothing approved): the two NeedsAttention wedges keep the budget full. With the
+/// chart's admission policies, `att-late`'s agent token may patch its own wedge's status but
+/// is refused on `att-vendor`'s wedge and on `unwedge.io/approve` of its own.
+async fn needs_attention_and_agent_rights(cp: &ControlPlane, bins: &Bins) -> Outcome {
+    let (vendor, cold, late) = ("att-vendor", "att-cold", "att-late");
+    let sc = Scenario::new(
+        cp,
+        bins,
+        "att",
+        vec![
+            NodeSpec::new(vendor, 1, "xe"),
+            NodeSpec::new(cold, 1, "xe"),
+            NodeSpec::new(late, 1, "xe"),
+        ],
+        2,
+        serde_json::json!({}),
+        2,
+    )
+    .await
+    .map_err(|x| format!("scenario att: setup: {x:#}"))?;
+    for (n, m) in [(vendor, "vendor-specific"), (cold, "cold-reset")] {
+        let g = sc.fleet.sim(n).sysfs.gpus()[0].bdf.clone();
+        sc.fleet
+            .sim(n)
+            .inject(bins, &g, m, &[])
+            .await
+            .map_err(e(&sc, "inject"))?;
+    }
+    for n in [vendor, cold] {
+        sc.rec
+            .wait_phase(n, Phase::NeedsAttention, RECOVERY)
+            .await
+            .map_err(|x| sc.fail(&x))?;
+        if sc.rec.node_cordoned(n) != Some(true) {
+            return Err(sc.fail(&format!(
+                "node {n}: expected to stay cordoned in NeedsAttention, seen {:?}",
+                sc.rec.node_cordoned(n)
+            )));
+        }
+    }
+    let gl = sc.fleet.sim(late).sysfs.gpus()[0].bdf.clone();
+    sc.fleet
+        .sim(late)
+        .inject(bins, &gl, "rebind,bus-reset", &[])
+        .await
+        .map_err(e(&sc, "inject"))?;
+    let wl = sc
+        .rec
+        .wait_phase(late, Phase::Queued, RECOVERY)
+        .await
+        .map_err(|x| sc.fail(&x))?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let now = sc.rec.wedges_of(late);
+    let seen: Vec<(Option<Phase>, bool)> = now
+        .iter()
+        .map(|w| {
+            (
+                phase(w),
+                w.status.as_ref().is_some_and(|s| s.approval.is_some()),
+            )
+        })
+        .collect();
+    if seen != vec![(Some(Phase::Queued), false)] || sc.rec.node_cordoned(late) != Some(false) {
+        return Err(sc.fail(&format!(
+            "node {late}: expected its wedge Queued without approval and the node schedulable 5s later (budget 2 held by two NeedsAttention wedges), seen {seen:?}, cordoned {:?}",
+            sc.rec.node_cordoned(late)
+        )));
+    }
+    for n in [vendor, cold, late] {
+        let j = sc.fleet.sim(n).sysfs.journal();
+        if !j.is_empty() {
+            return Err(sc.fail(&format!("node {n}: expected no sysfs writes, seen {j:?}")));
+        }
+    }
+    if sc.fleet.identities() != "chart" {
+        return Err(sc.fail(&format!(
+            "agent rights: expected the chart's RBAC and admission policies applied, seen {}",
+            sc.fleet.identities()
+        )));
+    }
+    let token = sc.fleet.agent_token(late).map_err(e(&sc, "agent token"))?;
+    let agent = cp
+        .client_for_token(token.trim())
+        .await
+        .map_err(e(&sc, "agent client"))?;
+    let api: kube::Api<GpuWedge> = kube::Api::all(agent);
+    let own = wl.metadata.name.clone().unwrap_or_default();
+    let other = sc.rec.wedges_of(vendor)[0]
+        .metadata
+        .name
+        .clone()
+        .unwrap_or_default();
+    let pp = kube::api::PatchParams::default();
+    let msg = serde_json::json!({"status": {"agentMessage": "e2e: own wedge"}});
+    api.patch_status(&own, &pp, &kube::api::Patch::Merge(&msg))
+        .await
+        .map_err(|x| {
+            sc.fail(&format!(
+                "agent of {late}: patching its own wedge {own}'s status expected allowed, seen {x}"
+            ))
+        })?;
+    let msg = serde_json::json!({"status": {"agentMessage": "e2e: forged"}});
+    if api
+        .patch_status(&other, &pp, &kube::api::Patch::Merge(&msg))
+        .await
+        .is_ok()
+    {
+        return Err(sc.fail(&format!(
+            "invariant 5: agent of {late} patched the status of {other} (node {vendor}): expected refused, seen allowed"
+        )));
+    }
+    let approve = serde_json::json!({"metadata": {"annotations": {
+        "unwedge.io/approve": "rebind", "unwedge.io/by": "system:serviceaccount:unwedge-system:unwedge-agent"}}});
+    if api
+        .patch(&own, &pp, &kube::api::Patch::Merge(&approve))
+        .await
+        .is_ok()
+    {
+        return Err(sc.fail(&format!(
+            "invariant 5: agent of {late} wrote unwedge.io/approve on its own wedge {own}: expected refused, seen allowed"
+        )));
+    }
+    sc.check_invariants()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn recovery_scenarios() {
     let bins = tokio::task::spawn_blocking(Bins::build)
         .await
         .unwrap()
         .expect("build the binaries under test");
-    let cp = ControlPlane::start()
+    let mut cp = ControlPlane::start()
         .await
         .expect("start the local control plane");
     cp.apply_crds().await.expect("apply the CRDs");
@@ -459,6 +746,18 @@ async fn recovery_scenarios() {
     if want("happy") {
         record("rebind happy path", rebind_happy_path(&cp, &bins).await);
     }
+    if want("storm") {
+        record(
+            "budget storm (maxUnavailable 5)",
+            budget_storm(&cp, &bins).await,
+        );
+    }
+    if want("att") {
+        record(
+            "vendor-specific and cold-reset -> NeedsAttention keep the budget; agent rights",
+            needs_attention_and_agent_rights(&cp, &bins).await,
+        );
+    }
     if want("killed") {
         record(
             "agent killed between approval and action",
@@ -472,6 +771,13 @@ async fn recovery_scenarios() {
         record(
             "escalation: bus-reset after a failed rebind; reboot after both failed",
             escalation(&cp, &bins).await,
+        );
+    }
+    // Restarts the API server: last.
+    if want("outbox") {
+        record(
+            "API server down when the wedge happens (outbox)",
+            api_down_outbox(&mut cp, &bins).await,
         );
     }
     assert!(
