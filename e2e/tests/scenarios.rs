@@ -8,7 +8,7 @@
 //! cannot run cargo while cargo holds the lock), then run:
 //! `cargo build -p unwedge-agent -p unwedge-operator -p uevent-inject && cargo test -p e2e --test
 //! scenarios -- --nocapture`. `UNWEDGE_SCENARIOS=happy,storm,…` runs a subset (happy, storm,
-//! att, killed, none, esc, outbox); `UNWEDGE_STORM_NODES` sizes the storm (default 30).
+//! att, flood, killed, none, esc, outbox); `UNWEDGE_STORM_NODES` sizes the storm (default 30).
 
 use std::time::Duration;
 
@@ -714,6 +714,91 @@ async fn needs_attention_and_agent_rights(cp: &ControlPlane, bins: &Bins) -> Out
     sc.check_invariants()
 }
 
+/// Malformed-uevent flood: 200 drm uevents with an unparsable `WEDGED=` and 500 irrelevant
+/// (usb) uevents reach the agent through the kernel; it counts them as malformed, stays ready,
+/// and the real wedge sent right after is still recovered.
+async fn malformed_flood(cp: &ControlPlane, bins: &Bins) -> Outcome {
+    let node = "flood-a";
+    let sc = Scenario::new(
+        cp,
+        bins,
+        "flood",
+        vec![NodeSpec::new(node, 1, "xe")],
+        1,
+        serde_json::json!({}),
+        2,
+    )
+    .await
+    .map_err(|x| format!("scenario flood: setup: {x:#}"))?;
+    let sim = sc.fleet.sim(node);
+    let g = sim
+        .sysfs
+        .gpu(&sim.sysfs.gpus()[0].bdf.clone())
+        .cloned()
+        .expect("gpu 0");
+    let dp = g.card_devpath();
+    let bad = format!(
+        "change@{dp}\0ACTION=change\0DEVPATH={dp}\0SUBSYSTEM=drm\0DEVNAME=dri/{c}\0DEVTYPE=drm_minor\0MAJOR=226\0MINOR=0\0WEDGED=Re Bind;;\0",
+        c = g.card_name()
+    );
+    let raw = sim.dir.join("malformed.uevent");
+    std::fs::write(&raw, bad.as_bytes()).map_err(e(&sc, "write the malformed uevent"))?;
+    sim.inject_raw_args(
+        bins,
+        &[
+            "--raw-file".into(),
+            raw.display().to_string(),
+            "--count".into(),
+            "200".into(),
+            "--flood".into(),
+            "500".into(),
+        ],
+    )
+    .await
+    .map_err(e(&sc, "inject the flood"))?;
+    sim.inject(bins, &g.bdf, "rebind,bus-reset", &[])
+        .await
+        .map_err(e(&sc, "inject"))?;
+    let w = sc
+        .rec
+        .wait_phase(node, Phase::Recovered, RECOVERY)
+        .await
+        .map_err(|x| sc.fail(&x))?;
+    let (code, metrics) = sim
+        .netns
+        .http_get(9101, "/metrics")
+        .await
+        .map_err(e(&sc, "GET /metrics"))?;
+    let malformed: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("unwedge_agent_uevents_received_total{kind=\"malformed\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    if code != 200 || malformed < 200.0 {
+        return Err(sc.fail(&format!(
+            "agent of {node}: expected /metrics 200 with uevents_received_total{{kind=malformed}} >= 200, seen {code} and {malformed}"
+        )));
+    }
+    let (code, _) = sim
+        .netns
+        .http_get(9101, "/readyz")
+        .await
+        .map_err(e(&sc, "GET /readyz"))?;
+    if code != 200 {
+        return Err(sc.fail(&format!(
+            "agent of {node}: expected /readyz 200 after the flood, seen {code}"
+        )));
+    }
+    if sc.rec.wedges_of(node).len() != 1 {
+        return Err(sc.fail(&format!(
+            "node {node}: expected exactly 1 GpuWedge (the real one; malformed events create none), seen {}",
+            sc.rec.wedges_of(node).len()
+        )));
+    }
+    let _ = w;
+    sc.check_invariants()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn recovery_scenarios() {
     let bins = tokio::task::spawn_blocking(Bins::build)
@@ -756,6 +841,12 @@ async fn recovery_scenarios() {
         record(
             "vendor-specific and cold-reset -> NeedsAttention keep the budget; agent rights",
             needs_attention_and_agent_rights(&cp, &bins).await,
+        );
+    }
+    if want("flood") {
+        record(
+            "malformed-uevent flood (agent keeps serving)",
+            malformed_flood(&cp, &bins).await,
         );
     }
     if want("killed") {
