@@ -5,13 +5,13 @@
 //! every 2 s; acquire when the holder has not renewed for a full lease duration (measured on
 //! our own clock, as client-go does, so clock skew does not matter); renew by replace with the
 //! resourceVersion (compare-and-swap); any failure or timeout clears leadership at once;
-//! release on shutdown.
+//! on shutdown the holder deletes the lease (nothing is left after an uninstall).
 
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams, Preconditions};
 use tokio::sync::watch;
 
 /// How long a lease is valid without renewal.
@@ -99,7 +99,10 @@ impl Elector {
         }
     }
 
-    /// Gives the lease up if we hold it (so the other replica takes over at once).
+    /// Gives the lease up if we hold it, so the other replica takes over at once: deletes it
+    /// (only this version of it, so a lease another replica has just taken stays), which also
+    /// leaves nothing behind after an uninstall; when the delete is refused (e.g. RBAC without
+    /// `delete`), clears the holder instead.
     pub async fn release(&mut self) -> Result<(), kube::Error> {
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
             return Ok(());
@@ -107,6 +110,20 @@ impl Elector {
         let mut spec = lease.spec.clone().unwrap_or_default();
         if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
             return Ok(());
+        }
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: lease.metadata.resource_version.clone(),
+                uid: lease.metadata.uid.clone(),
+            }),
+            ..Default::default()
+        };
+        match self.api.delete(&self.name, &dp).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.is_conflict() || s.is_not_found() => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, lease = %self.name, "cannot delete the lease; clearing its holder instead");
+            }
         }
         spec.holder_identity = None;
         spec.renew_time = None;

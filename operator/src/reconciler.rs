@@ -1046,6 +1046,19 @@ pub async fn refresh(ctx: &Ctx) -> Result<(), Error> {
     Ok(())
 }
 
+/// A stream inspector that reports `what` on `tx` at each complete list (InitDone).
+fn synced<K>(
+    tx: &tokio::sync::mpsc::UnboundedSender<&'static str>,
+    what: &'static str,
+) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) + use<K> {
+    let tx = tx.clone();
+    move |ev| {
+        if matches!(ev, Ok(watcher::Event::InitDone)) {
+            let _ = tx.send(what);
+        }
+    }
+}
+
 /// Wires stores, triggers and the controller, and runs until `shutdown` turns true. `dra`:
 /// quarantine DRA devices instead of cordoning their node (DESIGN §5).
 pub async fn run(
@@ -1056,27 +1069,23 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     dra: bool,
 ) {
-    let wedges: Api<GpuWedge> = Api::all(client.clone());
-    let (nodes_store, nodes_writer) = reflector::store::<Node>();
-    let node_stream = reflector::reflector(
-        nodes_writer,
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
-    )
-    .default_backoff()
-    .touched_objects();
-    let (policy_store, policy_writer) = reflector::store::<RecoveryPolicy>();
-    let policy_stream = reflector::reflector(
-        policy_writer,
+    // Readiness: each of the three reflectors reports its first complete list (InitDone) as it
+    // passes through. Not `Store::wait_until_ready`: its DelayedInit keeps one waker only, and
+    // the controller's runner waits on the wedge store's too, so a second waiter there could be
+    // left asleep forever (which kept replicas at 503).
+    let (synced_tx, mut synced_rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    let (wedge_store, wedge_writer) = reflector::store::<GpuWedge>();
+    let wedge_stream = reflector::reflector(
+        wedge_writer,
         watcher(
-            Api::<RecoveryPolicy>::all(client.clone()),
+            Api::<GpuWedge>::all(client.clone()),
             watcher::Config::default(),
         ),
     )
     .default_backoff()
-    .touched_objects();
-
-    let controller = Controller::new(wedges, watcher::Config::default());
-    let wedge_store = controller.store();
+    .inspect(synced(&synced_tx, "wedges"))
+    .applied_objects();
+    let controller = Controller::for_stream(wedge_stream, wedge_store.clone());
     let by_node = {
         let s = wedge_store.clone();
         move |node: String| -> Vec<ObjectRef<GpuWedge>> {
@@ -1087,11 +1096,10 @@ pub async fn run(
                 .collect()
         }
     };
-    let by_node_n = by_node.clone();
     let by_node_p = by_node.clone();
     let all_open = {
         let s = wedge_store.clone();
-        move |_p: RecoveryPolicy| -> Vec<ObjectRef<GpuWedge>> {
+        move || -> Vec<ObjectRef<GpuWedge>> {
             s.state()
                 .iter()
                 .filter(|w| open(w))
@@ -1099,6 +1107,58 @@ pub async fn run(
                 .collect()
         }
     };
+    // Nodes and policies are reflected by their own tasks, so their stores sync (and readiness
+    // follows) whatever the controller is doing; each change is handed to the controller as
+    // reconcile requests for the wedges it concerns.
+    let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded::<ObjectRef<GpuWedge>>();
+    let (nodes_store, nodes_writer) = reflector::store::<Node>();
+    let nodes_task = {
+        let tx = trigger_tx.clone();
+        tokio::spawn(
+            reflector::reflector(
+                nodes_writer,
+                watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+            )
+            .default_backoff()
+            .inspect(synced(&synced_tx, "nodes"))
+            .touched_objects()
+            .for_each(move |r| {
+                match r {
+                    Ok(n) => {
+                        for w in by_node(n.name_any()) {
+                            let _ = tx.unbounded_send(w);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "node watch failed; retrying"),
+                }
+                std::future::ready(())
+            }),
+        )
+    };
+    let (policy_store, policy_writer) = reflector::store::<RecoveryPolicy>();
+    let policies_task = tokio::spawn(
+        reflector::reflector(
+            policy_writer,
+            watcher(
+                Api::<RecoveryPolicy>::all(client.clone()),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .inspect(synced(&synced_tx, "policies"))
+        .touched_objects()
+        .for_each(move |r| {
+            match r {
+                Ok(_) => {
+                    for w in all_open() {
+                        let _ = trigger_tx.unbounded_send(w);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "RecoveryPolicy watch failed; retrying"),
+            }
+            std::future::ready(())
+        }),
+    );
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -1149,18 +1209,19 @@ pub async fn run(
             }
         }
     };
+    drop(synced_tx);
     let readiness = {
-        let (n, p, w, m) = (
-            nodes_store.clone(),
-            policy_store.clone(),
-            wedge_store.clone(),
-            metrics.clone(),
-        );
+        let m = metrics.clone();
         async move {
-            let _ = n.wait_until_ready().await;
-            let _ = p.wait_until_ready().await;
-            let _ = w.wait_until_ready().await;
-            m.set_ready();
+            let mut seen = std::collections::BTreeSet::new();
+            while let Some(what) = synced_rx.recv().await {
+                seen.insert(what);
+                if seen.len() == 3 {
+                    tracing::info!("nodes, policies and wedges listed: ready");
+                    m.set_ready();
+                    return;
+                }
+            }
         }
     };
     tokio::spawn(readiness);
@@ -1174,8 +1235,7 @@ pub async fn run(
     };
     drop(wedge_store);
     controller
-        .watches_stream(node_stream, move |n: Node| by_node_n(n.name_any()))
-        .watches_stream(policy_stream, all_open)
+        .reconcile_on(trigger_rx)
         .watches(
             Api::<Pod>::all(client.clone()),
             watcher::Config::default(),
@@ -1195,4 +1255,6 @@ pub async fn run(
             }
         })
         .await;
+    nodes_task.abort();
+    policies_task.abort();
 }
