@@ -46,7 +46,10 @@ pub struct GpuWedgeSpec {
     pub device: DeviceRef,
     /// The kernel's recovery methods from `WEDGED=`, verbatim and in the kernel's order (fewer
     /// to more side effects). Any well-formed token is kept; unknown ones mean "ask a human".
-    #[schemars(length(min = 1, max = 16), inner(regex(pattern = r"^[a-z0-9][a-z0-9-]*$"), length(max = 63)))]
+    #[schemars(
+        length(min = 1, max = 16),
+        inner(regex(pattern = r"^[a-z0-9][a-z0-9-]*$"), length(max = 63))
+    )]
     pub methods: Vec<String>,
     /// When the agent received the uevent.
     pub detected_at: Time,
@@ -121,7 +124,9 @@ pub struct Blamed {
 }
 
 /// A pod by namespace and name (and uid when known, to tell a replacement apart).
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct PodRef {
     /// Namespace.
@@ -239,7 +244,9 @@ pub struct GpuWedgeStatus {
 }
 
 /// A container that holds a device.
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct Consumer {
     /// Pod namespace.

@@ -59,12 +59,18 @@ pub struct RecoveryPolicySpec {
     pub max_unavailable_devices: Option<IntOrString>,
     /// Methods unwedge may carry out. Default: rebind, bus-reset, reboot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 16), inner(regex(pattern = r"^[a-z0-9][a-z0-9-]*$"), length(max = 63)))]
+    #[schemars(
+        length(max = 16),
+        inner(regex(pattern = r"^[a-z0-9][a-z0-9-]*$"), length(max = 63))
+    )]
     pub allowed_methods: Option<Vec<String>>,
     /// The ladder: rungs tried in order when an attempt fails. Default: rebind, bus-reset, reboot.
     /// The first rung is the least disruptive method the kernel listed and the policy allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 16), inner(regex(pattern = r"^[a-z0-9][a-z0-9-]*$"), length(max = 63)))]
+    #[schemars(
+        length(max = 16),
+        inner(regex(pattern = r"^[a-z0-9][a-z0-9-]*$"), length(max = 63))
+    )]
     pub escalation: Option<Vec<String>>,
     /// `Automatic` (default) or `Manual` (a human approves each recovery).
     #[serde(default)]

@@ -8,8 +8,12 @@ fn committed_crd_yaml_matches_the_types() {
     for dir in ["crds", "charts/unwedge/crds"] {
         for (file, yaml) in unwedge_crds::crd_yaml() {
             let path = root.join(dir).join(file);
-            let committed = std::fs::read_to_string(&path)
-                .unwrap_or_else(|e| panic!("{} is missing ({e}): run `cargo run -p unwedge-crds --bin crdgen`", path.display()));
+            let committed = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+                panic!(
+                    "{} is missing ({e}): run `cargo run -p unwedge-crds --bin crdgen`",
+                    path.display()
+                )
+            });
             assert!(
                 committed == yaml,
                 "{} is stale: run `cargo run -p unwedge-crds --bin crdgen` and commit the result",

@@ -13,11 +13,19 @@ use unwedge_crds::{DeviceRef, GpuWedge};
 fn detected(seq: u64, at: &str) -> DetectedWedge {
     DetectedWedge {
         node: "node-a".into(),
-        device: DeviceRef { pci_address: "0000:03:00.0".into(), card: Some("card0".into()), driver: "xe".into(), ..DeviceRef::default() },
+        device: DeviceRef {
+            pci_address: "0000:03:00.0".into(),
+            card: Some("card0".into()),
+            driver: "xe".into(),
+            ..DeviceRef::default()
+        },
         methods: vec!["rebind".into(), "bus-reset".into()],
         detected_at: at.parse().unwrap(),
         boot_id: "boot-1".into(),
-        uevent: BTreeMap::from([("WEDGED".into(), "rebind,bus-reset".into()), ("SEQNUM".into(), seq.to_string())]),
+        uevent: BTreeMap::from([
+            ("WEDGED".into(), "rebind,bus-reset".into()),
+            ("SEQNUM".into(), seq.to_string()),
+        ]),
         seqnum: Some(seq),
         blamed: None,
         consumers: vec![],
@@ -38,7 +46,9 @@ async fn a_wedge_seen_with_the_api_down_is_created_after_restart_and_duplicates_
     {
         let outbox = Outbox::open(state.path()).unwrap();
         outbox.put(&detected(4242, "2026-11-25T10:00:00Z")).unwrap();
-        let pass = replay(&outbox, &Reporter::new(client.clone(), "node-a")).await.unwrap();
+        let pass = replay(&outbox, &Reporter::new(client.clone(), "node-a"))
+            .await
+            .unwrap();
         assert!(pass.stalled, "API is down, the pass must stall: {pass:?}");
         assert_eq!(outbox.len(), 1);
     } // the agent "dies" here
@@ -48,7 +58,11 @@ async fn a_wedge_seen_with_the_api_down_is_created_after_restart_and_duplicates_
     let reporter = Reporter::new(client.clone(), "node-a");
     let pass = replay(&outbox, &reporter).await.unwrap();
     let name = "node-a-0000-03-00-0-4242".to_string();
-    assert_eq!(pass.reported, vec![Reported::Created(name.clone())], "{pass:?}");
+    assert_eq!(
+        pass.reported,
+        vec![Reported::Created(name.clone())],
+        "{pass:?}"
+    );
     assert!(outbox.is_empty(), "removed only after the API accepted it");
 
     let api: Api<GpuWedge> = Api::all(client.clone());
@@ -57,7 +71,11 @@ async fn a_wedge_seen_with_the_api_down_is_created_after_restart_and_duplicates_
     assert_eq!(labels["unwedge.io/node"], "node-a");
     assert_eq!(labels["unwedge.io/device"], "0000-03-00.0");
     assert_eq!(w.spec.methods, vec!["rebind", "bus-reset"]);
-    assert_eq!(w.status.as_ref().and_then(|s| s.consumers.clone()), Some(vec![]), "agent status written");
+    assert_eq!(
+        w.status.as_ref().and_then(|s| s.consumers.clone()),
+        Some(vec![]),
+        "agent status written"
+    );
 
     // The same event again (a replay after a crash between create and remove): nothing new.
     outbox.put(&detected(4242, "2026-11-25T10:00:00Z")).unwrap();
@@ -69,11 +87,26 @@ async fn a_wedge_seen_with_the_api_down_is_created_after_restart_and_duplicates_
     assert_eq!(pass.reported, vec![Reported::Appended(name.clone())]);
     outbox.put(&detected(4250, "2026-11-25T10:00:07Z")).unwrap();
     let pass = replay(&outbox, &reporter).await.unwrap();
-    assert_eq!(pass.reported, vec![Reported::AlreadyRecorded(name.clone())], "the event is not appended twice");
+    assert_eq!(
+        pass.reported,
+        vec![Reported::AlreadyRecorded(name.clone())],
+        "the event is not appended twice"
+    );
 
     let all = api.list(&Default::default()).await.unwrap().items;
-    assert_eq!(all.len(), 1, "one open incident per device: {:?}", all.iter().map(|w| w.metadata.name.clone()).collect::<Vec<_>>());
-    let events = all[0].status.as_ref().and_then(|s| s.events.clone()).unwrap_or_default();
+    assert_eq!(
+        all.len(),
+        1,
+        "one open incident per device: {:?}",
+        all.iter()
+            .map(|w| w.metadata.name.clone())
+            .collect::<Vec<_>>()
+    );
+    let events = all[0]
+        .status
+        .as_ref()
+        .and_then(|s| s.events.clone())
+        .unwrap_or_default();
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].seqnum, Some(4250));
     cp.stop().await;

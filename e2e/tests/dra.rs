@@ -644,8 +644,16 @@ async fn scenarios(
     // The controller-manager writes the rule's status; its generation, spec and labels are
     // what an owner would change.
     assert_eq!(
-        (still.metadata.generation, &still.spec, still.metadata.labels.clone()),
-        (admin.metadata.generation, &admin.spec, admin.metadata.labels.clone()),
+        (
+            still.metadata.generation,
+            &still.spec,
+            still.metadata.labels.clone()
+        ),
+        (
+            admin.metadata.generation,
+            &admin.spec,
+            admin.metadata.labels.clone()
+        ),
         "the admin's rule was not touched"
     );
     assert!(!cordoned.load(Ordering::SeqCst), "a node was cordoned");
