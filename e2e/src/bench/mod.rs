@@ -148,6 +148,10 @@ pub struct ProcSample {
     pub rss_kib: u64,
     /// Peak resident set size, KiB.
     pub hwm_kib: u64,
+    /// Anonymous resident memory (heap, stacks), KiB.
+    pub anon_kib: u64,
+    /// File-backed resident memory (the mapped executable and libraries), KiB.
+    pub file_kib: u64,
     /// utime + stime, clock ticks.
     pub cpu_ticks: u64,
     /// Voluntary context switches, summed over all threads.
@@ -183,6 +187,8 @@ pub fn sample(pid: u32) -> io::Result<ProcSample> {
     let mut s = ProcSample {
         rss_kib: status_field(&status, "VmRSS:"),
         hwm_kib: status_field(&status, "VmHWM:"),
+        anon_kib: status_field(&status, "RssAnon:"),
+        file_kib: status_field(&status, "RssFile:"),
         cpu_ticks: num(11) + num(12),
         at: Some(Instant::now()),
         ..Default::default()
