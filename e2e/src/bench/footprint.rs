@@ -48,6 +48,21 @@ pub async fn run(
         "goal ≤ 8 MiB",
     );
     rep.fig(
+        "idle RSS: anonymous (RssAnon)",
+        b.anon_kib as f64 / 1024.0,
+        "MiB",
+        "heap and stacks: the agent's own memory",
+    );
+    rep.fig(
+        "idle RSS: file-backed (RssFile)",
+        b.file_kib as f64 / 1024.0,
+        "MiB",
+        &format!(
+            "pages of the mapped executable ({:.1} MiB on disk) and libc; shared and reclaimable",
+            std::fs::metadata(&exe).map(|m| m.len()).unwrap_or(0) as f64 / 1024.0 / 1024.0
+        ),
+    );
+    rep.fig(
         "idle peak RSS (VmHWM)",
         b.hwm_kib as f64 / 1024.0,
         "MiB",
