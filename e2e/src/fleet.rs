@@ -518,6 +518,12 @@ impl Fleet {
         Ok(())
     }
 
+    /// Overrides the operator's `--dra` mode (by default the one the chart rendered), for tests
+    /// that grant the DRA rights themselves.
+    pub fn set_operator_dra(&mut self, mode: &str) {
+        self.operator_dra = mode.to_string();
+    }
+
     /// Starts `n` operator replicas with leader election, each with the operator
     /// ServiceAccount's token.
     pub async fn start_operators(&mut self, cp: &ControlPlane, n: usize) -> anyhow::Result<()> {

@@ -1,6 +1,6 @@
 //! DRA quarantine on the real 1.37.2 control plane (DESIGN §5 "On DRA clusters", issue 16):
 //! kwok nodes publish 8 GPUs in a ResourceSlice, the real kube-scheduler allocates
-//! ResourceClaims, the real `unwedge-operator` (`--dra` auto: discovery) quarantines the wedged
+//! ResourceClaims, the real `unwedge-operator` (`--dra=on`) quarantines the wedged
 //! device with a DeviceTaintRule and evicts the pods of its claims.
 //!
 //! The agent side is a scripted stand-in that writes exactly what the agent writes: the
@@ -401,6 +401,9 @@ async fn scenarios(
         }
         m
     };
+    // This test grants the operator the DRA rights itself (the fleet renders the chart without
+    // DRA), so it turns quarantine on explicitly.
+    fleet.set_operator_dra("on");
     fleet.start_operators(cp, 1).await?;
     let victim = "a2";
     let dev = devs[victim].clone();

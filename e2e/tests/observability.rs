@@ -566,13 +566,17 @@ fn exposition_parser_tells_declared_families_from_series() {
         series.contains_key("unwedge_agent_netlink_overruns_total"),
         "{series:?}"
     );
+    // The agent pre-creates the label sets the dashboards query, so they exist at zero before
+    // the first attempt.
     assert!(
-        !series.contains_key("unwedge_agent_attempts_total"),
-        "no attempt yet: no series"
+        series.contains_key("unwedge_agent_attempts_total"),
+        "pre-created attempts series missing: {series:?}"
     );
-    // prometheus-client prints no descriptor for a family without a label set: such a family
-    // is invisible to Prometheus until the code creates a label set.
-    assert!(!declared.contains("unwedge_agent_attempts"), "{declared:?}");
+    // A family declared without any label set is told apart from one with series.
+    let (bare_series, bare_declared) =
+        parse_exposition("# HELP lazy_total A family.\n# TYPE lazy_total counter\n");
+    assert!(!bare_series.contains_key("lazy_total"), "{bare_series:?}");
+    assert!(bare_declared.contains("lazy_total"), "{bare_declared:?}");
     assert!(
         declared.contains("unwedge_agent_uevents_received"),
         "{declared:?}"
