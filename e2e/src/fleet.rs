@@ -388,8 +388,19 @@ impl Fleet {
     /// Prepares the identities (namespace, service accounts, RBAC) on `cp`. Nodes are added
     /// with [`Fleet::add_node`]; operators started with [`Fleet::start_operators`].
     pub async fn new(cp: &ControlPlane, bins: Bins) -> anyhow::Result<Fleet> {
+        Fleet::with_chart_values(cp, bins, &[]).await
+    }
+
+    /// Like [`Fleet::new`], with `--set` `values` for the chart whose RBAC and admission
+    /// policies are applied (e.g. `dra.enabled=true`: the DRA rights of the agent and the
+    /// operator, whose `--dra` follows what the chart rendered).
+    pub async fn with_chart_values(
+        cp: &ControlPlane,
+        bins: Bins,
+        values: &[&str],
+    ) -> anyhow::Result<Fleet> {
         let client = cp.client().await?;
-        let (identities, operator_dra) = ensure_identities(cp, &client).await?;
+        let (identities, operator_dra) = ensure_identities(cp, &client, values).await?;
         Ok(Fleet {
             identities,
             operator_dra,
@@ -635,7 +646,11 @@ async fn create_agent_pod(client: &Client, node: &str) -> anyhow::Result<String>
 /// template charts/unwedge`, keeping ServiceAccounts, RBAC and ValidatingAdmissionPolicies),
 /// or, when the chart cannot be rendered, the harness's minimal RBAC ([`HARNESS_RBAC`]).
 /// Returns which one was applied.
-async fn ensure_identities(cp: &ControlPlane, client: &Client) -> anyhow::Result<(String, String)> {
+async fn ensure_identities(
+    cp: &ControlPlane,
+    client: &Client,
+    values: &[&str],
+) -> anyhow::Result<(String, String)> {
     let nss: Api<Namespace> = Api::all(client.clone());
     if nss.get_opt(SYSTEM_NS).await?.is_none() {
         nss.create(
@@ -645,7 +660,7 @@ async fn ensure_identities(cp: &ControlPlane, client: &Client) -> anyhow::Result
         .await?;
     }
     let file = cp.work_dir().join("fleet-identities.yaml");
-    let (source, dra) = match chart_identities(cp) {
+    let (source, dra) = match chart_identities(cp, values) {
         Ok((yaml, dra)) => {
             std::fs::write(&file, yaml)?;
             ("chart".to_string(), dra)
@@ -673,7 +688,7 @@ async fn ensure_identities(cp: &ControlPlane, client: &Client) -> anyhow::Result
 /// The chart's ServiceAccounts, RBAC and admission policies, rendered by `helm template`, and
 /// the operator's `--dra` value the chart rendered with them (its RBAC grants DRA rights only
 /// when that is `on`, so the operators here run with the same value).
-fn chart_identities(cp: &ControlPlane) -> anyhow::Result<(String, String)> {
+fn chart_identities(cp: &ControlPlane, values: &[&str]) -> anyhow::Result<(String, String)> {
     const KINDS: [&str; 7] = [
         "ServiceAccount",
         "ClusterRole",
@@ -687,6 +702,7 @@ fn chart_identities(cp: &ControlPlane) -> anyhow::Result<(String, String)> {
         .args(["template", "unwedge"])
         .arg(repo_root().join("charts/unwedge"))
         .args(["--namespace", SYSTEM_NS, "--kube-version", "1.37.2"])
+        .args(values.iter().flat_map(|v| ["--set", v]))
         .output()
         .context("run helm template")?;
     anyhow::ensure!(

@@ -5,6 +5,7 @@ pub mod fleet;
 pub use uevent_inject as inject;
 pub mod bench;
 pub mod demo;
+pub mod dra_fixture;
 pub mod netns;
 pub mod podresources_server;
 pub mod recorder;

@@ -1,7 +1,9 @@
 //! DRA quarantine on the real 1.37.2 control plane (DESIGN §5 "On DRA clusters", issue 16):
 //! kwok nodes publish 8 GPUs in a ResourceSlice, the real kube-scheduler allocates
-//! ResourceClaims, the real `unwedge-operator` (`--dra=on`) quarantines the wedged
-//! device with a DeviceTaintRule and evicts the pods of its claims.
+//! ResourceClaims, the real `unwedge-operator` with the chart's RBAC for `dra.enabled=true`
+//! (and the `--dra=on` it renders) quarantines the wedged device with a DeviceTaintRule and
+//! evicts the pods of its claims. Last, with the DRA rights taken away and `--dra=auto`, a
+//! wedged DRA device cordons its node instead, and the wedge and the policy say why.
 //!
 //! The agent side is a scripted stand-in that writes exactly what the agent writes: the
 //! GpuWedge from `reporter::build_wedge` with `spec.device.dra` set, the agent status patch,
@@ -11,25 +13,25 @@
 //! `cargo build -p unwedge-operator -p unwedge-agent -p e2e --bins && cargo test -p e2e --test dra`
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::resource::v1::{DeviceTaintRule, ResourceClaim};
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule};
+use k8s_openapi::api::resource::v1::DeviceTaintRule;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use unwedge_agent::reporter::{DetectedWedge, Source, agent_status_patch, build_wedge};
-use unwedge_crds::{DeviceRef, DraDeviceRef, GpuWedge, Phase};
+use unwedge_crds::{DeviceRef, DraDeviceRef, GpuWedge, Phase, RecoveryPolicy};
 
 use e2e::cluster::ControlPlane;
+use e2e::dra_fixture::{self as dra, DRIVER, apply_yaml, cordon_watch, create, until};
 use e2e::fleet::{Bins, Fleet};
 
-const DRIVER: &str = "gpu.e2e.unwedge.io";
 const NS: &str = "ml";
 const T: Duration = Duration::from_secs(90);
 
@@ -37,66 +39,14 @@ fn pci(node_idx: u8, dev: u8) -> String {
     format!("0000:{:02x}:{:02x}.0", 0x10 + node_idx, dev)
 }
 
-async fn create<K>(client: &Client, ns: Option<&str>, v: serde_json::Value) -> anyhow::Result<K>
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + serde::Serialize
-        + std::fmt::Debug,
-    K::DynamicType: Default,
-{
-    let obj: K = serde_json::from_value(v)?;
-    let api: Api<K> = Api::namespaced(client.clone(), ns.unwrap_or(NS));
-    Ok(api.create(&PostParams::default(), &obj).await?)
-}
-
-async fn apply_yaml(cp: &ControlPlane, name: &str, yaml: &str) -> anyhow::Result<()> {
-    let f = cp.work_dir().join(name);
-    std::fs::write(&f, yaml)?;
-    cp.apply_yaml_file(&f).await?;
-    Ok(())
-}
-
-/// Polls `f` every 250 ms until it returns `Some`, or fails naming `what`.
-async fn until<F, Fut, R>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<R>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<R>>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(r) = f().await? {
-            return Ok(r);
-        }
-        anyhow::ensure!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 /// A kwok node with one ResourceSlice of 8 GPUs, each with a distinct pciBusID.
 async fn gpu_node(cp: &ControlPlane, client: &Client, name: &str, idx: u8) -> anyhow::Result<()> {
     cp.add_kwok_node(name, &[("unwedge.io/gpu", "true")], &[])
         .await?;
-    let devices: Vec<serde_json::Value> = (0..8)
-        .map(|i| json!({"name": format!("gpu-{i}"), "attributes": {"resource.kubernetes.io/pciBusID": {"string": pci(idx, i)}}}))
-        .collect();
-    let slice: k8s_openapi::api::resource::v1::ResourceSlice = serde_json::from_value(json!({
-        "metadata": {"name": format!("{name}-gpus")},
-        "spec": {"driver": DRIVER, "nodeName": name,
-                 "pool": {"name": name, "generation": 1, "resourceSliceCount": 1},
-                 "devices": devices}
-    }))?;
-    Api::all(client.clone())
-        .create(&PostParams::default(), &slice)
-        .await?;
-    Ok(())
+    let pcis: Vec<String> = (0..8).map(|i| pci(idx, i)).collect();
+    dra::publish(client, name, &pcis).await
 }
 
-/// A pod on `node` with a claim from the `gpu` template (or the named shared claim).
 async fn gpu_pod(
     client: &Client,
     name: &str,
@@ -104,72 +54,22 @@ async fn gpu_pod(
     shared: Option<&str>,
     labels: serde_json::Value,
 ) -> anyhow::Result<Pod> {
-    let claim = match shared {
-        Some(c) => json!({"name": "gpu", "resourceClaimName": c}),
-        None => json!({"name": "gpu", "resourceClaimTemplateName": "gpu"}),
-    };
-    create(client, None, json!({
-        "metadata": {"name": name, "labels": labels},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": node},
-            "terminationGracePeriodSeconds": 0,
-            "resourceClaims": [claim],
-            "containers": [{"name": "main", "image": "gpu-workload:e2e", "resources": {"claims": [{"name": "gpu"}]}}]
-        }
-    }))
-    .await
+    dra::gpu_pod(client, NS, name, node, shared, labels).await
 }
 
-/// The device allocated to a running pod's claim, once the pod runs.
+async fn exists(client: &Client, pod: &str) -> anyhow::Result<bool> {
+    dra::exists(client, NS, pod).await
+}
+
 async fn device_of(client: &Client, pod: &str) -> anyhow::Result<Option<String>> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    let Some(p) = pods.get_opt(pod).await? else {
-        return Ok(None);
-    };
-    let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-    let claim = p
-        .status
-        .as_ref()
-        .and_then(|s| s.resource_claim_statuses.as_ref())
-        .and_then(|c| c.first())
-        .and_then(|c| c.resource_claim_name.clone())
-        .or_else(|| {
-            p.spec
-                .as_ref()?
-                .resource_claims
-                .as_ref()?
-                .first()?
-                .resource_claim_name
-                .clone()
-        });
-    let (true, Some(claim)) = (running, claim) else {
-        return Ok(None);
-    };
-    let c = Api::<ResourceClaim>::namespaced(client.clone(), NS)
-        .get(&claim)
-        .await?;
-    Ok(c.status
-        .and_then(|s| s.allocation)
-        .and_then(|a| a.devices)
-        .and_then(|d| d.results)
-        .and_then(|r| r.first().map(|r| r.device.clone())))
+    dra::device_of(client, NS, pod).await
 }
 
 async fn wait_devices(
     client: &Client,
     pods: &[String],
 ) -> anyhow::Result<BTreeMap<String, String>> {
-    let mut out = BTreeMap::new();
-    for p in pods {
-        let d = until(
-            &format!("pod {p} running with an allocated device"),
-            T,
-            || device_of(client, p),
-        )
-        .await?;
-        out.insert(p.clone(), d);
-    }
-    Ok(out)
+    dra::wait_devices(client, NS, pods, T).await
 }
 
 /// Creates the GpuWedge exactly as the agent reports it (object, then agent status).
@@ -260,70 +160,11 @@ async fn phase(client: &Client, wedge: &str) -> anyhow::Result<Option<Phase>> {
 }
 
 async fn our_rules(client: &Client, wedge: &str) -> anyhow::Result<Vec<DeviceTaintRule>> {
-    let lp = ListParams::default().labels(&format!("unwedge.io/wedge={wedge}"));
-    Ok(Api::<DeviceTaintRule>::all(client.clone())
-        .list(&lp)
-        .await?
-        .items)
+    dra::rules_of(client, wedge).await
 }
 
-async fn exists(client: &Client, pod: &str) -> anyhow::Result<bool> {
-    Ok(Api::<Pod>::namespaced(client.clone(), NS)
-        .get_opt(pod)
-        .await?
-        .is_some_and(|p| p.metadata.deletion_timestamp.is_none()))
-}
-
-/// Watches every change of the nodes: set when any node is ever unschedulable.
-fn cordon_watch(client: &Client) -> Arc<AtomicBool> {
-    let seen = Arc::new(AtomicBool::new(false));
-    let s = seen.clone();
-    let api: Api<Node> = Api::all(client.clone());
-    tokio::spawn(async move {
-        let mut st = kube::runtime::watcher(api, kube::runtime::watcher::Config::default()).boxed();
-        while let Some(ev) = st.next().await {
-            if let Ok(
-                kube::runtime::watcher::Event::Apply(n)
-                | kube::runtime::watcher::Event::InitApply(n),
-            ) = ev
-                && n.spec.and_then(|s| s.unschedulable).unwrap_or(false)
-            {
-                s.store(true, Ordering::SeqCst);
-            }
-        }
-    });
-    seen
-}
-
-const DRA_SETUP: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: ml}
----
-apiVersion: resource.k8s.io/v1
-kind: DeviceClass
-metadata: {name: gpu.e2e.unwedge.io}
-spec:
-  selectors:
-  - cel: {expression: 'device.driver == "gpu.e2e.unwedge.io"'}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {name: unwedge-operator-dra-e2e}
-rules:
-- apiGroups: [resource.k8s.io]
-  resources: [resourceslices, resourceclaims]
-  verbs: [get, list, watch]
-- apiGroups: [resource.k8s.io]
-  resources: [devicetaintrules]
-  verbs: [get, list, watch, create, update, patch, delete]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {name: unwedge-operator-dra-e2e}
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: unwedge-operator-dra-e2e}
-subjects: [{kind: ServiceAccount, name: unwedge-operator, namespace: unwedge-system}]
----
+/// The default RecoveryPolicy: one quarantined device at a time.
+const POLICY: &str = r#"
 apiVersion: unwedge.io/v1alpha1
 kind: RecoveryPolicy
 metadata: {name: default}
@@ -333,40 +174,26 @@ spec:
   drain: {timeout: 10m}
 "#;
 
-const TEMPLATE: &str = r#"
-apiVersion: resource.k8s.io/v1
-kind: ResourceClaimTemplate
-metadata: {name: gpu, namespace: ml}
-spec:
-  spec:
-    devices:
-      requests:
-      - name: gpu
-        exactly: {deviceClassName: gpu.e2e.unwedge.io}
-"#;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dra_quarantine_on_the_real_control_plane() -> anyhow::Result<()> {
     let bins = Bins::build()?;
     let cp = ControlPlane::start().await?;
     cp.apply_crds().await?;
     let client = cp.client().await?;
-    let mut fleet = Fleet::new(&cp, bins).await?;
-    apply_yaml(&cp, "dra-setup.yaml", DRA_SETUP).await?;
-    until("the ml namespace's default ServiceAccount", T, || {
-        let c = client.clone();
-        async move {
-            Ok(
-                Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(c, NS)
-                    .get_opt("default")
-                    .await?,
-            )
-        }
-    })
-    .await?;
-    apply_yaml(&cp, "dra-template.yaml", TEMPLATE).await?;
+    // The chart's own RBAC with DRA on: the operator runs with the --dra it renders.
+    let mut fleet = Fleet::with_chart_values(&cp, bins, &["dra.enabled=true"]).await?;
+    anyhow::ensure!(
+        fleet.identities() == "chart",
+        "the DRA rights must come from the chart, not the harness: {}",
+        fleet.identities()
+    );
+    dra::setup(&cp, &client, NS).await?;
+    apply_yaml(&cp, "dra-policy.yaml", POLICY).await?;
     let cordoned = cordon_watch(&client);
-    let r = scenarios(&cp, &client, &mut fleet, &cordoned).await;
+    let mut r = scenarios(&cp, &client, &mut fleet, &cordoned).await;
+    if r.is_ok() {
+        r = without_rights(&cp, &client, &mut fleet).await;
+    }
     if r.is_err() {
         eprintln!("{}\n{}", fleet.operator_logs(60), cp.log_tails(20));
     }
@@ -393,18 +220,19 @@ async fn scenarios(
         6,
         "the scheduler gave 6 distinct devices: {devs:?}"
     );
-    let uids: BTreeMap<String, String> = {
-        let api: Api<Pod> = Api::namespaced(client.clone(), NS);
-        let mut m = BTreeMap::new();
-        for p in &pods {
-            m.insert(p.clone(), api.get(p).await?.uid().unwrap_or_default());
-        }
-        m
-    };
-    // This test grants the operator the DRA rights itself (the fleet renders the chart without
-    // DRA), so it turns quarantine on explicitly.
-    fleet.set_operator_dra("on");
+    let uids = dra::uids(client, NS, &pods).await?;
     fleet.start_operators(cp, 1).await?;
+    // The chart's RBAC holds every right quarantine uses: the operator says so on the policy.
+    until(
+        "DeviceQuarantine=True (Enabled) on the policy",
+        T,
+        || async {
+            Ok(quarantine_condition(client)
+                .await?
+                .filter(|(st, reason, _)| st == "True" && reason == "Enabled"))
+        },
+    )
+    .await?;
     let victim = "a2";
     let dev = devs[victim].clone();
     let idx: u8 = dev.trim_start_matches("gpu-").parse()?;
@@ -513,11 +341,7 @@ async fn scenarios(
 
     // ---- 2. a claim shared by two pods: both go, nothing else ----
     gpu_node(cp, client, "dra-b", 1).await?;
-    create::<ResourceClaim>(client, None, json!({
-        "metadata": {"name": "shared"},
-        "spec": {"devices": {"requests": [{"name": "gpu", "exactly": {"deviceClassName": DRIVER}}]}}
-    }))
-    .await?;
+    dra::shared_claim(client, NS, "shared").await?;
     for p in ["s1", "s2"] {
         gpu_pod(client, p, "dra-b", Some("shared"), json!({})).await?;
     }
@@ -566,7 +390,7 @@ async fn scenarios(
     let cidx: u8 = cdev.trim_start_matches("gpu-").parse()?;
     create::<PodDisruptionBudget>(
         client,
-        None,
+        NS,
         json!({
             "metadata": {"name": "guarded"},
             "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "guarded"}}}
@@ -663,5 +487,110 @@ async fn scenarios(
     rules
         .delete("admin-maintenance", &DeleteParams::default())
         .await?;
+    Ok(())
+}
+
+/// The `DeviceQuarantine` condition of the default policy: status, reason, message.
+async fn quarantine_condition(client: &Client) -> anyhow::Result<Option<(String, String, String)>> {
+    let p = Api::<RecoveryPolicy>::all(client.clone())
+        .get("default")
+        .await?;
+    Ok(p.status
+        .and_then(|s| s.conditions)
+        .into_iter()
+        .flatten()
+        .find(|c| c.type_ == "DeviceQuarantine")
+        .map(|c| (c.status, c.reason, c.message)))
+}
+
+/// ---- 4. `--dra=auto` without the DRA rights (the chart rendered without DRA on a cluster
+/// that serves DeviceTaintRules): a wedged DRA device cordons its node as on a device-plugin
+/// node, the wedge and the policy say why, and the recovery completes and uncordons.
+async fn without_rights(
+    cp: &ControlPlane,
+    client: &Client,
+    fleet: &mut Fleet,
+) -> anyhow::Result<()> {
+    fleet.stop();
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+    let mut role = roles.get("unwedge-operator").await?;
+    let dra_rule = |r: &PolicyRule| {
+        r.api_groups
+            .iter()
+            .flatten()
+            .any(|g| g == "resource.k8s.io")
+    };
+    role.rules = role
+        .rules
+        .map(|rs| rs.into_iter().filter(|r| !dra_rule(r)).collect());
+    roles
+        .replace("unwedge-operator", &PostParams::default(), &role)
+        .await?;
+    fleet.set_operator_dra("auto");
+    fleet.start_operators(cp, 1).await?;
+    let (_, reason, message) = until("DeviceQuarantine=False on the policy", T, || async {
+        Ok(quarantine_condition(client)
+            .await?
+            .filter(|(st, _, _)| st == "False"))
+    })
+    .await?;
+    assert_eq!(reason, "MissingRights", "{message}");
+    assert!(
+        message.contains("may not get devicetaintrules, create devicetaintrules"),
+        "the condition names the missing rights: {message}"
+    );
+
+    gpu_node(cp, client, "dra-d", 3).await?;
+    gpu_pod(client, "d0", "dra-d", None, json!({})).await?;
+    let ddev = wait_devices(client, &["d0".to_string()]).await?["d0"].clone();
+    let didx: u8 = ddev.trim_start_matches("gpu-").parse()?;
+    let wedge = report_wedge(client, "dra-d", &pci(3, didx), &ddev, 400).await?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    until("node dra-d cordoned instead", T, || async {
+        let n = nodes.get("dra-d").await?;
+        Ok(n.spec
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false)
+            .then_some(()))
+    })
+    .await?;
+    let events: Api<Event> = Api::all(client.clone());
+    let note = until(
+        "the QuarantineUnavailable event on the wedge",
+        T,
+        || async {
+            Ok(events
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("QuarantineUnavailable")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                            == Some(wedge.as_str())
+                })
+                .and_then(|e| e.note))
+        },
+    )
+    .await?;
+    assert!(
+        note.contains(&format!("{DRIVER}/dra-d/{ddev}")) && note.contains("MissingRights"),
+        "the event names the device and why: {note}"
+    );
+    assert!(
+        our_rules(client, &wedge).await?.is_empty(),
+        "no DeviceTaintRule without the rights"
+    );
+    agent_acts(client, &wedge, true).await?;
+    until("the wedge Recovered and dra-d uncordoned", T, || async {
+        let schedulable = !nodes
+            .get("dra-d")
+            .await?
+            .spec
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false);
+        Ok((phase(client, &wedge).await? == Some(Phase::Recovered) && schedulable).then_some(()))
+    })
+    .await?;
     Ok(())
 }

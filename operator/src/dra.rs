@@ -1,8 +1,10 @@
 //! DRA quarantine, the pure part (DESIGN §5 "On DRA clusters"): the `DeviceTaintRule` that keeps
 //! the scheduler away from one wedged device, the pods that hold that device through their
-//! ResourceClaims, and the device count a policy's `maxUnavailableDevices` is a share of.
+//! ResourceClaims, the device count a policy's `maxUnavailableDevices` is a share of, and
+//! whether `--dra` turns quarantine on given what the cluster serves and allows.
 //!
-//! No I/O: `quarantine` creates and deletes the rule, the reconciler lists claims and slices.
+//! No I/O: `quarantine` creates and deletes the rule and probes the cluster, the reconciler
+//! lists claims and slices.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -176,6 +178,138 @@ pub fn devices_on(slices: &[ResourceSlice], nodes: &BTreeSet<String>) -> u32 {
     devices.len() as u32
 }
 
+/// `--dra`: quarantine DRA devices (`On`), never (`Off`), or when the cluster allows it (`Auto`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// On when the API server serves DeviceTaintRules and the operator holds [`RIGHTS`].
+    Auto,
+    /// On, whatever the cluster says (a missing right is reported, and quarantines fail).
+    On,
+    /// Off: a wedged DRA device cordons its node, as on a device-plugin node.
+    Off,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Mode, String> {
+        match s {
+            "auto" => Ok(Mode::Auto),
+            "on" => Ok(Mode::On),
+            "off" => Ok(Mode::Off),
+            other => Err(format!("--dra {other:?}: expected auto, on or off")),
+        }
+    }
+}
+
+/// What quarantine does through the API, all cluster-wide in `resource.k8s.io` as
+/// `(resource, verb)`: its rule (read, create, delete), the consumers of a device (every
+/// namespace's ResourceClaims) and the devices of a policy's nodes (every ResourceSlice).
+pub const RIGHTS: [(&str, &str); 5] = [
+    ("devicetaintrules", "get"),
+    ("devicetaintrules", "create"),
+    ("devicetaintrules", "delete"),
+    ("resourceclaims", "list"),
+    ("resourceslices", "list"),
+];
+
+/// What the cluster answered when asked whether quarantine can work.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// Discovery: whether `resource.k8s.io/v1` serves `devicetaintrules` (`Err`: it failed).
+    pub served: Result<bool, String>,
+    /// The [`RIGHTS`] the operator was refused, as `verb resource` (`Err`: the
+    /// SelfSubjectAccessReviews failed).
+    pub denied: Result<Vec<String>, String>,
+}
+
+/// Whether DRA devices are quarantined, and why: logged at start, written as the
+/// `DeviceQuarantine` condition of every RecoveryPolicy and, when a DRA device's node is
+/// cordoned instead, as a `QuarantineUnavailable` Event on the wedge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Support {
+    /// Quarantine DRA devices.
+    pub on: bool,
+    /// Condition reason (CamelCase).
+    pub reason: &'static str,
+    /// What it means and, when off by accident, what to do.
+    pub message: String,
+}
+
+impl Support {
+    /// Quarantine on, every right held.
+    pub fn enabled() -> Support {
+        Support {
+            on: true,
+            reason: "Enabled",
+            message:
+                "DRA devices are quarantined with a DeviceTaintRule; their node stays schedulable"
+                    .into(),
+        }
+    }
+}
+
+const GRANT: &str = "grant them (Helm: dra.enabled=true renders them) and restart the operator";
+
+/// Decides `--dra` from what the cluster answered (`probe`: `None` when not asked, as for
+/// `off`). `auto` is on only when DeviceTaintRules are served and every right in [`RIGHTS`]
+/// is held, so an operator without the DRA RBAC keeps cordoning nodes instead of failing
+/// every reconcile on a 403.
+pub fn support(mode: Mode, probe: Option<&Probe>) -> Support {
+    let off = |reason, message: String| Support {
+        on: false,
+        reason,
+        message: format!("{message}: a wedged DRA device cordons its node"),
+    };
+    let served = probe.map(|p| &p.served);
+    let denied = probe.map(|p| &p.denied);
+    match (mode, served, denied) {
+        (Mode::Off, _, _) => off("Disabled", "--dra=off".into()),
+        (Mode::On, _, Some(Ok(d))) if !d.is_empty() => Support {
+            on: true,
+            reason: "MissingRights",
+            message: format!(
+                "--dra=on, but the operator may not {}: every quarantine fails until then; {GRANT}",
+                d.join(", ")
+            ),
+        },
+        (Mode::On, _, _) => Support {
+            message: "--dra=on: DRA devices are quarantined with a DeviceTaintRule; their node stays schedulable".into(),
+            ..Support::enabled()
+        },
+        (Mode::Auto, None, _) => off("NotProbed", "--dra=auto without a probe of the cluster".into()),
+        (Mode::Auto, Some(Err(e)), _) => off(
+            "DiscoveryFailed",
+            format!("discovery of resource.k8s.io/v1 failed ({e}); set --dra=on to force quarantine"),
+        ),
+        (Mode::Auto, Some(Ok(false)), _) => off(
+            "NotServed",
+            "the API server serves no resource.k8s.io/v1 DeviceTaintRule (Kubernetes 1.37 or later)".into(),
+        ),
+        (Mode::Auto, Some(Ok(true)), None) => off("NotProbed", "--dra=auto: rights not checked".into()),
+        (Mode::Auto, Some(Ok(true)), Some(Err(e))) => off(
+            "AccessReviewFailed",
+            format!("cannot check the operator's DRA rights ({e}); set --dra=on to force quarantine"),
+        ),
+        (Mode::Auto, Some(Ok(true)), Some(Ok(d))) if !d.is_empty() => off(
+            "MissingRights",
+            format!(
+                "DeviceTaintRules are served, but the operator may not {} ({GRANT})",
+                d.join(", ")
+            ),
+        ),
+        (Mode::Auto, Some(Ok(true)), Some(Ok(_))) => Support::enabled(),
+    }
+}
+
+/// The Warning a wedge gets when its DRA device's node is cordoned because quarantine is off.
+pub fn cordoned_instead(device: &DraDeviceRef, node: &str, support: &Support) -> String {
+    format!(
+        "device {}/{}/{} is a DRA device, but DRA quarantine is off ({}: {}); node {node} is cordoned instead",
+        device.driver, device.pool, device.device, support.reason, support.message
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,5 +438,88 @@ mod tests {
         assert_eq!(devices_on(&slices, &sel), 5);
         assert!(advertised(&slices, &dev("gpu-2")));
         assert!(!advertised(&slices, &dev("gpu-9")));
+    }
+
+    fn probe(served: Result<bool, &str>, denied: Result<&[&str], &str>) -> Probe {
+        Probe {
+            served: served.map_err(String::from),
+            denied: denied
+                .map(|d| d.iter().map(|s| s.to_string()).collect())
+                .map_err(String::from),
+        }
+    }
+
+    #[test]
+    fn auto_is_on_only_when_served_and_every_right_is_held() {
+        let s = support(Mode::Auto, Some(&probe(Ok(true), Ok(&[]))));
+        assert!(s.on);
+        assert_eq!(s.reason, "Enabled");
+        for (p, reason) in [
+            (probe(Ok(false), Ok(&[])), "NotServed"),
+            (probe(Err("timeout"), Ok(&[])), "DiscoveryFailed"),
+            (probe(Ok(true), Err("forbidden")), "AccessReviewFailed"),
+            (
+                probe(
+                    Ok(true),
+                    Ok(&["create devicetaintrules", "list resourceslices"]),
+                ),
+                "MissingRights",
+            ),
+        ] {
+            let s = support(Mode::Auto, Some(&p));
+            assert!(!s.on, "{reason}: {s:?}");
+            assert_eq!(s.reason, reason);
+            assert!(
+                s.message.ends_with("a wedged DRA device cordons its node"),
+                "{s:?}"
+            );
+        }
+        assert!(!support(Mode::Auto, None).on);
+    }
+
+    #[test]
+    fn missing_rights_are_named_with_what_to_do() {
+        let s = support(
+            Mode::Auto,
+            Some(&probe(
+                Ok(true),
+                Ok(&["create devicetaintrules", "list resourceslices"]),
+            )),
+        );
+        assert!(
+            s.message
+                .contains("may not create devicetaintrules, list resourceslices"),
+            "{s:?}"
+        );
+        assert!(s.message.contains("dra.enabled=true"), "{s:?}");
+    }
+
+    #[test]
+    fn on_and_off_are_obeyed_whatever_the_cluster_says() {
+        let none = probe(Ok(false), Ok(&["create devicetaintrules"]));
+        assert!(!support(Mode::Off, Some(&none)).on);
+        assert_eq!(support(Mode::Off, None).reason, "Disabled");
+        let forced = support(Mode::On, Some(&none));
+        assert!(forced.on);
+        assert_eq!(forced.reason, "MissingRights", "forced on, but said loudly");
+        assert_eq!(support(Mode::On, None).reason, "Enabled");
+        assert!(support(Mode::On, Some(&probe(Ok(true), Ok(&[])))).on);
+    }
+
+    #[test]
+    fn modes_parse_like_the_flag() {
+        assert_eq!("auto".parse::<Mode>(), Ok(Mode::Auto));
+        assert_eq!("on".parse::<Mode>(), Ok(Mode::On));
+        assert_eq!("off".parse::<Mode>(), Ok(Mode::Off));
+        assert!("yes".parse::<Mode>().is_err());
+    }
+
+    #[test]
+    fn the_cordon_warning_names_the_device_and_the_reason() {
+        let s = support(Mode::Off, None);
+        assert_eq!(
+            cordoned_instead(&dev("gpu-3"), "node-a", &s),
+            "device gpu.e2e.unwedge.io/node-a/gpu-3 is a DRA device, but DRA quarantine is off (Disabled: --dra=off: a wedged DRA device cordons its node); node node-a is cordoned instead"
+        );
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use tokio::sync::watch;
-use unwedge_operator::{leader, metrics, reconciler};
+use unwedge_operator::{dra, leader, metrics, reconciler};
 
 /// Coordinates GPU recoveries on Kubernetes nodes.
 #[derive(Parser, Debug)]
@@ -27,7 +27,8 @@ struct Cli {
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
     /// DRA device quarantine: on, off, or auto (on when the API server serves
-    /// resource.k8s.io/v1 DeviceTaintRules). On: a wedged GPU that the agent found in its
+    /// resource.k8s.io/v1 DeviceTaintRules and this operator may use them and read
+    /// ResourceClaims and ResourceSlices). On: a wedged GPU that the agent found in its
     /// node's ResourceSlice is tainted alone instead of cordoning the node.
     #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
     dra: String,
@@ -103,8 +104,13 @@ async fn main() -> anyhow::Result<()> {
         let _ = shutdown_tx.send(true);
     });
 
-    let dra = unwedge_operator::quarantine::enabled(&client, &cli.dra).await;
-    tracing::info!(mode = %cli.dra, enabled = dra, "DRA device quarantine");
+    let mode: dra::Mode = cli.dra.parse().map_err(anyhow::Error::msg)?;
+    let dra = unwedge_operator::quarantine::support(&client, mode).await;
+    if matches!(dra.reason, "Enabled" | "Disabled" | "NotServed") {
+        tracing::info!(mode = %cli.dra, on = dra.on, reason = dra.reason, "DRA device quarantine: {}", dra.message);
+    } else {
+        tracing::warn!(mode = %cli.dra, on = dra.on, reason = dra.reason, "DRA device quarantine: {}", dra.message);
+    }
     reconciler::run(client, id, metrics, leader_rx, shutdown_rx, dra).await;
     if let Some(e) = election {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), e).await;

@@ -1,10 +1,14 @@
 //! DRA quarantine, the effects: create and delete the DeviceTaintRule of a wedge, read what
-//! the decision needs (the rule, the device's claims and slices), and detect DRA support.
+//! the decision needs (the rule, the device's claims and slices), and probe whether the cluster
+//! serves DeviceTaintRules and lets this operator use them.
 //!
 //! Ownership is the label `unwedge.io/wedge`: a rule without it (an administrator's, even one
 //! that happens to carry our name) is never changed or deleted. Every call is idempotent, so a
 //! restart between any two of them finishes the job with one rule.
 
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
 use k8s_openapi::api::resource::v1::{DeviceTaintRule, ResourceClaim, ResourceSlice};
 use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use kube::{Client, ResourceExt};
@@ -127,19 +131,44 @@ pub async fn slices(
         .items)
 }
 
-/// `--dra`: `on`, `off`, or `auto` (on when the API server serves `resource.k8s.io/v1`
-/// DeviceTaintRules). Discovery failures in `auto` mean off, with a warning.
-pub async fn enabled(client: &Client, mode: &str) -> bool {
-    match mode {
-        "on" => true,
-        "off" => false,
-        _ => match client.list_api_group_resources("resource.k8s.io/v1").await {
-            Ok(list) => list.resources.iter().any(|r| r.name == "devicetaintrules"),
-            Err(kube::Error::Api(s)) if s.is_not_found() => false,
-            Err(e) => {
-                tracing::warn!(error = %e, "DRA discovery failed: quarantine is off (set --dra=on to force it)");
-                false
-            }
-        },
+/// Whether DRA devices are quarantined under `mode` (DESIGN §5): for `auto` and `on` asks the
+/// API server whether it serves `resource.k8s.io/v1` DeviceTaintRules (discovery) and whether
+/// this operator holds every right in [`dra::RIGHTS`] (SelfSubjectAccessReviews), then lets
+/// [`dra::support`] decide.
+pub async fn support(client: &Client, mode: dra::Mode) -> dra::Support {
+    if mode == dra::Mode::Off {
+        return dra::support(mode, None);
     }
+    let served = match client.list_api_group_resources("resource.k8s.io/v1").await {
+        Ok(list) => Ok(list.resources.iter().any(|r| r.name == "devicetaintrules")),
+        Err(kube::Error::Api(s)) if s.is_not_found() => Ok(false),
+        Err(e) => Err(e.to_string()),
+    };
+    let denied = denied(client).await.map_err(|e| e.to_string());
+    dra::support(mode, Some(&dra::Probe { served, denied }))
+}
+
+/// The rights of [`dra::RIGHTS`] this operator is refused, as `verb resource`.
+async fn denied(client: &Client) -> Result<Vec<String>, kube::Error> {
+    let api: Api<SelfSubjectAccessReview> = Api::all(client.clone());
+    let mut out = Vec::new();
+    for (resource, verb) in dra::RIGHTS {
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    group: Some("resource.k8s.io".into()),
+                    resource: Some(resource.into()),
+                    verb: Some(verb.into()),
+                    ..ResourceAttributes::default()
+                }),
+                ..SelfSubjectAccessReviewSpec::default()
+            },
+            ..SelfSubjectAccessReview::default()
+        };
+        let answer = api.create(&PostParams::default(), &review).await?;
+        if !answer.status.is_some_and(|s| s.allowed) {
+            out.push(format!("{verb} {resource}"));
+        }
+    }
+    Ok(out)
 }

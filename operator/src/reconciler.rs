@@ -75,8 +75,8 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
     /// Whether we lead.
     pub leader: watch::Receiver<bool>,
-    /// Whether DRA devices are quarantined (`--dra`, discovery in `auto`).
-    pub dra: bool,
+    /// Whether DRA devices are quarantined, and why (`--dra`, probed in `auto`).
+    pub dra: dra::Support,
 }
 
 impl Ctx {
@@ -337,10 +337,10 @@ async fn dra_inputs(
     w: &GpuWedge,
 ) -> Result<(Option<decide::DraView>, bool, Option<bool>), Error> {
     let name = w.name_any();
-    let dev = w.spec.device.dra.as_ref().filter(|_| ctx.dra);
+    let dev = w.spec.device.dra.as_ref().filter(|_| ctx.dra.on);
     // A rule of ours is looked for whatever the mode, so one left from a DRA-on run is
     // still deleted at recovery.
-    let rule = if ctx.dra
+    let rule = if ctx.dra.on
         || w.status
             .as_ref()
             .is_some_and(|s| s.quarantine_rule.is_some())
@@ -644,6 +644,15 @@ async fn perform(
                 )
                 .await;
             }
+            if let Some(dev) = w.spec.device.dra.as_ref().filter(|_| !ctx.dra.on) {
+                let message = dra::cordoned_instead(dev, &w.spec.node_name, &ctx.dra);
+                let note = decide::Note {
+                    warning: true,
+                    reason: "QuarantineUnavailable".into(),
+                    message,
+                };
+                ctx.event(&w.object_ref(&()), &note).await;
+            }
             Ok(soon)
         }
         Step::Uncordon | Step::HandOverCordon { .. } => {
@@ -941,7 +950,7 @@ pub async fn refresh(ctx: &Ctx) -> Result<(), Error> {
         .map(|n| (n.name_any(), n.labels().clone()))
         .collect();
     // The devices each policy's maxUnavailableDevices is a share of (DRA only).
-    let slices = if ctx.dra {
+    let slices = if ctx.dra.on {
         match quarantine::slices(&ctx.client, None).await {
             Ok(s) => Some(s),
             Err(e) => {
@@ -1009,6 +1018,14 @@ pub async fn refresh(ctx: &Ctx) -> Result<(), Error> {
                 st.nodes_selected = selected;
                 st.devices_selected = devices;
                 st.summary = Some(summary.clone());
+                set_policy_condition(
+                    st,
+                    "DeviceQuarantine",
+                    ctx.dra.on,
+                    ctx.dra.reason,
+                    &ctx.dra.message,
+                    now,
+                );
                 if conflicts.is_empty() {
                     if st
                         .conditions
@@ -1060,14 +1077,14 @@ fn synced<K>(
 }
 
 /// Wires stores, triggers and the controller, and runs until `shutdown` turns true. `dra`:
-/// quarantine DRA devices instead of cordoning their node (DESIGN §5).
+/// whether DRA devices are quarantined instead of cordoning their node (DESIGN §5), and why.
 pub async fn run(
     client: Client,
     identity: String,
     metrics: Arc<Metrics>,
     leader: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
-    dra: bool,
+    dra: dra::Support,
 ) {
     // Readiness: each of the three reflectors reports its first complete list (InitDone) as it
     // passes through. Not `Store::wait_until_ready`: its DelayedInit keeps one waker only, and
