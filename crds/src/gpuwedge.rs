@@ -332,6 +332,11 @@ pub struct AttemptResult {
     /// Boot id when the attempt started (a reboot is proven by a different one after).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
+    /// After a success: whether the kubelet lists the device as allocatable again (PodResources
+    /// `GetAllocatableResources`: its device plugin advertises it healthy). Unset where no
+    /// device plugin serves the node's GPUs (DRA nodes are checked by the operator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertised: Option<bool>,
 }
 
 /// The operator's go-ahead for one attempt.

@@ -643,6 +643,7 @@ mod tests {
             finished_at: Some(Time(ts("2026-01-01T00:00:40Z"))),
             message: "device back as card1".into(),
             boot_id: None,
+            advertised: None,
         }]);
         s.finished_at = Some(Time(ts("2026-01-01T00:01:00Z")));
         let ev = Event {
@@ -692,6 +693,7 @@ mod tests {
             finished_at: None,
             message: "pid 42 (python) holds /dev/dri/renderD128".into(),
             boot_id: None,
+            advertised: None,
         }]);
         let t = timeline(&w, &[]);
         assert_eq!(t.len(), 2);

@@ -245,6 +245,7 @@ mod tests {
             finished_at: None,
             message: String::new(),
             boot_id: None,
+            advertised: None,
         };
         w.status.as_mut().unwrap().attempts = Some(vec![
             at(2, AttemptOutcome::Failed),

@@ -67,6 +67,9 @@ pub struct JournalRecord {
     /// Final message (stage Finished).
     #[serde(default)]
     pub message: Option<String>,
+    /// Whether the device plugin advertised the device again (stage Finished, after success).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertised: Option<bool>,
 }
 
 /// What the journal knows about one attempt.
@@ -372,8 +375,33 @@ pub struct ExecutorConfig {
     pub verify_command: Option<String>,
     /// How often the fd gate re-checks while blocked (2 s).
     pub gate_interval: Duration,
-    /// How long to wait for the driver and card to come back after acting.
+    /// How long to wait for the driver and card to come back after acting, and then for the
+    /// device plugin to advertise the device again.
     pub reappear_timeout: Duration,
+    /// Asks whether the device plugin advertises a GPU again (None in the config: not asked).
+    pub advertised: Option<AdvertisedCheck>,
+}
+
+/// Asks, for a PCI address, whether the node's device plugin advertises that GPU as
+/// allocatable (`None`: cannot tell, e.g. no device plugin serves the node's GPUs).
+#[derive(Clone)]
+pub struct AdvertisedCheck(pub Arc<dyn Fn(String) -> AdvertisedAnswer + Send + Sync>);
+
+/// The answer of an [`AdvertisedCheck`], to be awaited.
+pub type AdvertisedAnswer =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<bool>> + Send>>;
+
+impl std::fmt::Debug for AdvertisedCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdvertisedCheck")
+    }
+}
+
+/// A successful verification: what was seen, and whether the device plugin advertises the
+/// device again.
+struct Verified {
+    message: String,
+    advertised: Option<bool>,
 }
 
 /// Performs `ExecutorStep`s for the wedges of this node.
@@ -458,7 +486,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
         method: &str,
         stage: Stage,
         boot_id: &str,
-        end: Option<&Outcome>,
+        end: Option<(&Outcome, Option<bool>)>,
     ) -> Result<(), String> {
         let rec = JournalRecord {
             wedge: wedge.name_any(),
@@ -468,8 +496,9 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
             stage,
             at: Timestamp::now(),
             boot_id: boot_id.to_string(),
-            result: end.map(|o| o.0),
-            message: end.map(|o| o.1.clone()),
+            result: end.map(|(o, _)| o.0),
+            message: end.map(|(o, _)| o.1.clone()),
+            advertised: end.and_then(|(_, a)| a),
         };
         self.journal
             .lock()
@@ -514,6 +543,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
         started_at: Timestamp,
         boot_id: &str,
         message: String,
+        advertised: Option<bool>,
     ) -> AttemptResult {
         let finished = matches!(result, AttemptOutcome::Succeeded | AttemptOutcome::Failed);
         AttemptResult {
@@ -524,6 +554,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
             finished_at: finished.then(|| Time(Timestamp::now())),
             message,
             boot_id: Some(boot_id.to_string()),
+            advertised,
         }
     }
 
@@ -532,22 +563,25 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
         wedge: &GpuWedge,
         attempt: u32,
         method: &str,
-        started_at: Timestamp,
         boot_id: &str,
         outcome: Outcome,
+        advertised: Option<bool>,
     ) -> Result<(), String> {
-        tracing::info!(wedge = %wedge.name_any(), attempt, method, result = ?outcome.0, message = %outcome.1, "attempt finished");
+        let started_at = Self::started_at(wedge, attempt);
+        tracing::info!(wedge = %wedge.name_any(), attempt, method, result = ?outcome.0, message = %outcome.1, ?advertised, "attempt finished");
         self.journal(
             wedge,
             attempt,
             method,
             Stage::Finished,
             boot_id,
-            Some(&outcome),
+            Some((&outcome, advertised)),
         )?;
         self.report(
             &wedge.name_any(),
-            Self::entry(attempt, method, outcome.0, started_at, boot_id, outcome.1),
+            Self::entry(
+                attempt, method, outcome.0, started_at, boot_id, outcome.1, advertised,
+            ),
         )
         .await
     }
@@ -584,6 +618,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                     Self::started_at(wedge, record.attempt),
                     &record.boot_id,
                     outcome.1,
+                    record.advertised,
                 );
                 self.report(&name, entry).await
             }
@@ -593,39 +628,34 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                     AttemptOutcome::Failed,
                     "agent restarted during the attempt; not re-executed".to_string(),
                 );
-                self.finish(
-                    wedge,
-                    *attempt,
-                    method,
-                    Self::started_at(wedge, *attempt),
-                    boot_id,
-                    outcome,
-                )
-                .await
+                self.finish(wedge, *attempt, method, boot_id, outcome, None)
+                    .await
             }
             ExecutorStep::VerifyAfterReboot {
                 attempt,
                 started_boot_id,
             } => {
-                let outcome = match self.verify(wedge, Instant::now()).await {
-                    Ok(m) => (
-                        AttemptOutcome::Succeeded,
-                        format!("rebooted (boot id {started_boot_id} -> {boot_id}); {m}"),
+                let (outcome, advertised) = match self.verify(wedge, Instant::now()).await {
+                    Ok(v) => (
+                        (
+                            AttemptOutcome::Succeeded,
+                            format!(
+                                "rebooted (boot id {started_boot_id} -> {boot_id}); {}",
+                                v.message
+                            ),
+                        ),
+                        v.advertised,
                     ),
                     Err(m) => (
-                        AttemptOutcome::Failed,
-                        format!("rebooted (boot id {started_boot_id} -> {boot_id}) but {m}"),
+                        (
+                            AttemptOutcome::Failed,
+                            format!("rebooted (boot id {started_boot_id} -> {boot_id}) but {m}"),
+                        ),
+                        None,
                     ),
                 };
-                self.finish(
-                    wedge,
-                    *attempt,
-                    "reboot",
-                    Self::started_at(wedge, *attempt),
-                    boot_id,
-                    outcome,
-                )
-                .await
+                self.finish(wedge, *attempt, "reboot", boot_id, outcome, advertised)
+                    .await
             }
             ExecutorStep::Start { attempt, method }
             | ExecutorStep::ResumeGate { attempt, method } => {
@@ -642,6 +672,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                         started_at,
                         boot_id,
                         format!("{method}: started"),
+                        None,
                     ),
                 )
                 .await?;
@@ -651,7 +682,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                         format!("agent does not know how to carry out {method}"),
                     );
                     return self
-                        .finish(wedge, *attempt, method, started_at, boot_id, outcome)
+                        .finish(wedge, *attempt, method, boot_id, outcome, None)
                         .await;
                 }
                 if method == "none" {
@@ -661,7 +692,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                             .to_string(),
                     );
                     return self
-                        .finish(wedge, *attempt, method, started_at, boot_id, outcome)
+                        .finish(wedge, *attempt, method, boot_id, outcome, None)
                         .await;
                 }
                 if self.cfg.dry_run {
@@ -673,7 +704,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                         ),
                     );
                     return self
-                        .finish(wedge, *attempt, method, started_at, boot_id, outcome)
+                        .finish(wedge, *attempt, method, boot_id, outcome, None)
                         .await;
                 }
                 if let Some(outcome) = self
@@ -681,21 +712,27 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                     .await?
                 {
                     return self
-                        .finish(wedge, *attempt, method, started_at, boot_id, outcome)
+                        .finish(wedge, *attempt, method, boot_id, outcome, None)
                         .await;
                 }
                 self.journal(wedge, *attempt, method, Stage::Acting, boot_id, None)?;
                 tracing::info!(wedge = %name, attempt, method, "acting: {}", plan_text(wedge, method));
                 let acted = self.act(wedge, method, *attempt, started_at, boot_id).await;
-                let outcome = match acted {
+                let (outcome, advertised) = match acted {
                     Ok(None) => return Ok(()),
                     Ok(Some(done)) => match self.verify(wedge, Instant::now()).await {
-                        Ok(m) => (AttemptOutcome::Succeeded, format!("{done}; {m}")),
-                        Err(m) => (AttemptOutcome::Failed, format!("{done} but {m}")),
+                        Ok(v) => (
+                            (AttemptOutcome::Succeeded, format!("{done}; {}", v.message)),
+                            v.advertised,
+                        ),
+                        Err(m) => ((AttemptOutcome::Failed, format!("{done} but {m}")), None),
                     },
-                    Err(e) => (AttemptOutcome::Failed, format!("{method} failed: {e}")),
+                    Err(e) => (
+                        (AttemptOutcome::Failed, format!("{method} failed: {e}")),
+                        None,
+                    ),
                 };
-                self.finish(wedge, *attempt, method, started_at, boot_id, outcome)
+                self.finish(wedge, *attempt, method, boot_id, outcome, advertised)
                     .await
             }
         }
@@ -743,6 +780,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                         started_at,
                         boot_id,
                         message.clone(),
+                        None,
                     ),
                 )
                 .await?;
@@ -821,6 +859,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                         started_at,
                         boot_id,
                         format!("rebooting the host (boot id {boot_id})"),
+                        None,
                     ),
                 )
                 .await?;
@@ -849,7 +888,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
 
     /// Driver bound again (same driver), card node back (found by PCI address), quiet for the
     /// settle window, verify command exits 0.
-    async fn verify(&self, wedge: &GpuWedge, acted_at: Instant) -> Result<String, String> {
+    async fn verify(&self, wedge: &GpuWedge, acted_at: Instant) -> Result<Verified, String> {
         let bdf = wedge.spec.device.pci_address.clone();
         let driver = self.driver_for(wedge)?;
         let deadline = Instant::now() + self.cfg.reappear_timeout;
@@ -893,10 +932,34 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
             }
         }
         let was = wedge.spec.device.card.clone().unwrap_or_default();
-        Ok(format!(
-            "verified: {driver} bound, {card} present (was {was}), quiet for {:?}",
-            self.cfg.settle
-        ))
+        let advertised = self.wait_advertised(&bdf).await;
+        let plugin = match advertised {
+            Some(true) => "; its device plugin advertises it again",
+            Some(false) => "; its device plugin does not advertise it again",
+            None => "",
+        };
+        Ok(Verified {
+            message: format!(
+                "verified: {driver} bound, {card} present (was {was}), quiet for {:?}{plugin}",
+                self.cfg.settle
+            ),
+            advertised,
+        })
+    }
+
+    /// Asks until the device plugin advertises `bdf` again, or [`ExecutorConfig::reappear_timeout`]
+    /// passes (`Some(false)`); `None` when the question cannot be answered here.
+    async fn wait_advertised(&self, bdf: &str) -> Option<bool> {
+        let check = self.cfg.advertised.as_ref()?;
+        let deadline = Instant::now() + self.cfg.reappear_timeout;
+        loop {
+            match (check.0)(bdf.to_string()).await {
+                Some(false) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await
+                }
+                answer => return answer,
+            }
+        }
     }
 }
 
@@ -994,6 +1057,7 @@ mod tests {
             at: Timestamp::UNIX_EPOCH,
             boot_id: boot.into(),
             result: (stage == Stage::Finished).then_some(AttemptOutcome::Succeeded),
+            advertised: None,
             message: None,
         }
     }
@@ -1017,6 +1081,7 @@ mod tests {
             finished_at: None,
             message: String::new(),
             boot_id: None,
+            advertised: None,
         }
     }
 

@@ -15,7 +15,7 @@ use kube::{Api, Client};
 use tokio::sync::Notify;
 use unwedge_agent::config::{Args, DeviceIdMatchArg, LogFormat};
 use unwedge_agent::dra::{self, AttributeMap};
-use unwedge_agent::executor::{Executor, ExecutorConfig, KubeStore, WedgeClock};
+use unwedge_agent::executor::{AdvertisedCheck, Executor, ExecutorConfig, KubeStore, WedgeClock};
 use unwedge_agent::host::{HostActions, SysfsHost};
 use unwedge_agent::listener::{ListenError, UeventListener};
 use unwedge_agent::metrics::{self, Metrics};
@@ -153,6 +153,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 verify_command: agent.args.verify_command.clone(),
                 gate_interval: Duration::from_secs(2),
                 reappear_timeout: Duration::from_secs(60),
+                advertised: Some(advertised_check(&agent)),
             },
             host,
             KubeStore::new(client.clone()),
@@ -206,6 +207,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "stopped; unreported wedges stay in the outbox"
     );
     Ok(())
+}
+
+/// Asks the kubelet (PodResources `GetAllocatableResources`) whether a GPU is advertised
+/// again; an unreachable kubelet cannot tell (logged), which must not hold a recovery.
+fn advertised_check(agent: &Agent) -> AdvertisedCheck {
+    let socket = agent.args.pod_resources_socket.clone();
+    let (matcher, sysfs) = (agent.matcher.clone(), agent.sysfs.clone());
+    AdvertisedCheck(Arc::new(move |bdf: String| {
+        let (socket, matcher, sysfs) = (socket.clone(), matcher.clone(), sysfs.clone());
+        Box::pin(async move {
+            match podresources::allocatable(&socket).await {
+                Ok(a) => podresources::advertised(&a, &bdf, &matcher, &sysfs),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot ask the kubelet whether {bdf} is advertised again");
+                    None
+                }
+            }
+        })
+    }))
 }
 
 fn device_id_match(args: &Args) -> DeviceIdMatch {

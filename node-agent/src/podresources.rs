@@ -117,10 +117,14 @@ pub async fn list_with_timeout(
     }
 }
 
-async fn list_inner(
+/// A client of the kubelet's PodResources API on the unix socket `socket`.
+async fn connect(
     socket: &Path,
     timeout: Duration,
-) -> Result<Vec<ContainerDevices>, PodResourcesError> {
+) -> Result<
+    proto::pod_resources_lister_client::PodResourcesListerClient<tonic::transport::Channel>,
+    PodResourcesError,
+> {
     let path = socket.to_path_buf();
     // The URI is required by the API but unused: the connector dials the unix socket.
     let channel = Endpoint::from_static("http://localhost")
@@ -137,14 +141,25 @@ async fn list_inner(
             socket: socket.to_path_buf(),
             source,
         })?;
-    let mut client = proto::pod_resources_lister_client::PodResourcesListerClient::new(channel);
-    let resp = client
+    Ok(proto::pod_resources_lister_client::PodResourcesListerClient::new(channel))
+}
+
+fn rpc_error(socket: &Path) -> impl FnOnce(tonic::Status) -> PodResourcesError + '_ {
+    move |status| PodResourcesError::Rpc {
+        socket: socket.to_path_buf(),
+        status: Box::new(status),
+    }
+}
+
+async fn list_inner(
+    socket: &Path,
+    timeout: Duration,
+) -> Result<Vec<ContainerDevices>, PodResourcesError> {
+    let resp = connect(socket, timeout)
+        .await?
         .list(proto::ListPodResourcesRequest {})
         .await
-        .map_err(|status| PodResourcesError::Rpc {
-            socket: socket.to_path_buf(),
-            status: Box::new(status),
-        })?;
+        .map_err(rpc_error(socket))?;
     let mut out = Vec::new();
     for pod in resp.into_inner().pod_resources {
         for c in pod.containers {
@@ -160,6 +175,55 @@ async fn list_inner(
         }
     }
     Ok(out)
+}
+
+/// The device ids the kubelet can allocate now (`GetAllocatableResources`: the devices its
+/// device plugins advertise healthy), as (resource name, device id).
+pub async fn allocatable(socket: &Path) -> Result<Vec<(String, String)>, PodResourcesError> {
+    let call = async {
+        let resp = connect(socket, LIST_TIMEOUT)
+            .await?
+            .get_allocatable_resources(proto::AllocatableResourcesRequest {})
+            .await
+            .map_err(rpc_error(socket))?;
+        Ok(resp
+            .into_inner()
+            .devices
+            .into_iter()
+            .flat_map(|d| {
+                let r = d.resource_name;
+                d.device_ids.into_iter().map(move |id| (r.clone(), id))
+            })
+            .collect())
+    };
+    tokio::time::timeout(LIST_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(PodResourcesError::Timeout {
+                socket: socket.to_path_buf(),
+                timeout: LIST_TIMEOUT,
+            })
+        })
+}
+
+/// Whether a device plugin advertises the GPU `bdf` as allocatable: `None` when no allocatable
+/// device id maps to any GPU of the node (no device plugin serves them, e.g. a DRA node), else
+/// whether one maps to `bdf`.
+pub fn advertised(
+    allocatable: &[(String, String)],
+    bdf: &str,
+    matcher: &DeviceIdMatch,
+    sysfs: &Sysfs,
+) -> Option<bool> {
+    let mut any = false;
+    for (_, id) in allocatable {
+        match matcher.device_pci(id, sysfs) {
+            Some(b) if b == bdf => return Some(true),
+            Some(_) => any = true,
+            None => {}
+        }
+    }
+    any.then_some(false)
 }
 
 /// How a device plugin's device id maps to a PCI address.

@@ -191,6 +191,7 @@ mod tests {
                     finished_at: None,
                     message: String::new(),
                     boot_id: None,
+                    advertised: None,
                 }]
             }),
             ..GpuWedgeStatus::default()

@@ -285,6 +285,7 @@ fn executor(
         verify_command: None,
         gate_interval: Duration::from_millis(100),
         reappear_timeout: Duration::from_secs(5),
+        advertised: None,
     };
     Executor::new(
         cfg,

@@ -13,13 +13,15 @@ use unwedge_agent::podresources::proto::pod_resources_lister_server::{
 };
 use unwedge_agent::podresources::proto::*;
 use unwedge_agent::podresources::{
-    DeviceIdMatch, PodResourcesError, consumers, list, list_with_timeout,
+    DeviceIdMatch, PodResourcesError, advertised, allocatable, consumers, list, list_with_timeout,
 };
 use unwedge_agent::sysfs::Sysfs;
 use unwedge_agent::sysfs::fixture::{self, Layout};
 
 struct Kubelet {
     pods: Vec<PodResources>,
+    /// What `GetAllocatableResources` answers: (resource, device ids).
+    allocatable: Vec<(&'static str, Vec<&'static str>)>,
     delay: Duration,
 }
 
@@ -38,7 +40,19 @@ impl PodResourcesLister for Kubelet {
         &self,
         _: Request<AllocatableResourcesRequest>,
     ) -> Result<Response<AllocatableResourcesResponse>, Status> {
-        Err(Status::unimplemented("not used"))
+        tokio::time::sleep(self.delay).await;
+        Ok(Response::new(AllocatableResourcesResponse {
+            devices: self
+                .allocatable
+                .iter()
+                .map(|(r, ids)| ContainerDevices {
+                    resource_name: (*r).into(),
+                    device_ids: ids.iter().map(|s| s.to_string()).collect(),
+                    topology: None,
+                })
+                .collect(),
+            ..Default::default()
+        }))
     }
     async fn get(
         &self,
@@ -116,6 +130,7 @@ async fn list_and_match_amd_and_intel_ids() {
                     &[("ffmpeg", "gpu.intel.com/xe", &["card1-0", "card1-3"])],
                 ),
             ],
+            allocatable: vec![],
             delay: Duration::ZERO,
         },
     );
@@ -230,6 +245,7 @@ async fn missing_socket_and_slow_kubelet_are_errors() {
         &sock,
         Kubelet {
             pods: vec![],
+            allocatable: vec![],
             delay: Duration::from_secs(30),
         },
     );
@@ -248,5 +264,51 @@ async fn missing_socket_and_slow_kubelet_are_errors() {
         started.elapsed() < Duration::from_secs(5),
         "the limit holds"
     );
+    server.abort();
+}
+
+/// Re-advertisement after a recovery: `GetAllocatableResources` lists the devices the device
+/// plugins advertise healthy; a GPU of the node is advertised when one of its ids maps to it,
+/// not advertised when ids map to its siblings only, and "cannot tell" when no id maps to any
+/// GPU of the node (no device plugin serves them).
+#[tokio::test]
+async fn allocatable_devices_tell_whether_a_gpu_is_advertised_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = dir.path().join("sys");
+    // card0 = 0000:03:00.0, card1 = 0000:83:00.0, card2 = 0000:c3:00.0.
+    fixture::build(&sys, Layout::XgmiHive2).unwrap();
+    let sysfs = Sysfs::new(&sys);
+    let sock = dir.path().join("kubelet.sock");
+    let server = serve(
+        &sock,
+        Kubelet {
+            pods: vec![],
+            allocatable: vec![
+                ("amd.com/gpu", vec!["0000:03:00.0", "0000:C3:00.0"]),
+                ("example.com/nic", vec!["nic-0"]),
+            ],
+            delay: Duration::ZERO,
+        },
+    );
+    let got = allocatable(&sock).await.expect("GetAllocatableResources");
+    assert_eq!(
+        got,
+        [
+            ("amd.com/gpu".to_string(), "0000:03:00.0".to_string()),
+            ("amd.com/gpu".to_string(), "0000:C3:00.0".to_string()),
+            ("example.com/nic".to_string(), "nic-0".to_string()),
+        ]
+    );
+    let m = DeviceIdMatch::Auto;
+    assert_eq!(advertised(&got, "0000:03:00.0", &m, &sysfs), Some(true));
+    assert_eq!(advertised(&got, "0000:c3:00.0", &m, &sysfs), Some(true));
+    assert_eq!(
+        advertised(&got, "0000:83:00.0", &m, &sysfs),
+        Some(false),
+        "a sibling is advertised, this GPU is not"
+    );
+    let no_plugin = [("example.com/nic".to_string(), "nic-0".to_string())];
+    assert_eq!(advertised(&no_plugin, "0000:83:00.0", &m, &sysfs), None);
+    assert_eq!(advertised(&[], "0000:83:00.0", &m, &sysfs), None);
     server.abort();
 }

@@ -1598,6 +1598,16 @@ fn attempt_progress(
                     note(false, "AttemptSucceeded", format!("{tag} succeeded")),
                 );
             }
+            // The agent asked its kubelet once, after waiting: its "no" is final. A DRA
+            // node's ResourceSlices are read anew on every reconcile, so that "no" may change.
+            if input.device_advertised.is_none() && result.and_then(|r| r.advertised) == Some(false)
+            {
+                return attention(d, Attention {
+                    reason: "NotAdvertised",
+                    message: format!("{tag} succeeded but the node's device plugin does not advertise the device again (the kubelet does not list it as allocatable)"),
+                    todo: "check the device plugin on the node (its pod, its logs, the device's health), then annotate unwedge.io/retry or unwedge.io/abandon".into(),
+                });
+            }
             if input.device_advertised == Some(false) {
                 if elapsed >= timeout {
                     return attention(d, Attention {

@@ -61,7 +61,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let id = identity(&cli);
     tracing::info!(identity = %id, leader_elect = cli.leader_elect, dra = %cli.dra, "starting unwedge-operator");
-    let client = kube::Client::try_default().await?;
+    // No client-side retries: an eviction refused by a PodDisruptionBudget answers 429, and
+    // kube's default retry (15 times, honouring Retry-After) would hold a reconcile for minutes
+    // instead of letting the drain record the refusal and back off on its own.
+    let mut config = kube::Config::infer().await?;
+    config.default_retry = false;
+    let client = kube::Client::try_from(config)?;
     let metrics = Arc::new(metrics::Metrics::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 

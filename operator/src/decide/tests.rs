@@ -269,6 +269,7 @@ impl World {
             finished_at: None,
             message: msg.into(),
             boot_id: Some("boot-1".into()),
+            advertised: None,
         });
         self.wedge.status = Some(st);
     }
@@ -1334,6 +1335,34 @@ fn verifying_waits_for_the_device_to_be_advertised() {
         w.cond(cond::NEEDS_ATTENTION).unwrap().reason,
         "NotAdvertised"
     );
+}
+
+/// On a device-plugin node the agent reports whether the kubelet lists the device as
+/// allocatable again: "yes" (or "cannot tell") recovers, "no" needs a human at once (the agent
+/// has already waited), and the node stays cordoned.
+#[test]
+fn verifying_follows_the_agents_advertisement_answer() {
+    for (answer, want) in [
+        (Some(true), Phase::Recovered),
+        (None, Phase::Recovered),
+        (Some(false), Phase::NeedsAttention),
+    ] {
+        let mut w = World::new("rebind");
+        w.run(20);
+        w.agent(AttemptOutcome::Succeeded, "");
+        let mut st = w.status();
+        st.attempts.as_mut().unwrap()[0].advertised = answer;
+        w.wedge.status = Some(st);
+        w.run(20);
+        assert_eq!(w.phase(), want, "agent answered {answer:?}");
+        if want == Phase::NeedsAttention {
+            assert_eq!(
+                w.cond(cond::NEEDS_ATTENTION).unwrap().reason,
+                "NotAdvertised"
+            );
+            assert!(w.node.unschedulable, "the node stays cordoned");
+        }
+    }
 }
 
 #[test]
