@@ -1,4 +1,5 @@
-//! `cargo run -p e2e --release --bin demo [-- --keep]`: the one-command demo (see `e2e::demo`).
+//! `cargo run -p e2e --release --bin demo [-- --keep] [--dra]`: the one-command demo (see
+//! `e2e::demo`).
 //! Needs root (network namespaces) and the pinned Kubernetes binaries
 //! (`e2e/cluster/build-binaries.sh`, built on first use).
 
@@ -10,9 +11,10 @@ async fn main() -> ExitCode {
     for a in std::env::args().skip(1) {
         match a.as_str() {
             "--keep" => opts.keep = true,
+            "--dra" => opts.dra = true,
             "-h" | "--help" => {
                 println!(
-                    "usage: demo [--keep]\n  --keep  leave the cluster up (until Ctrl-C) and print the kubeconfig path"
+                    "usage: demo [--keep] [--dra]\n  --keep  leave the cluster up (until Ctrl-C) and print the kubeconfig path\n  --dra   a node whose 8 GPUs are DRA devices: the wedged GPU is quarantined alone (DeviceTaintRule), the node keeps serving"
                 );
                 return ExitCode::SUCCESS;
             }
