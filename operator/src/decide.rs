@@ -803,6 +803,9 @@ fn decide_none(
             ),
             None => ("evict-blamed", vec![], "the driver blamed no pod"),
         },
+        NoneAction::EvictConsumers if !agent_reported(input.wedge) => {
+            return d.done(wait(REQUEUE_FAST, AWAITING_AGENT), None);
+        }
         NoneAction::EvictConsumers => {
             let pods: BTreeSet<PodRef> = status
                 .consumers
@@ -979,6 +982,18 @@ fn release_cordon(mut d: Draft, input: &Input) -> Decision {
             "unwedge cordoned the node for this wedge and uncordons it",
         ),
     )
+}
+
+/// Why a drain waits before the agent's first status report.
+const AWAITING_AGENT: &str = "waiting for the agent's report of the device's consumers";
+
+/// Whether the agent has reported the device's consumers and reset domain (it creates the
+/// GpuWedge first and patches its part of the status right after; until then an empty
+/// consumer list means "not known yet", not "nobody").
+fn agent_reported(w: &GpuWedge) -> bool {
+    w.status
+        .as_ref()
+        .is_some_and(|s| s.consumers.is_some() || s.reset_domain.is_some())
 }
 
 fn drain_targets(input: &Input, pv: &PolicyView, method: &str) -> Result<Vec<PodRef>, Attention> {
@@ -1317,6 +1332,9 @@ fn decide_recovery(
                         d.done(wait(Duration::from_secs(30), r.0), None)
                     }
                 };
+            }
+            if method != REBOOT && !agent_reported(input.wedge) {
+                return d.done(wait(REQUEUE_FAST, AWAITING_AGENT), None);
             }
             let mut targets = match drain_targets(input, pv, &method) {
                 Ok(t) => t,

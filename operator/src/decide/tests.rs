@@ -336,6 +336,32 @@ fn rebind_recovers_from_detected_to_recovered_evicting_only_the_devices_pods() {
     assert_eq!(w.cond(cond::RECOVERED).unwrap().status, "True");
 }
 
+/// The agent creates the GpuWedge, then patches its consumers and reset domain: until that
+/// report is in, an empty consumer list means "not known yet", so nothing is approved (nor,
+/// for `none` EvictConsumers, declared recovered); once it arrives the device's pods are
+/// evicted first.
+#[test]
+fn nothing_is_approved_before_the_agent_reports_the_consumers() {
+    for methods in ["rebind,bus-reset", "none"] {
+        let mut w = World::new(methods);
+        w.settings.none_action = NoneAction::EvictConsumers;
+        let report = w.wedge.status.take().expect("World has the agent's report");
+        w.run(20);
+        assert!(
+            w.status().approval.is_none() && evicted(&w).is_empty(),
+            "{methods}: approved or evicted before the agent's report: {:?}",
+            w.status()
+        );
+        assert_ne!(w.phase(), Phase::Recovered, "{methods}");
+        let mut st = w.status();
+        st.consumers = report.consumers;
+        st.reset_domain = report.reset_domain;
+        w.wedge.status = Some(st);
+        w.run(20);
+        assert_eq!(evicted(&w), vec!["ml/train-0"], "{methods}");
+    }
+}
+
 #[test]
 fn a_full_budget_queues_with_the_reason() {
     let mut w = World::new("rebind");
