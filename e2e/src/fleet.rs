@@ -85,7 +85,7 @@ impl Bins {
             "--bin",
             "unwedge-operator",
             "-p",
-            "e2e",
+            "uevent-inject",
             "--bin",
             "uevent-inject",
         ]);
@@ -961,6 +961,12 @@ impl Scenario {
                 .map_err(|e| format!("scenario {}: {e}\n{}", self.name, self.rec.report()))?;
         }
         Ok(())
+    }
+
+    /// A `map_err` adapter: turns an error into [`Scenario::fail`] of `what: error`.
+    pub fn ctx<E: std::fmt::Display>(&self, what: &str) -> impl FnOnce(E) -> String + '_ {
+        let what = what.to_string();
+        move |err| self.fail(&format!("{what}: {err}"))
     }
 
     /// A failure message: what, then the recorder's report, the agents' and operators' logs.

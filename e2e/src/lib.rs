@@ -9,3 +9,5 @@ pub mod dra_fixture;
 pub mod netns;
 pub mod podresources_server;
 pub mod recorder;
+pub mod scenario_ops;
+pub mod wedge_view;

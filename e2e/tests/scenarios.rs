@@ -7,38 +7,19 @@
 //! Needs root (network namespaces, cgroup v1). Build the binaries under test first (a test
 //! cannot run cargo while cargo holds the lock), then run:
 //! `cargo build -p unwedge-agent -p unwedge-operator -p uevent-inject && cargo test -p e2e --test
-//! scenarios -- --nocapture`. `UNWEDGE_SCENARIOS=happy,storm,…` runs a subset (happy, storm,
-//! att, flood, killed, none, esc, outbox); `UNWEDGE_STORM_NODES` sizes the storm (default 30).
+//! scenarios -- --nocapture`. `UNWEDGE_SCENARIOS=happy,storm,…` runs a subset (happy, xgmi,
+//! storm, att, flood, killed, none, nonerebind, esc, outbox); `UNWEDGE_STORM_NODES` sizes the storm (default 30).
 
 use std::time::Duration;
 
 use e2e::cluster::ControlPlane;
+use e2e::fakesysfs::Gpu;
 use e2e::fleet::{Bins, Holder, NodeSpec, PodProcess, Scenario};
+use e2e::wedge_view::{Outcome, Runner, attempt_seq, evicted, phase};
 use unwedge_crds::gpuwedge::{AttemptOutcome, GpuWedge, Phase};
 
 const NS: &str = "workloads";
 const RECOVERY: Duration = Duration::from_secs(120);
-
-type Outcome = Result<(), String>;
-
-fn evicted(w: &GpuWedge) -> Vec<String> {
-    let mut v: Vec<String> = w
-        .status
-        .as_ref()
-        .and_then(|s| s.evictions.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|e| format!("{}/{}", e.namespace, e.pod))
-        .collect();
-    v.sort();
-    v.dedup();
-    v
-}
-
-fn e<'a, E: std::fmt::Display>(sc: &'a Scenario, what: &str) -> impl FnOnce(E) -> String + 'a {
-    let what = what.to_string();
-    move |err| sc.fail(&format!("{what}: {err}"))
-}
 
 /// rebind happy path: the kernel says `rebind,bus-reset`; the consumer of the wedged GPU (and
 /// only it) is evicted, the node cordoned, rebind approved as attempt 1, exactly one unbind and
@@ -60,15 +41,15 @@ async fn rebind_happy_path(cp: &ControlPlane, bins: &Bins) -> Outcome {
     let g1 = sc.fleet.sim(node).sysfs.gpus()[1].bdf.clone();
     sc.pod(NS, "happy-w0", node, 1, Some(&g0))
         .await
-        .map_err(e(&sc, "pod happy-w0"))?;
+        .map_err(sc.ctx("pod happy-w0"))?;
     sc.pod(NS, "happy-w1", node, 1, Some(&g1))
         .await
-        .map_err(e(&sc, "pod happy-w1"))?;
+        .map_err(sc.ctx("pod happy-w1"))?;
     sc.fleet
         .sim(node)
         .inject(bins, &g0, "rebind,bus-reset", &[])
         .await
-        .map_err(e(&sc, "inject"))?;
+        .map_err(sc.ctx("inject"))?;
     let w = sc
         .rec
         .wait_phase(node, Phase::Recovered, RECOVERY)
@@ -94,12 +75,11 @@ async fn rebind_happy_path(cp: &ControlPlane, bins: &Bins) -> Outcome {
         )));
     }
     let attempts = st.attempts.clone().unwrap_or_default();
-    if !attempts
-        .iter()
-        .any(|a| a.attempt == 1 && a.result == AttemptOutcome::Succeeded)
-    {
+    if !attempts.iter().any(|a| {
+        a.attempt == 1 && a.result == AttemptOutcome::Succeeded && a.advertised == Some(true)
+    }) {
         return Err(sc.fail(&format!(
-            "wedge {name}: attempt 1 expected Succeeded, seen {attempts:?}"
+            "wedge {name}: attempt 1 expected Succeeded with the device advertised again by the node's PodResources server, seen {attempts:?}"
         )));
     }
     let s = &sc.fleet.sim(node).sysfs;
@@ -148,12 +128,12 @@ async fn agent_killed_between_approval_and_action(cp: &ControlPlane, bins: &Bins
     .map_err(|x| format!("scenario killed: setup: {x:#}"))?;
     let g0 = sc.fleet.sim(node).sysfs.gpus()[0].bdf.clone();
     let card = sc.fleet.sim(node).sysfs.card_path(&g0).expect("gpu 0");
-    let holder = Holder::open(&card).map_err(e(&sc, "hold the card"))?;
+    let holder = Holder::open(&card).map_err(sc.ctx("hold the card"))?;
     sc.fleet
         .sim(node)
         .inject(bins, &g0, "rebind,bus-reset", &[])
         .await
-        .map_err(e(&sc, "inject"))?;
+        .map_err(sc.ctx("inject"))?;
     sc.rec
         .wait_node_wedges(
             node,
@@ -185,7 +165,7 @@ async fn agent_killed_between_approval_and_action(cp: &ControlPlane, bins: &Bins
     sc.fleet
         .node(node)
         .start_agent(bins)
-        .map_err(e(&sc, "restart the agent"))?;
+        .map_err(sc.ctx("restart the agent"))?;
     let w = sc
         .rec
         .wait_phase(node, Phase::Recovered, RECOVERY)
@@ -256,8 +236,8 @@ async fn api_down_outbox(cp: &mut ControlPlane, bins: &Bins) -> Outcome {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let restarted = cp.start_apiserver().await;
-    injected.map_err(e(&sc, "inject"))?;
-    restarted.map_err(e(&sc, "restart kube-apiserver"))?;
+    injected.map_err(sc.ctx("inject"))?;
+    restarted.map_err(sc.ctx("restart kube-apiserver"))?;
     if !in_outbox {
         return Err(sc.fail(&format!(
             "API down: expected the wedge of {g0} in the agent's outbox under {}, found nothing",
@@ -277,6 +257,177 @@ async fn api_down_outbox(cp: &mut ControlPlane, bins: &Bins) -> Outcome {
         )));
     }
     let _ = w;
+    sc.check_invariants()
+}
+
+/// XGMI hive: on `xgmi-a` GPUs 0 and 1 form an amdgpu XGMI hive, GPU 2 stands alone; each
+/// has a pod. The kernel signals GPU 0 only, but a reset of any hive member resets the hive, so
+/// the agent reports GPU 1 in the reset domain and the operator drains the consumers of both:
+/// `xgmi-0` and `xgmi-1` are evicted, `xgmi-2` keeps running; GPU 0 is rebound once.
+async fn xgmi_hive(cp: &ControlPlane, bins: &Bins) -> Outcome {
+    let node = "xgmi-a";
+    let mut spec = NodeSpec::new(node, 3, "amdgpu");
+    for g in spec.gpus.iter_mut().take(2) {
+        g.hive = Some(0x4a4a_0001);
+    }
+    let mut sc = Scenario::new(cp, bins, "xgmi", vec![spec], 1, serde_json::json!({}), 2)
+        .await
+        .map_err(|x| format!("scenario xgmi: setup: {x:#}"))?;
+    let gpus: Vec<Gpu> = sc.fleet.sim(node).sysfs.gpus().to_vec();
+    for (i, g) in gpus.iter().enumerate() {
+        sc.pod(NS, &format!("xgmi-{i}"), node, 1, Some(&g.bdf))
+            .await
+            .map_err(sc.ctx(&format!("pod xgmi-{i}")))?;
+    }
+    sc.fleet
+        .sim(node)
+        .inject(bins, &gpus[0].bdf, "rebind,bus-reset", &[])
+        .await
+        .map_err(sc.ctx("inject"))?;
+    let w = sc
+        .rec
+        .wait_phase(node, Phase::Recovered, RECOVERY)
+        .await
+        .map_err(|x| sc.fail(&x))?;
+    let domain: Vec<String> = w
+        .status
+        .as_ref()
+        .and_then(|s| s.reset_domain.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| d.pci_address)
+        .collect();
+    if !domain.contains(&gpus[1].bdf) || domain.contains(&gpus[2].bdf) {
+        return Err(sc.fail(&format!(
+            "status.resetDomain expected to hold hive member {} and not {}, seen {domain:?}",
+            gpus[1].bdf, gpus[2].bdf
+        )));
+    }
+    let want = [format!("{NS}/xgmi-0"), format!("{NS}/xgmi-1")];
+    if evicted(&w) != want {
+        return Err(sc.fail(&format!(
+            "evictions expected {want:?} (the consumers of both hive GPUs), seen {:?}",
+            evicted(&w)
+        )));
+    }
+    if !sc
+        .pod_exists(NS, "xgmi-2")
+        .await
+        .map_err(sc.ctx("get pod"))?
+    {
+        return Err(sc.fail("xgmi-2, on the GPU outside the hive, was evicted"));
+    }
+    sc.rebinds(node, &gpus[0].bdf, 1)?;
+    sc.check_invariants()
+}
+
+/// A `rebind` arriving during an open `none` incident is not lost: the driver blames a task of
+/// `nr-blamed` (policy none.action EvictBlamed), whose eviction a PDB refuses, so the `none`
+/// incident stays open; then the kernel sends `WEDGED=rebind,bus-reset` for the same device.
+/// The agent adds it to the open incident's events, the operator re-plans from it (methods
+/// `rebind,bus-reset`), cordons, and once the PDB is relaxed drains and rebinds: one GpuWedge,
+/// one rebind, the node cordoned during and uncordoned after.
+async fn rebind_during_open_none(cp: &ControlPlane, bins: &Bins) -> Outcome {
+    let node = "nr-a";
+    let mut sc = Scenario::new(
+        cp,
+        bins,
+        "nr",
+        vec![NodeSpec::new(node, 1, "xe")],
+        1,
+        serde_json::json!({"none": {"action": "EvictBlamed"}}),
+        2,
+    )
+    .await
+    .map_err(|x| format!("scenario nr: setup: {x:#}"))?;
+    let g = sc.fleet.sim(node).sysfs.gpus()[0].bdf.clone();
+    let pod = sc
+        .pod(NS, "nr-blamed", node, 1, Some(&g))
+        .await
+        .map_err(sc.ctx("pod"))?;
+    sc.pdb_blocking(NS, "nr-guard", &["nr-blamed"]).await?;
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let task = PodProcess::start(&uid, &format!("{:064x}", 0x6e72)).map_err(sc.ctx("task"))?;
+    let pid_args = ["--pid".to_string(), task.pid().to_string()];
+    sc.fleet
+        .sim(node)
+        .inject(bins, &g, "none", &pid_args)
+        .await
+        .map_err(sc.ctx("inject none"))?;
+    let w = sc
+        .rec
+        .wait_phase(node, Phase::Restarting, RECOVERY)
+        .await
+        .map_err(|x| sc.fail(&x))?;
+    let name = w.metadata.name.clone().unwrap_or_default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while sc.events(&name, "EvictionRefused").await?.is_empty() {
+        if tokio::time::Instant::now() > deadline {
+            return Err(sc.fail(&format!(
+                "wedge {name}: expected the PDB to refuse the eviction of nr-blamed (Event EvictionRefused) within 60s"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    sc.fleet
+        .sim(node)
+        .inject(bins, &g, "rebind,bus-reset", &[])
+        .await
+        .map_err(sc.ctx("inject rebind"))?;
+    sc.rec
+        .wait_node_wedges(
+            node,
+            "the open incident re-planned from rebind,bus-reset",
+            RECOVERY,
+            |ws| {
+                ws.iter().any(|w| {
+                    w.status.as_ref().and_then(|s| s.methods.as_deref()) == Some("rebind,bus-reset")
+                })
+            },
+        )
+        .await
+        .map_err(|x| sc.fail(&x))?;
+    sc.pdb_relax(NS, "nr-guard").await?;
+    let w = sc
+        .rec
+        .wait_phase(node, Phase::Recovered, RECOVERY)
+        .await
+        .map_err(|x| sc.fail(&x))?;
+    let events = w
+        .status
+        .as_ref()
+        .and_then(|s| s.events.clone())
+        .unwrap_or_default();
+    let wedges = sc.rec.wedges_of(node).len();
+    let seq = attempt_seq(&w);
+    if wedges != 1
+        || w.metadata.name.as_deref() != Some(name.as_str())
+        || events.is_empty()
+        || seq != vec![("rebind".to_string(), AttemptOutcome::Succeeded)]
+    {
+        return Err(sc.fail(&format!(
+            "expected one GpuWedge ({name}) holding the later event and one successful rebind; seen {wedges} wedge(s), {:?} Recovered, events {events:?}, attempts {seq:?}",
+            w.metadata.name
+        )));
+    }
+    if evicted(&w) != [format!("{NS}/nr-blamed")] {
+        return Err(sc.fail(&format!(
+            "evictions expected [{NS}/nr-blamed], seen {:?}",
+            evicted(&w)
+        )));
+    }
+    sc.rebinds(node, &g, 1)?;
+    let cordoned = sc
+        .rec
+        .timeline()
+        .iter()
+        .any(|l| l.contains(&format!("node {node}: cordoned")));
+    if !cordoned || sc.rec.node_cordoned(node) != Some(false) {
+        return Err(sc.fail(&format!(
+            "node {node}: expected cordoned for the rebind and uncordoned after, seen cordoned-ever {cordoned}, now {:?}",
+            sc.rec.node_cordoned(node)
+        )));
+    }
     sc.check_invariants()
 }
 
@@ -320,13 +471,13 @@ async fn none_actions(cp: &ControlPlane, bins: &Bins) -> Outcome {
         let a = sc
             .pod(NS, &format!("{sname}-blamed"), &node, 1, Some(&g0))
             .await
-            .map_err(e(&sc, "pod blamed"))?;
+            .map_err(sc.ctx("pod blamed"))?;
         sc.pod(NS, &format!("{sname}-innocent"), &node, 1, Some(&g0))
             .await
-            .map_err(e(&sc, "pod innocent"))?;
+            .map_err(sc.ctx("pod innocent"))?;
         let uid = a.metadata.uid.clone().unwrap_or_default();
         let task = PodProcess::start(&uid, &format!("{:064x}", i + 1))
-            .map_err(e(&sc, "blamed process"))?;
+            .map_err(sc.ctx("blamed process"))?;
         sc.fleet
             .sim(&node)
             .inject(
@@ -341,7 +492,7 @@ async fn none_actions(cp: &ControlPlane, bins: &Bins) -> Outcome {
                 ],
             )
             .await
-            .map_err(e(&sc, "inject"))?;
+            .map_err(sc.ctx("inject"))?;
         let expected: Vec<String> = match *action {
             "EvictBlamed" => vec![format!("{NS}/{sname}-blamed")],
             "EvictConsumers" => vec![
@@ -386,17 +537,6 @@ async fn none_actions(cp: &ControlPlane, bins: &Bins) -> Outcome {
     Ok(())
 }
 
-fn attempt_seq(w: &GpuWedge) -> Vec<(String, AttemptOutcome)> {
-    w.status
-        .clone()
-        .unwrap_or_default()
-        .attempts
-        .unwrap_or_default()
-        .iter()
-        .map(|a| (a.method.clone(), a.result))
-        .collect()
-}
-
 /// Escalation, two nodes side by side under one policy (ladder rebind → bus-reset → reboot):
 /// on `esc-bus` the first bind fails (the device stays unbound), so rebind fails verification
 /// and bus-reset recovers it; on `esc-boot` the first two binds fail, so the reboot rung makes
@@ -424,7 +564,7 @@ async fn escalation(cp: &ControlPlane, bins: &Bins) -> Outcome {
             .sim(n)
             .inject(bins, g, "rebind,bus-reset", &[])
             .await
-            .map_err(e(&sc, "inject"))?;
+            .map_err(sc.ctx("inject"))?;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     while sc.fleet.sim(boot).reboot_requests() == 0 {
@@ -440,8 +580,8 @@ async fn escalation(cp: &ControlPlane, bins: &Bins) -> Outcome {
         .sim(boot)
         .sysfs
         .power_cycle()
-        .map_err(e(&sc, "power cycle"))?;
-    sc.fleet.node(boot).reboot(bins).map_err(e(&sc, "reboot"))?;
+        .map_err(sc.ctx("power cycle"))?;
+    sc.fleet.node(boot).reboot(bins).map_err(sc.ctx("reboot"))?;
     let wb = sc
         .rec
         .wait_phase(bus, Phase::Recovered, RECOVERY)
@@ -531,7 +671,7 @@ async fn budget_storm(cp: &ControlPlane, bins: &Bins) -> Outcome {
         async move { sim.inject(bins, &g, "rebind,bus-reset", &[]).await }
     });
     for r in futures::future::join_all(injections).await {
-        r.map_err(e(&sc, "inject"))?;
+        r.map_err(sc.ctx("inject"))?;
     }
     let timeout = Duration::from_secs(60 + 10 * n as u64);
     sc.rec
@@ -580,10 +720,6 @@ async fn budget_storm(cp: &ControlPlane, bins: &Bins) -> Outcome {
     Ok(())
 }
 
-fn phase(w: &GpuWedge) -> Option<Phase> {
-    w.status.as_ref().and_then(|s| s.phase)
-}
-
 /// vendor-specific and cold-reset → NeedsAttention, holding their budget places; and an
 /// agent's credentials are refused on another node's wedge and on the human verbs.
 /// Policy maxUnavailable 2: `att-vendor` wedges with `vendor-specific`, `att-cold` with
@@ -615,7 +751,7 @@ async fn needs_attention_and_agent_rights(cp: &ControlPlane, bins: &Bins) -> Out
             .sim(n)
             .inject(bins, &g, m, &[])
             .await
-            .map_err(e(&sc, "inject"))?;
+            .map_err(sc.ctx("inject"))?;
     }
     for n in [vendor, cold] {
         sc.rec
@@ -634,7 +770,7 @@ async fn needs_attention_and_agent_rights(cp: &ControlPlane, bins: &Bins) -> Out
         .sim(late)
         .inject(bins, &gl, "rebind,bus-reset", &[])
         .await
-        .map_err(e(&sc, "inject"))?;
+        .map_err(sc.ctx("inject"))?;
     let wl = sc
         .rec
         .wait_phase(late, Phase::Queued, RECOVERY)
@@ -669,11 +805,11 @@ async fn needs_attention_and_agent_rights(cp: &ControlPlane, bins: &Bins) -> Out
             sc.fleet.identities()
         )));
     }
-    let token = sc.fleet.agent_token(late).map_err(e(&sc, "agent token"))?;
+    let token = sc.fleet.agent_token(late).map_err(sc.ctx("agent token"))?;
     let agent = cp
         .client_for_token(token.trim())
         .await
-        .map_err(e(&sc, "agent client"))?;
+        .map_err(sc.ctx("agent client"))?;
     let api: kube::Api<GpuWedge> = kube::Api::all(agent);
     let own = wl.metadata.name.clone().unwrap_or_default();
     let other = sc.rec.wedges_of(vendor)[0]
@@ -742,7 +878,7 @@ async fn malformed_flood(cp: &ControlPlane, bins: &Bins) -> Outcome {
         c = g.card_name()
     );
     let raw = sim.dir.join("malformed.uevent");
-    std::fs::write(&raw, bad.as_bytes()).map_err(e(&sc, "write the malformed uevent"))?;
+    std::fs::write(&raw, bad.as_bytes()).map_err(sc.ctx("write the malformed uevent"))?;
     sim.inject_raw_args(
         bins,
         &[
@@ -755,10 +891,10 @@ async fn malformed_flood(cp: &ControlPlane, bins: &Bins) -> Outcome {
         ],
     )
     .await
-    .map_err(e(&sc, "inject the flood"))?;
+    .map_err(sc.ctx("inject the flood"))?;
     sim.inject(bins, &g.bdf, "rebind,bus-reset", &[])
         .await
-        .map_err(e(&sc, "inject"))?;
+        .map_err(sc.ctx("inject"))?;
     let w = sc
         .rec
         .wait_phase(node, Phase::Recovered, RECOVERY)
@@ -768,7 +904,7 @@ async fn malformed_flood(cp: &ControlPlane, bins: &Bins) -> Outcome {
         .netns
         .http_get(9101, "/metrics")
         .await
-        .map_err(e(&sc, "GET /metrics"))?;
+        .map_err(sc.ctx("GET /metrics"))?;
     let malformed: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("unwedge_agent_uevents_received_total{kind=\"malformed\"} "))
@@ -783,7 +919,7 @@ async fn malformed_flood(cp: &ControlPlane, bins: &Bins) -> Outcome {
         .netns
         .http_get(9101, "/readyz")
         .await
-        .map_err(e(&sc, "GET /readyz"))?;
+        .map_err(sc.ctx("GET /readyz"))?;
     if code != 200 {
         return Err(sc.fail(&format!(
             "agent of {node}: expected /readyz 200 after the flood, seen {code}"
@@ -809,72 +945,53 @@ async fn recovery_scenarios() {
         .await
         .expect("start the local control plane");
     cp.apply_crds().await.expect("apply the CRDs");
-    let mut failures: Vec<String> = Vec::new();
-    // UNWEDGE_SCENARIOS=happy,killed,… runs a subset (while working on one).
-    let only = std::env::var("UNWEDGE_SCENARIOS").ok();
-    let want = |key: &str| {
-        only.as_deref()
-            .is_none_or(|o| o.split(',').any(|k| k.trim() == key))
-    };
-    let mut t0 = std::time::Instant::now();
-    let mut record = |name: &str, r: Outcome| {
-        eprintln!(
-            "scenario {name}: {} in {:.1}s",
-            if r.is_ok() { "ok" } else { "FAILED" },
-            t0.elapsed().as_secs_f64()
-        );
-        t0 = std::time::Instant::now();
-        if let Err(e) = r {
-            failures.push(format!("=== {name}\n{e}"));
-        }
-    };
-    if want("happy") {
-        record("rebind happy path", rebind_happy_path(&cp, &bins).await);
+    let mut run = Runner::new();
+    if run.wants("happy") {
+        let r = rebind_happy_path(&cp, &bins).await;
+        run.record("rebind happy path", r);
     }
-    if want("storm") {
-        record(
-            "budget storm (maxUnavailable 5)",
-            budget_storm(&cp, &bins).await,
-        );
+    if run.wants("xgmi") {
+        let r = xgmi_hive(&cp, &bins).await;
+        run.record("XGMI hive: the consumers of both hive GPUs drained", r);
     }
-    if want("att") {
-        record(
+    if run.wants("storm") {
+        let r = budget_storm(&cp, &bins).await;
+        run.record("budget storm (maxUnavailable 5)", r);
+    }
+    if run.wants("att") {
+        let r = needs_attention_and_agent_rights(&cp, &bins).await;
+        run.record(
             "vendor-specific and cold-reset -> NeedsAttention keep the budget; agent rights",
-            needs_attention_and_agent_rights(&cp, &bins).await,
+            r,
         );
     }
-    if want("flood") {
-        record(
-            "malformed-uevent flood (agent keeps serving)",
-            malformed_flood(&cp, &bins).await,
-        );
+    if run.wants("flood") {
+        let r = malformed_flood(&cp, &bins).await;
+        run.record("malformed-uevent flood (agent keeps serving)", r);
     }
-    if want("killed") {
-        record(
-            "agent killed between approval and action",
-            agent_killed_between_approval_and_action(&cp, &bins).await,
-        );
+    if run.wants("killed") {
+        let r = agent_killed_between_approval_and_action(&cp, &bins).await;
+        run.record("agent killed between approval and action", r);
     }
-    if want("none") {
-        record("none with each none.action", none_actions(&cp, &bins).await);
+    if run.wants("none") {
+        let r = none_actions(&cp, &bins).await;
+        run.record("none with each none.action", r);
     }
-    if want("esc") {
-        record(
+    if run.wants("nonerebind") {
+        let r = rebind_during_open_none(&cp, &bins).await;
+        run.record("rebind arriving during an open none incident", r);
+    }
+    if run.wants("esc") {
+        let r = escalation(&cp, &bins).await;
+        run.record(
             "escalation: bus-reset after a failed rebind; reboot after both failed",
-            escalation(&cp, &bins).await,
+            r,
         );
     }
     // Restarts the API server: last.
-    if want("outbox") {
-        record(
-            "API server down when the wedge happens (outbox)",
-            api_down_outbox(&mut cp, &bins).await,
-        );
+    if run.wants("outbox") {
+        let r = api_down_outbox(&mut cp, &bins).await;
+        run.record("API server down when the wedge happens (outbox)", r);
     }
-    assert!(
-        failures.is_empty(),
-        "{} scenario(s) failed:\n{}",
-        failures.len(),
-        failures.join("\n\n")
-    );
+    run.finish();
 }

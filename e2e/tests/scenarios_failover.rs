@@ -1,0 +1,218 @@
+//! End-to-end scenarios where the control plane fails under a recovery, on the real local
+//! control plane with real agents and two real operators (as in `scenarios.rs`): the operator
+//! leader killed mid-drain, and kube-apiserver restarted mid-recovery. A PodDisruptionBudget
+//! holds the drain open so the failure lands in it for certain. Every scenario asserts its
+//! outcome and invariants 1–3.
+//!
+//! Needs root. `UNWEDGE_SCENARIOS=leader,apiserver` runs a subset.
+
+use std::time::Duration;
+
+use e2e::cluster::ControlPlane;
+use e2e::fleet::{Bins, NodeSpec, Scenario};
+use e2e::wedge_view::{Outcome, Runner, evicted, eviction_records};
+use unwedge_crds::gpuwedge::Phase;
+
+const NS: &str = "workloads";
+const RECOVERY: Duration = Duration::from_secs(120);
+
+/// Waits for `wedge`'s first EvictionRefused Event: the drain is open, held by a PDB.
+async fn drain_held(sc: &Scenario, wedge: &str) -> Outcome {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while sc.events(wedge, "EvictionRefused").await?.is_empty() {
+        if tokio::time::Instant::now() > deadline {
+            return Err(sc.fail(&format!(
+                "wedge {wedge}: expected an EvictionRefused Event (a PDB holds the drain) within 60s, seen none"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
+
+/// Fails unless the node's wedges evicted exactly `pods` (namespace `NS`), each once.
+fn evicted_once(sc: &Scenario, node: &str, pods: &[&str]) -> Outcome {
+    let w = sc.only_wedge(node)?;
+    let want: Vec<String> = pods.iter().map(|p| format!("{NS}/{p}")).collect();
+    if evicted(&w) != want || eviction_records(&w) != want.len() {
+        return Err(sc.fail(&format!(
+            "node {node}: evictions expected {want:?}, once each, seen {:?}",
+            w.status.as_ref().and_then(|s| s.evictions.clone())
+        )));
+    }
+    Ok(())
+}
+
+/// The operator leader killed mid-drain (policy maxUnavailable 1). `ldr-a` wedges first; its
+/// free pod is evicted, its guarded pod refused by a PDB, so the drain is open; `ldr-b` and
+/// `ldr-c` wedge and queue. The leader is SIGKILLed; the other replica takes the Lease, the PDB
+/// is relaxed, and the new leader finishes `ldr-a` and then recovers the queued two one at a
+/// time: every pod evicted once, every device rebound once, never more than 1 node under
+/// recovery (the recorder) and no attempt approved twice.
+async fn leader_killed_mid_drain(cp: &ControlPlane, bins: &Bins) -> Outcome {
+    let nodes = ["ldr-a", "ldr-b", "ldr-c"];
+    let mut sc = Scenario::new(
+        cp,
+        bins,
+        "leader",
+        nodes
+            .iter()
+            .map(|n| NodeSpec::new(n, if *n == "ldr-a" { 2 } else { 1 }, "xe"))
+            .collect(),
+        1,
+        serde_json::json!({}),
+        2,
+    )
+    .await
+    .map_err(|x| format!("scenario leader: setup: {x:#}"))?;
+    let gpus: Vec<String> = nodes
+        .iter()
+        .map(|n| sc.fleet.sim(n).sysfs.gpus()[0].bdf.clone())
+        .collect();
+    let a = nodes[0];
+    for (pod, node, g) in [
+        ("ldr-guarded", a, &gpus[0]),
+        ("ldr-free", a, &gpus[0]),
+        ("ldr-b-pod", nodes[1], &gpus[1]),
+        ("ldr-c-pod", nodes[2], &gpus[2]),
+    ] {
+        sc.pod(NS, pod, node, 1, Some(g))
+            .await
+            .map_err(sc.ctx(&format!("pod {pod}")))?;
+    }
+    sc.pdb_blocking(NS, "ldr-guard", &["ldr-guarded"]).await?;
+    sc.fleet
+        .sim(a)
+        .inject(bins, &gpus[0], "rebind,bus-reset", &[])
+        .await
+        .map_err(sc.ctx("inject"))?;
+    let w = sc
+        .rec
+        .wait_phase(a, Phase::Draining, RECOVERY)
+        .await
+        .map_err(|x| sc.fail(&x))?;
+    for (n, g) in nodes.iter().zip(&gpus).skip(1) {
+        sc.fleet
+            .sim(n)
+            .inject(bins, g, "rebind,bus-reset", &[])
+            .await
+            .map_err(sc.ctx("inject"))?;
+    }
+    drain_held(&sc, &w.metadata.name.clone().unwrap_or_default()).await?;
+    let leader = sc
+        .fleet
+        .leader()
+        .await
+        .ok_or_else(|| sc.fail("no operator holds the Lease"))?;
+    let i: usize = leader
+        .strip_prefix("operator-")
+        .and_then(|i| i.parse().ok())
+        .ok_or_else(|| sc.fail(&format!("unexpected leader identity {leader:?}")))?;
+    sc.fleet.kill_operator(i);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match sc.fleet.leader().await {
+            Some(l) if l != leader => break,
+            _ if tokio::time::Instant::now() > deadline => {
+                return Err(sc.fail(&format!(
+                    "after {leader} was killed, expected the other replica to take the Lease within 60s"
+                )));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+    sc.pdb_relax(NS, "ldr-guard").await?;
+    for n in nodes {
+        sc.rec
+            .wait_phase(n, Phase::Recovered, RECOVERY)
+            .await
+            .map_err(|x| sc.fail(&x))?;
+    }
+    evicted_once(&sc, a, &["ldr-free", "ldr-guarded"])?;
+    evicted_once(&sc, nodes[1], &["ldr-b-pod"])?;
+    evicted_once(&sc, nodes[2], &["ldr-c-pod"])?;
+    for (n, g) in nodes.iter().zip(&gpus) {
+        sc.rebinds(n, g, 1)?;
+        if sc.rec.node_cordoned(n) != Some(false) {
+            return Err(sc.fail(&format!(
+                "node {n} expected uncordoned after Recovered, seen {:?}",
+                sc.rec.node_cordoned(n)
+            )));
+        }
+    }
+    sc.check_invariants()
+}
+
+/// kube-apiserver restarted mid-recovery: the drain of `api-a` is held open by a PDB, the API
+/// server is stopped and started again (every watch and connection of the agent and both
+/// operators breaks); once the PDB is relaxed the wedge recovers with its pod evicted once, the
+/// device rebound once and the node uncordoned.
+async fn apiserver_restarted_mid_recovery(cp: &mut ControlPlane, bins: &Bins) -> Outcome {
+    let node = "api-a";
+    let mut sc = Scenario::new(
+        cp,
+        bins,
+        "apiserver",
+        vec![NodeSpec::new(node, 1, "xe")],
+        1,
+        serde_json::json!({}),
+        2,
+    )
+    .await
+    .map_err(|x| format!("scenario apiserver: setup: {x:#}"))?;
+    let g = sc.fleet.sim(node).sysfs.gpus()[0].bdf.clone();
+    sc.pod(NS, "api-guarded", node, 1, Some(&g))
+        .await
+        .map_err(sc.ctx("pod"))?;
+    sc.pdb_blocking(NS, "api-guard", &["api-guarded"]).await?;
+    sc.fleet
+        .sim(node)
+        .inject(bins, &g, "rebind,bus-reset", &[])
+        .await
+        .map_err(sc.ctx("inject"))?;
+    let w = sc
+        .rec
+        .wait_phase(node, Phase::Draining, RECOVERY)
+        .await
+        .map_err(|x| sc.fail(&x))?;
+    drain_held(&sc, &w.metadata.name.clone().unwrap_or_default()).await?;
+    cp.restart_apiserver()
+        .await
+        .map_err(sc.ctx("restart kube-apiserver"))?;
+    sc.pdb_relax(NS, "api-guard").await?;
+    sc.rec
+        .wait_phase(node, Phase::Recovered, RECOVERY)
+        .await
+        .map_err(|x| sc.fail(&x))?;
+    evicted_once(&sc, node, &["api-guarded"])?;
+    sc.rebinds(node, &g, 1)?;
+    if sc.rec.node_cordoned(node) != Some(false) {
+        return Err(sc.fail(&format!(
+            "node {node} expected uncordoned after Recovered, seen {:?}",
+            sc.rec.node_cordoned(node)
+        )));
+    }
+    sc.check_invariants()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failover_scenarios() {
+    let bins = tokio::task::spawn_blocking(Bins::build)
+        .await
+        .unwrap()
+        .expect("build the binaries under test");
+    let mut cp = ControlPlane::start()
+        .await
+        .expect("start the local control plane");
+    cp.apply_crds().await.expect("apply the CRDs");
+    let mut run = Runner::new();
+    if run.wants("leader") {
+        let r = leader_killed_mid_drain(&cp, &bins).await;
+        run.record("operator leader killed mid-drain", r);
+    }
+    if run.wants("apiserver") {
+        let r = apiserver_restarted_mid_recovery(&mut cp, &bins).await;
+        run.record("kube-apiserver restarted mid-recovery", r);
+    }
+    run.finish();
+}
