@@ -3,11 +3,31 @@
 //! Every change GETs the policy fresh from the API server (never the cache), computes with
 //! `budget`, and replaces the status guarded by the resourceVersion; a 409 re-reads and tries
 //! again. Two operators (or one with a stale cache) therefore never both take the last slot.
+//!
+//! Within this process the changes of one policy's ledger take turns (a lock per policy): the
+//! compare-and-swap keeps them correct either way, but a storm of concurrent reconciles racing
+//! for one resourceVersion wins one write per round and burns the rest as conflicts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use kube::api::{Api, PostParams};
 use unwedge_crds::{RecoveryPolicy, RecoveryPolicyStatus};
 
 use crate::budget::{self, Candidate, Limits, QueueReason};
+
+/// One lock per policy name, held while that policy's ledger is read and replaced.
+static TURNS: LazyLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
+    LazyLock::new(Default::default);
+
+fn turn_of(policy: &str) -> Arc<tokio::sync::Mutex<()>> {
+    TURNS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(policy.to_string())
+        .or_default()
+        .clone()
+}
 
 /// Compare-and-swap attempts before giving up (the reconcile is retried later).
 const CAS_ATTEMPTS: usize = 8;
@@ -44,6 +64,8 @@ pub async fn update<E, F>(
 where
     F: FnMut(&RecoveryPolicy, &mut RecoveryPolicyStatus) -> Result<bool, E>,
 {
+    let turn = turn_of(name);
+    let _turn = turn.lock().await;
     for _ in 0..CAS_ATTEMPTS {
         let mut p = api
             .get_opt(name)
