@@ -324,6 +324,25 @@ fn template_defaults_render_the_security_contract() {
     );
     let lease_role = find(&objs, "Role", "unwedge-operator-leader-election");
     assert_eq!(lease_role["metadata"]["namespace"], NS);
+    assert!(
+        args.contains(&"--lease-owner-deployment=unwedge-operator".to_string()),
+        "the Lease is owned by the operator's Deployment: {args:?}"
+    );
+    assert!(
+        grants(op, "apps", "deployments").is_empty(),
+        "no cluster-wide Deployment rights"
+    );
+    let owner_rule = lease_role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["resources"] == json!(["deployments"]))
+        .expect("the leader-election Role reads the operator's Deployment");
+    assert_eq!(
+        (&owner_rule["resourceNames"], &owner_rule["verbs"]),
+        (&json!(["unwedge-operator"]), &json!(["get"])),
+        "only get, only the operator's own Deployment"
+    );
 
     // Admission policies and their bindings.
     for name in [
@@ -1060,8 +1079,9 @@ async fn http_status(port: u16, path: &str) -> Option<u16> {
 }
 
 /// The operator, run with the chart's rendered arguments and a token of the chart's operator
-/// ServiceAccount, can do its job with the chart's RBAC: it takes the Lease, turns ready, and
-/// writes a wedge's status, and never hears "forbidden".
+/// ServiceAccount, can do its job with the chart's RBAC: it takes the Lease (owned by the
+/// operator's Deployment), turns ready, and writes a wedge's status, and never hears "forbidden".
+/// Killed without releasing the Lease, then uninstalled: the garbage collector deletes the Lease.
 async fn operator_with_chart_rbac() {
     let bin = operator_binary();
     let cp = ControlPlane::start().await.expect("control plane");
@@ -1152,6 +1172,32 @@ async fn operator_with_chart_rbac() {
         },
     )
     .await;
+    let deployment_uid = Api::<Deployment>::namespaced(client.clone(), NS)
+        .get("unwedge-operator")
+        .await
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap();
+    let owners: Vec<(String, String, String)> = leases
+        .get("unwedge-operator")
+        .await
+        .unwrap()
+        .metadata
+        .owner_references
+        .unwrap_or_default()
+        .into_iter()
+        .map(|o| (o.kind, o.name, o.uid))
+        .collect();
+    assert_eq!(
+        owners,
+        [(
+            "Deployment".to_string(),
+            "unwedge-operator".to_string(),
+            deployment_uid
+        )],
+        "the Lease's owner is the operator's Deployment"
+    );
     wait_for("the operator is ready", Duration::from_secs(60), || async {
         Ok((http_status(port, "/readyz").await == Some(200)).then_some(()))
     })
@@ -1192,7 +1238,40 @@ async fn operator_with_chart_rbac() {
         !text.to_lowercase().contains("forbidden"),
         "the chart's RBAC refused the operator something (phase reached: {phase:?}):\n{text}"
     );
+    // SIGKILL: no release, as when an uninstall removes the Role before the leader stops.
     child.kill().await.unwrap();
+    assert!(
+        leases.get_opt("unwedge-operator").await.unwrap().is_some(),
+        "the killed operator could not delete its Lease"
+    );
+    helm(
+        "helm",
+        home.path(),
+        &[
+            "uninstall",
+            "unwedge",
+            "--namespace",
+            NS,
+            "--kubeconfig",
+            &kubeconfig,
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    wait_for(
+        "the garbage collector deletes the Lease with the Deployment",
+        Duration::from_secs(60),
+        || {
+            let leases = leases.clone();
+            async move {
+                Ok(leases
+                    .get_opt("unwedge-operator")
+                    .await?
+                    .is_none()
+                    .then_some(()))
+            }
+        },
+    )
+    .await;
     cp.stop().await;
 }
 

@@ -5,12 +5,16 @@
 //! every 2 s; acquire when the holder has not renewed for a full lease duration (measured on
 //! our own clock, as client-go does, so clock skew does not matter); renew by replace with the
 //! resourceVersion (compare-and-swap); any failure or timeout clears leadership at once;
-//! on shutdown the holder deletes the lease (nothing is left after an uninstall).
+//! on shutdown the holder deletes the lease. That delete can be refused when an uninstall
+//! removes our Role before our pods stop, so the lease is also owned by the operator's
+//! Deployment: the garbage collector deletes it with the Deployment.
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::Resource;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference};
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams, Preconditions};
 use tokio::sync::watch;
 
@@ -19,6 +23,19 @@ pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 /// How often the leader renews (and a follower looks).
 pub const RENEW_EVERY: Duration = Duration::from_secs(2);
 
+/// The owner reference that hands a lease to the garbage collector along with `deployment`
+/// (None when the Deployment has no name or uid yet). No `blockOwnerDeletion`: the lease must
+/// never hold up the Deployment's deletion.
+pub fn owner_reference(deployment: &Deployment) -> Option<OwnerReference> {
+    Some(OwnerReference {
+        api_version: Deployment::API_VERSION.into(),
+        kind: Deployment::KIND.into(),
+        name: deployment.metadata.name.clone()?,
+        uid: deployment.metadata.uid.clone()?,
+        ..Default::default()
+    })
+}
+
 /// One participant in the election.
 pub struct Elector {
     api: Api<Lease>,
@@ -26,17 +43,52 @@ pub struct Elector {
     identity: String,
     /// The last holder record seen, and when we first saw it unchanged.
     observed: Option<(String, Option<MicroTime>, Instant)>,
+    /// The Deployment that owns the lease, by name, while its uid is not known yet.
+    owner_name: Option<String>,
+    deployments: Api<Deployment>,
+    owner: Option<OwnerReference>,
+    owner_warned: bool,
 }
 
 impl Elector {
     /// A participant for lease `name` in `namespace`.
     pub fn new(client: kube::Client, namespace: &str, name: &str, identity: &str) -> Elector {
         Elector {
-            api: Api::namespaced(client, namespace),
+            api: Api::namespaced(client.clone(), namespace),
             name: name.into(),
             identity: identity.into(),
             observed: None,
+            owner_name: None,
+            deployments: Api::namespaced(client, namespace),
+            owner: None,
+            owner_warned: false,
         }
+    }
+
+    /// Makes every lease this participant writes owned by `deployment` (same namespace), so
+    /// deleting the Deployment deletes the lease even when we cannot.
+    pub fn owned_by_deployment(mut self, deployment: &str) -> Elector {
+        self.owner_name = Some(deployment.into());
+        self
+    }
+
+    /// The owner reference to write, looked up once. A failed lookup is retried next round and
+    /// does not stop the election: an unowned lease is still deleted on shutdown.
+    async fn owner(&mut self) -> Option<OwnerReference> {
+        if self.owner.is_none()
+            && let Some(name) = &self.owner_name
+        {
+            match self.deployments.get(name).await {
+                Ok(d) => self.owner = owner_reference(&d),
+                Err(e) if !self.owner_warned => {
+                    self.owner_warned = true;
+                    tracing::warn!(error = %e, deployment = %name, lease = %self.name,
+                        "cannot read the lease's owner Deployment; the lease stays unowned until it can");
+                }
+                Err(_) => {}
+            }
+        }
+        self.owner.clone()
     }
 
     fn spec(&self, transitions: i32, acquire: Option<MicroTime>) -> LeaseSpec {
@@ -53,10 +105,12 @@ impl Elector {
 
     /// One round: returns whether we hold the lease now.
     pub async fn try_once(&mut self) -> Result<bool, kube::Error> {
+        let owner = self.owner().await;
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),
+                    owner_references: owner.map(|o| vec![o]),
                     ..Default::default()
                 },
                 spec: Some(self.spec(0, None)),
@@ -88,6 +142,10 @@ impl Elector {
             None
         };
         lease.spec = Some(self.spec(transitions, acquire));
+        if let Some(o) = owner {
+            // Also adopts a lease written before it had an owner (an upgrade from an older operator).
+            lease.metadata.owner_references = Some(vec![o]);
+        }
         match self
             .api
             .replace(&self.name, &PostParams::default(), &lease)
@@ -165,5 +223,30 @@ impl Elector {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_owner_reference_names_the_deployment_by_uid_and_never_blocks_its_deletion() {
+        let mut d = Deployment::default();
+        d.metadata.name = Some("unwedge-operator".into());
+        assert_eq!(owner_reference(&d), None, "no uid yet: no owner");
+        d.metadata.uid = Some("5f1c".into());
+        let o = owner_reference(&d).unwrap();
+        assert_eq!(
+            (
+                o.api_version.as_str(),
+                o.kind.as_str(),
+                o.name.as_str(),
+                o.uid.as_str()
+            ),
+            ("apps/v1", "Deployment", "unwedge-operator", "5f1c")
+        );
+        assert_eq!(o.block_owner_deletion, None);
+        assert_eq!(o.controller, None);
     }
 }

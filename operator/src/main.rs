@@ -23,6 +23,10 @@ struct Cli {
     /// The Lease namespace.
     #[arg(long, env = "POD_NAMESPACE", default_value = "unwedge-system")]
     lease_namespace: String,
+    /// The Deployment (in the Lease namespace) that owns the Lease, so that deleting it (e.g.
+    /// `helm uninstall`) deletes the Lease too. Empty: the Lease has no owner.
+    #[arg(long, default_value = "")]
+    lease_owner_deployment: String,
     /// This replica's identity (default: hostname and pid).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -72,7 +76,11 @@ async fn main() -> anyhow::Result<()> {
 
     let (leader_tx, leader_rx) = watch::channel(false);
     let election = if cli.leader_elect {
-        let e = leader::Elector::new(client.clone(), &cli.lease_namespace, &cli.lease_name, &id);
+        let mut e =
+            leader::Elector::new(client.clone(), &cli.lease_namespace, &cli.lease_name, &id);
+        if !cli.lease_owner_deployment.is_empty() {
+            e = e.owned_by_deployment(&cli.lease_owner_deployment);
+        }
         Some(tokio::spawn(e.run(leader_tx, shutdown_rx.clone())))
     } else {
         let _ = leader_tx.send(true);
