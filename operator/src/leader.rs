@@ -1,10 +1,12 @@
 //! Lease-based leader election (coordination.k8s.io/v1), written small and strict.
 //!
 //! kube-lease-manager 0.13 supports kube 5, but keeps reporting "leader" while renewals fail
-//! (it only logs and backs off), and we must stop acting the moment a renewal fails. So: try
-//! every 2 s; acquire when the holder has not renewed for a full lease duration (measured on
-//! our own clock, as client-go does, so clock skew does not matter); renew by replace with the
-//! resourceVersion (compare-and-swap); any failure or timeout clears leadership at once;
+//! (it only logs and backs off), and we must stop acting before another replica may take over.
+//! So: try every 2 s; acquire when the holder has not renewed for a full lease duration
+//! (measured on our own clock, as client-go does, so clock skew does not matter); renew by
+//! replace with the resourceVersion (compare-and-swap); seeing another holder clears leadership
+//! at once, and failed or slow rounds clear it when no renewal has succeeded for the renew
+//! deadline (10 s, as client-go; a loaded API server made every 2 s hiccup a leader change);
 //! on shutdown the holder deletes the lease. That delete can be refused when an uninstall
 //! removes our Role before our pods stop, so the lease is also owned by the operator's
 //! Deployment: the garbage collector deletes it with the Deployment.
@@ -22,6 +24,39 @@ use tokio::sync::watch;
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 /// How often the leader renews (and a follower looks).
 pub const RENEW_EVERY: Duration = Duration::from_secs(2);
+/// How long a leader keeps acting without a successful renewal (as client-go's renewDeadline):
+/// well inside [`LEASE_DURATION`], after which another replica may take the lease, so a slow
+/// API server delays renewals without two replicas ever acting at once.
+pub const RENEW_DEADLINE: Duration = Duration::from_secs(10);
+/// How long one round (a GET and a replace) may take.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How one election round ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Round {
+    /// We hold the lease, renewed now.
+    Won,
+    /// Another replica holds it.
+    Lost,
+    /// The round failed or timed out: we do not know.
+    Failed,
+}
+
+/// While leading, how long until [`RENEW_DEADLINE`] passes since the last won round began;
+/// rounds and pauses are cut to it, so leadership drops on time even when the API server hangs.
+fn time_left(last_won: Option<Instant>, now: Instant) -> Option<Duration> {
+    last_won.map(|t| RENEW_DEADLINE.saturating_sub(now.duration_since(t)))
+}
+
+/// Whether we lead after `round`: a won round leads, a lost one does not, and a failed one
+/// keeps leadership only while the last won round began less than [`RENEW_DEADLINE`] ago.
+fn still_leading(round: Round, last_won: Option<Instant>, now: Instant) -> bool {
+    match round {
+        Round::Won => true,
+        Round::Lost => false,
+        Round::Failed => last_won.is_some_and(|t| now.duration_since(t) < RENEW_DEADLINE),
+    }
+}
 
 /// The owner reference that hands a lease to the garbage collector along with `deployment`
 /// (None when the Deployment has no name or uid yet). No `blockOwnerDeletion`: the lease must
@@ -193,26 +228,41 @@ impl Elector {
     }
 
     /// Runs the election until `shutdown` turns true, publishing leadership on `tx`.
-    /// Leadership drops to false the moment a round fails or times out.
+    /// Leadership drops at once when another replica holds the lease, and when no round has
+    /// renewed it for [`RENEW_DEADLINE`] (see [`still_leading`]).
     pub async fn run(mut self, tx: watch::Sender<bool>, mut shutdown: watch::Receiver<bool>) {
+        let mut last_won: Option<Instant> = None;
         loop {
-            let held = match tokio::time::timeout(RENEW_EVERY, self.try_once()).await {
-                Ok(Ok(h)) => h,
+            let started = Instant::now();
+            let left = time_left(last_won, started);
+            let limit = left.map_or(ROUND_TIMEOUT, |l| l.min(ROUND_TIMEOUT));
+            let round = match tokio::time::timeout(limit, self.try_once()).await {
+                Ok(Ok(true)) => Round::Won,
+                Ok(Ok(false)) => Round::Lost,
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, lease = %self.name, "lease round failed: not leading");
-                    false
+                    tracing::warn!(error = %e, lease = %self.name, "lease round failed");
+                    Round::Failed
                 }
                 Err(_) => {
-                    tracing::warn!(lease = %self.name, "lease round timed out: not leading");
-                    false
+                    tracing::warn!(lease = %self.name, "lease round timed out");
+                    Round::Failed
                 }
             };
+            if round == Round::Won {
+                last_won = Some(started);
+            }
+            let held = still_leading(round, last_won, Instant::now());
+            if !held {
+                last_won = None;
+            }
             if *tx.borrow() != held {
                 tracing::info!(identity = %self.identity, leader = held, "leadership changed");
                 let _ = tx.send(held);
             }
+            let pause =
+                time_left(last_won, Instant::now()).map_or(RENEW_EVERY, |l| l.min(RENEW_EVERY));
             tokio::select! {
-                _ = tokio::time::sleep(RENEW_EVERY) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = shutdown.changed() => {}
             }
             if *shutdown.borrow() {
@@ -229,6 +279,33 @@ impl Elector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slow_api_server_delays_renewal_without_losing_leadership_past_the_deadline() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(still_leading(Round::Won, Some(t0), t0));
+        assert!(
+            !still_leading(Round::Lost, Some(t0), t0),
+            "another holder: at once"
+        );
+        assert!(
+            still_leading(Round::Failed, Some(t0), at(9)),
+            "within the deadline"
+        );
+        assert!(
+            !still_leading(Round::Failed, Some(t0), at(10)),
+            "deadline reached"
+        );
+        assert!(!still_leading(Round::Failed, None, t0), "never won");
+        assert!(
+            RENEW_DEADLINE < LEASE_DURATION,
+            "a leader stops acting before another replica may take the lease"
+        );
+        assert_eq!(time_left(None, t0), None, "not leading: no deadline");
+        assert_eq!(time_left(Some(t0), at(4)), Some(Duration::from_secs(6)));
+        assert_eq!(time_left(Some(t0), at(12)), Some(Duration::ZERO));
+    }
 
     #[test]
     fn the_owner_reference_names_the_deployment_by_uid_and_never_blocks_its_deletion() {
