@@ -10,11 +10,27 @@ use serde_json::json;
 use unwedge_crds::gpuwedge::{GpuWedge, Phase};
 
 use crate::cluster::ControlPlane;
-use crate::fleet::Scenario;
+use crate::fleet::{Bins, Scenario};
 use crate::wedge_view::{Outcome, phase};
 
 /// How long a held wedge is watched to prove nothing moves.
 pub const HOLD: Duration = Duration::from_secs(8);
+/// How long a scenario waits for a wedge to reach a phase.
+pub const PHASE_WAIT: Duration = Duration::from_secs(120);
+
+/// What every scenario file starts from: the binaries under test and a local control plane
+/// with the CRDs applied. Panics (failing the test) when either cannot be had.
+pub async fn binaries_and_plane() -> (Bins, ControlPlane) {
+    let bins = tokio::task::spawn_blocking(Bins::build)
+        .await
+        .expect("the build task")
+        .expect("build the binaries under test");
+    let cp = ControlPlane::start()
+        .await
+        .expect("start the local control plane");
+    cp.apply_crds().await.expect("apply the CRDs");
+    (bins, cp)
+}
 
 impl Scenario {
     /// A PodDisruptionBudget in `ns` that allows no disruption of the pods named `apps` (the
@@ -144,5 +160,32 @@ impl Scenario {
             )));
         }
         Ok(())
+    }
+
+    /// Injects `WEDGED=<methods>` for `bdf` through the kernel into `node`'s namespace.
+    pub async fn inject(&self, bins: &Bins, node: &str, bdf: &str, methods: &str) -> Outcome {
+        self.fleet
+            .sim(node)
+            .inject(bins, bdf, methods, &[])
+            .await
+            .map_err(self.ctx(&format!("inject {methods} for {node} {bdf}")))
+    }
+
+    /// Waits up to [`PHASE_WAIT`] until a wedge of `node` is in `phase`; returns it.
+    pub async fn wait_phase(&self, node: &str, phase: Phase) -> Result<GpuWedge, String> {
+        self.rec
+            .wait_phase(node, phase, PHASE_WAIT)
+            .await
+            .map_err(|x| self.fail(&x))
+    }
+
+    /// Fails unless `node` is schedulable now (after unwedge let go of it).
+    pub fn uncordoned(&self, node: &str) -> Outcome {
+        match self.rec.node_cordoned(node) {
+            Some(false) => Ok(()),
+            seen => Err(self.fail(&format!(
+                "node {node} expected uncordoned after recovery, seen cordoned {seen:?}"
+            ))),
+        }
     }
 }

@@ -15,11 +15,11 @@ use std::time::Duration;
 use e2e::cluster::ControlPlane;
 use e2e::fakesysfs::Gpu;
 use e2e::fleet::{Bins, Holder, NodeSpec, PodProcess, Scenario};
+use e2e::scenario_ops::{PHASE_WAIT, binaries_and_plane};
 use e2e::wedge_view::{Outcome, Runner, attempt_seq, evicted, phase};
 use unwedge_crds::gpuwedge::{AttemptOutcome, GpuWedge, Phase};
 
 const NS: &str = "workloads";
-const RECOVERY: Duration = Duration::from_secs(120);
 
 /// rebind happy path: the kernel says `rebind,bus-reset`; the consumer of the wedged GPU (and
 /// only it) is evicted, the node cordoned, rebind approved as attempt 1, exactly one unbind and
@@ -45,16 +45,8 @@ async fn rebind_happy_path(cp: &ControlPlane, bins: &Bins) -> Outcome {
     sc.pod(NS, "happy-w1", node, 1, Some(&g1))
         .await
         .map_err(sc.ctx("pod happy-w1"))?;
-    sc.fleet
-        .sim(node)
-        .inject(bins, &g0, "rebind,bus-reset", &[])
-        .await
-        .map_err(sc.ctx("inject"))?;
-    let w = sc
-        .rec
-        .wait_phase(node, Phase::Recovered, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    sc.inject(bins, node, &g0, "rebind,bus-reset").await?;
+    let w = sc.wait_phase(node, Phase::Recovered).await?;
     let name = w.metadata.name.clone().unwrap_or_default();
     let st = w.status.clone().unwrap_or_default();
     if evicted(&w) != vec![format!("{NS}/happy-w0")] {
@@ -99,12 +91,7 @@ async fn rebind_happy_path(cp: &ControlPlane, bins: &Bins) -> Outcome {
             "device {g0} expected bound after recovery, seen unbound"
         )));
     }
-    if sc.rec.node_cordoned(node) != Some(false) {
-        return Err(sc.fail(&format!(
-            "node {node} expected uncordoned after Recovered, seen {:?}",
-            sc.rec.node_cordoned(node)
-        )));
-    }
+    sc.uncordoned(node)?;
     sc.check_invariants()
 }
 
@@ -129,16 +116,12 @@ async fn agent_killed_between_approval_and_action(cp: &ControlPlane, bins: &Bins
     let g0 = sc.fleet.sim(node).sysfs.gpus()[0].bdf.clone();
     let card = sc.fleet.sim(node).sysfs.card_path(&g0).expect("gpu 0");
     let holder = Holder::open(&card).map_err(sc.ctx("hold the card"))?;
-    sc.fleet
-        .sim(node)
-        .inject(bins, &g0, "rebind,bus-reset", &[])
-        .await
-        .map_err(sc.ctx("inject"))?;
+    sc.inject(bins, node, &g0, "rebind,bus-reset").await?;
     sc.rec
         .wait_node_wedges(
             node,
             "attempt 1 Blocked by the fd gate (a host process holds the card)",
-            RECOVERY,
+            PHASE_WAIT,
             |ws| {
                 ws.iter().any(|w| {
                     w.status
@@ -166,11 +149,7 @@ async fn agent_killed_between_approval_and_action(cp: &ControlPlane, bins: &Bins
         .node(node)
         .start_agent(bins)
         .map_err(sc.ctx("restart the agent"))?;
-    let w = sc
-        .rec
-        .wait_phase(node, Phase::Recovered, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    let w = sc.wait_phase(node, Phase::Recovered).await?;
     let name = w.metadata.name.clone().unwrap_or_default();
     let attempts = w
         .status
@@ -244,11 +223,7 @@ async fn api_down_outbox(cp: &mut ControlPlane, bins: &Bins) -> Outcome {
             state.display()
         )));
     }
-    let w = sc
-        .rec
-        .wait_phase(node, Phase::Recovered, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    let w = sc.wait_phase(node, Phase::Recovered).await?;
     let all = sc.rec.wedges_of(node);
     if all.len() != 1 {
         return Err(sc.fail(&format!(
@@ -279,16 +254,9 @@ async fn xgmi_hive(cp: &ControlPlane, bins: &Bins) -> Outcome {
             .await
             .map_err(sc.ctx(&format!("pod xgmi-{i}")))?;
     }
-    sc.fleet
-        .sim(node)
-        .inject(bins, &gpus[0].bdf, "rebind,bus-reset", &[])
-        .await
-        .map_err(sc.ctx("inject"))?;
-    let w = sc
-        .rec
-        .wait_phase(node, Phase::Recovered, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    sc.inject(bins, node, &gpus[0].bdf, "rebind,bus-reset")
+        .await?;
+    let w = sc.wait_phase(node, Phase::Recovered).await?;
     let domain: Vec<String> = w
         .status
         .as_ref()
@@ -354,11 +322,7 @@ async fn rebind_during_open_none(cp: &ControlPlane, bins: &Bins) -> Outcome {
         .inject(bins, &g, "none", &pid_args)
         .await
         .map_err(sc.ctx("inject none"))?;
-    let w = sc
-        .rec
-        .wait_phase(node, Phase::Restarting, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    let w = sc.wait_phase(node, Phase::Restarting).await?;
     let name = w.metadata.name.clone().unwrap_or_default();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while sc.events(&name, "EvictionRefused").await?.is_empty() {
@@ -369,16 +333,12 @@ async fn rebind_during_open_none(cp: &ControlPlane, bins: &Bins) -> Outcome {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    sc.fleet
-        .sim(node)
-        .inject(bins, &g, "rebind,bus-reset", &[])
-        .await
-        .map_err(sc.ctx("inject rebind"))?;
+    sc.inject(bins, node, &g, "rebind,bus-reset").await?;
     sc.rec
         .wait_node_wedges(
             node,
             "the open incident re-planned from rebind,bus-reset",
-            RECOVERY,
+            PHASE_WAIT,
             |ws| {
                 ws.iter().any(|w| {
                     w.status.as_ref().and_then(|s| s.methods.as_deref()) == Some("rebind,bus-reset")
@@ -388,11 +348,7 @@ async fn rebind_during_open_none(cp: &ControlPlane, bins: &Bins) -> Outcome {
         .await
         .map_err(|x| sc.fail(&x))?;
     sc.pdb_relax(NS, "nr-guard").await?;
-    let w = sc
-        .rec
-        .wait_phase(node, Phase::Recovered, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    let w = sc.wait_phase(node, Phase::Recovered).await?;
     let events = w
         .status
         .as_ref()
@@ -501,11 +457,7 @@ async fn none_actions(cp: &ControlPlane, bins: &Bins) -> Outcome {
             ],
             _ => vec![],
         };
-        let w = sc
-            .rec
-            .wait_phase(&node, Phase::Recovered, RECOVERY)
-            .await
-            .map_err(|x| sc.fail(&x))?;
+        let w = sc.wait_phase(&node, Phase::Recovered).await?;
         if evicted(&w) != expected {
             return Err(sc.fail(&format!(
                 "none.action {action}: evictions expected {expected:?}, seen {:?}",
@@ -560,11 +512,7 @@ async fn escalation(cp: &ControlPlane, bins: &Bins) -> Outcome {
     sc.fleet.sim(bus).sysfs.fail_next_binds(1);
     sc.fleet.sim(boot).sysfs.fail_next_binds(2);
     for (n, g) in [(bus, &gb), (boot, &gr)] {
-        sc.fleet
-            .sim(n)
-            .inject(bins, g, "rebind,bus-reset", &[])
-            .await
-            .map_err(sc.ctx("inject"))?;
+        sc.inject(bins, n, g, "rebind,bus-reset").await?;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     while sc.fleet.sim(boot).reboot_requests() == 0 {
@@ -582,11 +530,7 @@ async fn escalation(cp: &ControlPlane, bins: &Bins) -> Outcome {
         .power_cycle()
         .map_err(sc.ctx("power cycle"))?;
     sc.fleet.node(boot).reboot(bins).map_err(sc.ctx("reboot"))?;
-    let wb = sc
-        .rec
-        .wait_phase(bus, Phase::Recovered, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    let wb = sc.wait_phase(bus, Phase::Recovered).await?;
     let want = vec![
         ("rebind".to_string(), AttemptOutcome::Failed),
         ("bus-reset".to_string(), AttemptOutcome::Succeeded),
@@ -609,11 +553,7 @@ async fn escalation(cp: &ControlPlane, bins: &Bins) -> Outcome {
             s.journal()
         )));
     }
-    let wr = sc
-        .rec
-        .wait_phase(boot, Phase::Recovered, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    let wr = sc.wait_phase(boot, Phase::Recovered).await?;
     let want = vec![
         ("rebind".to_string(), AttemptOutcome::Failed),
         ("bus-reset".to_string(), AttemptOutcome::Failed),
@@ -633,12 +573,7 @@ async fn escalation(cp: &ControlPlane, bins: &Bins) -> Outcome {
         )));
     }
     for n in [bus, boot] {
-        if sc.rec.node_cordoned(n) != Some(false) {
-            return Err(sc.fail(&format!(
-                "node {n} expected uncordoned after Recovered, seen {:?}",
-                sc.rec.node_cordoned(n)
-            )));
-        }
+        sc.uncordoned(n)?;
     }
     sc.check_invariants()
 }
@@ -710,12 +645,7 @@ async fn budget_storm(cp: &ControlPlane, bins: &Bins) -> Outcome {
                 "sysfs journal on {x}: expected (unbind, bind) = (1, 1), seen {counts:?}"
             )));
         }
-        if sc.rec.node_cordoned(x) != Some(false) {
-            return Err(sc.fail(&format!(
-                "node {x} expected uncordoned after Recovered, seen {:?}",
-                sc.rec.node_cordoned(x)
-            )));
-        }
+        sc.uncordoned(x)?;
     }
     Ok(())
 }
@@ -754,10 +684,7 @@ async fn needs_attention_and_agent_rights(cp: &ControlPlane, bins: &Bins) -> Out
             .map_err(sc.ctx("inject"))?;
     }
     for n in [vendor, cold] {
-        sc.rec
-            .wait_phase(n, Phase::NeedsAttention, RECOVERY)
-            .await
-            .map_err(|x| sc.fail(&x))?;
+        sc.wait_phase(n, Phase::NeedsAttention).await?;
         if sc.rec.node_cordoned(n) != Some(true) {
             return Err(sc.fail(&format!(
                 "node {n}: expected to stay cordoned in NeedsAttention, seen {:?}",
@@ -766,16 +693,8 @@ async fn needs_attention_and_agent_rights(cp: &ControlPlane, bins: &Bins) -> Out
         }
     }
     let gl = sc.fleet.sim(late).sysfs.gpus()[0].bdf.clone();
-    sc.fleet
-        .sim(late)
-        .inject(bins, &gl, "rebind,bus-reset", &[])
-        .await
-        .map_err(sc.ctx("inject"))?;
-    let wl = sc
-        .rec
-        .wait_phase(late, Phase::Queued, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    sc.inject(bins, late, &gl, "rebind,bus-reset").await?;
+    let wl = sc.wait_phase(late, Phase::Queued).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let now = sc.rec.wedges_of(late);
     let seen: Vec<(Option<Phase>, bool)> = now
@@ -895,11 +814,7 @@ async fn malformed_flood(cp: &ControlPlane, bins: &Bins) -> Outcome {
     sim.inject(bins, &g.bdf, "rebind,bus-reset", &[])
         .await
         .map_err(sc.ctx("inject"))?;
-    let w = sc
-        .rec
-        .wait_phase(node, Phase::Recovered, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    let w = sc.wait_phase(node, Phase::Recovered).await?;
     let (code, metrics) = sim
         .netns
         .http_get(9101, "/metrics")
@@ -937,14 +852,7 @@ async fn malformed_flood(cp: &ControlPlane, bins: &Bins) -> Outcome {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn recovery_scenarios() {
-    let bins = tokio::task::spawn_blocking(Bins::build)
-        .await
-        .unwrap()
-        .expect("build the binaries under test");
-    let mut cp = ControlPlane::start()
-        .await
-        .expect("start the local control plane");
-    cp.apply_crds().await.expect("apply the CRDs");
+    let (bins, mut cp) = binaries_and_plane().await;
     let mut run = Runner::new();
     if run.wants("happy") {
         let r = rebind_happy_path(&cp, &bins).await;

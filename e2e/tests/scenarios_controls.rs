@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use e2e::cluster::ControlPlane;
 use e2e::fleet::{Bins, NodeSpec, Scenario};
-use e2e::scenario_ops::HOLD;
+use e2e::scenario_ops::{HOLD, PHASE_WAIT, binaries_and_plane};
 use e2e::wedge_view::{
     Outcome, Runner, attempt_seq, condition, conditions_line, evicted, eviction_records, phase,
 };
@@ -21,7 +21,6 @@ use unwedge_crds::gpuwedge::{AttemptOutcome, Phase};
 use unwedge_crds::policy::RecoveryPolicy;
 
 const NS: &str = "workloads";
-const RECOVERY: Duration = Duration::from_secs(120);
 
 /// A PodDisruptionBudget blocks the drain until relaxed; a node an admin cordoned stays
 /// cordoned. `pdb-a` holds `pdb-guarded` (PDB minAvailable 1) and `pdb-free` on its GPU: the
@@ -63,17 +62,9 @@ async fn pdb_then_relaxed(cp: &ControlPlane, bins: &Bins) -> Outcome {
         .await
         .map_err(sc.ctx("admin cordons pdb-b"))?;
     for (n, g) in [(a, &ga), (b, &gb)] {
-        sc.fleet
-            .sim(n)
-            .inject(bins, g, "rebind,bus-reset", &[])
-            .await
-            .map_err(sc.ctx("inject"))?;
+        sc.inject(bins, n, g, "rebind,bus-reset").await?;
     }
-    let w = sc
-        .rec
-        .wait_phase(a, Phase::Draining, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    let w = sc.wait_phase(a, Phase::Draining).await?;
     let name = w.metadata.name.clone().unwrap_or_default();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while sc.events(&name, "EvictionRefused").await?.is_empty() {
@@ -102,11 +93,7 @@ async fn pdb_then_relaxed(cp: &ControlPlane, bins: &Bins) -> Outcome {
         )));
     }
     sc.pdb_relax(NS, "pdb-guard").await?;
-    let w = sc
-        .rec
-        .wait_phase(a, Phase::Recovered, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    let w = sc.wait_phase(a, Phase::Recovered).await?;
     let want = [format!("{NS}/pdb-free"), format!("{NS}/pdb-guarded")];
     if evicted(&w) != want || eviction_records(&w) != 2 {
         return Err(sc.fail(&format!(
@@ -115,17 +102,8 @@ async fn pdb_then_relaxed(cp: &ControlPlane, bins: &Bins) -> Outcome {
         )));
     }
     sc.rebinds(a, &ga, 1)?;
-    if sc.rec.node_cordoned(a) != Some(false) {
-        return Err(sc.fail(&format!(
-            "node {a} expected uncordoned after Recovered, seen {:?}",
-            sc.rec.node_cordoned(a)
-        )));
-    }
-    let wb = sc
-        .rec
-        .wait_phase(b, Phase::Recovered, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    sc.uncordoned(a)?;
+    let wb = sc.wait_phase(b, Phase::Recovered).await?;
     sc.rebinds(b, &gb, 1)?;
     let ours = wb.status.as_ref().and_then(|s| s.cordoned);
     if sc.rec.node_cordoned(b) != Some(true) || ours == Some(true) {
@@ -158,16 +136,8 @@ async fn manual_approval(cp: &ControlPlane, bins: &Bins) -> Outcome {
     sc.pod(NS, "manual-pod", node, 1, Some(&g))
         .await
         .map_err(sc.ctx("pod"))?;
-    sc.fleet
-        .sim(node)
-        .inject(bins, &g, "rebind,bus-reset", &[])
-        .await
-        .map_err(sc.ctx("inject"))?;
-    let w = sc
-        .rec
-        .wait_phase(node, Phase::AwaitingApproval, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    sc.inject(bins, node, &g, "rebind,bus-reset").await?;
+    let w = sc.wait_phase(node, Phase::AwaitingApproval).await?;
     if evicted(&w) != [format!("{NS}/manual-pod")] {
         return Err(sc.fail(&format!(
             "AwaitingApproval comes after the drain: evictions expected [{NS}/manual-pod], seen {:?}",
@@ -178,11 +148,7 @@ async fn manual_approval(cp: &ControlPlane, bins: &Bins) -> Outcome {
         .await?;
     let name = w.metadata.name.clone().unwrap_or_default();
     sc.human_verb(&name, "approve", "bus-reset").await?;
-    let w = sc
-        .rec
-        .wait_phase(node, Phase::Recovered, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    let w = sc.wait_phase(node, Phase::Recovered).await?;
     let admin = sc.admin_name().await?;
     let by = w
         .status
@@ -247,7 +213,7 @@ async fn wait_held(sc: &Scenario, node: &str, reason: &str) -> Outcome {
         .wait_node_wedges(
             node,
             &format!("the wedge of {node} held with Paused=True ({reason})"),
-            RECOVERY,
+            PHASE_WAIT,
             |ws| {
                 ws.iter().any(|w| {
                     condition(w, "Paused").is_some_and(|c| c.status == "True" && c.reason == reason)
@@ -277,21 +243,13 @@ async fn paused_policy(cp: &ControlPlane, bins: &Bins) -> Outcome {
     sc.pod(NS, "paused-pod", node, 1, Some(&g))
         .await
         .map_err(sc.ctx("pod"))?;
-    sc.fleet
-        .sim(node)
-        .inject(bins, &g, "rebind,bus-reset", &[])
-        .await
-        .map_err(sc.ctx("inject"))?;
+    sc.inject(bins, node, &g, "rebind,bus-reset").await?;
     wait_held(&sc, node, "PolicyPaused").await?;
     let held = phase(&sc.only_wedge(node)?).unwrap_or_default();
     sc.stays(node, held, "paused policy").await?;
     held_by(&sc, node, "PolicyPaused")?;
     patch_policy(&sc, json!({"spec": {"paused": false}})).await?;
-    let w = sc
-        .rec
-        .wait_phase(node, Phase::Recovered, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    let w = sc.wait_phase(node, Phase::Recovered).await?;
     if evicted(&w) != [format!("{NS}/paused-pod")] {
         return Err(sc.fail(&format!(
             "after unpausing: evictions expected [{NS}/paused-pod], seen {:?}",
@@ -324,25 +282,14 @@ async fn circuit_breaker(cp: &ControlPlane, bins: &Bins) -> Outcome {
         gpus.push(sc.fleet.sim(n).sysfs.gpus()[0].bdf.clone());
     }
     for (n, g) in nodes.iter().zip(&gpus).take(2) {
-        sc.fleet
-            .sim(n)
-            .inject(bins, g, "rebind,bus-reset", &[])
-            .await
-            .map_err(sc.ctx("inject"))?;
-        sc.rec
-            .wait_phase(n, Phase::Recovered, RECOVERY)
-            .await
-            .map_err(|x| sc.fail(&x))?;
+        sc.inject(bins, n, g, "rebind,bus-reset").await?;
+        sc.wait_phase(n, Phase::Recovered).await?;
     }
     let (c, gc) = (nodes[2], &gpus[2]);
     sc.pod(NS, "breaker-pod", c, 1, Some(gc))
         .await
         .map_err(sc.ctx("pod"))?;
-    sc.fleet
-        .sim(c)
-        .inject(bins, gc, "rebind,bus-reset", &[])
-        .await
-        .map_err(sc.ctx("inject"))?;
+    sc.inject(bins, c, gc, "rebind,bus-reset").await?;
     wait_held(&sc, c, "CircuitBreakerTripped").await?;
     let policy = Api::<RecoveryPolicy>::all(sc.fleet.client())
         .get(&sc.name)
@@ -366,11 +313,7 @@ async fn circuit_breaker(cp: &ControlPlane, bins: &Bins) -> Outcome {
         json!({"metadata": {"annotations": {"unwedge.io/resume": "checked the fleet"}}}),
     )
     .await?;
-    let w = sc
-        .rec
-        .wait_phase(c, Phase::Recovered, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    let w = sc.wait_phase(c, Phase::Recovered).await?;
     if evicted(&w) != [format!("{NS}/breaker-pod")] {
         return Err(sc.fail(&format!(
             "after resume: evictions expected [{NS}/breaker-pod], seen {:?}",
@@ -400,27 +343,11 @@ async fn repeat_offender(cp: &ControlPlane, bins: &Bins) -> Outcome {
     .await
     .map_err(|x| format!("scenario repeat: setup: {x:#}"))?;
     let g = sc.fleet.sim(node).sysfs.gpus()[0].bdf.clone();
-    sc.fleet
-        .sim(node)
-        .inject(bins, &g, "rebind,bus-reset", &[])
-        .await
-        .map_err(sc.ctx("inject"))?;
-    let first = sc
-        .rec
-        .wait_phase(node, Phase::Recovered, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    sc.inject(bins, node, &g, "rebind,bus-reset").await?;
+    let first = sc.wait_phase(node, Phase::Recovered).await?;
     let first = first.metadata.name.unwrap_or_default();
-    sc.fleet
-        .sim(node)
-        .inject(bins, &g, "rebind,bus-reset", &[])
-        .await
-        .map_err(sc.ctx("inject again"))?;
-    let w = sc
-        .rec
-        .wait_phase(node, Phase::NeedsAttention, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    sc.inject(bins, node, &g, "rebind,bus-reset").await?;
+    let w = sc.wait_phase(node, Phase::NeedsAttention).await?;
     let name = w.metadata.name.clone().unwrap_or_default();
     let reason = condition(&w, "NeedsAttention").map(|c| c.reason);
     if name == first || reason.as_deref() != Some("RepeatOffender") {
@@ -439,7 +366,7 @@ async fn repeat_offender(cp: &ControlPlane, bins: &Bins) -> Outcome {
     }
     sc.human_verb(&name, "retry", "1").await?;
     sc.rec
-        .wait_node_wedges(node, "the retried wedge Recovered", RECOVERY, |ws| {
+        .wait_node_wedges(node, "the retried wedge Recovered", PHASE_WAIT, |ws| {
             ws.iter()
                 .filter(|w| phase(w) == Some(Phase::Recovered))
                 .count()
@@ -448,25 +375,13 @@ async fn repeat_offender(cp: &ControlPlane, bins: &Bins) -> Outcome {
         .await
         .map_err(|x| sc.fail(&x))?;
     sc.rebinds(node, &g, 2)?;
-    if sc.rec.node_cordoned(node) != Some(false) {
-        return Err(sc.fail(&format!(
-            "node {node} expected uncordoned after the retry recovered, seen {:?}",
-            sc.rec.node_cordoned(node)
-        )));
-    }
+    sc.uncordoned(node)?;
     sc.check_invariants()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn control_scenarios() {
-    let bins = tokio::task::spawn_blocking(Bins::build)
-        .await
-        .unwrap()
-        .expect("build the binaries under test");
-    let cp = ControlPlane::start()
-        .await
-        .expect("start the local control plane");
-    cp.apply_crds().await.expect("apply the CRDs");
+    let (bins, cp) = binaries_and_plane().await;
     let mut run = Runner::new();
     if run.wants("pdb") {
         let r = pdb_then_relaxed(&cp, &bins).await;

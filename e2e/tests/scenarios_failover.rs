@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use e2e::cluster::ControlPlane;
 use e2e::fleet::{Bins, NodeSpec, Scenario};
+use e2e::scenario_ops::binaries_and_plane;
 use e2e::wedge_view::{Outcome, Runner, evicted, eviction_records};
 use unwedge_crds::gpuwedge::Phase;
 
 const NS: &str = "workloads";
-const RECOVERY: Duration = Duration::from_secs(120);
 
 /// Waits for `wedge`'s first EvictionRefused Event: the drain is open, held by a PDB.
 async fn drain_held(sc: &Scenario, wedge: &str) -> Outcome {
@@ -81,22 +81,10 @@ async fn leader_killed_mid_drain(cp: &ControlPlane, bins: &Bins) -> Outcome {
             .map_err(sc.ctx(&format!("pod {pod}")))?;
     }
     sc.pdb_blocking(NS, "ldr-guard", &["ldr-guarded"]).await?;
-    sc.fleet
-        .sim(a)
-        .inject(bins, &gpus[0], "rebind,bus-reset", &[])
-        .await
-        .map_err(sc.ctx("inject"))?;
-    let w = sc
-        .rec
-        .wait_phase(a, Phase::Draining, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    sc.inject(bins, a, &gpus[0], "rebind,bus-reset").await?;
+    let w = sc.wait_phase(a, Phase::Draining).await?;
     for (n, g) in nodes.iter().zip(&gpus).skip(1) {
-        sc.fleet
-            .sim(n)
-            .inject(bins, g, "rebind,bus-reset", &[])
-            .await
-            .map_err(sc.ctx("inject"))?;
+        sc.inject(bins, n, g, "rebind,bus-reset").await?;
     }
     drain_held(&sc, &w.metadata.name.clone().unwrap_or_default()).await?;
     let leader = sc
@@ -123,22 +111,14 @@ async fn leader_killed_mid_drain(cp: &ControlPlane, bins: &Bins) -> Outcome {
     }
     sc.pdb_relax(NS, "ldr-guard").await?;
     for n in nodes {
-        sc.rec
-            .wait_phase(n, Phase::Recovered, RECOVERY)
-            .await
-            .map_err(|x| sc.fail(&x))?;
+        sc.wait_phase(n, Phase::Recovered).await?;
     }
     evicted_once(&sc, a, &["ldr-free", "ldr-guarded"])?;
     evicted_once(&sc, nodes[1], &["ldr-b-pod"])?;
     evicted_once(&sc, nodes[2], &["ldr-c-pod"])?;
     for (n, g) in nodes.iter().zip(&gpus) {
         sc.rebinds(n, g, 1)?;
-        if sc.rec.node_cordoned(n) != Some(false) {
-            return Err(sc.fail(&format!(
-                "node {n} expected uncordoned after Recovered, seen {:?}",
-                sc.rec.node_cordoned(n)
-            )));
-        }
+        sc.uncordoned(n)?;
     }
     sc.check_invariants()
 }
@@ -165,46 +145,23 @@ async fn apiserver_restarted_mid_recovery(cp: &mut ControlPlane, bins: &Bins) ->
         .await
         .map_err(sc.ctx("pod"))?;
     sc.pdb_blocking(NS, "api-guard", &["api-guarded"]).await?;
-    sc.fleet
-        .sim(node)
-        .inject(bins, &g, "rebind,bus-reset", &[])
-        .await
-        .map_err(sc.ctx("inject"))?;
-    let w = sc
-        .rec
-        .wait_phase(node, Phase::Draining, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    sc.inject(bins, node, &g, "rebind,bus-reset").await?;
+    let w = sc.wait_phase(node, Phase::Draining).await?;
     drain_held(&sc, &w.metadata.name.clone().unwrap_or_default()).await?;
     cp.restart_apiserver()
         .await
         .map_err(sc.ctx("restart kube-apiserver"))?;
     sc.pdb_relax(NS, "api-guard").await?;
-    sc.rec
-        .wait_phase(node, Phase::Recovered, RECOVERY)
-        .await
-        .map_err(|x| sc.fail(&x))?;
+    sc.wait_phase(node, Phase::Recovered).await?;
     evicted_once(&sc, node, &["api-guarded"])?;
     sc.rebinds(node, &g, 1)?;
-    if sc.rec.node_cordoned(node) != Some(false) {
-        return Err(sc.fail(&format!(
-            "node {node} expected uncordoned after Recovered, seen {:?}",
-            sc.rec.node_cordoned(node)
-        )));
-    }
+    sc.uncordoned(node)?;
     sc.check_invariants()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failover_scenarios() {
-    let bins = tokio::task::spawn_blocking(Bins::build)
-        .await
-        .unwrap()
-        .expect("build the binaries under test");
-    let mut cp = ControlPlane::start()
-        .await
-        .expect("start the local control plane");
-    cp.apply_crds().await.expect("apply the CRDs");
+    let (bins, mut cp) = binaries_and_plane().await;
     let mut run = Runner::new();
     if run.wants("leader") {
         let r = leader_killed_mid_drain(&cp, &bins).await;
