@@ -534,6 +534,7 @@ async fn without_rights(
             .filter(|(st, _, _)| st == "False"))
     })
     .await?;
+    eprintln!("DeviceQuarantine=False {reason}: {message}");
     assert_eq!(reason, "MissingRights", "{message}");
     assert!(
         message.contains("may not get devicetaintrules, create devicetaintrules"),
@@ -573,6 +574,7 @@ async fn without_rights(
         },
     )
     .await?;
+    eprintln!("QuarantineUnavailable on {wedge}: {note}");
     assert!(
         note.contains(&format!("{DRIVER}/dra-d/{ddev}")) && note.contains("MissingRights"),
         "the event names the device and why: {note}"

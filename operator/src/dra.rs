@@ -259,12 +259,12 @@ pub fn support(mode: Mode, probe: Option<&Probe>) -> Support {
     let off = |reason, message: String| Support {
         on: false,
         reason,
-        message: format!("{message}: a wedged DRA device cordons its node"),
+        message,
     };
     let served = probe.map(|p| &p.served);
     let denied = probe.map(|p| &p.denied);
     match (mode, served, denied) {
-        (Mode::Off, _, _) => off("Disabled", "--dra=off".into()),
+        (Mode::Off, _, _) => off("Disabled", "--dra=off: a wedged DRA device cordons its node".into()),
         (Mode::On, _, Some(Ok(d))) if !d.is_empty() => Support {
             on: true,
             reason: "MissingRights",
@@ -294,7 +294,7 @@ pub fn support(mode: Mode, probe: Option<&Probe>) -> Support {
         (Mode::Auto, Some(Ok(true)), Some(Ok(d))) if !d.is_empty() => off(
             "MissingRights",
             format!(
-                "DeviceTaintRules are served, but the operator may not {} ({GRANT})",
+                "DeviceTaintRules are served, but the operator may not {}; {GRANT}",
                 d.join(", ")
             ),
         ),
@@ -305,7 +305,7 @@ pub fn support(mode: Mode, probe: Option<&Probe>) -> Support {
 /// The Warning a wedge gets when its DRA device's node is cordoned because quarantine is off.
 pub fn cordoned_instead(device: &DraDeviceRef, node: &str, support: &Support) -> String {
     format!(
-        "device {}/{}/{} is a DRA device, but DRA quarantine is off ({}: {}); node {node} is cordoned instead",
+        "node {node} is cordoned instead of quarantining DRA device {}/{}/{}: DRA quarantine is off ({}: {})",
         device.driver, device.pool, device.device, support.reason, support.message
     )
 }
@@ -469,10 +469,7 @@ mod tests {
             let s = support(Mode::Auto, Some(&p));
             assert!(!s.on, "{reason}: {s:?}");
             assert_eq!(s.reason, reason);
-            assert!(
-                s.message.ends_with("a wedged DRA device cordons its node"),
-                "{s:?}"
-            );
+            assert!(!s.message.is_empty(), "{s:?}");
         }
         assert!(!support(Mode::Auto, None).on);
     }
@@ -519,7 +516,7 @@ mod tests {
         let s = support(Mode::Off, None);
         assert_eq!(
             cordoned_instead(&dev("gpu-3"), "node-a", &s),
-            "device gpu.e2e.unwedge.io/node-a/gpu-3 is a DRA device, but DRA quarantine is off (Disabled: --dra=off: a wedged DRA device cordons its node); node node-a is cordoned instead"
+            "node node-a is cordoned instead of quarantining DRA device gpu.e2e.unwedge.io/node-a/gpu-3: DRA quarantine is off (Disabled: --dra=off: a wedged DRA device cordons its node)"
         );
     }
 }
