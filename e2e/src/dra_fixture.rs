@@ -172,6 +172,32 @@ pub async fn gpu_pod(
     .await
 }
 
+/// A pod on `node` whose own claim `name` asks for the device with PCI address `pci` (a CEL
+/// selector on [`PCI_ATTRIBUTE`]), so which GPU it holds is known before the scheduler runs.
+pub async fn pinned_gpu_pod(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    node: &str,
+    pci: &str,
+) -> anyhow::Result<Pod> {
+    let (domain, id) = PCI_ATTRIBUTE.split_once('/').unwrap_or_default();
+    let cel = format!("device.attributes[\"{domain}\"].{id} == \"{pci}\"");
+    create::<ResourceClaim>(
+        client,
+        ns,
+        json!({
+            "metadata": {"name": name},
+            "spec": {"devices": {"requests": [{"name": "gpu", "exactly": {
+                "deviceClassName": DRIVER,
+                "selectors": [{"cel": {"expression": cel}}]
+            }}]}}
+        }),
+    )
+    .await?;
+    gpu_pod(client, ns, name, node, Some(name), json!({})).await
+}
+
 /// A pod on `node` without a GPU.
 pub async fn plain_pod(client: &Client, ns: &str, name: &str, node: &str) -> anyhow::Result<Pod> {
     create(

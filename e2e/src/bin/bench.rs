@@ -51,6 +51,15 @@ enum Scenario {
         #[arg(long)]
         watch_nodes: Option<usize>,
     },
+    /// One wedged GPU on an 8-GPU DRA node: DRA quarantine vs node cordon.
+    Dra {
+        /// Pods holding one GPU each besides the wedged one's (default 0; at most 7).
+        #[arg(long, default_value_t = 0)]
+        gpu_pods: usize,
+        /// Seconds the probe pods are watched while the wedge is open (default 20; --short: 8).
+        #[arg(long)]
+        window: Option<u64>,
+    },
     /// Device-scoped drain vs kubectl drain of one node.
     Drain {
         /// Pods on the node (default 100; --short: 20).
@@ -94,6 +103,14 @@ async fn main() -> ExitCode {
             .await
         }
         Scenario::Drain { pods } => bench::drain::run(pick_n(pods, 100, 20), short).await,
+        Scenario::Dra { gpu_pods, window } => {
+            bench::dra::run(bench::dra::Options {
+                gpu_pods,
+                window: Duration::from_secs(pick(window, 20, 8)),
+                short,
+            })
+            .await
+        }
     };
     match res.and_then(|r| r.save()) {
         Ok(_) => ExitCode::SUCCESS,
