@@ -43,6 +43,14 @@ pub struct Bins {
 }
 
 impl Bins {
+    /// The `agent-pool` binary (many agent instances in one process): `UNWEDGE_AGENT_POOL_BIN`,
+    /// or `agent-pool` beside `unwedge-agent` (`cargo build -p e2e --bins` builds it).
+    pub fn agent_pool(&self) -> PathBuf {
+        std::env::var_os("UNWEDGE_AGENT_POOL_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.agent.with_file_name("agent-pool"))
+    }
+
     /// Locates the binaries in `target/<profile>/` (the profile this code was built with), or
     /// from `UNWEDGE_AGENT_BIN`, `UNWEDGE_OPERATOR_BIN`, `UEVENT_INJECT_BIN`. When one is
     /// missing it runs `cargo build` for them, which works under `cargo run` (the demo); under
@@ -141,6 +149,8 @@ pub struct SimNode {
     /// The node's network namespace (the agent pod's).
     pub netns: NetNs,
     agent: Option<Proc>,
+    /// The agent runs as an instance of the fleet's agent pool, not as its own process.
+    pooled: bool,
     boots: u32,
     agent_pod_uid: String,
     extra_agent_args: Vec<String>,
@@ -211,17 +221,10 @@ impl SimNode {
         std::fs::write(self.boot_id_path(), format!("{id}\n"))
     }
 
-    /// Starts the agent (no-op when it runs).
-    pub fn start_agent(&mut self, bins: &Bins) -> anyhow::Result<()> {
-        if self.agent_pid().is_some() {
-            return Ok(());
-        }
-        let kubeconfig = self.dir.join("kubeconfig");
+    /// The agent's flags (without the program name).
+    fn agent_flags(&self) -> Vec<String> {
         let reboot = self.dir.join("reboot.sh");
         let mut args: Vec<String> = vec![
-            format!("KUBECONFIG={}", kubeconfig.display()),
-            "RUST_LOG=info,unwedge_agent=debug".into(),
-            bins.agent.display().to_string(),
             "--node-name".into(),
             self.name.clone(),
             "--sysfs-root".into(),
@@ -246,6 +249,21 @@ impl SimNode {
             "1s".into(),
         ];
         args.extend(self.extra_agent_args.iter().cloned());
+        args
+    }
+
+    /// Starts the agent (no-op when it runs).
+    pub fn start_agent(&mut self, bins: &Bins) -> anyhow::Result<()> {
+        if self.agent_pid().is_some() {
+            return Ok(());
+        }
+        let kubeconfig = self.dir.join("kubeconfig");
+        let mut args: Vec<String> = vec![
+            format!("KUBECONFIG={}", kubeconfig.display()),
+            "RUST_LOG=info,unwedge_agent=debug".into(),
+            bins.agent.display().to_string(),
+        ];
+        args.extend(self.agent_flags());
         let (prog, args) = self.netns.wrap("env", &args);
         let p = Proc::spawn(
             &format!("agent-{}", self.name),
@@ -276,7 +294,7 @@ impl SimNode {
     pub async fn wait_agent_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if self.agent_pid().is_none() {
+            if !self.pooled && self.agent_pid().is_none() {
                 anyhow::bail!(
                     "the agent of {} exited; its log:\n{}",
                     self.name,
@@ -366,6 +384,8 @@ pub struct Fleet {
     /// The nodes, by name.
     pub nodes: BTreeMap<String, SimNode>,
     operators: Vec<Option<Proc>>,
+    /// The agent pool process, when [`Fleet::start_agent_pool`] started one.
+    pool: Option<Proc>,
     dir: tempfile::TempDir,
     client: Client,
     api_port: u16,
@@ -407,6 +427,7 @@ impl Fleet {
             bins,
             nodes: BTreeMap::new(),
             operators: vec![],
+            pool: None,
             dir: tempfile::Builder::new()
                 .prefix("unwedge-fleet-")
                 .tempdir()?,
@@ -482,6 +503,7 @@ impl Fleet {
             podres,
             netns,
             agent: None,
+            pooled: false,
             boots: 0,
             agent_pod_uid: uid,
             extra_agent_args: vec![],
@@ -519,14 +541,78 @@ impl Fleet {
         )?)
     }
 
-    /// Waits until every agent answers /readyz.
+    /// Waits until every agent answers /readyz (`timeout` for each).
     pub async fn wait_agents_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let pool_log = self.pool_log();
         for n in self.nodes.values_mut() {
-            if n.agent.is_some() {
+            if n.agent.is_some() || n.pooled {
+                if n.pooled
+                    && let Some(code) = self.pool.as_mut().and_then(|p| p.exited())
+                {
+                    anyhow::bail!(
+                        "the agent pool exited ({code:?}); its log:\n{}",
+                        tail(&pool_log, 40)
+                    );
+                }
                 n.wait_agent_ready(timeout).await?;
             }
         }
         Ok(())
+    }
+
+    /// The agent pool's log file.
+    pub fn pool_log(&self) -> PathBuf {
+        self.dir.path().join("agent-pool.log")
+    }
+
+    /// Runs the agents of `names` (nodes added without an agent) as instances of one
+    /// `agent-pool` process (DESIGN §7): the same flags and kubeconfig (pod-bound token) each
+    /// node's own agent process would get, the uevent socket and `/readyz` inside the node's
+    /// network namespace. Not waited for; one pool per fleet.
+    pub fn start_agent_pool(&mut self, names: &[String]) -> anyhow::Result<()> {
+        anyhow::ensure!(self.pool.is_none(), "the fleet already runs an agent pool");
+        let mut lines = String::new();
+        for name in names {
+            let n = self
+                .nodes
+                .get(name)
+                .with_context(|| format!("no node {name}"))?;
+            anyhow::ensure!(n.agent.is_none(), "node {name} already runs its own agent");
+            lines.push_str(&serde_json::to_string(&serde_json::json!({
+                "netns": n.netns.path(),
+                "kubeconfig": n.dir.join("kubeconfig"),
+                "args": n.agent_flags(),
+            }))?);
+            lines.push('\n');
+        }
+        let file = self.dir.path().join("agent-pool.jsonl");
+        std::fs::write(&file, lines)?;
+        let bin = self.bins.agent_pool();
+        anyhow::ensure!(
+            bin.exists(),
+            "{} is missing: cargo build [--release] -p e2e --bins",
+            bin.display()
+        );
+        let args = vec![
+            "RUST_LOG=info".to_string(),
+            bin.display().to_string(),
+            file.display().to_string(),
+        ];
+        let p = Proc::spawn("agent-pool", Path::new("env"), &args, &self.pool_log())?;
+        self.pool = Some(p);
+        for name in names {
+            self.node(name).pooled = true;
+        }
+        Ok(())
+    }
+
+    /// The agent pool's pid, while it runs.
+    pub fn pool_pid(&mut self) -> Option<u32> {
+        let p = self.pool.as_mut()?;
+        if p.exited().is_some() {
+            return None;
+        }
+        Some(p.pid())
     }
 
     /// Overrides the operator's `--dra` mode (by default the one the chart rendered), for tests
@@ -602,6 +688,9 @@ impl Fleet {
     /// Stops everything the fleet started: agents, operators, servers.
     pub fn stop(&mut self) {
         for p in self.operators.iter_mut().flatten() {
+            p.kill_now();
+        }
+        if let Some(mut p) = self.pool.take() {
             p.kill_now();
         }
         for n in self.nodes.values_mut() {
@@ -855,7 +944,8 @@ pub struct Scenario {
 impl Scenario {
     /// Creates `nodes` (names prefixed by the scenario name), a RecoveryPolicy named after
     /// the scenario with `policy_spec` merged over `{nodeSelector, maxUnavailable}`, the
-    /// recorder with that budget, `operators` operator replicas, and waits for the agents.
+    /// recorder with that budget, `operators` operator replicas, and waits for the agents (one
+    /// process per node).
     pub async fn new(
         cp: &ControlPlane,
         bins: &Bins,
@@ -864,6 +954,50 @@ impl Scenario {
         max_unavailable: usize,
         policy_spec: serde_json::Value,
         operators: usize,
+    ) -> anyhow::Result<Scenario> {
+        Scenario::build(
+            cp,
+            bins,
+            name,
+            nodes,
+            (max_unavailable, policy_spec),
+            operators,
+            false,
+        )
+        .await
+    }
+
+    /// Like [`Scenario::new`], with every node's agent an instance of one `agent-pool`
+    /// process ([`Fleet::start_agent_pool`]), for fleets too large for a process per node.
+    pub async fn new_pooled(
+        cp: &ControlPlane,
+        bins: &Bins,
+        name: &str,
+        nodes: Vec<NodeSpec>,
+        max_unavailable: usize,
+        policy_spec: serde_json::Value,
+        operators: usize,
+    ) -> anyhow::Result<Scenario> {
+        Scenario::build(
+            cp,
+            bins,
+            name,
+            nodes,
+            (max_unavailable, policy_spec),
+            operators,
+            true,
+        )
+        .await
+    }
+
+    async fn build(
+        cp: &ControlPlane,
+        bins: &Bins,
+        name: &str,
+        nodes: Vec<NodeSpec>,
+        (max_unavailable, policy_spec): (usize, serde_json::Value),
+        operators: usize,
+        pool: bool,
     ) -> anyhow::Result<Scenario> {
         let mut fleet = Fleet::new(cp, bins.clone()).await?;
         let client = fleet.client();
@@ -888,9 +1022,13 @@ impl Scenario {
             .with_context(|| format!("create RecoveryPolicy {name}"))?;
         let rec =
             crate::recorder::Recorder::start(client.clone(), &[(name, max_unavailable)]).await?;
+        let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
         for mut n in nodes {
             n.labels.push((SCENARIO_LABEL.into(), name.into()));
-            fleet.add_node(cp, n, true).await?;
+            fleet.add_node(cp, n, !pool).await?;
+        }
+        if pool {
+            fleet.start_agent_pool(&names)?;
         }
         if operators > 0 {
             fleet.start_operators(cp, operators).await?;
@@ -973,9 +1111,17 @@ impl Scenario {
     pub fn fail(&self, what: &str) -> String {
         let mut s = format!("scenario {}: {what}\n{}", self.name, self.rec.report());
         for (name, n) in &self.fleet.nodes {
+            if !n.pooled {
+                s.push_str(&format!(
+                    "--- agent {name}:\n{}\n",
+                    tail(&n.agent_log(), 25)
+                ));
+            }
+        }
+        if self.fleet.pool.is_some() {
             s.push_str(&format!(
-                "--- agent {name}:\n{}\n",
-                tail(&n.agent_log(), 25)
+                "--- agent pool:\n{}\n",
+                tail(&self.fleet.pool_log(), 60)
             ));
         }
         s.push_str(&self.fleet.operator_logs(40));

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod podresources;
 pub mod reporter;
+pub mod run;
 pub mod startup;
 pub mod sysfs;
 pub mod uevent;

@@ -1,4 +1,5 @@
-//! `storm`: N kwok nodes (one agent process each), N simultaneous wedges, a policy with
+//! `storm`: N kwok nodes (one agent process each, or above [`POOL_ABOVE`] nodes one agent
+//! instance each in one `agent-pool` process, DESIGN §7), N simultaneous wedges, a policy with
 //! `maxUnavailable` B, two real operator replicas. Measures the total time until every wedge
 //! is Recovered against the lower bound ⌈N/B⌉ × one recovery (measured first, in the same
 //! run), the admission + cordon rate, the peak of nodes under recovery (asserted ≤ B), the
@@ -20,6 +21,10 @@ use unwedge_crds::labels::ANN_CORDONED_BY;
 
 use super::{Report, apiserver_requests, find_pids, load1, sample};
 use crate::fleet::{NodeSpec, Scenario};
+
+/// Above this many nodes the agents run as instances of one `agent-pool` process: a process
+/// per node (11 MiB and two runtime threads each) starved a 2-core machine at 1,000 nodes.
+pub const POOL_ABOVE: usize = 100;
 
 /// Options of the storm.
 #[derive(Clone, Debug)]
@@ -290,17 +295,26 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let client = cp.client().await?;
     let n = opts.nodes;
     let b = opts.budget;
+    let pooled = n > POOL_ABOVE;
+    let agents = if pooled {
+        "every node's agent an instance of the real agent run loop in one agent-pool process (own uevent socket and /readyz in the node's network namespace, own pod-bound token and API client, own fake sysfs and PodResources server)"
+    } else {
+        "one real unwedge-agent process per node (own network namespace, pod-bound token, fake sysfs, PodResources server)"
+    };
     rep.note(format!(
-        "{n} kwok nodes with 1 xe GPU each, one real unwedge-agent process per node (own network namespace, pod-bound token, fake sysfs, PodResources server), plus one node 'storm-solo' for the single-recovery reference; policy maxUnavailable {b}; 2 unwedge-operator replicas with leader election"
+        "{n} kwok nodes with 1 xe GPU each, {agents}, plus one node 'storm-solo' for the single-recovery reference; policy maxUnavailable {b}; 2 unwedge-operator replicas with leader election"
     ));
     let mut specs: Vec<NodeSpec> = (0..n)
         .map(|i| NodeSpec::new(&format!("storm-{i:05}"), 1, "xe"))
         .collect();
     specs.push(NodeSpec::new("storm-solo", 1, "xe"));
     let t_setup = Instant::now();
-    let sc = Scenario::new(&cp, &bins, "storm", specs, b, serde_json::json!({}), 2)
-        .await
-        .context("set up the storm fleet")?;
+    let mut sc = if pooled {
+        Scenario::new_pooled(&cp, &bins, "storm", specs, b, serde_json::json!({}), 2).await
+    } else {
+        Scenario::new(&cp, &bins, "storm", specs, b, serde_json::json!({}), 2).await
+    }
+    .context("set up the storm fleet")?;
     let setup = t_setup.elapsed();
     rep.fig(
         "fleet setup (nodes + agents ready)",
@@ -308,22 +322,39 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         "s",
         &format!("{} nodes, sequential", n + 1),
     );
-    let agent_pids: Vec<u32> = find_pids(&bins.agent, &sc.fleet.dir().display().to_string());
+    let pool_pid = sc.fleet.pool_pid();
+    let agent_pids: Vec<u32> = match pool_pid {
+        Some(p) => vec![p],
+        None => find_pids(&bins.agent, &sc.fleet.dir().display().to_string()),
+    };
     let agents_rss: u64 = agent_pids
         .iter()
         .filter_map(|p| sample(*p).ok())
         .map(|s| s.rss_kib)
         .sum();
-    rep.fig(
-        "agents running",
-        agent_pids.len() as f64,
-        "processes",
-        &format!(
-            "total RSS {:.1} MiB, {:.2} MiB each on average",
+    if pooled {
+        rep.fig(
+            "agent pool RSS after setup",
             agents_rss as f64 / 1024.0,
-            agents_rss as f64 / 1024.0 / agent_pids.len().max(1) as f64
-        ),
-    );
+            "MiB",
+            &format!(
+                "{} agent instances in one process: {:.3} MiB per instance",
+                n + 1,
+                agents_rss as f64 / 1024.0 / (n + 1) as f64
+            ),
+        );
+    } else {
+        rep.fig(
+            "agents running",
+            agent_pids.len() as f64,
+            "processes",
+            &format!(
+                "total RSS {:.1} MiB, {:.2} MiB each on average",
+                agents_rss as f64 / 1024.0,
+                agents_rss as f64 / 1024.0 / agent_pids.len().max(1) as f64
+            ),
+        );
+    }
     let tracker = Tracker::start(client.clone()).await?;
     let op_pids = find_pids(&bins.operator, &sc.fleet.dir().display().to_string());
     anyhow::ensure!(
@@ -372,10 +403,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
 
     let req_before = apiserver_requests(&client).await?;
     let op_before: Vec<_> = op_pids.iter().filter_map(|p| sample(*p).ok()).collect();
+    let pool_before = pool_pid.and_then(|p| sample(p).ok());
     let sampling = Arc::new(Mutex::new(Vec::<(u32, super::ProcSample)>::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
-        let (sampling, stop, pids) = (sampling.clone(), stop.clone(), op_pids.clone());
+        let mut pids = op_pids.clone();
+        pids.extend(pool_pid);
+        let (sampling, stop) = (sampling.clone(), stop.clone());
         tokio::spawn(async move {
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 for p in &pids {
@@ -559,6 +593,31 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                     .unwrap_or(0.0)
             ),
         );
+    }
+    if let (Some(p), Some(a)) = (pool_pid, pool_before.as_ref()) {
+        let mine: Vec<&super::ProcSample> = samples
+            .iter()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, s)| s)
+            .collect();
+        if let Some(z) = mine.last() {
+            rep.fig(
+                "agent pool: peak RSS (VmHWM)",
+                mine.iter().map(|s| s.hwm_kib).max().unwrap_or(0) as f64 / 1024.0,
+                "MiB",
+                &format!("{} agent instances, over the storm", n + 1),
+            );
+            rep.fig(
+                "agent pool: CPU during the storm",
+                super::cpu_percent(a, z),
+                "% of one core",
+                &format!(
+                    "{:.2} CPU-seconds for {} instances",
+                    z.cpu_ticks.saturating_sub(a.cpu_ticks) as f64 / super::clk_tck(),
+                    n + 1
+                ),
+            );
+        }
     }
     let delta = |k: &str| req_after.get(k).unwrap_or(&0.0) - req_before.get(k).unwrap_or(&0.0);
     let mut by: Vec<(String, f64)> = req_after
