@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use thiserror::Error;
 use tonic::transport::{Endpoint, Uri};
 use tower::service_fn;
-use unwedge_crds::Consumer;
+use unwedge_crds::{Consumer, DraDeviceRef};
 
 use crate::sysfs::{Sysfs, is_bdf};
 
@@ -46,6 +46,10 @@ pub struct ContainerDevices {
     pub resource_name: String,
     /// The device plugin's ids of the devices.
     pub device_ids: Vec<String>,
+    /// For a DRA allocation (PodResources `dynamic_resources`, reported by kubelets with
+    /// `KubeletPodResourcesDynamicResources`): the driver, pool and device; `resource_name` is
+    /// then the driver and `device_ids` is empty.
+    pub dra: Option<DraDeviceRef>,
 }
 
 /// Why the kubelet's PodResources could not be listed or the id mapping loaded.
@@ -170,6 +174,22 @@ async fn list_inner(
                     container: c.name.clone(),
                     resource_name: d.resource_name,
                     device_ids: d.device_ids,
+                    dra: None,
+                });
+            }
+            let claimed = c.dynamic_resources.iter().flat_map(|r| &r.claim_resources);
+            for r in claimed.filter(|r| !r.device_name.is_empty()) {
+                out.push(ContainerDevices {
+                    namespace: pod.namespace.clone(),
+                    pod: pod.name.clone(),
+                    container: c.name.clone(),
+                    resource_name: r.driver_name.clone(),
+                    device_ids: vec![],
+                    dra: Some(DraDeviceRef {
+                        driver: r.driver_name.clone(),
+                        pool: r.pool_name.clone(),
+                        device: r.device_name.clone(),
+                    }),
                 });
             }
         }
@@ -355,4 +375,20 @@ pub fn consumers(
         }
     }
     out
+}
+
+/// The containers the kubelet reports holding the DRA device `dev` (the wedged GPU `pci`), one
+/// entry per container. Empty where the kubelet does not report DRA allocations; the operator
+/// then finds them through ResourceClaims when it quarantines.
+pub fn dra_consumers(list: &[ContainerDevices], dev: &DraDeviceRef, pci: &str) -> Vec<Consumer> {
+    list.iter()
+        .filter(|c| c.dra.as_ref() == Some(dev))
+        .map(|c| Consumer {
+            namespace: c.namespace.clone(),
+            pod: c.pod.clone(),
+            container: c.container.clone(),
+            device_id: format!("{}/{}", dev.pool, dev.device),
+            pci_address: pci.to_string(),
+        })
+        .collect()
 }

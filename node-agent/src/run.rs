@@ -399,9 +399,10 @@ async fn on_wedge(agent: &Arc<Agent>, ev: WedgeUevent) {
         .map(|x| x.pci_address.clone())
         .collect();
     domain.push(d.device.pci_address.clone());
-    match podresources::list(&agent.args.pod_resources_socket).await {
+    let listed = podresources::list(&agent.args.pod_resources_socket).await;
+    match &listed {
         Ok(list) => {
-            d.consumers = podresources::consumers(&list, &domain, &agent.matcher, &agent.sysfs)
+            d.consumers = podresources::consumers(list, &domain, &agent.matcher, &agent.sysfs)
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot list consumers from the kubelet; reporting without them");
@@ -413,6 +414,13 @@ async fn on_wedge(agent: &Arc<Agent>, ev: WedgeUevent) {
         }
     }
     dra_device(agent, &mut d).await;
+    if let (Ok(list), Some(dev)) = (&listed, &d.device.dra) {
+        for c in podresources::dra_consumers(list, dev, &d.device.pci_address) {
+            if !d.consumers.contains(&c) {
+                d.consumers.push(c);
+            }
+        }
+    }
     if let Err(e) = agent.outbox.put(&d) {
         tracing::error!(error = %e, "cannot rewrite the outbox entry");
     }

@@ -13,7 +13,8 @@ use unwedge_agent::podresources::proto::pod_resources_lister_server::{
 };
 use unwedge_agent::podresources::proto::*;
 use unwedge_agent::podresources::{
-    DeviceIdMatch, PodResourcesError, advertised, allocatable, consumers, list, list_with_timeout,
+    DeviceIdMatch, PodResourcesError, advertised, allocatable, consumers, dra_consumers, list,
+    list_with_timeout,
 };
 use unwedge_agent::sysfs::Sysfs;
 use unwedge_agent::sysfs::fixture::{self, Layout};
@@ -145,6 +146,7 @@ async fn list_and_match_amd_and_intel_ids() {
             container: "trainer".into(),
             resource_name: "amd.com/gpu".into(),
             device_ids: vec!["0000:03:00.0".into(), "0000:83:00.0".into()],
+            dra: None,
         }
     );
 
@@ -310,5 +312,72 @@ async fn allocatable_devices_tell_whether_a_gpu_is_advertised_again() {
     let no_plugin = [("example.com/nic".to_string(), "nic-0".to_string())];
     assert_eq!(advertised(&no_plugin, "0000:83:00.0", &m, &sysfs), None);
     assert_eq!(advertised(&[], "0000:83:00.0", &m, &sysfs), None);
+    server.abort();
+}
+
+/// A kubelet that reports DRA allocations (`dynamic_resources`, KubeletPodResourcesDynamicResources):
+/// the containers holding the wedged DRA device are its consumers, those of the same driver's
+/// other devices are not; device-plugin matching ignores DRA entries.
+#[tokio::test]
+async fn dra_allocations_reported_by_the_kubelet_name_their_consumers() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = dir.path().join("sys");
+    fixture::build(&sys, Layout::XgmiHive2).unwrap();
+    let sysfs = Sysfs::new(&sys);
+    let sock = dir.path().join("kubelet.sock");
+    let claimed = |pod_name: &str, container: &str, device: &str| PodResources {
+        name: pod_name.into(),
+        namespace: "ml".into(),
+        containers: vec![ContainerResources {
+            name: container.into(),
+            dynamic_resources: vec![DynamicResource {
+                claim_name: format!("{pod_name}-gpu"),
+                claim_namespace: "ml".into(),
+                claim_resources: vec![ClaimResource {
+                    driver_name: "gpu.example.com".into(),
+                    pool_name: "node-a".into(),
+                    device_name: device.into(),
+                    ..Default::default()
+                }],
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let server = serve(
+        &sock,
+        Kubelet {
+            pods: vec![
+                claimed("train-0", "trainer", "gpu-2"),
+                claimed("train-1", "trainer", "gpu-3"),
+            ],
+            allocatable: vec![],
+            delay: Duration::ZERO,
+        },
+    );
+    let got = list(&sock).await.expect("list");
+    let dev = unwedge_crds::DraDeviceRef {
+        driver: "gpu.example.com".into(),
+        pool: "node-a".into(),
+        device: "gpu-2".into(),
+    };
+    let who = dra_consumers(&got, &dev, "0000:03:00.0");
+    let brief: Vec<(&str, &str, &str, &str)> = who
+        .iter()
+        .map(|c| {
+            (
+                c.pod.as_str(),
+                c.container.as_str(),
+                c.device_id.as_str(),
+                c.pci_address.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        brief,
+        [("train-0", "trainer", "node-a/gpu-2", "0000:03:00.0")]
+    );
+    let domain = vec!["0000:03:00.0".to_string()];
+    assert!(consumers(&got, &domain, &DeviceIdMatch::Auto, &sysfs).is_empty());
     server.abort();
 }
