@@ -920,9 +920,28 @@ fn admit_or_queue(d: Draft, pv: &PolicyView, cand: Candidate) -> Decision {
     }
 }
 
+/// What a queue reason is about, without its counts: `nodes under recovery` for
+/// `29/50 nodes under recovery, 3 queued ahead`.
+fn reason_kind(reason: &str) -> &str {
+    let head = reason.split(", ").next().unwrap_or(reason);
+    head.split_once(' ').map_or(head, |(_, kind)| kind)
+}
+
 /// The status of a wedge that waits for budget (also used when the CAS finds it full).
+///
+/// A wedge already queued for the same kind of reason keeps the text it was queued with: the
+/// counts change with every admission and release, and rewriting (and announcing) every waiting
+/// wedge each time is a write storm of its own at a thousand wedges. The policy's summary
+/// (`kubectl get recoverypolicy`) shows the live counts.
 pub fn queued_status(status: &OperatorStatus, reason: &str, now: Timestamp) -> OperatorStatus {
     let mut s = status.clone();
+    let reason = match s.budget.as_deref() {
+        Some(old) if s.phase == Some(Phase::Queued) && reason_kind(old) == reason_kind(reason) => {
+            old.to_string()
+        }
+        _ => reason.to_string(),
+    };
+    let reason = reason.as_str();
     if s.phase != Some(Phase::Queued) {
         s.phase = Some(Phase::Queued);
         s.phase_since = Some(Time(now));
@@ -949,15 +968,18 @@ pub fn queued_status(status: &OperatorStatus, reason: &str, now: Timestamp) -> O
 fn queued(d: Draft, reason: &str) -> Decision {
     let now = d.input.now;
     let status = queued_status(&d.new, reason, now);
-    let changed = d.old.budget.as_deref() != Some(reason);
+    let note = match &status.budget {
+        shown if *shown != d.old.budget => note(
+            false,
+            "Queued",
+            format!("waiting for budget: {}", shown.as_deref().unwrap_or(reason)),
+        ),
+        _ => None,
+    };
     Decision {
         status,
         step: wait(Duration::from_secs(30), reason.to_string()),
-        note: if changed {
-            note(false, "Queued", format!("waiting for budget: {reason}"))
-        } else {
-            None
-        },
+        note,
     }
 }
 

@@ -362,6 +362,29 @@ fn nothing_is_approved_before_the_agent_reports_the_consumers() {
     }
 }
 
+/// A queued wedge keeps the reason text it was queued with while only the counts change (no
+/// status write, no Event per admission in a storm); a different kind of reason replaces it.
+#[test]
+fn a_queued_wedge_is_not_rewritten_for_changing_counts() {
+    let now = t(10);
+    let first = queued_status(
+        &OperatorStatus::default(),
+        "50/50 nodes under recovery, 7 queued ahead",
+        now,
+    );
+    assert_eq!(first.phase, Some(Phase::Queued));
+    let later = queued_status(&first, "50/50 nodes under recovery, 3 queued ahead", t(20));
+    assert_eq!(later, first, "same reason, other counts: unchanged");
+    let later = queued_status(&first, "49/50 nodes under recovery", t(20));
+    assert_eq!(later, first, "no one ahead any more: still the same reason");
+    let reboots = queued_status(&first, "1/1 reboots in progress", t(30));
+    assert_eq!(reboots.budget.as_deref(), Some("1/1 reboots in progress"));
+    assert_eq!(
+        reboots.phase_since, first.phase_since,
+        "still Queued since then"
+    );
+}
+
 #[test]
 fn a_full_budget_queues_with_the_reason() {
     let mut w = World::new("rebind");
