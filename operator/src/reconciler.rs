@@ -14,7 +14,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -883,6 +883,9 @@ async fn update_node_condition(ctx: &Ctx, node: &str, _this: &str) -> Result<(),
     Ok(())
 }
 
+/// Reconciles running at once (different wedges; one wedge is never reconciled twice at once).
+const RECONCILE_CONCURRENCY: u16 = 16;
+
 fn error_policy(w: Arc<GpuWedge>, e: &Error, _ctx: Arc<Ctx>) -> Action {
     match e {
         Error::NotLeader => Action::await_change(),
@@ -1102,7 +1105,10 @@ pub async fn run(
     .default_backoff()
     .inspect(synced(&synced_tx, "wedges"))
     .applied_objects();
-    let controller = Controller::for_stream(wedge_stream, wedge_store.clone());
+    // Bounded: a storm queues its reconciles instead of firing a thousand at an API server
+    // that answers with 429s, which kept the queue full in the 1,000-node storm.
+    let controller = Controller::for_stream(wedge_stream, wedge_store.clone())
+        .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
     let by_node = {
         let s = wedge_store.clone();
         move |node: String| -> Vec<ObjectRef<GpuWedge>> {
