@@ -100,41 +100,61 @@ fn serve(path: &Path, kubelet: Kubelet) -> tokio::task::JoinHandle<()> {
     })
 }
 
-#[tokio::test]
-async fn list_and_match_amd_and_intel_ids() {
+/// A node for the tests: the XGMI-hive sysfs fixture (card0 = 0000:03:00.0, card1 =
+/// 0000:83:00.0 in the same hive, card2 = 0000:c3:00.0) and `kubelet` served on a socket.
+struct TestNode {
+    /// Holds the files; bind it (`_dir`) so they live as long as the test.
+    _dir: tempfile::TempDir,
+    sysfs: Sysfs,
+    sock: std::path::PathBuf,
+    server: tokio::task::JoinHandle<()>,
+}
+
+fn test_node(kubelet: Kubelet) -> TestNode {
     let dir = tempfile::tempdir().unwrap();
     let sys = dir.path().join("sys");
-    // card0 = 0000:03:00.0, card1 = 0000:83:00.0 (same hive), card2 = 0000:c3:00.0.
     fixture::build(&sys, Layout::XgmiHive2).unwrap();
-    let sysfs = Sysfs::new(&sys);
     let sock = dir.path().join("kubelet.sock");
-    let server = serve(
-        &sock,
-        Kubelet {
-            pods: vec![
-                pod(
-                    "ml",
-                    "train-0",
-                    &[
-                        ("trainer", "amd.com/gpu", &["0000:03:00.0", "0000:83:00.0"]),
-                        ("sidecar", "cpu", &[]),
-                    ],
-                ),
-                pod(
-                    "ml",
-                    "infer-1",
-                    &[("server", "amd.com/gpu", &["0000:C3:00.0"])],
-                ),
-                pod(
-                    "media",
-                    "transcode",
-                    &[("ffmpeg", "gpu.intel.com/xe", &["card1-0", "card1-3"])],
-                ),
-            ],
-            allocatable: vec![],
-            delay: Duration::ZERO,
-        },
-    );
+    let server = serve(&sock, kubelet);
+    TestNode {
+        sysfs: Sysfs::new(&sys),
+        sock,
+        server,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn list_and_match_amd_and_intel_ids() {
+    let TestNode {
+        sysfs,
+        sock,
+        server,
+        _dir,
+    } = test_node(Kubelet {
+        pods: vec![
+            pod(
+                "ml",
+                "train-0",
+                &[
+                    ("trainer", "amd.com/gpu", &["0000:03:00.0", "0000:83:00.0"]),
+                    ("sidecar", "cpu", &[]),
+                ],
+            ),
+            pod(
+                "ml",
+                "infer-1",
+                &[("server", "amd.com/gpu", &["0000:C3:00.0"])],
+            ),
+            pod(
+                "media",
+                "transcode",
+                &[("ffmpeg", "gpu.intel.com/xe", &["card1-0", "card1-3"])],
+            ),
+        ],
+        allocatable: vec![],
+        delay: Duration::ZERO,
+    });
 
     let got = list(&sock).await.expect("list");
     assert_eq!(got.len(), 4, "{got:?}");
@@ -275,23 +295,19 @@ async fn missing_socket_and_slow_kubelet_are_errors() {
 /// GPU of the node (no device plugin serves them).
 #[tokio::test]
 async fn allocatable_devices_tell_whether_a_gpu_is_advertised_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let sys = dir.path().join("sys");
-    // card0 = 0000:03:00.0, card1 = 0000:83:00.0, card2 = 0000:c3:00.0.
-    fixture::build(&sys, Layout::XgmiHive2).unwrap();
-    let sysfs = Sysfs::new(&sys);
-    let sock = dir.path().join("kubelet.sock");
-    let server = serve(
-        &sock,
-        Kubelet {
-            pods: vec![],
-            allocatable: vec![
-                ("amd.com/gpu", vec!["0000:03:00.0", "0000:C3:00.0"]),
-                ("example.com/nic", vec!["nic-0"]),
-            ],
-            delay: Duration::ZERO,
-        },
-    );
+    let TestNode {
+        sysfs,
+        sock,
+        server,
+        _dir,
+    } = test_node(Kubelet {
+        pods: vec![],
+        allocatable: vec![
+            ("amd.com/gpu", vec!["0000:03:00.0", "0000:C3:00.0"]),
+            ("example.com/nic", vec!["nic-0"]),
+        ],
+        delay: Duration::ZERO,
+    });
     let got = allocatable(&sock).await.expect("GetAllocatableResources");
     assert_eq!(
         got,
@@ -320,11 +336,6 @@ async fn allocatable_devices_tell_whether_a_gpu_is_advertised_again() {
 /// other devices are not; device-plugin matching ignores DRA entries.
 #[tokio::test]
 async fn dra_allocations_reported_by_the_kubelet_name_their_consumers() {
-    let dir = tempfile::tempdir().unwrap();
-    let sys = dir.path().join("sys");
-    fixture::build(&sys, Layout::XgmiHive2).unwrap();
-    let sysfs = Sysfs::new(&sys);
-    let sock = dir.path().join("kubelet.sock");
     let claimed = |pod_name: &str, container: &str, device: &str| PodResources {
         name: pod_name.into(),
         namespace: "ml".into(),
@@ -344,17 +355,19 @@ async fn dra_allocations_reported_by_the_kubelet_name_their_consumers() {
         }],
         ..Default::default()
     };
-    let server = serve(
-        &sock,
-        Kubelet {
-            pods: vec![
-                claimed("train-0", "trainer", "gpu-2"),
-                claimed("train-1", "trainer", "gpu-3"),
-            ],
-            allocatable: vec![],
-            delay: Duration::ZERO,
-        },
-    );
+    let TestNode {
+        sysfs,
+        sock,
+        server,
+        _dir,
+    } = test_node(Kubelet {
+        pods: vec![
+            claimed("train-0", "trainer", "gpu-2"),
+            claimed("train-1", "trainer", "gpu-3"),
+        ],
+        allocatable: vec![],
+        delay: Duration::ZERO,
+    });
     let got = list(&sock).await.expect("list");
     let dev = unwedge_crds::DraDeviceRef {
         driver: "gpu.example.com".into(),
