@@ -2,37 +2,28 @@
 //! agent's outbox across an agent restart, is created when the API is back, and duplicates of
 //! the open incident collapse (a replay records nothing new; a later uevent becomes an event).
 
-use std::collections::BTreeMap;
-
 use e2e::cluster::ControlPlane;
 use kube::Api;
 use unwedge_agent::outbox::{Outbox, replay};
-use unwedge_agent::reporter::{DetectedWedge, Reported, Reporter, Source};
+use unwedge_agent::reporter::{DetectedWedge, Reported, Reporter};
 use unwedge_crds::{DeviceRef, GpuWedge};
 
 fn detected(seq: u64, at: &str) -> DetectedWedge {
-    DetectedWedge {
-        node: "node-a".into(),
-        device: DeviceRef {
-            pci_address: "0000:03:00.0".into(),
-            card: Some("card0".into()),
-            driver: "xe".into(),
-            ..DeviceRef::default()
-        },
-        methods: vec!["rebind".into(), "bus-reset".into()],
-        detected_at: at.parse().unwrap(),
-        boot_id: "boot-1".into(),
-        uevent: BTreeMap::from([
-            ("WEDGED".into(), "rebind,bus-reset".into()),
-            ("SEQNUM".into(), seq.to_string()),
-        ]),
-        seqnum: Some(seq),
-        blamed: None,
-        consumers: vec![],
-        reset_domain: vec![],
-        agent_message: None,
-        source: Source::Uevent,
-    }
+    let device = DeviceRef {
+        pci_address: "0000:03:00.0".into(),
+        card: Some("card0".into()),
+        driver: "xe".into(),
+        ..DeviceRef::default()
+    };
+    let at = at.parse().unwrap();
+    DetectedWedge::from_uevent(
+        "node-a",
+        device,
+        "rebind,bus-reset",
+        Some(seq),
+        at,
+        "boot-1",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,7 +25,7 @@ use k8s_openapi::api::resource::v1::DeviceTaintRule;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use unwedge_agent::reporter::{DetectedWedge, Source, agent_status_patch, build_wedge};
+use unwedge_agent::reporter::{DetectedWedge, agent_status_patch, build_wedge};
 use unwedge_crds::{DeviceRef, DraDeviceRef, GpuWedge, Phase, RecoveryPolicy};
 
 use e2e::cluster::ControlPlane;
@@ -80,33 +80,19 @@ async fn report_wedge(
     device: &str,
     seq: u64,
 ) -> anyhow::Result<String> {
-    let d = DetectedWedge {
-        node: node.into(),
-        device: DeviceRef {
-            pci_address: pci_addr.into(),
-            card: Some("card3".into()),
-            driver: "xe".into(),
-            dra: Some(DraDeviceRef {
-                driver: DRIVER.into(),
-                pool: node.into(),
-                device: device.into(),
-            }),
-            ..DeviceRef::default()
-        },
-        methods: vec!["rebind".into(), "bus-reset".into()],
-        detected_at: jiff::Timestamp::now(),
-        boot_id: "boot-1".into(),
-        uevent: BTreeMap::from([
-            ("WEDGED".to_string(), "rebind,bus-reset".to_string()),
-            ("SEQNUM".to_string(), seq.to_string()),
-        ]),
-        seqnum: Some(seq),
-        blamed: None,
-        consumers: vec![],
-        reset_domain: vec![],
-        agent_message: None,
-        source: Source::Uevent,
+    let device = DeviceRef {
+        pci_address: pci_addr.into(),
+        card: Some("card3".into()),
+        driver: "xe".into(),
+        dra: Some(DraDeviceRef {
+            driver: DRIVER.into(),
+            pool: node.into(),
+            device: device.into(),
+        }),
+        ..DeviceRef::default()
     };
+    let now = jiff::Timestamp::now();
+    let d = DetectedWedge::from_uevent(node, device, "rebind,bus-reset", Some(seq), now, "boot-1");
     let name = d.name();
     let api: Api<GpuWedge> = Api::all(client.clone());
     api.create(&PostParams::default(), &build_wedge(&d, &name, None))

@@ -85,6 +85,36 @@ pub struct DetectedWedge {
 }
 
 impl DetectedWedge {
+    /// The wedge of a plain `WEDGED=<methods>` uevent (with `SEQNUM` when `seqnum` is set) on
+    /// `node`, before the agent has looked for consumers, a reset domain or a blamed task.
+    pub fn from_uevent(
+        node: &str,
+        device: DeviceRef,
+        methods: &str,
+        seqnum: Option<u64>,
+        detected_at: Timestamp,
+        boot_id: &str,
+    ) -> DetectedWedge {
+        let mut uevent = BTreeMap::from([("WEDGED".to_string(), methods.to_string())]);
+        if let Some(n) = seqnum {
+            uevent.insert("SEQNUM".into(), n.to_string());
+        }
+        DetectedWedge {
+            node: node.into(),
+            device,
+            methods: methods.split(',').map(str::to_string).collect(),
+            detected_at,
+            boot_id: boot_id.into(),
+            uevent,
+            seqnum,
+            blamed: None,
+            consumers: vec![],
+            reset_domain: vec![],
+            agent_message: None,
+            source: Source::Uevent,
+        }
+    }
+
     /// The deterministic name: `<node>-<bdf>-<seqnum or detection unix time>`.
     pub fn name(&self) -> String {
         let n = self
@@ -480,31 +510,14 @@ mod tests {
     use unwedge_crds::{GpuWedgeStatus, Phase};
 
     fn detected(seq: Option<u64>) -> DetectedWedge {
-        DetectedWedge {
-            node: "node-a".into(),
-            device: DeviceRef {
-                pci_address: "0000:03:00.0".into(),
-                card: Some("card0".into()),
-                driver: "xe".into(),
-                ..DeviceRef::default()
-            },
-            methods: vec!["rebind".into(), "bus-reset".into()],
-            detected_at: "2026-11-25T10:00:00Z".parse().unwrap(),
-            boot_id: "boot-1".into(),
-            uevent: BTreeMap::from([
-                ("WEDGED".into(), "rebind,bus-reset".into()),
-                (
-                    "SEQNUM".into(),
-                    seq.map(|s| s.to_string()).unwrap_or_default(),
-                ),
-            ]),
-            seqnum: seq,
-            blamed: None,
-            consumers: vec![],
-            reset_domain: vec![],
-            agent_message: None,
-            source: Source::Uevent,
-        }
+        let device = DeviceRef {
+            pci_address: "0000:03:00.0".into(),
+            card: Some("card0".into()),
+            driver: "xe".into(),
+            ..DeviceRef::default()
+        };
+        let at = "2026-11-25T10:00:00Z".parse().unwrap();
+        DetectedWedge::from_uevent("node-a", device, "rebind,bus-reset", seq, at, "boot-1")
     }
 
     fn stored(d: &DetectedWedge, name: &str, phase: Option<Phase>) -> GpuWedge {

@@ -1,37 +1,29 @@
 //! Invariant 4 at the file level: a wedge written to the outbox survives an agent restart while
 //! the API server is unreachable, and nothing is removed until the API accepts it.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::net::TcpListener;
 
 use unwedge_agent::outbox::{Outbox, replay};
-use unwedge_agent::reporter::{DetectedWedge, Reporter, Source};
+use unwedge_agent::reporter::{DetectedWedge, Reporter};
 use unwedge_crds::DeviceRef;
 
 fn detected(seq: u64) -> DetectedWedge {
-    DetectedWedge {
-        node: "node-a".into(),
-        device: DeviceRef {
-            pci_address: "0000:03:00.0".into(),
-            card: Some("card0".into()),
-            driver: "xe".into(),
-            ..DeviceRef::default()
-        },
-        methods: vec!["rebind".into(), "bus-reset".into()],
-        detected_at: "2026-11-25T10:00:00Z".parse().unwrap(),
-        boot_id: "boot-1".into(),
-        uevent: BTreeMap::from([
-            ("WEDGED".into(), "rebind,bus-reset".into()),
-            ("SEQNUM".into(), seq.to_string()),
-        ]),
-        seqnum: Some(seq),
-        blamed: None,
-        consumers: vec![],
-        reset_domain: vec![],
-        agent_message: None,
-        source: Source::Uevent,
-    }
+    let device = DeviceRef {
+        pci_address: "0000:03:00.0".into(),
+        card: Some("card0".into()),
+        driver: "xe".into(),
+        ..DeviceRef::default()
+    };
+    let at = "2026-11-25T10:00:00Z".parse().unwrap();
+    DetectedWedge::from_uevent(
+        "node-a",
+        device,
+        "rebind,bus-reset",
+        Some(seq),
+        at,
+        "boot-1",
+    )
 }
 
 /// A client for an API server that is not there: a port that was bound and released.
