@@ -247,6 +247,8 @@ impl SimNode {
             reboot.display().to_string(),
             "--settle".into(),
             "1s".into(),
+            "--reappear-timeout".into(),
+            "10s".into(),
         ];
         args.extend(self.extra_agent_args.iter().cloned());
         args

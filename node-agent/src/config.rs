@@ -70,6 +70,10 @@ pub struct Args {
     /// How long the device must stay quiet (no new WEDGED) after an action, e.g. `10s`, `500ms`.
     #[arg(long, env = "SETTLE", default_value = "10s", value_parser = parse_duration)]
     pub settle: Duration,
+    /// How long, after an action, to wait for the driver and card to come back and then for the
+    /// device plugin to advertise the GPU again, e.g. `60s`.
+    #[arg(long, env = "REAPPEAR_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub reappear_timeout: Duration,
     /// The ResourceSlice attribute that holds a DRA device's PCI address (DRA nodes only).
     #[arg(long, env = "DRA_PCI_ATTRIBUTE", default_value = crate::dra::PCI_BUS_ID)]
     pub dra_pci_attribute: String,

@@ -173,6 +173,13 @@ pub enum ExecutorStep {
         /// The boot id recorded before rebooting.
         started_boot_id: String,
     },
+    /// This process asked the host to reboot for the attempt and the boot id has not changed
+    /// yet: wait for the host to go down (the operator's attempt timeout covers a reboot that
+    /// never comes).
+    AwaitingReboot {
+        /// Attempt id.
+        attempt: u32,
+    },
     /// The agent restarted while acting (or lost its journal): report Failed, never re-execute.
     ReportInterrupted {
         /// Attempt id.
@@ -192,8 +199,14 @@ pub fn wedge_key(w: &GpuWedge) -> String {
     w.uid().unwrap_or_else(|| w.name_any())
 }
 
-/// Decides the next step for `wedge` given the journal and the current boot id.
-pub fn next_action(wedge: &GpuWedge, journal: &Journal, boot_id: &str) -> ExecutorStep {
+/// Decides the next step for `wedge` given the journal, the current boot id and whether this
+/// process has already asked the host to reboot for the approved attempt.
+pub fn next_action(
+    wedge: &GpuWedge,
+    journal: &Journal,
+    boot_id: &str,
+    reboot_requested: bool,
+) -> ExecutorStep {
     let Some(status) = wedge.status.as_ref() else {
         return ExecutorStep::Idle;
     };
@@ -225,6 +238,8 @@ pub fn next_action(wedge: &GpuWedge, journal: &Journal, boot_id: &str) -> Execut
                 attempt,
                 started_boot_id: acting.boot_id,
             }
+        } else if acting.method == "reboot" && reboot_requested {
+            ExecutorStep::AwaitingReboot { attempt }
         } else {
             ExecutorStep::ReportInterrupted {
                 attempt,
@@ -411,6 +426,7 @@ pub struct Executor<H, S> {
     store: S,
     journal: Mutex<Journal>,
     in_flight: Mutex<HashSet<(String, u32)>>,
+    reboots_requested: Mutex<HashSet<(String, u32)>>,
     clock: WedgeClock,
     metrics: Arc<Metrics>,
 }
@@ -434,6 +450,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
             store,
             journal: Mutex::new(Journal::open(state_dir)?),
             in_flight: Mutex::new(HashSet::new()),
+            reboots_requested: Mutex::new(HashSet::new()),
             clock,
             metrics,
         })
@@ -466,7 +483,12 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
         let boot_id = self.boot_id();
         let step = {
             let journal = self.journal.lock().expect("journal poisoned");
-            next_action(wedge, &journal, &boot_id)
+            let requested = self
+                .reboots_requested
+                .lock()
+                .expect("reboot requests poisoned")
+                .contains(&key);
+            next_action(wedge, &journal, &boot_id, requested)
         };
         if let Err(e) = self.perform(wedge, &step, &boot_id).await {
             self.metrics.api_errors.inc();
@@ -604,7 +626,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
     ) -> Result<(), String> {
         let name = wedge.name_any();
         match step {
-            ExecutorStep::Idle => Ok(()),
+            ExecutorStep::Idle | ExecutorStep::AwaitingReboot { .. } => Ok(()),
             ExecutorStep::ReportFinished { record } => {
                 tracing::info!(wedge = %name, attempt = record.attempt, "re-reporting a finished attempt whose status was lost");
                 let outcome = (
@@ -864,6 +886,10 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                 )
                 .await?;
                 blocking(move || host.reboot()).await?;
+                self.reboots_requested
+                    .lock()
+                    .expect("reboot requests poisoned")
+                    .insert((wedge_key(wedge), attempt));
                 tracing::warn!(wedge = %wedge.name_any(), "reboot requested; waiting for the host to go down");
                 Ok(None)
             }
@@ -1089,14 +1115,14 @@ mod tests {
     fn new_approval_starts() {
         let (_t, j) = journal(vec![]);
         assert_eq!(
-            next_action(&wedge(Some(("rebind", 1)), vec![]), &j, "b1"),
+            next_action(&wedge(Some(("rebind", 1)), vec![]), &j, "b1", false),
             ExecutorStep::Start {
                 attempt: 1,
                 method: "rebind".into()
             }
         );
         assert_eq!(
-            next_action(&wedge(None, vec![]), &j, "b1"),
+            next_action(&wedge(None, vec![]), &j, "b1", false),
             ExecutorStep::Idle
         );
     }
@@ -1108,13 +1134,14 @@ mod tests {
             next_action(
                 &wedge(Some(("rebind", 1)), vec![result(AttemptOutcome::Failed)]),
                 &j,
-                "b1"
+                "b1",
+                false
             ),
             ExecutorStep::Idle
         );
         let mut w = wedge(Some(("rebind", 1)), vec![]);
         w.status.as_mut().unwrap().phase = Some(Phase::Abandoned);
-        assert_eq!(next_action(&w, &j, "b1"), ExecutorStep::Idle);
+        assert_eq!(next_action(&w, &j, "b1", false), ExecutorStep::Idle);
     }
 
     #[test]
@@ -1125,7 +1152,7 @@ mod tests {
             rec(Stage::Finished, "rebind", "b1"),
         ]);
         assert!(matches!(
-            next_action(&wedge(Some(("rebind", 1)), vec![]), &j, "b1"),
+            next_action(&wedge(Some(("rebind", 1)), vec![]), &j, "b1", false),
             ExecutorStep::ReportFinished { .. }
         ));
     }
@@ -1138,7 +1165,7 @@ mod tests {
         ]);
         let w = wedge(Some(("rebind", 1)), vec![result(AttemptOutcome::Started)]);
         assert_eq!(
-            next_action(&w, &j, "b1"),
+            next_action(&w, &j, "b1", false),
             ExecutorStep::ReportInterrupted {
                 attempt: 1,
                 method: "rebind".into()
@@ -1146,7 +1173,7 @@ mod tests {
         );
         let (_t2, empty) = journal(vec![]);
         assert_eq!(
-            next_action(&w, &empty, "b1"),
+            next_action(&w, &empty, "b1", false),
             ExecutorStep::ReportInterrupted {
                 attempt: 1,
                 method: "rebind".into()
@@ -1159,7 +1186,7 @@ mod tests {
         let (_t, j) = journal(vec![rec(Stage::Started, "rebind", "b1")]);
         let w = wedge(Some(("rebind", 1)), vec![result(AttemptOutcome::Blocked)]);
         assert_eq!(
-            next_action(&w, &j, "b1"),
+            next_action(&w, &j, "b1", false),
             ExecutorStep::ResumeGate {
                 attempt: 1,
                 method: "rebind".into()
@@ -1175,17 +1202,37 @@ mod tests {
         ]);
         let w = wedge(Some(("reboot", 1)), vec![]);
         assert_eq!(
-            next_action(&w, &j, "b2"),
+            next_action(&w, &j, "b2", false),
             ExecutorStep::VerifyAfterReboot {
                 attempt: 1,
                 started_boot_id: "b1".into()
             }
         );
         assert_eq!(
-            next_action(&w, &j, "b1"),
+            next_action(&w, &j, "b1", false),
             ExecutorStep::ReportInterrupted {
                 attempt: 1,
                 method: "reboot".into()
+            }
+        );
+    }
+
+    #[test]
+    fn the_process_that_asked_for_the_reboot_waits_for_it() {
+        let (_t, j) = journal(vec![
+            rec(Stage::Started, "reboot", "b1"),
+            rec(Stage::Acting, "reboot", "b1"),
+        ]);
+        let w = wedge(Some(("reboot", 1)), vec![]);
+        assert_eq!(
+            next_action(&w, &j, "b1", true),
+            ExecutorStep::AwaitingReboot { attempt: 1 }
+        );
+        assert_eq!(
+            next_action(&w, &j, "b2", true),
+            ExecutorStep::VerifyAfterReboot {
+                attempt: 1,
+                started_boot_id: "b1".into()
             }
         );
     }

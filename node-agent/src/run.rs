@@ -208,7 +208,7 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
                 settle: agent.args.settle,
                 verify_command: agent.args.verify_command.clone(),
                 gate_interval: Duration::from_secs(2),
-                reappear_timeout: Duration::from_secs(60),
+                reappear_timeout: agent.args.reappear_timeout,
                 advertised: Some(advertised_check(&agent)),
             },
             host,

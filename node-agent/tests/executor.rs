@@ -448,3 +448,41 @@ async fn reboot_is_verified_by_the_new_boot_id_after_restart() {
     assert!(a.message.contains("boot-1 -> boot-2"), "{}", a.message);
     assert!(fake.writes().is_empty(), "a reboot writes no sysfs files");
 }
+
+#[tokio::test]
+async fn the_agent_that_asked_for_a_reboot_waits_for_it_instead_of_failing_the_attempt() {
+    let fake = FakeSysfs::new();
+    let state = tempfile::tempdir().unwrap();
+    let w = approved("reboot", 3);
+    let store = MemStore::with(&w);
+    // The reboot command returns at once and the host has not gone down yet (boot id unchanged),
+    // as `systemctl reboot` does; the wedge is then reconciled again (a status update).
+    let first = executor(&fake, store.clone(), state.path(), "true", false);
+    assert_eq!(
+        first.process(&w).await,
+        ExecutorStep::Start {
+            attempt: 3,
+            method: "reboot".into()
+        }
+    );
+    let current = store.get("node-a-0000-03-00-0-7").await.unwrap().unwrap();
+    assert_eq!(
+        first.process(&current).await,
+        ExecutorStep::AwaitingReboot { attempt: 3 }
+    );
+    let a = &store.attempts("node-a-0000-03-00-0-7")[0];
+    assert_eq!(a.result, AttemptOutcome::Started, "{}", a.message);
+    drop(first);
+
+    // A new process with the same boot id: the host never rebooted, so the attempt failed.
+    let second = executor(&fake, store.clone(), state.path(), "true", false);
+    assert_eq!(
+        second.process(&current).await,
+        ExecutorStep::ReportInterrupted {
+            attempt: 3,
+            method: "reboot".into()
+        }
+    );
+    let a = &store.attempts("node-a-0000-03-00-0-7")[0];
+    assert_eq!(a.result, AttemptOutcome::Failed, "{}", a.message);
+}
