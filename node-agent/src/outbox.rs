@@ -4,11 +4,16 @@
 //! rename, fsync of the directory) before the first API attempt, and removed only after the API
 //! accepted it. `replay` drains the queue; `run_replayer` is the only path from a detection to the
 //! API, so one agent never races itself on the "one open incident per device" rule.
+//!
+//! A detection that cannot be written (disk full, state dir gone or read-only) is kept in
+//! memory instead and reported like the others: lost only if the agent also restarts before
+//! the API accepts it. The failed write is returned as an error for the caller to log.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -19,6 +24,8 @@ use crate::reporter::{DetectedWedge, ReportError, Reported, Reporter};
 #[derive(Debug, Clone)]
 pub struct Outbox {
     dir: PathBuf,
+    /// Detections whose file could not be written, by the path they would have had.
+    unwritten: Arc<Mutex<BTreeMap<PathBuf, DetectedWedge>>>,
 }
 
 /// One pending detection and its file.
@@ -41,7 +48,10 @@ impl Outbox {
                 let _ = fs::remove_file(&path);
             }
         }
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            unwritten: Arc::default(),
+        })
     }
 
     /// The outbox directory.
@@ -50,10 +60,26 @@ impl Outbox {
     }
 
     /// Stores a detection durably; a second detection with the same name replaces the first.
+    /// When the file cannot be written the detection is kept in memory (still pending) and the
+    /// write's error returned.
     pub fn put(&self, wedge: &DetectedWedge) -> io::Result<PathBuf> {
-        let name = wedge.name();
-        let path = self.dir.join(format!("{name}.json"));
-        let tmp = self.dir.join(format!("{name}.json.tmp"));
+        let path = self.dir.join(format!("{}.json", wedge.name()));
+        let written = self.write(wedge, &path);
+        let mut unwritten = self.unwritten.lock().expect("outbox memory poisoned");
+        match written {
+            Ok(()) => {
+                unwritten.remove(&path);
+                Ok(path)
+            }
+            Err(e) => {
+                unwritten.insert(path, wedge.clone());
+                Err(e)
+            }
+        }
+    }
+
+    fn write(&self, wedge: &DetectedWedge, path: &Path) -> io::Result<()> {
+        let tmp = path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(wedge).map_err(io::Error::other)?;
         {
             let mut f = OpenOptions::new()
@@ -64,17 +90,38 @@ impl Outbox {
             f.write_all(&body)?;
             f.sync_all()?;
         }
-        fs::rename(&tmp, &path)?;
-        File::open(&self.dir)?.sync_all()?;
-        Ok(path)
+        fs::rename(&tmp, path)?;
+        File::open(&self.dir)?.sync_all()
     }
 
     /// The pending detections, oldest first. A file that cannot be read or parsed is renamed to
     /// `*.bad` (kept for a human) and logged; it does not block the others.
+    /// Detections kept in memory are included (the newer version when a file also exists);
+    /// an unreadable directory is an error only when nothing is kept in memory.
     pub fn pending(&self) -> io::Result<Vec<Pending>> {
         let mut out = Vec::new();
-        for entry in fs::read_dir(&self.dir)? {
-            let path = entry?.path();
+        let memory = self
+            .unwritten
+            .lock()
+            .expect("outbox memory poisoned")
+            .clone();
+        let listed = match fs::read_dir(&self.dir) {
+            Ok(l) => l.collect::<io::Result<Vec<_>>>(),
+            Err(e) => Err(e),
+        };
+        let entries = match listed {
+            Ok(entries) => entries,
+            Err(e) if memory.is_empty() => return Err(e),
+            Err(e) => {
+                tracing::error!(dir = %self.dir.display(), error = %e, "cannot read the outbox; reporting the detections kept in memory");
+                Vec::new()
+            }
+        };
+        for entry in entries {
+            let path = entry.path();
+            if memory.contains_key(&path) {
+                continue;
+            }
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
@@ -88,17 +135,42 @@ impl Outbox {
                 }
             }
         }
+        out.extend(
+            memory
+                .into_iter()
+                .map(|(path, wedge)| Pending { path, wedge }),
+        );
         out.sort_by(|a, b| (a.wedge.detected_at, &a.path).cmp(&(b.wedge.detected_at, &b.path)));
         Ok(out)
     }
 
     /// Removes an entry the API accepted.
     pub fn remove(&self, path: &Path) -> io::Result<()> {
+        if self
+            .unwritten
+            .lock()
+            .expect("outbox memory poisoned")
+            .remove(path)
+            .is_some()
+            && !path.exists()
+        {
+            return Ok(());
+        }
         match fs::remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
         File::open(&self.dir)?.sync_all()
+    }
+
+    /// Moves an entry that can never be reported aside as `*.bad` (for a human); one kept in
+    /// memory is dropped.
+    pub fn set_aside(&self, path: &Path) {
+        self.unwritten
+            .lock()
+            .expect("outbox memory poisoned")
+            .remove(path);
+        let _ = fs::rename(path, path.with_extension("bad"));
     }
 
     /// How many entries wait.
@@ -158,7 +230,7 @@ pub async fn replay<S: Sink>(outbox: &Outbox, sink: &S) -> io::Result<ReplayPass
             }
             Err(e) => {
                 tracing::error!(error = %e, file = %p.path.display(), "wedge can never be reported; moved aside as .bad");
-                let _ = fs::rename(&p.path, p.path.with_extension("bad"));
+                outbox.set_aside(&p.path);
                 pass.dropped += 1;
             }
         }

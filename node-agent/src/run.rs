@@ -390,9 +390,12 @@ async fn on_wedge(agent: &Arc<Agent>, ev: WedgeUevent) {
         tracing::error!(devpath = %ev.devpath, "wedged device has no PCI address; it cannot be reported as a GpuWedge");
         return;
     }
-    if let Err(e) = agent.outbox.put(&d) {
-        tracing::error!(error = %e, dir = %agent.outbox.dir().display(), "cannot write the outbox; reporting directly");
-    }
+    // The bare detection is made durable while the kubelet and the API are asked about it; the
+    // enriched entry below replaces it before anything is reported.
+    let first_write = {
+        let (outbox, bare) = (agent.outbox.clone(), d.clone());
+        tokio::task::spawn_blocking(move || outbox.put(&bare))
+    };
     let mut domain: Vec<String> = d
         .reset_domain
         .iter()
@@ -421,8 +424,15 @@ async fn on_wedge(agent: &Arc<Agent>, ev: WedgeUevent) {
             }
         }
     }
+    match first_write.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, dir = %agent.outbox.dir().display(), "cannot write the outbox; the detection is kept in memory until reported")
+        }
+        Err(e) => tracing::error!(error = %e, "the outbox write panicked"),
+    }
     if let Err(e) = agent.outbox.put(&d) {
-        tracing::error!(error = %e, "cannot rewrite the outbox entry");
+        tracing::error!(error = %e, "cannot rewrite the outbox entry; the detection is kept in memory until reported");
     }
     agent.metrics.outbox_pending.set(agent.outbox.len() as i64);
     agent.wake.notify_one();

@@ -4,8 +4,10 @@
 use std::fs;
 use std::net::TcpListener;
 
-use unwedge_agent::outbox::{Outbox, replay};
-use unwedge_agent::reporter::{DetectedWedge, Reporter};
+use std::sync::Mutex;
+
+use unwedge_agent::outbox::{Outbox, Sink, replay};
+use unwedge_agent::reporter::{DetectedWedge, ReportError, Reported, Reporter};
 use unwedge_crds::DeviceRef;
 
 fn detected(seq: u64) -> DetectedWedge {
@@ -90,4 +92,42 @@ fn a_corrupt_entry_is_set_aside_and_does_not_block_the_rest() {
     let pending = outbox.pending().unwrap();
     assert_eq!(pending.len(), 1);
     assert!(outbox.dir().join("garbage.bad").exists());
+}
+
+/// An API that accepts everything, recording what it was sent.
+#[derive(Default)]
+struct Accepting(Mutex<Vec<String>>);
+
+impl Sink for Accepting {
+    fn report(
+        &self,
+        wedge: &DetectedWedge,
+    ) -> impl std::future::Future<Output = Result<Reported, ReportError>> + Send {
+        self.0.lock().unwrap().push(wedge.name());
+        std::future::ready(Ok(Reported::Created(wedge.name())))
+    }
+}
+
+#[tokio::test]
+async fn a_detection_that_cannot_be_written_is_still_reported() {
+    let state = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(state.path()).unwrap();
+    // The state dir's outbox is replaced by a file: every write fails (as root, permissions
+    // would not stop the test).
+    fs::remove_dir_all(outbox.dir()).unwrap();
+    fs::write(outbox.dir(), b"not a directory").unwrap();
+    let d = detected(1);
+    assert!(outbox.put(&d).is_err(), "the failed write is reported");
+    assert_eq!(outbox.pending().unwrap().len(), 1, "kept in memory");
+    let api = Accepting::default();
+    let pass = replay(&outbox, &api).await.unwrap();
+    assert_eq!(pass.reported, vec![Reported::Created(d.name())]);
+    assert_eq!(*api.0.lock().unwrap(), vec![d.name()]);
+    assert!(
+        outbox.pending().is_err(),
+        "nothing left in memory: the broken directory is the error again"
+    );
+    fs::remove_file(outbox.dir()).unwrap();
+    fs::create_dir(outbox.dir()).unwrap();
+    assert!(outbox.pending().unwrap().is_empty(), "gone once accepted");
 }
