@@ -1,6 +1,6 @@
 //! The unwedge operator: turns a GpuWedge into a safe, budgeted recovery (DESIGN §2–§5).
 //!
-//! `decide`, `budget`, `breaker`, `policy_match` and `settings` are pure; `ledger`, `drain` and
+//! `decide`, `budget`, `breaker`, `policy_match`, `settings` and `wake` are pure; `ledger`, `drain` and
 //! `reconciler` are the thin effect layer around them.
 
 pub mod breaker;
@@ -16,3 +16,4 @@ pub mod quarantine;
 pub mod reconciler;
 pub mod settings;
 pub mod status;
+pub mod wake;

@@ -39,6 +39,7 @@ use crate::policy_match::{self, Governing};
 use crate::quarantine;
 use crate::settings::Settings;
 use crate::status::OperatorStatus;
+use crate::wake;
 
 /// Errors of one reconcile; the controller retries with a backoff.
 #[derive(Debug, thiserror::Error)]
@@ -833,14 +834,18 @@ async fn update_node_condition(ctx: &Ctx, node: &str, _this: &str) -> Result<(),
     let Some(n) = ctx.nodes.get(&ObjectRef::new(node)) else {
         return Ok(());
     };
-    // Read our own fresh view of the wedges on the node (the store may lag our own writes).
-    let lp = ListParams::default().labels(&format!("{}={node}", unwedge_crds::labels::LABEL_NODE));
-    let wedges = ctx.wedge_api().list(&lp).await?;
-    let open_ones: Vec<String> = wedges
-        .items
+    // From the store, which may lag our own write of this reconcile: that write comes back as a
+    // watch event and reconciles the wedge again, which corrects the condition. The message
+    // names devices only (no phases), so it changes when a device opens or closes, not at every
+    // step of a recovery.
+    let open_ones: Vec<String> = ctx
+        .wedges
+        .state()
         .iter()
-        .filter(|w| open(w))
-        .map(|w| format!("{} ({:?})", w.spec.device.pci_address, phase_of(w)))
+        .filter(|w| w.spec.node_name == node && open(w))
+        .map(|w| w.spec.device.pci_address.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
         .collect();
     let (status, reason, message) = if open_ones.is_empty() {
         (
@@ -1120,16 +1125,6 @@ pub async fn run(
         }
     };
     let by_node_p = by_node.clone();
-    let all_open = {
-        let s = wedge_store.clone();
-        move || -> Vec<ObjectRef<GpuWedge>> {
-            s.state()
-                .iter()
-                .filter(|w| open(w))
-                .map(|w| ObjectRef::from_obj(&**w))
-                .collect()
-        }
-    };
     // Nodes and policies are reflected by their own tasks, so their stores sync (and readiness
     // follows) whatever the controller is doing; each change is handed to the controller as
     // reconcile requests for the wedges it concerns.
@@ -1159,29 +1154,53 @@ pub async fn run(
         )
     };
     let (policy_store, policy_writer) = reflector::store::<RecoveryPolicy>();
-    let policies_task = tokio::spawn(
-        reflector::reflector(
-            policy_writer,
-            watcher(
-                Api::<RecoveryPolicy>::all(client.clone()),
-                watcher::Config::default(),
-            ),
-        )
-        .default_backoff()
-        .inspect(synced(&synced_tx, "policies"))
-        .touched_objects()
-        .for_each(move |r| {
-            match r {
-                Ok(_) => {
-                    for w in all_open() {
-                        let _ = trigger_tx.unbounded_send(w);
+    let policies_task = {
+        let wedges = wedge_store.clone();
+        let mut seen: BTreeMap<String, wake::PolicySeen> = BTreeMap::new();
+        tokio::spawn(
+            reflector::reflector(
+                policy_writer,
+                watcher(
+                    Api::<RecoveryPolicy>::all(client.clone()),
+                    watcher::Config::default(),
+                ),
+            )
+            .default_backoff()
+            .inspect(synced(&synced_tx, "policies"))
+            .for_each(move |ev| {
+                let (name, now) = match ev {
+                    Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
+                        (p.name_any(), Some(wake::PolicySeen::of(&p)))
                     }
+                    Ok(watcher::Event::Delete(p)) => (p.name_any(), None),
+                    // A re-list may have missed deletions: look at everything again.
+                    Ok(watcher::Event::InitDone) => (String::new(), None),
+                    Ok(watcher::Event::Init) => return std::future::ready(()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "RecoveryPolicy watch failed; retrying");
+                        return std::future::ready(());
+                    }
+                };
+                let before = match &now {
+                    Some(n) => seen.insert(name.clone(), n.clone()),
+                    None => seen.remove(&name),
+                };
+                let open: Vec<Arc<GpuWedge>> =
+                    wedges.state().into_iter().filter(|w| open(w)).collect();
+                let targets: Vec<ObjectRef<GpuWedge>> =
+                    match wake::on_policy_change(&name, before.as_ref(), now.as_ref(), &open) {
+                        wake::Wake::All => open.iter().map(|w| ObjectRef::from_obj(&**w)).collect(),
+                        wake::Wake::Some(names) => {
+                            names.iter().map(|n| ObjectRef::new(n)).collect()
+                        }
+                    };
+                for w in targets {
+                    let _ = trigger_tx.unbounded_send(w);
                 }
-                Err(e) => tracing::warn!(error = %e, "RecoveryPolicy watch failed; retrying"),
-            }
-            std::future::ready(())
-        }),
-    );
+                std::future::ready(())
+            }),
+        )
+    };
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
