@@ -183,10 +183,12 @@ async fn agent_killed_between_approval_and_action(cp: &ControlPlane, bins: &Bins
 }
 
 /// API server down when the wedge happens: the agent keeps it in its outbox on the host and
-/// reports it once the API server is back; nothing is lost and nothing duplicated.
+/// reports it once the API server is back; nothing is lost and nothing duplicated. The agent
+/// is also restarted while the API is still down, so what it reports is the entry stored on
+/// disk, which it enriches again when replaying: the pod on the GPU is still known and evicted.
 async fn api_down_outbox(cp: &mut ControlPlane, bins: &Bins) -> Outcome {
     let node = "outbox-a";
-    let sc = Scenario::new(
+    let mut sc = Scenario::new(
         cp,
         bins,
         "outbox",
@@ -198,6 +200,9 @@ async fn api_down_outbox(cp: &mut ControlPlane, bins: &Bins) -> Outcome {
     .await
     .map_err(|x| format!("scenario outbox: setup: {x:#}"))?;
     let g0 = sc.fleet.sim(node).sysfs.gpus()[0].bdf.clone();
+    sc.pod(NS, "outbox-w0", node, 1, Some(&g0))
+        .await
+        .map_err(sc.ctx("pod outbox-w0"))?;
     cp.stop_apiserver().await;
     let injected = sc
         .fleet
@@ -214,8 +219,11 @@ async fn api_down_outbox(cp: &mut ControlPlane, bins: &Bins) -> Outcome {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    sc.fleet.node(node).kill_agent();
+    let agent_back = sc.fleet.node(node).start_agent(bins);
     let restarted = cp.start_apiserver().await;
     injected.map_err(sc.ctx("inject"))?;
+    agent_back.map_err(sc.ctx("restart the agent"))?;
     restarted.map_err(sc.ctx("restart kube-apiserver"))?;
     if !in_outbox {
         return Err(sc.fail(&format!(
@@ -231,7 +239,12 @@ async fn api_down_outbox(cp: &mut ControlPlane, bins: &Bins) -> Outcome {
             all.len()
         )));
     }
-    let _ = w;
+    if evicted(&w) != vec![format!("{NS}/outbox-w0")] {
+        return Err(sc.fail(&format!(
+            "the wedge replayed after the agent restart: expected the pod on {g0} ({NS}/outbox-w0) evicted, seen {:?}",
+            evicted(&w)
+        )));
+    }
     sc.check_invariants()
 }
 

@@ -7,7 +7,8 @@
 //!
 //! A detection that cannot be written (disk full, state dir gone or read-only) is kept in
 //! memory instead and reported like the others: lost only if the agent also restarts before
-//! the API accepts it. The failed write is returned as an error for the caller to log.
+//! the API accepts it. The failed write is returned as an error for the caller to log. A newer
+//! version of a stored detection (its enrichment) can be staged in memory the same way.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -24,7 +25,8 @@ use crate::reporter::{DetectedWedge, ReportError, Reported, Reporter};
 #[derive(Debug, Clone)]
 pub struct Outbox {
     dir: PathBuf,
-    /// Detections whose file could not be written, by the path they would have had.
+    /// Detections newer than their file, by the file's path: staged ones and those whose file
+    /// could not be written.
     unwritten: Arc<Mutex<BTreeMap<PathBuf, DetectedWedge>>>,
 }
 
@@ -76,6 +78,17 @@ impl Outbox {
                 Err(e)
             }
         }
+    }
+
+    /// Hands a newer version of a stored detection to the replayer without writing it: the
+    /// file keeps the version stored before (see [`DetectedWedge::enriched`]).
+    pub fn stage(&self, wedge: &DetectedWedge) -> PathBuf {
+        let path = self.dir.join(format!("{}.json", wedge.name()));
+        self.unwritten
+            .lock()
+            .expect("outbox memory poisoned")
+            .insert(path.clone(), wedge.clone());
+        path
     }
 
     fn write(&self, wedge: &DetectedWedge, path: &Path) -> io::Result<()> {

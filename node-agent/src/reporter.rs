@@ -82,6 +82,11 @@ pub struct DetectedWedge {
     /// Where the detection came from.
     #[serde(default)]
     pub source: Source,
+    /// Whether the agent has asked the kubelet for `consumers` (and the API for the DRA
+    /// device). A detection stored before that (or by an older agent) is enriched when it is
+    /// replayed, never reported with an empty consumer list that only means "not asked".
+    #[serde(default)]
+    pub enriched: bool,
 }
 
 impl DetectedWedge {
@@ -112,6 +117,7 @@ impl DetectedWedge {
             reset_domain: vec![],
             agent_message: None,
             source: Source::Uevent,
+            enriched: false,
         }
     }
 

@@ -29,7 +29,9 @@ use crate::listener::{ListenError, UeventListener};
 use crate::metrics::{self, Metrics};
 use crate::outbox::{self, Outbox};
 use crate::podresources::{self, DeviceIdMatch};
-use crate::reporter::{BlamedTask, DetectedWedge, Reporter, Source, bdf_from_devpath};
+use crate::reporter::{
+    BlamedTask, DetectedWedge, ReportError, Reported, Reporter, Source, bdf_from_devpath,
+};
 use crate::startup;
 use crate::sysfs::Sysfs;
 use crate::uevent::{self, WedgeUevent};
@@ -185,7 +187,10 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
     let m = metrics.clone();
     let replayer = tokio::spawn(outbox::run_replayer(
         outbox,
-        Reporter::new(client.clone(), agent.args.node_name.clone()),
+        EnrichingReporter {
+            agent: agent.clone(),
+            reporter: Reporter::new(client.clone(), agent.args.node_name.clone()),
+        },
         agent.wake.clone(),
         Duration::from_secs(2),
         Duration::from_secs(10),
@@ -384,18 +389,36 @@ async fn on_wedge(agent: &Arc<Agent>, ev: WedgeUevent) {
         reset_domain,
         agent_message: (!problems.is_empty()).then(|| problems.join("; ")),
         source: Source::Uevent,
+        enriched: false,
     };
     tracing::warn!(wedge = %d.name(), pci = %d.device.pci_address, methods = ?d.methods, seqnum = ?d.seqnum, "GPU wedged");
     if !reporter::is_bdf(&d.device.pci_address) {
         tracing::error!(devpath = %ev.devpath, "wedged device has no PCI address; it cannot be reported as a GpuWedge");
         return;
     }
-    // The bare detection is made durable while the kubelet and the API are asked about it; the
-    // enriched entry below replaces it before anything is reported.
+    // The bare detection is made durable while the kubelet and the API are asked about it.
+    // The enriched one is then handed to the replayer from memory: a crash before the API
+    // accepts it leaves the bare entry on disk, which is enriched again when replayed.
     let first_write = {
         let (outbox, bare) = (agent.outbox.clone(), d.clone());
         tokio::task::spawn_blocking(move || outbox.put(&bare))
     };
+    enrich(agent, &mut d).await;
+    match first_write.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, dir = %agent.outbox.dir().display(), "cannot write the outbox; the detection is kept in memory until reported")
+        }
+        Err(e) => tracing::error!(error = %e, "the outbox write panicked"),
+    }
+    agent.outbox.stage(&d);
+    agent.metrics.outbox_pending.set(agent.outbox.len() as i64);
+    agent.wake.notify_one();
+}
+
+/// Fills in what the node knows about a detection beyond sysfs: the containers holding a
+/// device of its reset domain (kubelet PodResources) and, on DRA nodes, its DRA device.
+async fn enrich(agent: &Agent, d: &mut DetectedWedge) {
     let mut domain: Vec<String> = d
         .reset_domain
         .iter()
@@ -416,7 +439,7 @@ async fn on_wedge(agent: &Arc<Agent>, ev: WedgeUevent) {
             });
         }
     }
-    dra_device(agent, &mut d).await;
+    dra_device(agent, d).await;
     if let (Ok(list), Some(dev)) = (&listed, &d.device.dra) {
         for c in podresources::dra_consumers(list, dev, &d.device.pci_address) {
             if !d.consumers.contains(&c) {
@@ -424,18 +447,25 @@ async fn on_wedge(agent: &Arc<Agent>, ev: WedgeUevent) {
             }
         }
     }
-    match first_write.await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, dir = %agent.outbox.dir().display(), "cannot write the outbox; the detection is kept in memory until reported")
+    d.enriched = true;
+}
+
+/// The replayer's way to the API: enriches a detection stored before its enrichment (an
+/// agent restart in between, a startup finding), then reports it.
+struct EnrichingReporter {
+    agent: Arc<Agent>,
+    reporter: Reporter,
+}
+
+impl outbox::Sink for EnrichingReporter {
+    async fn report(&self, wedge: &DetectedWedge) -> Result<Reported, ReportError> {
+        if wedge.enriched {
+            return self.reporter.report(wedge).await;
         }
-        Err(e) => tracing::error!(error = %e, "the outbox write panicked"),
+        let mut d = wedge.clone();
+        enrich(&self.agent, &mut d).await;
+        self.reporter.report(&d).await
     }
-    if let Err(e) = agent.outbox.put(&d) {
-        tracing::error!(error = %e, "cannot rewrite the outbox entry; the detection is kept in memory until reported");
-    }
-    agent.metrics.outbox_pending.set(agent.outbox.len() as i64);
-    agent.wake.notify_one();
 }
 
 /// On DRA nodes: the wedged device's name in this node's ResourceSlices (`spec.device.dra`),

@@ -146,6 +146,7 @@ pub fn reconcile(
                         "found at agent start: xe survivability_mode={mode}"
                     )),
                     source: Source::Startup,
+                    enriched: false,
                 });
             }
             Finding::InterruptedAttempts { wedge, attempts } => tracing::warn!(
