@@ -19,7 +19,7 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use tokio::sync::Notify;
 use unwedge_crds::labels::LABEL_NODE;
-use unwedge_crds::{DeviceRef, GpuWedge};
+use unwedge_crds::{DeviceRef, DraDeviceRef, GpuWedge};
 
 use crate::config::{Args, DeviceIdMatchArg};
 use crate::dra::{self, AttributeMap};
@@ -425,7 +425,11 @@ async fn enrich(agent: &Agent, d: &mut DetectedWedge) {
         .map(|x| x.pci_address.clone())
         .collect();
     domain.push(d.device.pci_address.clone());
-    let listed = podresources::list(&agent.args.pod_resources_socket).await;
+    // The kubelet and the API server are asked at once.
+    let (listed, (dra, dra_note)) = tokio::join!(
+        podresources::list(&agent.args.pod_resources_socket),
+        dra_device(agent, &d.device.pci_address)
+    );
     match &listed {
         Ok(list) => {
             d.consumers = podresources::consumers(list, &domain, &agent.matcher, &agent.sysfs)
@@ -439,7 +443,13 @@ async fn enrich(agent: &Agent, d: &mut DetectedWedge) {
             });
         }
     }
-    dra_device(agent, d).await;
+    d.device.dra = dra;
+    if let Some(note) = dra_note {
+        d.agent_message = Some(match d.agent_message.take() {
+            Some(m) => format!("{m}; {note}"),
+            None => note,
+        });
+    }
     if let (Ok(list), Some(dev)) = (&listed, &d.device.dra) {
         for c in podresources::dra_consumers(list, dev, &d.device.pci_address) {
             if !d.consumers.contains(&c) {
@@ -471,37 +481,26 @@ impl outbox::Sink for EnrichingReporter {
 /// On DRA nodes: the wedged device's name in this node's ResourceSlices (`spec.device.dra`),
 /// so the operator quarantines the device instead of cordoning the node. No slices (or no
 /// right to read them: DRA is off in the chart) leaves the wedge a device-plugin one; slices
-/// without the device say why in the agent message.
-async fn dra_device(agent: &Agent, d: &mut DetectedWedge) {
+/// without the device give a note saying why, for the agent message.
+async fn dra_device(agent: &Agent, pci: &str) -> (Option<DraDeviceRef>, Option<String>) {
     let node = &agent.args.node_name;
-    let lookup = dra::lookup(
-        &agent.client,
-        node,
-        &d.device.pci_address,
-        &agent.dra_attributes,
-    );
+    let lookup = dra::lookup(&agent.client, node, pci, &agent.dra_attributes);
     let note = match tokio::time::timeout(Duration::from_secs(5), lookup).await {
         Ok(Ok(dra::Lookup::Found(dev))) => {
             tracing::info!(driver = %dev.driver, pool = %dev.pool, device = %dev.device, "wedged GPU is a DRA device");
-            d.device.dra = Some(dev);
-            None
+            return (Some(dev), None);
         }
-        Ok(Ok(dra::Lookup::NoSlices)) => None,
-        Ok(Ok(dra::Lookup::NoMatch(why))) => Some(format!("DRA: {why}")),
+        Ok(Ok(dra::Lookup::NoSlices)) => return (None, None),
+        Ok(Ok(dra::Lookup::NoMatch(why))) => format!("DRA: {why}"),
         Ok(Err(kube::Error::Api(s))) if s.code == 403 || s.code == 404 => {
             tracing::debug!(error = %s.message, "ResourceSlices not readable: not a DRA node for unwedge");
-            None
+            return (None, None);
         }
-        Ok(Err(e)) => Some(format!("DRA: cannot list this node's ResourceSlices ({e}); handled like a device-plugin node")),
-        Err(_) => Some("DRA: listing this node's ResourceSlices took over 5s; handled like a device-plugin node".to_string()),
+        Ok(Err(e)) => format!("DRA: cannot list this node's ResourceSlices ({e}); handled like a device-plugin node"),
+        Err(_) => "DRA: listing this node's ResourceSlices took over 5s; handled like a device-plugin node".to_string(),
     };
-    if let Some(note) = note {
-        tracing::warn!(%note, "wedged GPU not matched to a DRA device");
-        d.agent_message = Some(match d.agent_message.take() {
-            Some(m) => format!("{m}; {note}"),
-            None => note,
-        });
-    }
+    tracing::warn!(%note, "wedged GPU not matched to a DRA device");
+    (None, Some(note))
 }
 
 async fn reconcile(agent: &Arc<Agent>, why: &str) {
