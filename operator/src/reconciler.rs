@@ -14,7 +14,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -78,6 +78,8 @@ pub struct Ctx {
     pub leader: watch::Receiver<bool>,
     /// Whether DRA devices are quarantined, and why (`--dra`, probed in `auto`).
     pub dra: dra::Support,
+    /// Reconciles doing work at once, handed out first come first served.
+    pub permits: tokio::sync::Semaphore,
 }
 
 impl Ctx {
@@ -186,6 +188,11 @@ pub async fn reconcile(w: Arc<GpuWedge>, ctx: Arc<Ctx>) -> Result<Action, Error>
     if !*ctx.leader.borrow() {
         return Ok(Action::await_change());
     }
+    let _permit = ctx
+        .permits
+        .acquire()
+        .await
+        .expect("the reconcile semaphore is never closed");
     let name = w.name_any();
     let now = Timestamp::now();
     let node_name = w.spec.node_name.clone();
@@ -888,8 +895,15 @@ async fn update_node_condition(ctx: &Ctx, node: &str, _this: &str) -> Result<(),
     Ok(())
 }
 
-/// Reconciles running at once (different wedges; one wedge is never reconciled twice at once).
-const RECONCILE_CONCURRENCY: u16 = 16;
+/// Reconciles doing work at once (different wedges; one wedge is never reconciled twice at
+/// once).
+///
+/// Not the controller's own `concurrency` limit: at its limit kube-runtime parks due requests
+/// in a hash set and takes them in the set's iteration order, so in the 1,000-node storm some
+/// new wedges waited four minutes for their first reconcile while others' follow-ups kept
+/// arriving. The controller starts every due reconcile; each waits here for a permit of a
+/// tokio semaphore, which is fair (first come, first served).
+const RECONCILE_CONCURRENCY: usize = 16;
 
 fn error_policy(w: Arc<GpuWedge>, e: &Error, _ctx: Arc<Ctx>) -> Action {
     match e {
@@ -1110,10 +1124,8 @@ pub async fn run(
     .default_backoff()
     .inspect(synced(&synced_tx, "wedges"))
     .applied_objects();
-    // Bounded: a storm queues its reconciles instead of firing a thousand at an API server
-    // that answers with 429s, which kept the queue full in the 1,000-node storm.
-    let controller = Controller::for_stream(wedge_stream, wedge_store.clone())
-        .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
+    // Unbounded here; the API work is bounded by `Ctx::permits` (RECONCILE_CONCURRENCY).
+    let controller = Controller::for_stream(wedge_stream, wedge_store.clone());
     let by_node = {
         let s = wedge_store.clone();
         move |node: String| -> Vec<ObjectRef<GpuWedge>> {
@@ -1218,6 +1230,7 @@ pub async fn run(
         metrics: metrics.clone(),
         leader: leader.clone(),
         dra,
+        permits: tokio::sync::Semaphore::new(RECONCILE_CONCURRENCY),
     });
     // Re-examine every wedge (after repairing the ledgers) whenever we become leader.
     let became_leader = futures::stream::unfold(
