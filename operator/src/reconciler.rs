@@ -1144,6 +1144,7 @@ pub async fn run(
     let (nodes_store, nodes_writer) = reflector::store::<Node>();
     let nodes_task = {
         let tx = trigger_tx.clone();
+        let mut shapes: BTreeMap<String, wake::NodeShape> = BTreeMap::new();
         tokio::spawn(
             reflector::reflector(
                 nodes_writer,
@@ -1151,15 +1152,25 @@ pub async fn run(
             )
             .default_backoff()
             .inspect(synced(&synced_tx, "nodes"))
-            .touched_objects()
-            .for_each(move |r| {
-                match r {
-                    Ok(n) => {
-                        for w in by_node(n.name_any()) {
-                            let _ = tx.unbounded_send(w);
-                        }
+            .for_each(move |ev| {
+                let changed = match ev {
+                    Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => {
+                        let shape = wake::NodeShape::of(&n);
+                        let name = n.name_any();
+                        (shapes.insert(name.clone(), shape.clone()) != Some(shape)).then_some(name)
                     }
-                    Err(e) => tracing::warn!(error = %e, "node watch failed; retrying"),
+                    Ok(watcher::Event::Delete(n)) => {
+                        shapes.remove(&n.name_any());
+                        Some(n.name_any())
+                    }
+                    Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "node watch failed; retrying");
+                        None
+                    }
+                };
+                for w in changed.map(&by_node).unwrap_or_default() {
+                    let _ = tx.unbounded_send(w);
                 }
                 std::future::ready(())
             }),

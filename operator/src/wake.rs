@@ -7,11 +7,18 @@
 //! still wakes every open wedge, but a ledger change wakes only the wedges it can let in: for
 //! each place given back, the oldest waiting wedges of the policy, first come first served as
 //! admission is. Queued wedges also keep a timer (`decide`), the safety net for anything missed.
+//!
+//! Nodes likewise: a kubelet's (or kwok's) status heartbeat is a node update every few tens
+//! of seconds, and at a thousand nodes with open wedges that was tens of reconciles a second
+//! that could change nothing. Only a change of what the decision reads of a node (its labels,
+//! `unschedulable`, our cordon annotation) or its deletion wakes the node's wedges.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
+use unwedge_crds::labels::ANN_CORDONED_BY;
 use unwedge_crds::{GpuWedge, RecoveryPolicy};
 
 use crate::decide;
@@ -106,6 +113,29 @@ pub fn on_policy_change(
     Wake::Some(out)
 }
 
+/// What the operator's decisions read of a node: a change of it wakes the node's wedges.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeShape {
+    labels: BTreeMap<String, String>,
+    unschedulable: bool,
+    cordoned_by: Option<String>,
+}
+
+impl NodeShape {
+    /// The shape of `n`.
+    pub fn of(n: &Node) -> Self {
+        Self {
+            labels: n.labels().clone(),
+            unschedulable: n
+                .spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false),
+            cordoned_by: n.annotations().get(ANN_CORDONED_BY).cloned(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +178,35 @@ mod tests {
             ..Default::default()
         });
         Arc::new(w)
+    }
+
+    #[test]
+    fn a_heartbeat_does_not_change_a_node_shape_but_a_cordon_does() {
+        let mut n = Node::default();
+        n.metadata.name = Some("gpu-a".into());
+        let before = NodeShape::of(&n);
+        n.status = Some(Default::default());
+        n.metadata.resource_version = Some("42".into());
+        assert_eq!(NodeShape::of(&n), before, "status and metadata noise");
+        n.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            unschedulable: Some(true),
+            ..Default::default()
+        });
+        assert_ne!(NodeShape::of(&n), before, "cordoned");
+        let cordoned = NodeShape::of(&n);
+        n.metadata.annotations = Some(
+            [(ANN_CORDONED_BY.to_string(), "w".to_string())]
+                .into_iter()
+                .collect(),
+        );
+        assert_ne!(NodeShape::of(&n), cordoned, "our cordon annotation");
+        let annotated = NodeShape::of(&n);
+        n.metadata.labels = Some(
+            [("gpu".to_string(), "xe".to_string())]
+                .into_iter()
+                .collect(),
+        );
+        assert_ne!(NodeShape::of(&n), annotated, "labels select policies");
     }
 
     fn seen(p: &RecoveryPolicy) -> PolicySeen {
