@@ -80,6 +80,22 @@ pub struct Ctx {
     pub dra: dra::Support,
     /// Reconciles doing work at once, handed out first come first served.
     pub permits: tokio::sync::Semaphore,
+    /// The same for wedges holding a budget place, so that a recovery under way never waits
+    /// behind the first look at a storm's new wedges.
+    pub admitted_permits: tokio::sync::Semaphore,
+}
+
+/// Whether `w` holds a place in its policy's ledger (admitted and not released).
+fn holds_budget(ctx: &Ctx, w: &GpuWedge) -> bool {
+    let Some(policy) = w.status.as_ref().and_then(|s| s.policy.as_deref()) else {
+        return false;
+    };
+    let name = w.name_any();
+    ctx.policies.get(&ObjectRef::new(policy)).is_some_and(|p| {
+        p.status
+            .as_ref()
+            .is_some_and(|s| s.admitted.iter().any(|a| a.wedge == name))
+    })
 }
 
 impl Ctx {
@@ -188,11 +204,15 @@ pub async fn reconcile(w: Arc<GpuWedge>, ctx: Arc<Ctx>) -> Result<Action, Error>
     if !*ctx.leader.borrow() {
         return Ok(Action::await_change());
     }
-    let _permit = ctx
-        .permits
+    let lane = if holds_budget(&ctx, &w) {
+        &ctx.admitted_permits
+    } else {
+        &ctx.permits
+    };
+    let _permit = lane
         .acquire()
         .await
-        .expect("the reconcile semaphore is never closed");
+        .expect("the reconcile semaphores are never closed");
     let name = w.name_any();
     let now = Timestamp::now();
     let node_name = w.spec.node_name.clone();
@@ -902,7 +922,8 @@ async fn update_node_condition(ctx: &Ctx, node: &str, _this: &str) -> Result<(),
 /// in a hash set and takes them in the set's iteration order, so in the 1,000-node storm some
 /// new wedges waited four minutes for their first reconcile while others' follow-ups kept
 /// arriving. The controller starts every due reconcile; each waits here for a permit of a
-/// tokio semaphore, which is fair (first come, first served).
+/// tokio semaphore, which is fair (first come, first served). Wedges holding a budget place
+/// have their own lane of half as many permits (`Ctx::admitted_permits`).
 const RECONCILE_CONCURRENCY: usize = 16;
 
 fn error_policy(w: Arc<GpuWedge>, e: &Error, _ctx: Arc<Ctx>) -> Action {
@@ -1242,6 +1263,7 @@ pub async fn run(
         leader: leader.clone(),
         dra,
         permits: tokio::sync::Semaphore::new(RECONCILE_CONCURRENCY),
+        admitted_permits: tokio::sync::Semaphore::new(RECONCILE_CONCURRENCY / 2),
     });
     // Re-examine every wedge (after repairing the ledgers) whenever we become leader.
     let became_leader = futures::stream::unfold(
