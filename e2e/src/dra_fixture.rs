@@ -12,7 +12,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
 use k8s_openapi::api::resource::v1::{DeviceTaintRule, ResourceClaim, ResourceSlice};
 use kube::api::{Api, ListParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
@@ -335,7 +335,11 @@ pub fn cordon_watch(client: &Client) -> Arc<AtomicBool> {
     let s = seen.clone();
     let api: Api<Node> = Api::all(client.clone());
     tokio::spawn(async move {
-        let mut st = watcher(api, watcher::Config::default()).boxed();
+        // With a backoff: once the test's API server is stopped, a bare watcher retries in a
+        // tight loop that never yields and starved the test's runtime (a CI run hung here).
+        let mut st = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
         while let Some(ev) = st.next().await {
             if let Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) = ev
                 && n.spec.and_then(|s| s.unschedulable).unwrap_or(false)

@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{ListParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use unwedge_crds::gpuwedge::Phase;
 
@@ -35,7 +35,9 @@ impl Disruptions {
         let api: Api<Pod> = Api::namespaced(client, NS);
         let task = tokio::spawn(async move {
             let mut known: BTreeSet<String> = BTreeSet::new();
-            let mut st = watcher(api, watcher::Config::default()).boxed();
+            let mut st = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed();
             while let Some(ev) = st.next().await {
                 let t = Instant::now();
                 let (name, gone) = match ev {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures::StreamExt;
 use kube::api::{DeleteParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::Notify;
 use unwedge_crds::gpuwedge::GpuWedge;
@@ -42,7 +42,9 @@ impl Watch {
         let (s, c) = (seen.clone(), changed.clone());
         let api: Api<GpuWedge> = Api::all(client);
         let task = tokio::spawn(async move {
-            let mut st = watcher(api, watcher::Config::default()).boxed();
+            let mut st = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed();
             while let Some(ev) = st.next().await {
                 let t = Instant::now();
                 let mut g = s.lock().unwrap_or_else(|e| e.into_inner());
