@@ -432,6 +432,7 @@ impl Fleet {
             pool: None,
             dir: tempfile::Builder::new()
                 .prefix("unwedge-fleet-")
+                .keep(std::env::var_os("UNWEDGE_KEEP_LOGS").is_some())
                 .tempdir()?,
             client,
             api_port: cp.ports().apiserver,
@@ -682,7 +683,7 @@ impl Fleet {
             .join("\n")
     }
 
-    /// The fleet's working directory (kept with the logs when `UNWEDGE_KEEP_LOGS` is set).
+    /// The fleet's working directory (kept, with the logs, when `UNWEDGE_KEEP_LOGS` is set).
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

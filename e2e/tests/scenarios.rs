@@ -210,10 +210,12 @@ async fn api_down_outbox(cp: &mut ControlPlane, bins: &Bins) -> Outcome {
         .inject(bins, &g0, "rebind,bus-reset", &[])
         .await;
     // The outbox is durable state on the host: the wedge must be there while the API is down.
+    // The agent is killed only once the entry is committed; a crash before that loses the
+    // uevent (the kernel sends it once), which no test can ask the agent to survive.
     let state = sc.fleet.sim(node).state_dir();
     let mut in_outbox = false;
     for _ in 0..100 {
-        in_outbox = grep_dir(&state, &g0);
+        in_outbox = outbox_holds(&state, &g0);
         if in_outbox {
             break;
         }
@@ -400,18 +402,18 @@ async fn rebind_during_open_none(cp: &ControlPlane, bins: &Bins) -> Outcome {
     sc.check_invariants()
 }
 
-fn grep_dir(dir: &std::path::Path, needle: &str) -> bool {
-    std::fs::read_dir(dir)
+/// Whether `<state>/outbox` holds a committed entry (`*.json`, not the `.json.tmp` being
+/// written) that names `needle`. Only a renamed entry survives a crash: the agent removes
+/// leftover temp files when it starts.
+fn outbox_holds(state: &std::path::Path, needle: &str) -> bool {
+    std::fs::read_dir(state.join("outbox"))
         .into_iter()
         .flatten()
         .flatten()
         .any(|e| {
             let p = e.path();
-            if p.is_dir() {
-                grep_dir(&p, needle)
-            } else {
-                std::fs::read(&p).is_ok_and(|b| String::from_utf8_lossy(&b).contains(needle))
-            }
+            p.extension().is_some_and(|x| x == "json")
+                && std::fs::read(&p).is_ok_and(|b| String::from_utf8_lossy(&b).contains(needle))
         })
 }
 
