@@ -432,7 +432,7 @@ impl Fleet {
             pool: None,
             dir: tempfile::Builder::new()
                 .prefix("unwedge-fleet-")
-                .keep(std::env::var_os("UNWEDGE_KEEP_LOGS").is_some())
+                .disable_cleanup(std::env::var_os("UNWEDGE_KEEP_LOGS").is_some())
                 .tempdir()?,
             client,
             api_port: cp.ports().apiserver,

@@ -37,6 +37,8 @@ pub struct Options {
     pub watch_nodes: usize,
     /// Short (CI) mode.
     pub short: bool,
+    /// Where the plot goes (`None`: `target/bench/storm-<nodes>.png`).
+    pub plot: Option<std::path::PathBuf>,
 }
 
 /// What the tracker knows about one wedge.
@@ -687,11 +689,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             ));
         }
     }
-    let png = if opts.short {
-        super::out_dir().join("storm-short.png")
-    } else {
-        crate::cluster::repo_root().join("docs/img/storm-nodes-under-recovery.png")
-    };
+    let png = opts
+        .plot
+        .clone()
+        .unwrap_or_else(|| super::out_dir().join(format!("storm-{n}.png")));
     let pts: Vec<(f64, usize)> = series
         .iter()
         .filter(|(t, _)| *t >= t_storm)

@@ -50,6 +50,10 @@ enum Scenario {
         /// Extra kwok nodes to watch afterwards (default 10000; --short: 0).
         #[arg(long)]
         watch_nodes: Option<usize>,
+        /// Where the nodes-under-recovery plot goes (default: target/bench/storm-<N>.png;
+        /// the published one is docs/img/storm-nodes-under-recovery.png).
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
     },
     /// One wedged GPU on an 8-GPU DRA node: DRA quarantine vs node cordon.
     Dra {
@@ -93,12 +97,14 @@ async fn main() -> ExitCode {
             nodes,
             budget,
             watch_nodes,
+            plot,
         } => {
             bench::storm::run(bench::storm::Options {
                 nodes: pick_n(nodes, 1000, 20),
                 budget: pick_n(budget, 50, 5),
                 watch_nodes: pick_n(watch_nodes, 10_000, 0),
                 short,
+                plot,
             })
             .await
         }
