@@ -56,6 +56,9 @@ pub enum Error {
     /// The DeviceTaintRule could not be read, created or deleted.
     #[error(transparent)]
     Quarantine(#[from] quarantine::QuarantineError),
+    /// The status write lost to a concurrent change of the wedge (decided again on a fresh read).
+    #[error("the GpuWedge changed while it was being reconciled")]
+    StatusConflict,
 }
 
 /// Shared state of the controller.
@@ -209,15 +212,52 @@ pub async fn reconcile(w: Arc<GpuWedge>, ctx: Arc<Ctx>) -> Result<Action, Error>
     } else {
         &ctx.permits
     };
+    let asked = std::time::Instant::now();
     let _permit = lane
         .acquire()
         .await
         .expect("the reconcile semaphores are never closed");
+    let started = std::time::Instant::now();
+    let name = w.name_any();
+    let mut w = w;
+    for _ in 0..STATUS_CONFLICT_RETRIES {
+        let Some((action, step)) = reconcile_once(w, &ctx).await? else {
+            // The wedge changed since the cache showed it (typically the agent's own status
+            // write right after the create): decide again on a fresh read while this reconcile
+            // holds its permit, instead of queueing behind every other wedge.
+            ctx.ensure_leader()?;
+            match ctx.wedge_api().get_opt(&name).await? {
+                Some(fresh) => w = Arc::new(fresh),
+                None => return Ok(Action::await_change()),
+            }
+            continue;
+        };
+        tracing::debug!(
+            wedge = %name,
+            step,
+            permit_wait_ms = started.duration_since(asked).as_millis() as u64,
+            took_ms = started.elapsed().as_millis() as u64,
+            "reconciled"
+        );
+        return Ok(action);
+    }
+    Ok(Action::requeue(Duration::from_millis(200)))
+}
+
+/// Fresh reads after a status write lost to a concurrent one, before the reconcile requeues.
+const STATUS_CONFLICT_RETRIES: usize = 3;
+
+/// Decides and acts once on `w`; `None` when the status write lost to a concurrent change
+/// of the wedge (decide again on a fresh copy). Also returns the name of the step taken.
+async fn reconcile_once(
+    w: Arc<GpuWedge>,
+    ctx: &Arc<Ctx>,
+) -> Result<Option<(Action, &'static str)>, Error> {
     let name = w.name_any();
     let now = Timestamp::now();
     let node_name = w.spec.node_name.clone();
     let node = ctx.nodes.get(&ObjectRef::new(&node_name));
-    let (governing, policies) = resolve_policy(&ctx, node.as_deref());
+    let (governing, policies) = resolve_policy(ctx, node.as_deref());
     let plain: Vec<RecoveryPolicy> = policies.iter().map(|p| (**p).clone()).collect();
     let all: Vec<Arc<GpuWedge>> = ctx.wedges.state();
 
@@ -248,10 +288,10 @@ pub async fn reconcile(w: Arc<GpuWedge>, ctx: Arc<Ctx>) -> Result<Action, Error>
             .expect("governing policy is in the store");
         match Settings::from_spec(&p.spec) {
             Ok(s) => {
-                let nodes = nodes_governed_by(&ctx, &plain, pname);
+                let nodes = nodes_governed_by(ctx, &plain, pname);
                 let st = p.status.clone().unwrap_or_default();
                 let limits = Limits::of(&s, nodes.len() as u32, st.devices_selected);
-                let tripped = breaker_check(&ctx, p, &s, &all, &nodes, now).await?;
+                let tripped = breaker_check(ctx, p, &s, &all, &nodes, now).await?;
                 settings_holder = Some((pname.clone(), s, st.admitted, limits, tripped));
             }
             Err(e) => invalid = Some((pname.clone(), e.to_string())),
@@ -337,7 +377,7 @@ pub async fn reconcile(w: Arc<GpuWedge>, ctx: Arc<Ctx>) -> Result<Action, Error>
             .unwrap_or(false),
         cordoned_by: n.annotations().get(ANN_CORDONED_BY).cloned(),
     });
-    let (dra_view, quarantine_rule, device_advertised) = dra_inputs(&ctx, &w).await?;
+    let (dra_view, quarantine_rule, device_advertised) = dra_inputs(ctx, &w).await?;
     let input = Input {
         wedge: &w,
         node: node_view.as_ref(),
@@ -353,9 +393,31 @@ pub async fn reconcile(w: Arc<GpuWedge>, ctx: Arc<Ctx>) -> Result<Action, Error>
         quarantine_rule,
     };
     let decision = decide::decide(&input);
-    let action = perform(&w, &ctx, &input, decision, node.as_deref()).await?;
-    update_node_condition(&ctx, &node_name, &name).await?;
-    Ok(action)
+    let step = step_name(&decision.step);
+    let action = match perform(&w, ctx, &input, decision, node.as_deref()).await {
+        Err(Error::StatusConflict) => return Ok(None),
+        r => r?,
+    };
+    update_node_condition(ctx, &node_name, &name).await?;
+    Ok(Some((action, step)))
+}
+
+/// The name of a step, for the log.
+fn step_name(step: &Step) -> &'static str {
+    match step {
+        Step::Nothing => "nothing",
+        Step::Wait { .. } => "wait",
+        Step::Admit { .. } => "admit",
+        Step::Release => "release",
+        Step::Cordon => "cordon",
+        Step::Quarantine => "quarantine",
+        Step::Unquarantine => "unquarantine",
+        Step::HandOverCordon { .. } => "hand-over-cordon",
+        Step::Uncordon => "uncordon",
+        Step::Evict { .. } => "evict",
+        Step::ForceDelete { .. } => "force-delete",
+        Step::ClearVerbs { .. } => "clear-verbs",
+    }
 }
 
 /// The DRA side of a wedge: its view (when DRA is on and the agent named a DRA device),
@@ -515,15 +577,16 @@ fn set_policy_condition(
     }
 }
 
-async fn patch_status(ctx: &Ctx, w: &GpuWedge, status: &OperatorStatus) -> Result<(), Error> {
+/// Writes the operator's part of the status; returns the wedge as the API server stored it.
+async fn patch_status(ctx: &Ctx, w: &GpuWedge, status: &OperatorStatus) -> Result<GpuWedge, Error> {
     ctx.ensure_leader()?;
     // The resourceVersion makes the write a compare-and-swap against the object we decided on.
     let mut body = status.merge_patch();
     body["metadata"] = json!({ "resourceVersion": w.resource_version() });
-    ctx.wedge_api()
+    Ok(ctx
+        .wedge_api()
         .patch_status(&w.name_any(), &PatchParams::default(), &Patch::Merge(&body))
-        .await?;
-    Ok(())
+        .await?)
 }
 
 async fn perform(
@@ -540,12 +603,13 @@ async fn perform(
         .map(OperatorStatus::of)
         .unwrap_or_default();
     let changed = d.status != current;
+    let mut written = None;
     if changed {
         match patch_status(ctx, w, &d.status).await {
             Err(Error::Kube(kube::Error::Api(s))) if s.is_conflict() => {
-                return Ok(Action::requeue(Duration::from_millis(200)));
+                return Err(Error::StatusConflict);
             }
-            r => r?,
+            r => written = Some(r?),
         }
         if let Some(n) = &d.note {
             ctx.event(&w.object_ref(&()), n).await;
@@ -619,7 +683,34 @@ async fn perform(
             {
                 Ok(()) => {
                     tracing::info!(wedge = %name, policy = %policy, reboot = candidate.reboot, "admitted");
-                    Ok(soon)
+                    let Governance::Policy(p) = &input.policy else {
+                        return Ok(soon);
+                    };
+                    // Go on at once with what the place allows (the cordon, or the device's
+                    // quarantine): the next reconcile would decide it from the same inputs
+                    // once the cache shows the ledger, one round of reads later.
+                    let w = written.unwrap_or_else(|| w.clone());
+                    let mut held = budget::release(p.ledger, &candidate.wedge);
+                    held.push(unwedge_crds::Admission {
+                        wedge: candidate.wedge.clone(),
+                        node: candidate.node.clone(),
+                        unit: candidate.unit,
+                        reboot: candidate.reboot,
+                    });
+                    let next = Input {
+                        wedge: &w,
+                        policy: Governance::Policy(PolicyView {
+                            ledger: &held,
+                            ..p.clone()
+                        }),
+                        now: Timestamp::now(),
+                        ..input.clone()
+                    };
+                    let d = decide::decide(&next);
+                    if matches!(d.step, Step::Admit { .. }) {
+                        return Ok(soon);
+                    }
+                    Box::pin(perform(&w, ctx, &next, d, node)).await
                 }
                 Err(reason) => {
                     let q = decide::queued_status(&d.status, &reason.0, Timestamp::now());
