@@ -965,8 +965,22 @@ pub fn queued_status(status: &OperatorStatus, reason: &str, now: Timestamp) -> O
     s
 }
 
+/// How long a wedge waiting for budget sleeps before it looks again on its own: 30 s plus a
+/// second per wedge queued ahead of it, at most 5 minutes. Wedges are woken when a place is
+/// given back (`wake`); this timer is only the safety net, and spreading it by queue position
+/// keeps a storm's hundreds of queued wedges from all waking in the same second, every 30 s,
+/// ahead of the ones a release just let in (measured: 8.8 such reconciles per wedge in the
+/// 1,000-node storm, waits of up to 40 s for a permit).
+pub fn queue_recheck(ahead: usize) -> Duration {
+    Duration::from_secs(30 + ahead as u64).min(Duration::from_secs(300))
+}
+
 fn queued(d: Draft, reason: &str) -> Decision {
     let now = d.input.now;
+    let ahead = match &d.input.policy {
+        Governance::Policy(pv) => pv.waiting_ahead.len(),
+        _ => 0,
+    };
     let status = queued_status(&d.new, reason, now);
     let note = match &status.budget {
         shown if *shown != d.old.budget => note(
@@ -978,7 +992,7 @@ fn queued(d: Draft, reason: &str) -> Decision {
     };
     Decision {
         status,
-        step: wait(Duration::from_secs(30), reason.to_string()),
+        step: wait(queue_recheck(ahead), reason.to_string()),
         note,
     }
 }

@@ -726,7 +726,7 @@ async fn perform(
                             )
                             .await?;
                     }
-                    Ok(Action::requeue(Duration::from_secs(30)))
+                    Ok(Action::requeue(decide::queue_recheck(ahead.len())))
                 }
             }
         }

@@ -418,6 +418,10 @@ fn earlier_wedges_go_first() {
         w.status().budget.as_deref(),
         Some("0/1 nodes under recovery, 1 queued ahead")
     );
+    assert!(
+        matches!(w.decide().step, Step::Wait { requeue_after, .. } if requeue_after == queue_recheck(1)),
+        "the safety-net timer follows the queue position"
+    );
 }
 
 #[test]
@@ -1614,4 +1618,15 @@ fn escalation_to_reboot_cordons_and_drains_the_node_and_keeps_the_taint_until_re
     assert_eq!(w.phase(), Phase::Recovered);
     assert!(!w.node.unschedulable, "uncordoned: unwedge cordoned it");
     assert!(!w.rule, "and the rule is gone");
+}
+
+#[test]
+fn a_queued_wedge_rechecks_later_the_further_back_it_waits() {
+    assert_eq!(queue_recheck(0), Duration::from_secs(30));
+    assert_eq!(queue_recheck(50), Duration::from_secs(80));
+    assert_eq!(
+        queue_recheck(950),
+        Duration::from_secs(300),
+        "at most 5 minutes"
+    );
 }
