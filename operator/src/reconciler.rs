@@ -261,17 +261,6 @@ async fn reconcile_once(
     let plain: Vec<RecoveryPolicy> = policies.iter().map(|p| (**p).clone()).collect();
     let all: Vec<Arc<GpuWedge>> = ctx.wedges.state();
 
-    if w.status.as_ref().and_then(|s| s.phase).is_none() {
-        let method = w.spec.methods.first().cloned().unwrap_or_default();
-        ctx.metrics
-            .wedges
-            .get_or_create(&metrics::DriverMethod {
-                driver: w.spec.device.driver.clone(),
-                method,
-            })
-            .inc();
-    }
-
     // Policy view (owned data first, borrowed view after).
     let mut settings_holder: Option<(
         String,
@@ -610,6 +599,17 @@ async fn perform(
                 return Err(Error::StatusConflict);
             }
             r => written = Some(r?),
+        }
+        if current.phase.is_none() && d.status.phase.is_some() {
+            // Counted once, by the write that gave the wedge its first phase (a reconcile that
+            // lost that write to a concurrent change counts nothing).
+            ctx.metrics
+                .wedges
+                .get_or_create(&metrics::DriverMethod {
+                    driver: w.spec.device.driver.clone(),
+                    method: w.spec.methods.first().cloned().unwrap_or_default(),
+                })
+                .inc();
         }
         if let Some(n) = &d.note {
             ctx.event(&w.object_ref(&()), n).await;
