@@ -6,7 +6,7 @@
 
 use e2e::cluster::ControlPlane;
 use kube::api::{Api, PostParams};
-use unwedge_crds::{Admission, BudgetUnit, RecoveryPolicy};
+use unwedge_crds::{BudgetUnit, RecoveryPolicy};
 use unwedge_operator::budget::{Candidate, Limits};
 use unwedge_operator::ledger;
 
@@ -57,15 +57,7 @@ async fn held(api: &Api<RecoveryPolicy>, name: &str) -> Vec<String> {
 async fn write_behind_our_back(api: &Api<RecoveryPolicy>, name: &str, wedges: &[usize]) {
     let mut p = api.get(name).await.unwrap();
     let mut st = p.status.clone().unwrap_or_default();
-    st.admitted = wedges
-        .iter()
-        .map(|i| Admission {
-            wedge: format!("w{i}"),
-            node: format!("n{i}"),
-            unit: BudgetUnit::Node,
-            reboot: false,
-        })
-        .collect();
+    st.admitted = wedges.iter().map(|i| candidate(*i).admission()).collect();
     p.status = Some(st);
     api.replace_status(name, &PostParams::default(), &p)
         .await

@@ -68,6 +68,18 @@ pub struct Candidate {
     pub reboot: bool,
 }
 
+impl Candidate {
+    /// Its entry in a ledger.
+    pub fn admission(&self) -> Admission {
+        Admission {
+            wedge: self.wedge.clone(),
+            node: self.node.clone(),
+            unit: self.unit,
+            reboot: self.reboot,
+        }
+    }
+}
+
 /// Why a wedge waits, in the words `kubectl get gw` shows (`2/2 nodes under recovery`).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -210,12 +222,7 @@ pub fn admit(
         )));
     }
     let mut out = ledger.to_vec();
-    out.push(Admission {
-        wedge: candidate.wedge.clone(),
-        node: candidate.node.clone(),
-        unit: candidate.unit,
-        reboot: candidate.reboot,
-    });
+    out.push(candidate.admission());
     Ok(out)
 }
 

@@ -63,12 +63,7 @@ pub fn apply(change: &Change, st: &mut RecoveryPolicyStatus) -> Outcome {
             ..
         } => {
             st.admitted = budget::release(&st.admitted, &candidate.wedge);
-            st.admitted.push(unwedge_crds::Admission {
-                wedge: candidate.wedge.clone(),
-                node: candidate.node.clone(),
-                unit: candidate.unit,
-                reboot: candidate.reboot,
-            });
+            st.admitted.push(candidate.admission());
             Outcome::Admitted
         }
         Change::Admit {
