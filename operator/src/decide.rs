@@ -29,7 +29,7 @@ pub const REBOOT: &str = "reboot";
 pub const AGENT_METHODS: [&str; 3] = ["rebind", "bus-reset", REBOOT];
 
 /// The node as the decision needs it.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeView {
     /// Node name.
     pub name: String,
@@ -37,6 +37,25 @@ pub struct NodeView {
     pub unschedulable: bool,
     /// The `unwedge.io/cordoned-by` annotation.
     pub cordoned_by: Option<String>,
+}
+
+impl NodeView {
+    /// What decisions read of `n`.
+    pub fn of(n: &k8s_openapi::api::core::v1::Node) -> NodeView {
+        use kube::ResourceExt as _;
+        NodeView {
+            name: n.name_any(),
+            unschedulable: n
+                .spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false),
+            cordoned_by: n
+                .annotations()
+                .get(unwedge_crds::labels::ANN_CORDONED_BY)
+                .cloned(),
+        }
+    }
 }
 
 /// A pod bound to the wedge's node.

@@ -357,15 +357,7 @@ async fn reconcile_once(
         .iter()
         .map(pod_view)
         .collect();
-    let node_view = node.as_ref().map(|n| NodeView {
-        name: n.name_any(),
-        unschedulable: n
-            .spec
-            .as_ref()
-            .and_then(|s| s.unschedulable)
-            .unwrap_or(false),
-        cordoned_by: n.annotations().get(ANN_CORDONED_BY).cloned(),
-    });
+    let node_view = node.as_deref().map(NodeView::of);
     let (dra_view, quarantine_rule, device_advertised) = dra_inputs(ctx, &w).await?;
     let input = Input {
         wedge: &w,
@@ -691,12 +683,7 @@ async fn perform(
                     // once the cache shows the ledger, one round of reads later.
                     let w = written.unwrap_or_else(|| w.clone());
                     let mut held = budget::release(p.ledger, &candidate.wedge);
-                    held.push(unwedge_crds::Admission {
-                        wedge: candidate.wedge.clone(),
-                        node: candidate.node.clone(),
-                        unit: candidate.unit,
-                        reboot: candidate.reboot,
-                    });
+                    held.push(candidate.admission());
                     let next = Input {
                         wedge: &w,
                         policy: Governance::Policy(PolicyView {

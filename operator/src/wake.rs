@@ -18,7 +18,6 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
-use unwedge_crds::labels::ANN_CORDONED_BY;
 use unwedge_crds::{GpuWedge, RecoveryPolicy};
 
 use crate::decide;
@@ -117,21 +116,15 @@ pub fn on_policy_change(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeShape {
     labels: BTreeMap<String, String>,
-    unschedulable: bool,
-    cordoned_by: Option<String>,
+    view: decide::NodeView,
 }
 
 impl NodeShape {
-    /// The shape of `n`.
+    /// The shape of `n`: its labels (policy selection) and what `decide` reads of it.
     pub fn of(n: &Node) -> Self {
         Self {
             labels: n.labels().clone(),
-            unschedulable: n
-                .spec
-                .as_ref()
-                .and_then(|s| s.unschedulable)
-                .unwrap_or(false),
-            cordoned_by: n.annotations().get(ANN_CORDONED_BY).cloned(),
+            view: decide::NodeView::of(n),
         }
     }
 }
@@ -140,6 +133,7 @@ impl NodeShape {
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use unwedge_crds::labels::ANN_CORDONED_BY;
     use unwedge_crds::{Admission, BudgetUnit, GpuWedgeStatus, RecoveryPolicyStatus};
 
     fn policy(generation: i64, admitted: &[&str], summary: &str) -> RecoveryPolicy {
