@@ -553,17 +553,35 @@ impl ControlPlane {
     }
 
     /// `kubectl apply --server-side --force-conflicts -f <path>` (a file or a directory).
+    ///
+    /// Retried for up to 30 s while the API server answers that a ValidatingAdmissionPolicy's
+    /// paramKind is "not yet synced to use for admission": right after the chart installs its
+    /// policies, the first write they govern can meet that (a CI run failed on it).
     pub async fn apply_yaml_file(&self, path: &Path) -> anyhow::Result<String> {
         let path = path.display().to_string();
-        self.kubectl_ok(&[
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "--field-manager=unwedge-e2e",
-            "-f",
-            &path,
-        ])
-        .await
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = self
+                .kubectl_ok(&[
+                    "apply",
+                    "--server-side",
+                    "--force-conflicts",
+                    "--field-manager=unwedge-e2e",
+                    "-f",
+                    &path,
+                ])
+                .await;
+            match r {
+                Err(e)
+                    if e.to_string()
+                        .contains("not yet synced to use for admission")
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Applies `<repo>/crds/*.yaml` and waits until every CRD is Established.
