@@ -56,8 +56,16 @@ pub struct GpuWedgeSpec {
     /// The node's boot id (`/proc/sys/kernel/random/boot_id`) when the wedge was detected.
     #[serde(default)]
     pub boot_id: String,
-    /// Every key of the uevent as received (ACTION, DEVPATH, SEQNUM, WEDGED, PID, ...).
+    /// Every key of the uevent as received (ACTION, DEVPATH, SEQNUM, WEDGED, PID, ...). At most
+    /// 64 keys of at most 64 characters, values of at most 1024 (a kernel uevent buffer is 2 KiB).
     #[serde(default)]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "x-kubernetes-validations" = [
+            {"rule": "self.all(k, size(k) <= 64 && size(self[k]) <= 1024)",
+             "message": "uevent keys are at most 64 characters and values at most 1024"}
+        ]
+    ))]
     pub uevent: BTreeMap<String, String>,
     /// The task the driver blamed (`PID=`/`TASK=`, Linux 6.17+), mapped to its pod when possible.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,8 +85,11 @@ pub struct DeviceRef {
     /// The render node, e.g. `renderD128`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub render_node: Option<String>,
-    /// The kernel driver bound when the wedge was seen (`xe`, `i915`, `amdgpu`, ...).
+    /// The kernel driver bound when the wedge was seen (`xe`, `i915`, `amdgpu`, ...); empty when
+    /// none was bound. Informational: the agent reads the driver from sysfs before it acts and
+    /// never takes it from here.
     #[serde(default)]
+    #[schemars(regex(pattern = r"^([A-Za-z0-9_][A-Za-z0-9_-]{0,62})?$"))]
     pub driver: String,
     /// PCI vendor id, e.g. `0x8086`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -188,15 +199,24 @@ pub struct GpuWedgeStatus {
     /// The devices each method would disturb (agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reset_domain: Option<Vec<DomainDevice>>,
-    /// Later uevents for the same device while the incident is open (agent).
+    /// Later uevents for the same device while the incident is open (agent): the newest
+    /// 32 only; `eventsDropped` counts the older ones left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
     pub events: Option<Vec<WedgeEvent>>,
+    /// How many later uevents were left out of `events` because it was full (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events_dropped: Option<u64>,
     /// Results of approved attempts (agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<Vec<AttemptResult>>,
     /// Problems the agent wants a human to see (missing sysfs entries, open fds, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_message: Option<String>,
+    /// The agent runs with `--dry-run` (agent): it never touches the host, so the operator
+    /// records what it would do and disrupts nothing (no cordon, no eviction, no approval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_dry_run: Option<bool>,
 
     // ---- operator part ----
     /// Where the wedge stands.
@@ -309,7 +329,24 @@ pub enum AttemptOutcome {
     Succeeded,
     /// The method ran (or could not) and the device is not healthy.
     Failed,
+    /// The agent refused the approval without touching anything: it did not detect this
+    /// device on this node, the address is not a DRM device, or no usable driver is bound.
+    /// The operator never escalates past a refusal; a human looks.
+    Refused,
+    /// The agent runs with `--dry-run` and only said what it would do. The operator holds the
+    /// wedge for a human and never escalates.
+    DryRun,
 }
+
+impl AttemptOutcome {
+    /// Whether the agent is done with the attempt (nothing more will be reported for it).
+    pub fn is_final(self) -> bool {
+        !matches!(self, AttemptOutcome::Started | AttemptOutcome::Blocked)
+    }
+}
+
+/// How many later uevents `status.events` keeps (the newest).
+pub const MAX_EVENTS: usize = 32;
 
 /// The agent's record of one approved attempt.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -316,6 +316,8 @@ fn outcome_word(o: AttemptOutcome) -> &'static str {
         AttemptOutcome::Blocked => "blocked",
         AttemptOutcome::Succeeded => "succeeded",
         AttemptOutcome::Failed => "failed",
+        AttemptOutcome::Refused => "refused",
+        AttemptOutcome::DryRun => "dry-run",
     }
 }
 

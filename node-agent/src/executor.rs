@@ -224,7 +224,7 @@ pub fn next_action(
         .flatten()
         .find(|a| a.attempt == attempt);
     if reported
-        .is_some_and(|a| matches!(a.result, AttemptOutcome::Succeeded | AttemptOutcome::Failed))
+        .is_some_and(|a| a.result.is_final())
     {
         return ExecutorStep::Idle;
     }
@@ -567,7 +567,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
         message: String,
         advertised: Option<bool>,
     ) -> AttemptResult {
-        let finished = matches!(result, AttemptOutcome::Succeeded | AttemptOutcome::Failed);
+        let finished = result.is_final();
         AttemptResult {
             attempt,
             method: method.to_string(),

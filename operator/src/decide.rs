@@ -1649,6 +1649,28 @@ fn attempt_progress(
                 format!("{tag} failed: {msg}"),
             )
         }
+        Some(AttemptOutcome::Refused) => {
+            let msg = result.map(|r| r.message.clone()).unwrap_or_default();
+            attention(
+                d,
+                Attention {
+                    reason: "ApprovalRefused",
+                    message: format!("the agent refused {tag} and touched nothing: {msg}"),
+                    todo: "check that the GpuWedge names a GPU the node's agent detected (a hand-made or forged GpuWedge is refused by design); annotate unwedge.io/abandon to release the node".into(),
+                },
+            )
+        }
+        Some(AttemptOutcome::DryRun) => {
+            let msg = result.map(|r| r.message.clone()).unwrap_or_default();
+            attention(
+                d,
+                Attention {
+                    reason: "DryRun",
+                    message: format!("the agent runs with --dry-run and only reported what {tag} would do: {msg}"),
+                    todo: "turn off the agent's dry run (chart value agent.dryRun) to let it act, then annotate unwedge.io/retry; or annotate unwedge.io/abandon".into(),
+                },
+            )
+        }
         Some(AttemptOutcome::Succeeded) => {
             let started = result.map_or(appr.at.0, |r| r.started_at.0);
             let wedged_again = status.events.iter().flatten().any(|e| e.at.0 > started);
