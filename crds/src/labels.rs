@@ -27,3 +27,7 @@ pub const NODE_CONDITION: &str = "GpuWedged";
 pub fn device_label(pci: &str) -> String {
     pci.replace(':', "-")
 }
+
+/// Finalizer the operator keeps on a GpuWedge while it holds anything for it (a ledger place, a
+/// cordon, a DeviceTaintRule): deleting the wedge releases them first.
+pub const FINALIZER: &str = "unwedge.io/release";

@@ -223,9 +223,7 @@ pub fn next_action(
         .iter()
         .flatten()
         .find(|a| a.attempt == attempt);
-    if reported
-        .is_some_and(|a| a.result.is_final())
-    {
+    if reported.is_some_and(|a| a.result.is_final()) {
         return ExecutorStep::Idle;
     }
     let log = journal.of(&wedge_key(wedge), attempt);

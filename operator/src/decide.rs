@@ -82,7 +82,7 @@ pub struct PodView {
 pub struct PastWedge {
     /// Its name.
     pub name: String,
-    /// `spec.detectedAt`.
+    /// When it reached the API server ([`arrived`]).
     pub detected_at: Timestamp,
     /// When it last evicted a pod (a `none` eviction round), if it did.
     pub evicted_at: Option<Timestamp>,
@@ -164,6 +164,9 @@ pub struct Input<'a> {
     pub dra: Option<DraView>,
     /// Whether unwedge's DeviceTaintRule for this wedge exists now.
     pub quarantine_rule: bool,
+    /// The wedge's Node is gone (confirmed by a fresh read, not only missing from the cache):
+    /// the incident ends as Abandoned with reason NodeDeleted and its places are released.
+    pub node_deleted: bool,
 }
 
 /// The DRA side of a wedge (DESIGN §5 "On DRA clusters").
@@ -339,6 +342,30 @@ pub fn ladder(methods: &[String], s: &Settings) -> Result<Vec<String>, Attention
     Ok(out)
 }
 
+/// With no driver bound to the device (the agent reports `driver: ""`), rebind and bus-reset
+/// cannot work (both end by binding the driver again and verifying it): only the reboot rung is
+/// kept. A ladder with no reboot left asks a human at once instead of walking rungs that fail.
+pub fn without_driver(
+    plan: Result<Vec<String>, Attention>,
+    driver: &str,
+) -> Result<Vec<String>, Attention> {
+    if !driver.is_empty() {
+        return plan;
+    }
+    let rungs = plan?;
+    if rungs.iter().any(|m| m == REBOOT) {
+        return Ok(vec![REBOOT.to_string()]);
+    }
+    Err(Attention {
+        reason: "NoDriver",
+        message: format!(
+            "no driver is bound to the device, so {} cannot work, and the policy allows no reboot",
+            rungs.join(", ")
+        ),
+        todo: "bind the device's driver by hand or reboot the node, then annotate unwedge.io/abandon; or allow reboot in the policy and annotate unwedge.io/retry".into(),
+    })
+}
+
 fn unusable(method: &str) -> Attention {
     let (reason, todo) = match method {
         "vendor-specific" => (
@@ -389,6 +416,18 @@ pub fn plan_methods(w: &GpuWedge) -> Vec<String> {
 
 fn ts(t: &Time) -> Timestamp {
     t.0
+}
+
+/// When the wedge reached the API server (`metadata.creationTimestamp`, the API server's clock).
+/// Queue order, the circuit breaker's window and the repeat-offender window count from it, never
+/// from the agent-written `spec.detectedAt`: a node cannot jump the queue or trip a policy's
+/// breaker by dating its wedges. Falls back to `detectedAt` only for an object that was never
+/// stored (unit tests).
+pub fn arrived(w: &GpuWedge) -> Timestamp {
+    w.metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(w.spec.detected_at.0, |t| t.0)
 }
 
 /// `rebind#2` in an action names the planned rung and attempt; this reads it back.
@@ -536,20 +575,20 @@ pub fn decide(input: &Input) -> Decision {
         if phase == Phase::Recovered && ours {
             return release_cordon(d, input);
         }
-        if phase == Phase::Recovered && input.quarantine_rule {
+        if (phase == Phase::Recovered || input.node_deleted) && input.quarantine_rule {
             d.new.quarantine_rule = None;
             d.condition(
                 cond::QUARANTINED,
                 false,
                 "Released",
-                "the device is recovered: its DeviceTaintRule is deleted",
+                "the device is recovered or its node is gone: its DeviceTaintRule is deleted",
             );
             return d.done(
                 Step::Unquarantine,
                 note(
                     false,
                     "Unquarantined",
-                    "the device is recovered: deleting its DeviceTaintRule",
+                    "the device is recovered or its node is gone: deleting its DeviceTaintRule",
                 ),
             );
         }
@@ -574,6 +613,19 @@ pub fn decide(input: &Input) -> Decision {
         d.new.budget = None;
         d.condition(cond::ABANDONED, true, "ByHuman", msg.clone());
         return d.done(Step::Release, note(false, "Abandoned", msg));
+    }
+
+    if input.node_deleted {
+        let node = input.wedge.spec.node_name.clone();
+        let msg = format!(
+            "node {node} was deleted: the incident ends here and its budget place is released"
+        );
+        d.phase(Phase::Abandoned)
+            .action(format!("abandoned: node {node} deleted"));
+        d.new.finished_at = Some(d.now());
+        d.new.budget = None;
+        d.condition(cond::ABANDONED, true, "NodeDeleted", msg.clone());
+        return d.done(Step::Release, note(true, "NodeDeleted", msg));
     }
 
     let pv = match &input.policy {
@@ -674,6 +726,18 @@ pub fn decide(input: &Input) -> Decision {
     }
 }
 
+/// Whether nothing may be disrupted for the wedge: its policy is in dry run, or the agent that
+/// reported it runs with `--dry-run` (it would not act on an approval anyway).
+fn dry_run(input: &Input, s: &Settings) -> bool {
+    s.dry_run
+        || input
+            .wedge
+            .status
+            .as_ref()
+            .and_then(|st| st.agent_dry_run)
+            .unwrap_or(false)
+}
+
 /// Paused, tripped or dry-run policies allow no new cordons, evictions or approvals: this
 /// returns the holding decision when one applies.
 fn gate<'a>(mut d: Draft<'a>, pv: &PolicyView, what: &str) -> Result<Draft<'a>, Held> {
@@ -700,8 +764,15 @@ fn gate<'a>(mut d: Draft<'a>, pv: &PolicyView, what: &str) -> Result<Draft<'a>, 
             d.done(wait(REQUEUE_SLOW, why), note(true, reason, msg)),
         ));
     }
-    if s.dry_run {
-        let msg = format!("dry run (RecoveryPolicy {}): would {what}", pv.name);
+    if dry_run(d.input, s) {
+        let msg = if s.dry_run {
+            format!("dry run (RecoveryPolicy {}): would {what}", pv.name)
+        } else {
+            format!(
+                "dry run (the agent on {} runs with --dry-run): would {what}",
+                d.input.wedge.spec.node_name
+            )
+        };
         d.action(format!("dry-run: would {what}"));
         d.condition(cond::DRY_RUN, true, "DryRun", msg.clone());
         return Err(Box::new(
@@ -896,7 +967,7 @@ fn decide_none(
             d.condition(cond::ADMITTED, true, "Admitted", "within the none budget");
             return d.done(Step::Nothing, None);
         }
-        if s.dry_run && !s.paused && !pv.breaker_tripped {
+        if dry_run(input, s) && !s.paused && !pv.breaker_tripped {
             let list = pods_text(&targets);
             d.condition(
                 cond::DRY_RUN,
@@ -1135,7 +1206,7 @@ fn decide_recovery(
     let status = input.wedge.status.clone().unwrap_or_default();
     let phase = d.new.phase.unwrap_or_default();
     let node_name = input.wedge.spec.node_name.clone();
-    let plan = ladder(methods, s);
+    let plan = without_driver(ladder(methods, s), &input.wedge.spec.device.driver);
 
     // The rung planned now. A DRA device is quarantined for every rung but reboot, which takes
     // all the node's devices down and so cordons and drains the node (DESIGN §5).
@@ -1545,7 +1616,7 @@ fn approve(
             Ok(d) => d,
             Err(h) => return *h,
         };
-    } else if pv.settings.paused || pv.breaker_tripped || pv.settings.dry_run {
+    } else if pv.settings.paused || pv.breaker_tripped || dry_run(d.input, pv.settings) {
         d = match gate(d, pv, &format!("approve {method}#{n} (approved by {by})")) {
             Ok(d) => d,
             Err(h) => return *h,
@@ -1601,8 +1672,9 @@ fn attempt_progress(
     let timeout =
         jiff::SignedDuration::try_from(s.verify_timeout).unwrap_or(jiff::SignedDuration::MAX);
     let elapsed = input.now.duration_since(appr.at.0);
-    let left = (timeout - elapsed)
-        .unsigned_abs()
+    let left = timeout
+        .checked_sub(elapsed)
+        .map_or(Duration::from_secs(10), |l| l.unsigned_abs())
         .min(Duration::from_secs(10))
         .max(Duration::from_secs(1));
     match result.map(|r| r.result) {

@@ -73,6 +73,12 @@ pub struct Metrics {
     pub breaker: Family<PolicyLabel, Gauge>,
     /// unwedge_leader
     pub leader: Gauge,
+    /// unwedge_deleted_wedges_released_total: GpuWedges deleted while the operator held
+    /// something for them, whose places (ledger, cordon, DeviceTaintRule) it released.
+    pub deleted_released: Counter,
+    /// unwedge_ledger_repairs_total: ledger entries dropped because their wedge was gone or
+    /// finished.
+    pub ledger_repairs: Counter,
     registry: Registry,
     ready: AtomicBool,
 }
@@ -115,6 +121,8 @@ impl Metrics {
             attempt_failures: Family::default(),
             breaker: Family::default(),
             leader: Gauge::default(),
+            deleted_released: Counter::default(),
+            ledger_repairs: Counter::default(),
             registry: Registry::default(),
             ready: AtomicBool::new(false),
         };
@@ -167,6 +175,16 @@ impl Metrics {
             "unwedge_leader",
             "1 on the replica that holds the lease",
             m.leader.clone(),
+        );
+        registry.register(
+            "unwedge_deleted_wedges_released",
+            "GpuWedges deleted mid-recovery whose places the operator released",
+            m.deleted_released.clone(),
+        );
+        registry.register(
+            "unwedge_ledger_repairs",
+            "Ledger entries dropped because their wedge was gone or finished",
+            m.ledger_repairs.clone(),
         );
         m.preinitialise();
         Metrics { registry, ..m }

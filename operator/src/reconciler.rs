@@ -33,6 +33,7 @@ use crate::decide::{
 };
 use crate::dra;
 use crate::drain;
+
 use crate::ledger;
 use crate::metrics::{self, Metrics};
 use crate::policy_match::{self, Governing};
@@ -40,6 +41,8 @@ use crate::quarantine;
 use crate::settings::Settings;
 use crate::status::OperatorStatus;
 use crate::wake;
+
+mod finalize;
 
 /// Errors of one reconcile; the controller retries with a backoff.
 #[derive(Debug, thiserror::Error)]
@@ -136,11 +139,15 @@ impl Ctx {
     }
 }
 
+/// Whether the incident is still open: not Recovered or Abandoned, and not being deleted (a
+/// deleted wedge's places are released by `finalize::release_deleted`, it needs nothing more).
 fn open(w: &GpuWedge) -> bool {
-    !w.status
-        .as_ref()
-        .and_then(|s| s.phase)
-        .is_some_and(Phase::is_terminal)
+    w.metadata.deletion_timestamp.is_none()
+        && !w
+            .status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_some_and(Phase::is_terminal)
 }
 
 fn phase_of(w: &GpuWedge) -> Phase {
@@ -151,12 +158,18 @@ fn node_labels(n: Option<&Node>) -> BTreeMap<String, String> {
     n.map(|n| n.labels().clone()).unwrap_or_default()
 }
 
-/// The governing policy of a node and the settings, resolved from the stores.
-fn resolve_policy(ctx: &Ctx, node: Option<&Node>) -> (Governing, Vec<Arc<RecoveryPolicy>>) {
+/// The policy that governs `wedge` and every policy, resolved from the stores: the policy whose
+/// ledger holds the wedge (it keeps its place there until the incident ends, whatever the
+/// node's labels say now), else the one that selects the node.
+fn resolve_policy(
+    ctx: &Ctx,
+    node: Option<&Node>,
+    wedge: &str,
+) -> (Governing, Vec<Arc<RecoveryPolicy>>) {
     let policies: Vec<Arc<RecoveryPolicy>> = ctx.policies.state();
     let plain: Vec<RecoveryPolicy> = policies.iter().map(|p| (**p).clone()).collect();
     (
-        policy_match::governing(&plain, &node_labels(node)),
+        policy_match::for_wedge(&plain, &node_labels(node), wedge),
         policies,
     )
 }
@@ -254,10 +267,21 @@ async fn reconcile_once(
     ctx: &Arc<Ctx>,
 ) -> Result<Option<(Action, &'static str)>, Error> {
     let name = w.name_any();
+    if w.metadata.deletion_timestamp.is_some() {
+        finalize::release_deleted(ctx, &w).await?;
+        return Ok(Some((Action::await_change(), "release-deleted")));
+    }
     let now = Timestamp::now();
     let node_name = w.spec.node_name.clone();
     let node = ctx.nodes.get(&ObjectRef::new(&node_name));
-    let (governing, policies) = resolve_policy(ctx, node.as_deref());
+    // Missing from the cache is not enough: the watch may lag. Only a fresh 404 ends the wedge.
+    let node_deleted = node.is_none()
+        && open(&w)
+        && Api::<Node>::all(ctx.client.clone())
+            .get_opt(&node_name)
+            .await?
+            .is_none();
+    let (governing, policies) = resolve_policy(ctx, node.as_deref(), &name);
     let plain: Vec<RecoveryPolicy> = policies.iter().map(|p| (**p).clone()).collect();
     let all: Vec<Arc<GpuWedge>> = ctx.wedges.state();
 
@@ -298,13 +322,13 @@ async fn reconcile_once(
             (decide::plan_methods(o).first().map(String::as_str) == Some(decide::NONE))
                 == plan_is_none
         })
-        .filter(|o| (o.spec.detected_at.0, o.name_any()) < (w.spec.detected_at.0, name.clone()))
+        .filter(|o| (decide::arrived(o), o.name_any()) < (decide::arrived(&w), name.clone()))
         .filter(|o| {
             !settings_holder
                 .as_ref()
                 .is_some_and(|h| h.2.iter().any(|a| a.wedge == o.name_any()))
         })
-        .map(|o| (o.spec.detected_at.0, o.name_any(), o.spec.node_name.clone()))
+        .map(|o| (decide::arrived(o), o.name_any(), o.spec.node_name.clone()))
         .collect();
     ahead.sort();
     let waiting_ahead: Vec<(String, String)> = ahead.into_iter().map(|(_, w, n)| (w, n)).collect();
@@ -333,10 +357,10 @@ async fn reconcile_once(
                 && o.spec.node_name == node_name
                 && unwedge_crds::labels::device_label(&o.spec.device.pci_address) == device
         })
-        .filter(|o| o.spec.detected_at.0 <= w.spec.detected_at.0)
+        .filter(|o| decide::arrived(o) <= decide::arrived(&w))
         .map(|o| PastWedge {
             name: o.name_any(),
-            detected_at: o.spec.detected_at.0,
+            detected_at: decide::arrived(o),
             evicted_at: o
                 .status
                 .as_ref()
@@ -372,6 +396,7 @@ async fn reconcile_once(
         verbs: verbs(&w),
         dra: dra_view,
         quarantine_rule,
+        node_deleted,
     };
     let decision = decide::decide(&input);
     let step = step_name(&decision.step);
@@ -436,8 +461,16 @@ async fn dra_inputs(
     {
         return Ok((None, rule, None));
     }
-    let claims = quarantine::claims(&ctx.client).await?;
     let slices = quarantine::slices(&ctx.client, Some(&w.spec.node_name)).await?;
+    if !rule && !dra::advertised(&slices, dev) {
+        // The agent-written DRA device is not published by the wedge's own node: never taint a
+        // device this node does not have (a compromised node could name another node's GPU).
+        // The wedge is handled like a non-DRA one: its own node is cordoned.
+        tracing::warn!(wedge = %name, node = %w.spec.node_name, driver = %dev.driver, pool = %dev.pool, device = %dev.device,
+            "the wedge names a DRA device that no ResourceSlice of its node publishes: not quarantining it, cordoning the node instead");
+        return Ok((None, rule, None));
+    }
+    let claims = quarantine::claims(&ctx.client).await?;
     let view = decide::DraView {
         rule: dra::rule_name(&name),
         consumers: dra::consumers(&claims, dev),
@@ -471,7 +504,7 @@ async fn breaker_check(
     let detections: Vec<Timestamp> = all
         .iter()
         .filter(|w| nodes.contains(&w.spec.node_name))
-        .map(|w| w.spec.detected_at.0)
+        .map(|w| decide::arrived(w))
         .collect();
     let verdict = breaker::evaluate(s.circuit_breaker.as_ref(), &state, &detections, now);
     let pname = p.name_any();
@@ -648,17 +681,25 @@ async fn perform(
     let soon = Action::requeue(Duration::from_millis(500));
     let force = matches!(d.step, Step::ForceDelete { .. });
     match d.step.clone() {
-        Step::Nothing => Ok(if changed {
-            soon
-        } else {
-            Action::requeue(Duration::from_secs(60))
-        }),
+        Step::Nothing => {
+            if d.status.phase.is_some_and(Phase::is_terminal) && finalize::held(w) {
+                // Terminal with nothing left to release (decide would have said so).
+                finalize::forget(ctx, written.as_ref().unwrap_or(w)).await?;
+            }
+            Ok(if changed {
+                soon
+            } else {
+                Action::requeue(Duration::from_secs(60))
+            })
+        }
         Step::Wait { requeue_after, why } => {
             tracing::debug!(wedge = %name, %why, "waiting");
             Ok(Action::requeue(requeue_after))
         }
         Step::Admit { candidate, reclaim } => {
             ctx.ensure_leader()?;
+            // The finalizer first: a place is never held by a wedge that can vanish unnoticed.
+            finalize::ensure(ctx, written.as_ref().unwrap_or(w)).await?;
             let (limits, ahead) = match &input.policy {
                 Governance::Policy(p) => (p.limits, p.waiting_ahead.clone()),
                 _ => return Ok(soon),
@@ -723,6 +764,10 @@ async fn perform(
                 Ok(()) | Err(ledger::LedgerError::NoPolicy(_)) => {}
                 Err(e) => return Err(e.into()),
             }
+            let ours = node.is_some_and(|n| n.annotations().get(ANN_CORDONED_BY) == Some(&name));
+            if d.status.phase.is_some_and(Phase::is_terminal) && !ours && !input.quarantine_rule {
+                finalize::forget(ctx, written.as_ref().unwrap_or(w)).await?;
+            }
             cleanup_history(ctx, w, settings.as_ref().map_or(5, |s| s.history_limit)).await?;
             Ok(Action::requeue(Duration::from_secs(300)))
         }
@@ -749,6 +794,23 @@ async fn perform(
                     },
                 )
                 .await;
+            }
+            if let Some(dev) = w
+                .spec
+                .device
+                .dra
+                .as_ref()
+                .filter(|_| ctx.dra.on && input.dra.is_none())
+            {
+                let note = decide::Note {
+                    warning: true,
+                    reason: "DraDeviceNotOnNode".into(),
+                    message: format!(
+                        "no ResourceSlice of node {} publishes DRA device {}/{}/{}: the node is cordoned instead of quarantining a device it does not have",
+                        w.spec.node_name, dev.driver, dev.pool, dev.device
+                    ),
+                };
+                ctx.event(&w.object_ref(&()), &note).await;
             }
             if let Some(dev) = w.spec.device.dra.as_ref().filter(|_| !ctx.dra.on) {
                 let message = dra::cordoned_instead(dev, &w.spec.node_name, &ctx.dra);
@@ -893,7 +955,7 @@ async fn perform(
 
 fn now_secs(w: &GpuWedge) -> f64 {
     Timestamp::now()
-        .duration_since(w.spec.detected_at.0)
+        .duration_since(decide::arrived(w))
         .as_secs_f64()
         .max(0.0)
 }
@@ -916,7 +978,7 @@ async fn cleanup_history(ctx: &Ctx, w: &GpuWedge, limit: u32) -> Result<(), Erro
                 .as_ref()
                 .and_then(|s| s.finished_at.clone())
                 .map(|t| t.0)
-                .unwrap_or(o.spec.detected_at.0),
+                .unwrap_or_else(|| decide::arrived(o)),
         )
     });
     for old in done.iter().skip(limit as usize) {
@@ -1035,6 +1097,55 @@ pub async fn repair_ledgers(client: &Client) -> Result<(), Error> {
     Ok(())
 }
 
+/// Drops ledger entries whose wedge the cache shows gone or finished, each confirmed by a fresh
+/// read (the cache may lag): runs with every refresh, so a place held by a wedge that vanished
+/// without its finalizer (removed by hand, or a wedge from before the finalizer existed) is
+/// given back within one refresh period, not only at the next leader change.
+pub async fn repair_from_store(ctx: &Ctx) -> Result<(), Error> {
+    if !*ctx.leader.borrow() {
+        return Ok(());
+    }
+    let open_now: std::collections::BTreeSet<String> = ctx
+        .wedges
+        .state()
+        .iter()
+        .filter(|w| open(w))
+        .map(|w| w.name_any())
+        .collect();
+    for p in ctx.policies.state() {
+        let stale: Vec<String> = p
+            .status
+            .iter()
+            .flat_map(|s| s.admitted.iter())
+            .filter(|a| !open_now.contains(&a.wedge))
+            .map(|a| a.wedge.clone())
+            .collect();
+        let mut gone = std::collections::BTreeSet::new();
+        for w in stale {
+            if !ctx
+                .wedge_api()
+                .get_opt(&w)
+                .await?
+                .as_ref()
+                .is_some_and(open)
+            {
+                gone.insert(w);
+            }
+        }
+        if gone.is_empty() {
+            continue;
+        }
+        ctx.ensure_leader()?;
+        let dropped =
+            ledger::repair(&ctx.policy_api(), &p.name_any(), |w| !gone.contains(w)).await?;
+        if !dropped.is_empty() {
+            ctx.metrics.ledger_repairs.inc_by(dropped.len() as u64);
+            tracing::info!(policy = %p.name_any(), ?dropped, "ledger repaired: dropped finished or deleted wedges");
+        }
+    }
+    Ok(())
+}
+
 /// Refreshes the gauges and each policy's status summary and Conflict condition.
 pub async fn refresh(ctx: &Ctx) -> Result<(), Error> {
     let wedges = ctx.wedges.state();
@@ -1052,6 +1163,7 @@ pub async fn refresh(ctx: &Ctx) -> Result<(), Error> {
         "Recovering",
         "Verifying",
         "Restarting",
+        "Quarantined",
         "Recovered",
         "NeedsAttention",
         "Abandoned",
@@ -1371,6 +1483,9 @@ pub async fn run(
                 }
                 if let Err(e) = refresh(&ctx).await {
                     tracing::warn!(error = %e, "refresh of policy status and gauges failed");
+                }
+                if let Err(e) = repair_from_store(&ctx).await {
+                    tracing::warn!(error = %e, "ledger repair failed; it runs again at the next refresh");
                 }
             }
         }

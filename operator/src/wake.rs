@@ -102,7 +102,7 @@ pub fn on_policy_change(
         queues
             .entry(is_none)
             .or_default()
-            .push((w.spec.detected_at.0, name));
+            .push((decide::arrived(w), name));
     }
     let mut out = Vec::new();
     for (_, mut q) in queues {

@@ -51,6 +51,8 @@ struct World {
     dra: Option<DraView>,
     /// Whether our DeviceTaintRule exists.
     rule: bool,
+    /// Whether the wedge's Node is confirmed gone.
+    node_deleted: bool,
     /// Effects performed, in order (for assertions).
     log: Vec<Step>,
 }
@@ -110,6 +112,7 @@ impl World {
             verbs: Verbs::default(),
             dra: None,
             rule: false,
+            node_deleted: false,
             log: vec![],
         }
     }
@@ -152,6 +155,7 @@ impl World {
             verbs: self.verbs.clone(),
             dra: self.dra.clone(),
             quarantine_rule: self.rule,
+            node_deleted: self.node_deleted,
         };
         decide(&input)
     }
@@ -1629,4 +1633,134 @@ fn a_queued_wedge_rechecks_later_the_further_back_it_waits() {
         Duration::from_secs(300),
         "at most 5 minutes"
     );
+}
+
+// ---- endings cut short, and inputs that must not be trusted ----
+
+#[test]
+fn a_deleted_node_ends_the_wedge_and_releases_its_place_and_quarantine() {
+    let mut w = World::new("rebind,bus-reset");
+    w.run(3);
+    assert_eq!(w.ledger.len(), 1, "admitted");
+    assert_eq!(w.phase(), Phase::Draining, "action {:?}", w.status().action);
+    w.node_deleted = true;
+    w.rule = true;
+    w.run(10);
+    assert_eq!(w.phase(), Phase::Abandoned);
+    assert_eq!(w.cond(cond::ABANDONED).unwrap().reason, "NodeDeleted");
+    assert!(w.ledger.is_empty(), "the place is released at once");
+    assert!(!w.rule, "a quarantine of the gone node's device is lifted");
+    assert!(w.status().approval.is_none(), "nothing was approved");
+}
+
+#[test]
+fn an_agent_in_dry_run_disrupts_nothing_and_takes_no_place() {
+    let mut w = World::new("rebind,bus-reset");
+    let mut st = w.status();
+    st.agent_dry_run = Some(true);
+    w.wedge.status = Some(st);
+    w.run(10);
+    assert!(w.ledger.is_empty(), "no budget place: {:?}", w.ledger);
+    assert!(!w.node.unschedulable, "never cordoned");
+    assert!(evicted(&w).is_empty(), "nothing evicted");
+    assert!(w.status().approval.is_none(), "nothing approved");
+    let c = w.cond(cond::DRY_RUN).expect("a DryRun condition");
+    assert!(c.message.contains("--dry-run"), "{}", c.message);
+    assert!(
+        c.message.contains("cordon node-a"),
+        "says what it would do: {}",
+        c.message
+    );
+}
+
+#[test]
+fn a_refused_or_dry_run_attempt_is_held_for_a_human_and_never_escalated() {
+    for (outcome, reason) in [
+        (AttemptOutcome::Refused, "ApprovalRefused"),
+        (AttemptOutcome::DryRun, "DryRun"),
+    ] {
+        let mut w = World::new("rebind,bus-reset");
+        w.run(20);
+        w.agent(outcome, "not a device this agent detected");
+        w.run(20);
+        assert_eq!(w.phase(), Phase::NeedsAttention, "{outcome:?}");
+        let c = w.cond(cond::NEEDS_ATTENTION).unwrap();
+        assert_eq!(c.reason, reason);
+        assert!(c.message.contains("not a device this agent detected"));
+        let a = w.status().approval.unwrap();
+        assert_eq!(
+            (a.method.as_str(), a.attempt),
+            ("rebind", 1),
+            "no escalation"
+        );
+    }
+}
+
+#[test]
+fn with_no_driver_bound_only_the_reboot_rung_is_planned() {
+    let mut w = World::new("rebind,bus-reset");
+    w.wedge.spec.device.driver = String::new();
+    w.run(20);
+    let a = w.status().approval.expect("an approval");
+    assert_eq!(
+        (a.method.as_str(), a.attempt),
+        ("reboot", 1),
+        "no ladder walk"
+    );
+    assert!(w.ledger[0].reboot, "counted against maxConcurrentReboots");
+}
+
+#[test]
+fn with_no_driver_and_no_reboot_allowed_a_human_is_asked_at_once() {
+    let mut w = World::new("rebind,bus-reset");
+    w.wedge.spec.device.driver = String::new();
+    w.settings.allowed_methods = vec!["rebind".into(), "bus-reset".into()];
+    w.run(20);
+    assert_eq!(w.phase(), Phase::NeedsAttention);
+    let c = w.cond(cond::NEEDS_ATTENTION).unwrap();
+    assert_eq!(c.reason, "NoDriver");
+    assert!(c.message.contains("To do:"), "{}", c.message);
+    assert!(w.status().approval.is_none());
+}
+
+proptest::proptest! {
+    /// `decide` never panics, whatever the clock, the policy's timeouts and the times written in
+    /// the wedge (an approval or phase dated far in the future or past, durations at the maximum).
+    #[test]
+    fn decide_never_panics_on_extreme_times(
+        now in -377_705_116_800i64..253_402_207_200i64,
+        approved in -377_705_116_800i64..253_402_207_200i64,
+        since in -377_705_116_800i64..253_402_207_200i64,
+        verify in proptest::prop_oneof![proptest::strategy::Just(u64::MAX), 0u64..1_000_000_000],
+        drain in proptest::prop_oneof![proptest::strategy::Just(u64::MAX), 0u64..1_000_000_000],
+        outcome in 0usize..7,
+        phase in 0usize..4,
+    ) {
+        let mut w = World::new("rebind,bus-reset");
+        w.run(20);
+        w.settings.verify_timeout = Duration::from_secs(verify);
+        w.settings.drain_timeout = Duration::from_secs(drain);
+        w.now = Timestamp::from_second(now).unwrap();
+        let mut st = w.status();
+        if let Some(a) = st.approval.as_mut() {
+            a.at = Time(Timestamp::from_second(approved).unwrap());
+        }
+        st.phase_since = Some(Time(Timestamp::from_second(since).unwrap()));
+        st.phase = Some([Phase::Approved, Phase::Recovering, Phase::Draining, Phase::Verifying][phase]);
+        w.wedge.status = Some(st);
+        if outcome < 6 {
+            w.agent(
+                [
+                    AttemptOutcome::Started,
+                    AttemptOutcome::Blocked,
+                    AttemptOutcome::Succeeded,
+                    AttemptOutcome::Failed,
+                    AttemptOutcome::Refused,
+                    AttemptOutcome::DryRun,
+                ][outcome],
+                "x",
+            );
+        }
+        let _ = w.decide();
+    }
 }

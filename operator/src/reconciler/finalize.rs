@@ -1,0 +1,270 @@
+//! The operator's finalizer on a GpuWedge, and what deleting a wedge releases.
+//!
+//! The finalizer (`unwedge.io/release`) is put on a wedge before its first admission, so a
+//! wedge that holds a ledger place (and with it a reboot slot), a cordon or a DeviceTaintRule
+//! can never disappear without the operator seeing it. It is taken off when the incident ends
+//! with nothing left to release, or when a deleted wedge's places are released:
+//!
+//! - every ledger place of the wedge, in whichever policy holds it;
+//! - its DeviceTaintRule, if it has one;
+//! - the node's cordon, if unwedge made it for this wedge: handed to another open wedge of the
+//!   node that still needs it, otherwise lifted (never a cordon someone else made).
+//!
+//! An Event on the node says what was released. Each release is idempotent, so a reconcile
+//! cut short runs them all again.
+
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+use unwedge_crds::GpuWedge;
+use unwedge_crds::labels::{ANN_CORDONED_BY, FINALIZER};
+
+use super::{Ctx, Error, open};
+use crate::decide;
+use crate::ledger;
+use crate::quarantine;
+
+/// Whether the wedge carries the operator's finalizer.
+pub(super) fn held(w: &GpuWedge) -> bool {
+    w.finalizers().iter().any(|f| f == FINALIZER)
+}
+
+/// JSON patch that adds our finalizer, guarded by the list it was computed from.
+fn add_patch(w: &GpuWedge) -> json_patch::Patch {
+    let ops = match &w.metadata.finalizers {
+        None => json!([{"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}]),
+        Some(list) => json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": list},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}
+        ]),
+    };
+    serde_json::from_value(ops).expect("a well-formed JSON patch")
+}
+
+/// JSON patch that removes our finalizer, guarded by the list it was computed from.
+fn remove_patch(w: &GpuWedge) -> Option<json_patch::Patch> {
+    let list = w.metadata.finalizers.as_ref()?;
+    let at = list.iter().position(|f| f == FINALIZER)?;
+    let ops = json!([
+        {"op": "test", "path": "/metadata/finalizers", "value": list},
+        {"op": "remove", "path": format!("/metadata/finalizers/{at}")}
+    ]);
+    Some(serde_json::from_value(ops).expect("a well-formed JSON patch"))
+}
+
+/// Puts the finalizer on `w` (a no-op when it is there).
+pub(super) async fn ensure(ctx: &Ctx, w: &GpuWedge) -> Result<(), Error> {
+    if held(w) {
+        return Ok(());
+    }
+    ctx.ensure_leader()?;
+    let p: Patch<()> = Patch::Json(add_patch(w));
+    match ctx
+        .wedge_api()
+        .patch(&w.name_any(), &PatchParams::default(), &p)
+        .await
+    {
+        Ok(_) => Ok(()),
+        // The list changed under us (422 from the failed test): decide again on a fresh read.
+        Err(kube::Error::Api(s)) if s.code == 422 || s.is_conflict() => Err(Error::StatusConflict),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Takes the finalizer off `w` (a no-op when it is not there or the wedge is gone).
+pub(super) async fn forget(ctx: &Ctx, w: &GpuWedge) -> Result<(), Error> {
+    let Some(patch) = remove_patch(w) else {
+        return Ok(());
+    };
+    ctx.ensure_leader()?;
+    let p: Patch<()> = Patch::Json(patch);
+    match ctx
+        .wedge_api()
+        .patch(&w.name_any(), &PatchParams::default(), &p)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 422 || s.is_conflict() => Err(Error::StatusConflict),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Releases everything the operator holds for the deleted wedge `w`, then lets it go.
+pub(super) async fn release_deleted(ctx: &Ctx, w: &GpuWedge) -> Result<(), Error> {
+    if !held(w) {
+        return Ok(());
+    }
+    let name = w.name_any();
+    let mut released = Vec::new();
+    for policy in holding_policies(ctx, w) {
+        ctx.ensure_leader()?;
+        match ledger::release(&ctx.policy_api(), &policy, &name).await {
+            Ok(()) => released.push(format!("its place in RecoveryPolicy {policy}")),
+            Err(ledger::LedgerError::NoPolicy(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let had_rule = w
+        .status
+        .as_ref()
+        .is_some_and(|s| s.quarantine_rule.is_some());
+    if had_rule || ctx.dra.on {
+        ctx.ensure_leader()?;
+        if quarantine::remove(&ctx.client, &name).await? {
+            released.push("its DeviceTaintRule".into());
+        }
+    }
+    if let Some(cordon) = release_cordon(ctx, w).await? {
+        released.push(cordon);
+    }
+    forget(ctx, w).await?;
+    let message = if released.is_empty() {
+        format!("GpuWedge {name} deleted; it held nothing")
+    } else {
+        format!("GpuWedge {name} deleted: released {}", released.join(", "))
+    };
+    tracing::info!(wedge = %name, node = %w.spec.node_name, %message, "deleted wedge released");
+    let note = decide::Note {
+        warning: true,
+        reason: "GpuWedgeDeleted".into(),
+        message,
+    };
+    let node_ref = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(w.spec.node_name.clone()),
+        ..Default::default()
+    };
+    ctx.event(&node_ref, &note).await;
+    ctx.metrics.deleted_released.inc();
+    super::update_node_condition(ctx, &w.spec.node_name, &name).await
+}
+
+/// The policies whose ledger (as cached) holds `w`, plus the one its status names: a release
+/// that finds nothing is a no-op.
+fn holding_policies(ctx: &Ctx, w: &GpuWedge) -> Vec<String> {
+    let name = w.name_any();
+    let mut out: Vec<String> = ctx
+        .policies
+        .state()
+        .iter()
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .is_some_and(|s| s.admitted.iter().any(|a| a.wedge == name))
+        })
+        .map(|p| p.name_any())
+        .collect();
+    if let Some(p) = w.status.as_ref().and_then(|s| s.policy.clone()) {
+        out.push(p);
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Lifts (or hands over) the node's cordon if unwedge made it for `w`; says what it did.
+async fn release_cordon(ctx: &Ctx, w: &GpuWedge) -> Result<Option<String>, Error> {
+    let name = w.name_any();
+    let api = Api::<k8s_openapi::api::core::v1::Node>::all(ctx.client.clone());
+    let Some(node) = api.get_opt(&w.spec.node_name).await? else {
+        return Ok(None);
+    };
+    if node.annotations().get(ANN_CORDONED_BY) != Some(&name) {
+        return Ok(None);
+    }
+    let mut others: Vec<String> = ctx
+        .wedges
+        .state()
+        .iter()
+        .filter(|o| o.spec.node_name == w.spec.node_name && o.name_any() != name && open(o))
+        .map(|o| o.name_any())
+        .collect();
+    others.sort();
+    let rv = node.resource_version();
+    let (body, said) = match others.first() {
+        Some(next) => (
+            json!({"metadata": {"resourceVersion": rv, "annotations": {ANN_CORDONED_BY: next}}}),
+            format!("the cordon (handed to {next}, which still needs it)"),
+        ),
+        None => (
+            json!({"metadata": {"resourceVersion": rv, "annotations": {ANN_CORDONED_BY: null}}, "spec": {"unschedulable": false}}),
+            "the cordon (node uncordoned)".to_string(),
+        ),
+    };
+    ctx.ensure_leader()?;
+    match api
+        .patch(
+            &w.spec.node_name,
+            &PatchParams::default(),
+            &Patch::Merge(&body),
+        )
+        .await
+    {
+        Ok(_) => Ok(Some(said)),
+        // The node changed since it was read: the reconcile fails and runs again.
+        Err(kube::Error::Api(s)) if s.is_conflict() => Err(Error::StatusConflict),
+        Err(kube::Error::Api(s)) if s.is_not_found() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wedge(finalizers: Option<Vec<&str>>) -> GpuWedge {
+        let spec = serde_json::from_value(serde_json::json!({
+            "nodeName": "n", "device": {"pciAddress": "0000:03:00.0"}, "methods": ["rebind"],
+            "detectedAt": "2026-01-01T00:00:00Z"
+        }))
+        .unwrap();
+        let mut w = GpuWedge::new("w", spec);
+        w.metadata.finalizers = finalizers.map(|l| l.into_iter().map(String::from).collect());
+        w
+    }
+
+    fn apply(w: &GpuWedge, p: json_patch::Patch) -> Vec<String> {
+        let mut v = serde_json::to_value(w).unwrap();
+        json_patch::patch(&mut v, &p).unwrap();
+        serde_json::from_value::<GpuWedge>(v)
+            .unwrap()
+            .metadata
+            .finalizers
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_finalizer_is_added_to_no_list_and_to_someone_elses() {
+        assert_eq!(
+            apply(&wedge(None), add_patch(&wedge(None))),
+            vec![FINALIZER]
+        );
+        let other = wedge(Some(vec!["example.com/keep"]));
+        assert_eq!(
+            apply(&other, add_patch(&other)),
+            vec!["example.com/keep", FINALIZER]
+        );
+    }
+
+    #[test]
+    fn only_our_finalizer_is_removed() {
+        let w = wedge(Some(vec!["example.com/keep", FINALIZER]));
+        assert!(held(&w));
+        assert_eq!(
+            apply(&w, remove_patch(&w).unwrap()),
+            vec!["example.com/keep"]
+        );
+        assert!(remove_patch(&wedge(Some(vec!["example.com/keep"]))).is_none());
+        assert!(remove_patch(&wedge(None)).is_none());
+    }
+
+    #[test]
+    fn a_patch_computed_from_a_stale_list_fails_its_test() {
+        let seen = wedge(Some(vec![FINALIZER]));
+        let now = wedge(Some(vec!["example.com/new", FINALIZER]));
+        let mut v = serde_json::to_value(&now).unwrap();
+        assert!(json_patch::patch(&mut v, &remove_patch(&seen).unwrap()).is_err());
+    }
+}
