@@ -1594,6 +1594,27 @@ fn decide_recovery(
                     note(false, "Retry", msg),
                 );
             }
+            if phase == Phase::NeedsAttention && held.reboot {
+                // No reboot runs while a human looks: the reboot slot goes back to the policy
+                // (the node keeps its place). A retry of the reboot asks for the slot again.
+                let cand = Candidate {
+                    wedge: name.into(),
+                    node: node_name,
+                    unit: held.unit,
+                    reboot: false,
+                };
+                return d.done(
+                    Step::Admit {
+                        candidate: cand,
+                        reclaim: true,
+                    },
+                    note(
+                        false,
+                        "RebootSlotReleased",
+                        "no reboot runs while the wedge needs attention: its reboot slot is released",
+                    ),
+                );
+            }
             d.done(wait(REQUEUE_IDLE, "waiting for a human"), None)
         }
         Phase::Approved | Phase::Recovering | Phase::Verifying => {

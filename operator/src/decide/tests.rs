@@ -1764,3 +1764,17 @@ proptest::proptest! {
         let _ = w.decide();
     }
 }
+
+#[test]
+fn a_reboot_that_ends_in_needs_attention_gives_its_reboot_slot_back() {
+    let mut w = World::new("rebind,bus-reset");
+    w.wedge.spec.device.driver = String::new();
+    w.run(20);
+    assert!(w.ledger[0].reboot, "reboot#1 holds the reboot slot");
+    w.agent(AttemptOutcome::Refused, "no reboot: the host refused");
+    w.run(20);
+    assert_eq!(w.phase(), Phase::NeedsAttention);
+    assert_eq!(w.ledger.len(), 1, "the node keeps its place");
+    assert!(!w.ledger[0].reboot, "but not the reboot slot");
+    assert!(w.node.unschedulable, "still cordoned for the human");
+}
