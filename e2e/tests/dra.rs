@@ -72,10 +72,23 @@ async fn wait_devices(
     dra::wait_devices(client, NS, pods, T).await
 }
 
-/// Creates the GpuWedge exactly as the agent reports it (object, then agent status).
+/// Creates the GpuWedge exactly as the agent reports it (object, then agent status), naming
+/// DRA device `device` of the node's own pool.
 async fn report_wedge(
     client: &Client,
     node: &str,
+    pci_addr: &str,
+    device: &str,
+    seq: u64,
+) -> anyhow::Result<String> {
+    report_wedge_in_pool(client, node, node, pci_addr, device, seq).await
+}
+
+/// Like [`report_wedge`], naming a device of DRA pool `pool` (another node's, for a lie).
+async fn report_wedge_in_pool(
+    client: &Client,
+    node: &str,
+    pool: &str,
     pci_addr: &str,
     device: &str,
     seq: u64,
@@ -86,7 +99,7 @@ async fn report_wedge(
         driver: "xe".into(),
         dra: Some(DraDeviceRef {
             driver: DRIVER.into(),
-            pool: node.into(),
+            pool: pool.into(),
             device: device.into(),
         }),
         ..DeviceRef::default()
@@ -473,6 +486,57 @@ async fn scenarios(
     rules
         .delete("admin-maintenance", &DeleteParams::default())
         .await?;
+
+    // ---- 4. a wedge of dra-c naming a device of dra-b (a lying node): never quarantined; its
+    // own node is cordoned instead; deleting the wedge lifts that cordon ----
+    let lie = report_wedge_in_pool(client, "dra-c", "dra-b", &pci(2, 5), "gpu-5", 400).await?;
+    until("dra-c cordoned for the lying wedge", T, || async {
+        let n: Node = Api::all(client.clone()).get("dra-c").await?;
+        Ok((n.annotations().get("unwedge.io/cordoned-by") == Some(&lie)).then_some(()))
+    })
+    .await?;
+    assert!(
+        our_rules(client, &lie).await?.is_empty(),
+        "a DeviceTaintRule was made for another node's device"
+    );
+    let dra_b: Node = Api::all(client.clone()).get("dra-b").await?;
+    assert!(
+        !dra_b.spec.and_then(|s| s.unschedulable).unwrap_or(false),
+        "dra-b was cordoned by a wedge of dra-c"
+    );
+    let events: Api<Event> = Api::all(client.clone());
+    until(
+        "an Event DraDeviceNotOnNode on the lying wedge",
+        T,
+        || async {
+            Ok(events
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("DraDeviceNotOnNode")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                            == Some(lie.as_str())
+                })
+                .and_then(|e| e.note))
+        },
+    )
+    .await?;
+    Api::<GpuWedge>::all(client.clone())
+        .delete(&lie, &DeleteParams::default())
+        .await?;
+    until(
+        "dra-c uncordoned once the lying wedge is deleted",
+        T,
+        || async {
+            let n: Node = Api::all(client.clone()).get("dra-c").await?;
+            Ok((!n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false)
+                && !n.annotations().contains_key("unwedge.io/cordoned-by"))
+            .then_some(()))
+        },
+    )
+    .await?;
     Ok(())
 }
 
