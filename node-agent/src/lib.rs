@@ -3,9 +3,11 @@
 
 pub mod blamed;
 pub mod config;
+pub mod detections;
 pub mod dra;
 pub mod executor;
 pub mod fdgate;
+pub mod guard;
 pub mod host;
 pub mod listener;
 pub mod metrics;
@@ -16,3 +18,4 @@ pub mod run;
 pub mod startup;
 pub mod sysfs;
 pub mod uevent;
+pub mod verify_command;

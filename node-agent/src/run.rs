@@ -185,11 +185,14 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
     reconcile(&agent, "start").await;
 
     let m = metrics.clone();
+    let rejected = outbox.clone();
+    let mut rejected_seen = 0;
     let replayer = tokio::spawn(outbox::run_replayer(
         outbox,
         EnrichingReporter {
             agent: agent.clone(),
-            reporter: Reporter::new(client.clone(), agent.args.node_name.clone()),
+            reporter: Reporter::new(client.clone(), agent.args.node_name.clone())
+                .dry_run(agent.args.dry_run),
         },
         agent.wake.clone(),
         Duration::from_secs(2),
@@ -200,6 +203,10 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
                 m.api_errors.inc();
             }
             m.outbox_pending.set(pending as i64);
+            let total = rejected.rejected_total();
+            m.outbox_rejected
+                .inc_by(total.saturating_sub(rejected_seen));
+            rejected_seen = total;
         },
     ));
     agent.wake.notify_one();
@@ -219,6 +226,7 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
             host,
             KubeStore::new(client.clone()),
             &agent.args.state_dir,
+            agent.outbox.clone(),
             agent.clock.clone(),
             metrics.clone(),
         )
