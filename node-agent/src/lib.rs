@@ -11,6 +11,7 @@ pub mod guard;
 pub mod host;
 pub mod listener;
 pub mod metrics;
+pub mod node_events;
 pub mod outbox;
 pub mod podresources;
 pub mod reporter;

@@ -27,6 +27,7 @@ use crate::executor::{AdvertisedCheck, Executor, ExecutorConfig, KubeStore, Wedg
 use crate::host::{HostActions, SysfsHost};
 use crate::listener::{ListenError, UeventListener};
 use crate::metrics::{self, Metrics};
+use crate::node_events::{self, RateLimit};
 use crate::outbox::{self, Outbox};
 use crate::podresources::{self, DeviceIdMatch};
 use crate::reporter::{
@@ -240,6 +241,7 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
     ));
 
     let mut foreign_seen = 0;
+    let mut lost_events = RateLimit::new(LOST_UEVENTS_EVENT_INTERVAL);
     let mut shutdown = shutdown;
     loop {
         tokio::select! {
@@ -249,9 +251,11 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
                     Ok(buf) => on_message(&agent, &buf).await,
                     Err(ListenError::Overrun) => {
                         metrics.netlink_overruns.inc();
+                        metrics.uevents_lost.inc();
                         tracing::warn!("uevent receive buffer overrun: uevents were lost; reconciling from sysfs and the API");
                         let a = agent.clone();
-                        tokio::spawn(async move { reconcile(&a, "overrun").await });
+                        let event = lost_events.allow(std::time::Instant::now());
+                        tokio::spawn(async move { uevents_lost(&a, event).await });
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "uevent socket error; continuing");
@@ -511,7 +515,28 @@ async fn dra_device(agent: &Agent, pci: &str) -> (Option<DraDeviceRef>, Option<S
     (None, Some(note))
 }
 
-async fn reconcile(agent: &Arc<Agent>, why: &str) {
+/// At most one `GpuUeventsLost` Event per node in this interval (an overrun storm).
+const LOST_UEVENTS_EVENT_INTERVAL: Duration = Duration::from_secs(300);
+
+/// After an overrun: the rescan, then a note for a human in the log and, when `event`, in a
+/// Warning Event on the Node (the agent has no right to set a node condition).
+async fn uevents_lost(agent: &Arc<Agent>, event: bool) {
+    let findings = reconcile(agent, "overrun").await;
+    let note = startup::lost_uevents_note(&agent.sysfs.gpus(), &findings);
+    tracing::warn!(%note, "uevents lost");
+    if event {
+        let ev = node_events::warning(
+            &agent.args.node_name,
+            node_events::REASON_UEVENTS_LOST,
+            "Rescan",
+            &note,
+            Timestamp::now(),
+        );
+        node_events::publish(&agent.client, &ev).await;
+    }
+}
+
+async fn reconcile(agent: &Arc<Agent>, why: &str) -> Vec<startup::Finding> {
     let api: Api<GpuWedge> = Api::all(agent.client.clone());
     let lp = ListParams::default().labels(&format!("{LABEL_NODE}={}", agent.args.node_name));
     let wedges = match tokio::time::timeout(Duration::from_secs(5), api.list(&lp)).await {
@@ -542,6 +567,7 @@ async fn reconcile(agent: &Arc<Agent>, why: &str) {
         }
     }
     agent.wake.notify_one();
+    findings
 }
 
 async fn run_executor(
