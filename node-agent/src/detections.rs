@@ -4,7 +4,7 @@
 //! The outbox ([`crate::outbox`]) holds a detection until the API accepts it and then deletes
 //! the entry, so it cannot answer "did I detect this?" for long. Before the entry is deleted
 //! the replayer appends one line to `<state-dir>/detections.jsonl` (fsync'd): the wedge's name,
-//! node, PCI address and boot id. Record first, delete second: at every moment a detection is
+//! node, PCI address and boot id, and the driver sysfs showed bound at detection. Record first, delete second: at every moment a detection is
 //! in the outbox or in this file, so a restart forgets nothing and an approval can never race
 //! ahead of the record. The file keeps the newest [`KEPT`] detections: it is rewritten
 //! (temp file, fsync, rename) whenever it holds twice that many. An incident older than the
@@ -35,6 +35,10 @@ pub struct DetectionRecord {
     pub pci_address: String,
     /// The boot id at detection (`spec.bootId`).
     pub boot_id: String,
+    /// The driver sysfs showed bound at detection (empty: none), for a device a failed
+    /// attempt left unbound.
+    #[serde(default)]
+    pub driver: String,
     /// When the API accepted it.
     pub at: Timestamp,
 }
@@ -120,11 +124,24 @@ impl Detections {
 
     /// Whether a GpuWedge with these spec fields is a detection this agent reported.
     pub fn holds(&self, wedge: &str, node: &str, pci_address: &str, boot_id: &str) -> bool {
+        self.find(wedge, node, pci_address, boot_id).is_some()
+    }
+
+    /// The record of the GpuWedge with these spec fields, if this agent reported it.
+    pub fn find(
+        &self,
+        wedge: &str,
+        node: &str,
+        pci_address: &str,
+        boot_id: &str,
+    ) -> Option<DetectionRecord> {
         self.records
             .lock()
             .expect("detections poisoned")
             .iter()
-            .any(|r| r.is(wedge, node, pci_address, boot_id))
+            .rev()
+            .find(|r| r.is(wedge, node, pci_address, boot_id))
+            .cloned()
     }
 
     /// How many detections are remembered.
@@ -181,6 +198,7 @@ mod tests {
             node: "node-a".into(),
             pci_address: "0000:03:00.0".into(),
             boot_id: "boot-1".into(),
+            driver: "xe".into(),
             at: Timestamp::UNIX_EPOCH,
         }
     }

@@ -145,6 +145,16 @@ impl Journal {
         Ok(())
     }
 
+    /// The driver read from sysfs before the latest attempt on the wedge with `uid` that had
+    /// one (see [`JournalRecord::driver`]).
+    pub fn driver_read(&self, uid: &str) -> Option<String> {
+        self.records
+            .iter()
+            .rev()
+            .filter(|r| r.uid == uid && r.stage == Stage::Acting)
+            .find_map(|r| r.driver.clone())
+    }
+
     /// What is recorded for attempt `attempt` of the wedge with `uid`.
     pub fn of(&self, uid: &str, attempt: u32) -> AttemptLog {
         let mut log = AttemptLog::default();
@@ -873,22 +883,34 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
     fn clearance(&self, wedge: &GpuWedge, method: &str) -> Result<Clearance, Refusal> {
         let spec = &wedge.spec;
         let pci = spec.device.pci_address.as_str();
-        let detected = crate::sysfs::is_bdf(pci)
-            && self
-                .outbox
-                .detected(&wedge.name_any(), &spec.node_name, pci, &spec.boot_id);
-        let facts = if crate::sysfs::is_bdf(pci) {
-            DeviceFacts {
-                is_drm: self.host.is_drm_device(pci),
-                driver: self.host.driver_of(pci),
-            }
-        } else {
-            DeviceFacts::default()
+        if !crate::sysfs::is_bdf(pci) {
+            return guard::clear(wedge, method, false, &DeviceFacts::default());
+        }
+        let detection =
+            self.outbox
+                .detection(&wedge.name_any(), &spec.node_name, pci, &spec.boot_id);
+        let journaled = self
+            .journal
+            .lock()
+            .expect("journal poisoned")
+            .driver_read(&wedge_key(wedge));
+        let detected_with = detection
+            .as_ref()
+            .map(|d| d.driver.clone())
+            .filter(|d| !d.is_empty());
+        let facts = DeviceFacts {
+            is_drm: self.host.is_drm_device(pci),
+            driver: self.host.driver_of(pci),
+            is_gpu_class: self
+                .host
+                .pci_class(pci)
+                .is_some_and(|c| matches!(c >> 16, 0x03 | 0x12)),
+            remembered_driver: journaled.or(detected_with),
         };
         if !spec.device.driver.is_empty() && facts.driver.as_deref() != Some(&spec.device.driver) {
             tracing::info!(wedge = %wedge.name_any(), cr_driver = %spec.device.driver, sysfs_driver = ?facts.driver, "spec.device.driver differs from sysfs; the agent uses sysfs only");
         }
-        guard::clear(wedge, method, detected, &facts)
+        guard::clear(wedge, method, detection.is_some(), &facts)
     }
 
     /// Journals and reports a refused approval (final: never retried) and tells a human in

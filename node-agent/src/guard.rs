@@ -5,10 +5,15 @@
 //! - Every method: the GpuWedge must be a detection this agent reported itself (its outbox or
 //!   its record of reported detections holds the same name, node, PCI address and boot id). A
 //!   GpuWedge made by hand, or routed here for another node's device, is refused.
-//! - `rebind` and `bus-reset` write under `/sys/bus/pci`: the address must still be a DRM
-//!   device in sysfs (`devices/<bdf>/drm` exists) with a driver bound, and the driver is the
-//!   basename of its `driver` link in sysfs, a plain name (`^[A-Za-z0-9_][A-Za-z0-9_-]*$`).
-//!   `spec.device.driver` is never used: the CR is not a source of paths.
+//! - `rebind` and `bus-reset` write under `/sys/bus/pci`. With a driver bound, the address must
+//!   be a DRM device in sysfs (`devices/<bdf>/drm` exists) and the driver is the basename of
+//!   its `driver` link, a plain name (`^[A-Za-z0-9_][A-Za-z0-9_-]*$`). With none bound (an
+//!   earlier rung's bind failed, which is when `bus-reset` is needed), the device must be a
+//!   GPU by PCI class (display `0x03`, accelerator `0x12`: `drm/` leaves with the driver) and
+//!   the driver is the one this agent itself read from sysfs before (its journal of an earlier
+//!   attempt on the wedge, or its detection record). A device that had no driver when it was
+//!   detected has none to use: refused. `spec.device.driver` is never used: the CR is not a
+//!   source of paths.
 //! - `reboot` and `none` touch no device file and need no driver.
 
 use thiserror::Error;
@@ -21,6 +26,10 @@ pub struct DeviceFacts {
     pub is_drm: bool,
     /// The basename of `/sys/bus/pci/devices/<bdf>/driver`, when bound.
     pub driver: Option<String>,
+    /// Its PCI class is display (`0x03xxxx`) or processing accelerator (`0x12xxxx`).
+    pub is_gpu_class: bool,
+    /// The driver this agent read from sysfs for the wedge before (journal or detection).
+    pub remembered_driver: Option<String>,
 }
 
 /// An approval that may go ahead, with what the executor may use to carry it out.
@@ -115,26 +124,36 @@ pub fn clear(
             boot_id: wedge.spec.boot_id.clone(),
         });
     }
+    let remembered = facts
+        .remembered_driver
+        .clone()
+        .filter(|d| is_plain_driver_name(d));
     let writes_sysfs = matches!(method, crate::sysfs::REBIND | crate::sysfs::BUS_RESET);
     if !writes_sysfs {
-        let driver = facts.driver.clone().filter(|d| is_plain_driver_name(d));
-        return Ok(Clearance { driver });
-    }
-    let Some(driver) = facts.driver.clone() else {
-        return Err(Refusal::NoDriver {
-            pci,
-            method: method.to_string(),
+        let bound = facts.driver.clone().filter(|d| is_plain_driver_name(d));
+        return Ok(Clearance {
+            driver: bound.or(remembered),
         });
-    };
-    if !facts.is_drm {
-        return Err(Refusal::NotDrm { pci });
     }
-    if !is_plain_driver_name(&driver) {
-        return Err(Refusal::OddDriverName { pci, driver });
+    match facts.driver.clone() {
+        Some(_) if !facts.is_drm => Err(Refusal::NotDrm { pci }),
+        Some(driver) if !is_plain_driver_name(&driver) => {
+            Err(Refusal::OddDriverName { pci, driver })
+        }
+        Some(driver) => Ok(Clearance {
+            driver: Some(driver),
+        }),
+        None if !facts.is_gpu_class => Err(Refusal::NotDrm { pci }),
+        None => match remembered {
+            Some(driver) => Ok(Clearance {
+                driver: Some(driver),
+            }),
+            None => Err(Refusal::NoDriver {
+                pci,
+                method: method.to_string(),
+            }),
+        },
     }
-    Ok(Clearance {
-        driver: Some(driver),
-    })
 }
 
 #[cfg(test)]
@@ -164,8 +183,10 @@ mod tests {
 
     fn gpu(driver: Option<&str>) -> DeviceFacts {
         DeviceFacts {
-            is_drm: true,
+            is_drm: driver.is_some(),
             driver: driver.map(str::to_string),
+            is_gpu_class: true,
+            remembered_driver: Some("xe".into()),
         }
     }
 
@@ -199,6 +220,8 @@ mod tests {
         let nic = DeviceFacts {
             is_drm: false,
             driver: Some("e1000e".into()),
+            is_gpu_class: false,
+            remembered_driver: Some("e1000e".into()),
         };
         assert_eq!(
             clear(&w, "rebind", true, &nic),
@@ -206,7 +229,37 @@ mod tests {
                 pci: "0000:00:19.0".into()
             })
         );
-        assert!(clear(&w, "bus-reset", true, &nic).is_err());
+        let unbound_nic = DeviceFacts {
+            driver: None,
+            ..nic
+        };
+        assert!(matches!(
+            clear(&w, "bus-reset", true, &unbound_nic),
+            Err(Refusal::NotDrm { .. })
+        ));
+    }
+
+    #[test]
+    fn a_gpu_left_unbound_by_a_failed_bind_uses_the_driver_the_agent_read_before() {
+        let w = wedge("0000:03:00.0", "../../x");
+        let left_unbound = gpu(None);
+        for method in ["rebind", "bus-reset", "reboot"] {
+            assert_eq!(
+                clear(&w, method, true, &left_unbound),
+                Ok(Clearance {
+                    driver: Some("xe".into())
+                }),
+                "{method}"
+            );
+        }
+        let odd = DeviceFacts {
+            remembered_driver: Some("../x".into()),
+            ..gpu(None)
+        };
+        assert!(matches!(
+            clear(&w, "rebind", true, &odd),
+            Err(Refusal::NoDriver { .. })
+        ));
     }
 
     #[test]
@@ -215,6 +268,8 @@ mod tests {
         let unbound = DeviceFacts {
             is_drm: false,
             driver: None,
+            is_gpu_class: true,
+            remembered_driver: None,
         };
         for method in ["rebind", "bus-reset"] {
             let r = clear(&w, method, true, &unbound).unwrap_err();

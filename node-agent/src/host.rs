@@ -70,6 +70,8 @@ pub trait HostActions: Send + Sync {
     fn card_of(&self, bdf: &str) -> Option<String>;
     /// Whether `bdf` is a DRM device now (its sysfs directory has `drm/`).
     fn is_drm_device(&self, bdf: &str) -> bool;
+    /// The PCI class of `bdf` (`0x030000`), if readable.
+    fn pci_class(&self, bdf: &str) -> Option<u32>;
 }
 
 /// `HostActions` on a sysfs tree rooted at `sysfs_root`.
@@ -201,6 +203,14 @@ impl HostActions for SysfsHost {
     fn is_drm_device(&self, bdf: &str) -> bool {
         crate::sysfs::is_bdf(bdf) && self.pci().join("devices").join(bdf).join("drm").is_dir()
     }
+
+    fn pci_class(&self, bdf: &str) -> Option<u32> {
+        if !crate::sysfs::is_bdf(bdf) {
+            return None;
+        }
+        let class = fs::read_to_string(self.pci().join("devices").join(bdf).join("class")).ok()?;
+        u32::from_str_radix(class.trim().trim_start_matches("0x"), 16).ok()
+    }
 }
 
 #[cfg(test)]
@@ -250,6 +260,9 @@ mod tests {
             "no such driver dir"
         );
         assert!(h.is_drm_device("0000:03:00.0"));
+        fs::write(dev.join("class"), "0x030000\n").unwrap();
+        assert_eq!(h.pci_class("0000:03:00.0"), Some(0x030000));
+        assert_eq!(h.pci_class("0000:04:00.0"), None);
         assert!(!h.is_drm_device("0000:04:00.0"));
     }
 

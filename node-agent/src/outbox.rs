@@ -84,20 +84,35 @@ impl Outbox {
     /// Whether this agent detected the GpuWedge named `wedge` with these spec fields: it is
     /// pending here (under its name or its fallback name) or was reported.
     pub fn detected(&self, wedge: &str, node: &str, pci_address: &str, boot_id: &str) -> bool {
-        if self.detections.holds(wedge, node, pci_address, boot_id) {
-            return true;
+        self.detection(wedge, node, pci_address, boot_id).is_some()
+    }
+
+    /// This agent's record of the GpuWedge named `wedge` with these spec fields (see
+    /// [`Outbox::detected`]).
+    pub fn detection(
+        &self,
+        wedge: &str,
+        node: &str,
+        pci_address: &str,
+        boot_id: &str,
+    ) -> Option<DetectionRecord> {
+        if let Some(r) = self.detections.find(wedge, node, pci_address, boot_id) {
+            return Some(r);
         }
         let pending = self.pending().unwrap_or_else(|e| {
             tracing::warn!(dir = %self.dir.display(), error = %e, "cannot read the outbox to look for a detection");
             Vec::new()
         });
-        pending.iter().any(|p| {
-            let d = &p.wedge;
-            (d.name() == wedge || d.fallback_name() == wedge)
-                && d.node == node
-                && d.device.pci_address == pci_address
-                && d.boot_id == boot_id
-        })
+        pending
+            .iter()
+            .map(|p| &p.wedge)
+            .find(|d| {
+                (d.name() == wedge || d.fallback_name() == wedge)
+                    && d.node == node
+                    && d.device.pci_address == pci_address
+                    && d.boot_id == boot_id
+            })
+            .map(|d| record_of(d, wedge))
     }
 
     /// How many entries were moved to `rejected/` since the agent started.
@@ -238,17 +253,10 @@ impl Outbox {
             Reported::Created(n) | Reported::AlreadyRecorded(n) => Some(n),
             Reported::Appended(_) => None,
         };
-        if let Some(name) = name.filter(|n| **n == d.name() || **n == d.fallback_name()) {
-            let rec = DetectionRecord {
-                wedge: name.clone(),
-                node: d.node.clone(),
-                pci_address: d.device.pci_address.clone(),
-                boot_id: d.boot_id.clone(),
-                at: Timestamp::now(),
-            };
-            if let Err(e) = self.detections.record(rec) {
-                tracing::error!(error = %e, wedge = %name, "cannot write the record of reported detections; it is kept in memory, and approvals of this wedge are refused after a restart");
-            }
+        if let Some(name) = name.filter(|n| **n == d.name() || **n == d.fallback_name())
+            && let Err(e) = self.detections.record(record_of(d, name))
+        {
+            tracing::error!(error = %e, wedge = %name, "cannot write the record of reported detections; it is kept in memory, and approvals of this wedge are refused after a restart");
         }
         self.remove(&pending.path)
     }
@@ -288,6 +296,18 @@ impl Outbox {
     /// Whether nothing waits.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The record of detection `d`, held by the GpuWedge `wedge`.
+fn record_of(d: &DetectedWedge, wedge: &str) -> DetectionRecord {
+    DetectionRecord {
+        wedge: wedge.to_string(),
+        node: d.node.clone(),
+        pci_address: d.device.pci_address.clone(),
+        boot_id: d.boot_id.clone(),
+        driver: d.device.driver.clone(),
+        at: Timestamp::now(),
     }
 }
 

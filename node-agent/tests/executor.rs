@@ -60,6 +60,7 @@ impl FakeSysfs {
         fs::create_dir_all(dev.join("drm/card0")).unwrap();
         fs::create_dir_all(&drv).unwrap();
         fs::write(dev.join("reset_method"), "flr bus\n").unwrap();
+        fs::write(dev.join("class"), "0x030000\n").unwrap();
         std::os::unix::fs::symlink("../../drivers/xe", dev.join("driver")).unwrap();
         fs::write(root.path().join("boot_id"), "boot-1\n").unwrap();
         let journal = Arc::new(Mutex::new(Vec::new()));
@@ -200,6 +201,9 @@ impl HostActions for Synced {
     fn is_drm_device(&self, bdf: &str) -> bool {
         self.inner.is_drm_device(bdf)
     }
+    fn pci_class(&self, bdf: &str) -> Option<u32> {
+        self.inner.pci_class(bdf)
+    }
 }
 
 /// An in-memory store standing in for the API; `lose_patches` drops status writes (a patch
@@ -282,9 +286,14 @@ fn approved(method: &str, attempt: u32) -> GpuWedge {
     w
 }
 
-/// The agent's record that it detected and reported `w` (what the outbox replayer writes when
-/// the API accepts a detection).
+/// The agent's record that it detected and reported `w` with `xe` bound (what the outbox
+/// replayer writes when the API accepts a detection).
 fn detected(state: &Path, w: &GpuWedge) {
+    detected_with(state, w, "xe");
+}
+
+/// [`detected`] with `driver` bound at detection (empty: none).
+fn detected_with(state: &Path, w: &GpuWedge, driver: &str) {
     let outbox = Outbox::open(state).unwrap();
     outbox
         .detections()
@@ -293,6 +302,7 @@ fn detected(state: &Path, w: &GpuWedge) {
             node: w.spec.node_name.clone(),
             pci_address: w.spec.device.pci_address.clone(),
             boot_id: w.spec.boot_id.clone(),
+            driver: driver.into(),
             at: Timestamp::now(),
         })
         .unwrap();
@@ -601,9 +611,11 @@ async fn without_a_driver_reboot_runs_and_rebind_is_refused() {
     fs::remove_file(dev.join("driver")).unwrap();
     fs::remove_dir_all(dev.join("drm")).unwrap();
 
+    // Detected while no driver was bound: the agent has no driver it read itself.
     let w = approved("rebind", 1);
+    detected_with(state.path(), &w, "");
     let store = MemStore::with(&w);
-    executor(&fake, store.clone(), state.path(), "false", false)
+    executor_of(&fake, store.clone(), state.path(), "false", false)
         .process(&w)
         .await;
     let a = attempt_of(&store, "node-a-0000-03-00-0-7", 1);
@@ -614,7 +626,7 @@ async fn without_a_driver_reboot_runs_and_rebind_is_refused() {
     let reboot = format!("echo boot-2 > {}", boot.display());
     let w = approved("reboot", 2);
     let store = MemStore::with(&w);
-    let step = executor(&fake, store.clone(), state.path(), &reboot, false)
+    let step = executor_of(&fake, store.clone(), state.path(), &reboot, false)
         .process(&w)
         .await;
     assert_eq!(
@@ -717,4 +729,27 @@ async fn the_agent_that_asked_for_a_reboot_waits_for_it_instead_of_failing_the_a
     );
     let a = &store.attempts("node-a-0000-03-00-0-7")[0];
     assert_eq!(a.result, AttemptOutcome::Failed, "{}", a.message);
+}
+
+#[tokio::test]
+async fn a_gpu_left_unbound_by_a_failed_rebind_can_still_be_bus_reset() {
+    let fake = FakeSysfs::new();
+    let state = tempfile::tempdir().unwrap();
+    // The rebind rung's bind failed: the device is unbound, its drm directory gone.
+    let dev = fake.root.path().join("bus/pci/devices").join(BDF);
+    fs::remove_file(dev.join("driver")).unwrap();
+    fs::remove_dir_all(dev.join("drm")).unwrap();
+    let mut w = approved("bus-reset", 2);
+    w.spec.device.driver = "../../../escape".into();
+    let store = MemStore::with(&w);
+    executor(&fake, store.clone(), state.path(), "false", false)
+        .process(&w)
+        .await;
+    assert_eq!(
+        fake.writes(),
+        vec!["reset 1".to_string(), format!("bind {BDF}")],
+        "no unbind of an unbound device; bound to xe, the driver the agent detected"
+    );
+    let a = attempt_of(&store, "node-a-0000-03-00-0-7", 2);
+    assert_eq!(a.result, AttemptOutcome::Succeeded, "{}", a.message);
 }
