@@ -219,7 +219,7 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
                 dev_root: agent.args.dev_root.clone(),
                 dry_run: agent.args.dry_run,
                 settle: agent.args.settle,
-                verify_command: agent.args.verify_command.clone(),
+                verify_command: verify_command(&agent.args),
                 gate_interval: Duration::from_secs(2),
                 reappear_timeout: agent.args.reappear_timeout,
                 advertised: Some(advertised_check(&agent)),
@@ -279,6 +279,22 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
         "stopped; unreported wedges stay in the outbox"
     );
     Ok(())
+}
+
+/// `--verify-command`, unset when blank; a program given by a path that does not exist is
+/// logged at start, not only when the first recovery fails on it.
+fn verify_command(args: &Args) -> Option<String> {
+    let cmd = args
+        .verify_command
+        .clone()
+        .filter(|c| !c.trim().is_empty())?;
+    if let Ok(parsed) = crate::verify_command::VerifyCommand::parse(&cmd) {
+        let program = std::path::Path::new(&parsed.argv()[0]);
+        if program.is_absolute() && !program.exists() {
+            tracing::error!(program = %program.display(), "--verify-command names a program that does not exist in the agent's image; every recovery will fail verification until it is fixed (it runs without a shell)");
+        }
+    }
+    Some(cmd)
 }
 
 /// Asks the kubelet (PodResources `GetAllocatableResources`) whether a GPU is advertised
