@@ -1,5 +1,5 @@
 //! Warning Events on this agent's Node, for what a human must see and no GpuWedge can carry
-//! (lost uevents). `kubectl describe node` shows them.
+//! (lost uevents, detections the API refused for good). `kubectl describe node` shows them.
 //!
 //! The agent may only create Events (chart `rbac-agent.yaml`: no `patch`, no `nodes/status`,
 //! so no node condition and no event series): each Event is a new object in `default`, the
@@ -20,6 +20,9 @@ pub const CONTROLLER: &str = "unwedge.io/agent";
 
 /// The Event `reason` when uevents were lost (netlink ENOBUFS).
 pub const REASON_UEVENTS_LOST: &str = "GpuUeventsLost";
+
+/// The Event `reason` when outbox entries were set aside (see [`crate::outbox`]).
+pub const REASON_REPORT_REJECTED: &str = "GpuWedgeReportRejected";
 
 /// The Event for `node`, with `reason`, `action` and `note` (cut to the API's 1 KiB).
 pub fn warning(node: &str, reason: &str, action: &str, note: &str, now: jiff::Timestamp) -> Event {

@@ -187,6 +187,7 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
 
     let m = metrics.clone();
     let rejected = outbox.clone();
+    let (rejected_node, rejected_client) = (agent.args.node_name.clone(), client.clone());
     let mut rejected_seen = 0;
     let replayer = tokio::spawn(outbox::run_replayer(
         outbox,
@@ -205,9 +206,24 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
             }
             m.outbox_pending.set(pending as i64);
             let total = rejected.rejected_total();
-            m.outbox_rejected
-                .inc_by(total.saturating_sub(rejected_seen));
+            let new = total.saturating_sub(rejected_seen);
+            m.outbox_rejected.inc_by(new);
             rejected_seen = total;
+            if new > 0 {
+                let note = format!(
+                    "{new} detected wedge(s) refused for good by the API server (or unreadable), never to be retried; kept for a human in {} on this node",
+                    rejected.rejected_dir().display()
+                );
+                let ev = node_events::warning(
+                    &rejected_node,
+                    node_events::REASON_REPORT_REJECTED,
+                    "Report",
+                    &note,
+                    Timestamp::now(),
+                );
+                let client = rejected_client.clone();
+                tokio::spawn(async move { node_events::publish(&client, &ev).await });
+            }
         },
     ));
     agent.wake.notify_one();
