@@ -253,3 +253,34 @@ async fn a_detection_that_cannot_be_written_is_still_reported() {
     fs::create_dir(outbox.dir()).unwrap();
     assert!(outbox.pending().unwrap().is_empty(), "gone once accepted");
 }
+
+/// An API where every detection joins an open incident of another name.
+struct Appending;
+
+impl Sink for Appending {
+    fn report(
+        &self,
+        _wedge: &DetectedWedge,
+    ) -> impl std::future::Future<Output = Result<Reported, ReportError>> + Send {
+        std::future::ready(Ok(Reported::Appended("node-a-0000-03-00-0-1".into())))
+    }
+}
+
+#[tokio::test]
+async fn a_detection_added_to_an_open_incident_is_not_recorded_under_that_incident() {
+    let state = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(state.path()).unwrap();
+    let later = on_device(2, "0000:03:00.0", 5);
+    outbox.put(&later).unwrap();
+    assert!(
+        outbox.detected(&later.name(), "node-a", "0000:03:00.0", "boot-1"),
+        "pending in the outbox counts as detected"
+    );
+    let pass = replay(&outbox, &Appending).await.unwrap();
+    assert_eq!(pass.reported.len(), 1);
+    assert!(
+        outbox.detections().is_empty(),
+        "the incident was not this detection's own"
+    );
+    assert!(!outbox.detected("node-a-0000-03-00-0-1", "node-a", "0000:03:00.0", "boot-1"));
+}
