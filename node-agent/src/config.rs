@@ -64,7 +64,9 @@ pub struct Args {
     /// The command run (through `sh -c`) by `--reboot-mode command`.
     #[arg(long, env = "REBOOT_COMMAND", default_value = "systemctl reboot")]
     pub reboot_command: String,
-    /// A command (through `sh -c`) that must exit 0 for a recovery to count as verified.
+    /// A program that must exit 0 for a recovery to count as verified, with its arguments,
+    /// split on whitespace and run without a shell (the image has none): no quotes, pipes or
+    /// variables. It gets UNWEDGE_PCI_ADDRESS, UNWEDGE_CARD and UNWEDGE_DRIVER in its environment.
     #[arg(long, env = "VERIFY_COMMAND")]
     pub verify_command: Option<String>,
     /// How long the device must stay quiet (no new WEDGED) after an action, e.g. `10s`, `500ms`.

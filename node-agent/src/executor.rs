@@ -5,10 +5,20 @@
 //! fd gate, then the host action, then verification. The journal makes "at most once" hold
 //! across restarts even when a status patch was lost (DESIGN invariant 2).
 //!
-//! `--dry-run`: the host is never touched and the attempt is reported `Failed` with a message
-//! "dry-run: would ...". Reporting `Succeeded` would be a lie the operator acts on (it would
-//! uncordon a node whose GPU is still wedged); `Failed` makes it escalate to a human in the end,
-//! which is what a dry run of a real wedge deserves. `none` needs no host action, so it succeeds.
+//! Before anything is journaled or written, [`crate::guard`] clears the approval: the agent
+//! must have detected the wedge itself (its outbox or record of reported detections, see
+//! [`crate::detections`]), and `rebind`/`bus-reset` need a DRM device with a plainly named
+//! driver bound, read from sysfs (never from the CR). A refused approval is journaled as
+//! finished with result `Refused` (so it is never retried), reported with the reason, and the
+//! reason is added to `status.agentMessage`; nothing touches the host. The check runs again
+//! after the fd gate, just before acting, on fresh sysfs facts.
+//!
+//! `--dry-run`: the host is never touched and the attempt is reported `DryRun` with a message
+//! "dry-run: would ...". `Succeeded` would be a lie the operator acts on (it would uncordon a
+//! node whose GPU is still wedged), and `Failed` would make it escalate to the next rung and in
+//! the end to a reboot approval. `DryRun` is final: the operator holds the wedge for a human
+//! and never escalates past it (the agent also reports `status.agentDryRun`, so the operator
+//! disrupts nothing in the first place). `none` needs no host action, so it succeeds.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -26,8 +36,11 @@ use serde_json::json;
 use unwedge_crds::{AttemptOutcome, AttemptResult, GpuWedge};
 
 use crate::fdgate;
+use crate::guard::{self, Clearance, DeviceFacts, Refusal};
 use crate::host::HostActions;
 use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::verify_command::VerifyCommand;
 
 /// Methods this agent knows how to carry out.
 pub const KNOWN_METHODS: [&str; 4] = ["none", "rebind", "bus-reset", "reboot"];
@@ -70,6 +83,10 @@ pub struct JournalRecord {
     /// Whether the device plugin advertised the device again (stage Finished, after success).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertised: Option<bool>,
+    /// The driver read from sysfs before acting (stage Acting; none for a device without one),
+    /// which verification expects bound again, also after a reboot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
 }
 
 /// What the journal knows about one attempt.
@@ -126,6 +143,16 @@ impl Journal {
         f.sync_all()?;
         self.records.push(rec);
         Ok(())
+    }
+
+    /// The driver read from sysfs before the latest attempt on the wedge with `uid` that had
+    /// one (see [`JournalRecord::driver`]).
+    pub fn driver_read(&self, uid: &str) -> Option<String> {
+        self.records
+            .iter()
+            .rev()
+            .filter(|r| r.uid == uid && r.stage == Stage::Acting)
+            .find_map(|r| r.driver.clone())
     }
 
     /// What is recorded for attempt `attempt` of the wedge with `uid`.
@@ -317,6 +344,12 @@ pub trait WedgeStore: Send + Sync {
         name: &str,
         attempts: &[AttemptResult],
     ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    /// Replaces `status.agentMessage` (the agent's own field) by merge patch.
+    fn patch_agent_message(
+        &self,
+        name: &str,
+        message: &str,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
 }
 
 /// `WedgeStore` on the API server.
@@ -346,6 +379,24 @@ impl WedgeStore for KubeStore {
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+
+    async fn patch_agent_message(&self, name: &str, message: &str) -> Result<(), String> {
+        let patch = json!({ "status": { "agentMessage": message } });
+        self.api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// `existing` agent message with `note` put first (once), for a human reading the status.
+pub fn with_note(existing: Option<&str>, note: &str) -> String {
+    match existing.filter(|m| !m.is_empty()) {
+        Some(m) if m.contains(note) => m.to_string(),
+        Some(m) => format!("{note}; {m}"),
+        None => note.to_string(),
     }
 }
 
@@ -384,7 +435,7 @@ pub struct ExecutorConfig {
     pub dry_run: bool,
     /// `--settle`.
     pub settle: Duration,
-    /// `--verify-command`.
+    /// `--verify-command`, run as an argv (see [`crate::verify_command`]).
     pub verify_command: Option<String>,
     /// How often the fd gate re-checks while blocked (2 s).
     pub gate_interval: Duration,
@@ -422,6 +473,7 @@ pub struct Executor<H, S> {
     cfg: ExecutorConfig,
     host: Arc<H>,
     store: S,
+    outbox: Outbox,
     journal: Mutex<Journal>,
     in_flight: Mutex<HashSet<(String, u32)>>,
     reboots_requested: Mutex<HashSet<(String, u32)>>,
@@ -433,12 +485,14 @@ pub struct Executor<H, S> {
 type Outcome = (AttemptOutcome, String);
 
 impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
-    /// An executor with its journal under `state_dir`.
+    /// An executor with its journal under `state_dir`; `outbox` tells which wedges this agent
+    /// detected (only those are acted on).
     pub fn new(
         cfg: ExecutorConfig,
         host: Arc<H>,
         store: S,
         state_dir: &Path,
+        outbox: Outbox,
         clock: WedgeClock,
         metrics: Arc<Metrics>,
     ) -> io::Result<Self> {
@@ -446,6 +500,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
             cfg,
             host,
             store,
+            outbox,
             journal: Mutex::new(Journal::open(state_dir)?),
             in_flight: Mutex::new(HashSet::new()),
             reboots_requested: Mutex::new(HashSet::new()),
@@ -519,7 +574,36 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
             result: end.map(|(o, _)| o.0),
             message: end.map(|(o, _)| o.1.clone()),
             advertised: end.and_then(|(_, a)| a),
+            driver: None,
         };
+        self.append(rec)
+    }
+
+    /// Journals the Acting stage with the driver read from sysfs.
+    fn journal_acting(
+        &self,
+        wedge: &GpuWedge,
+        attempt: u32,
+        method: &str,
+        boot_id: &str,
+        driver: Option<&str>,
+    ) -> Result<(), String> {
+        self.append(JournalRecord {
+            wedge: wedge.name_any(),
+            uid: wedge_key(wedge),
+            attempt,
+            method: method.to_string(),
+            stage: Stage::Acting,
+            at: Timestamp::now(),
+            boot_id: boot_id.to_string(),
+            result: None,
+            message: None,
+            advertised: None,
+            driver: driver.map(str::to_string),
+        })
+    }
+
+    fn append(&self, rec: JournalRecord) -> Result<(), String> {
         self.journal
             .lock()
             .expect("journal poisoned")
@@ -655,7 +739,15 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                 attempt,
                 started_boot_id,
             } => {
-                let (outcome, advertised) = match self.verify(wedge, Instant::now()).await {
+                let driver = self
+                    .journal
+                    .lock()
+                    .expect("journal poisoned")
+                    .of(&wedge_key(wedge), *attempt)
+                    .acting
+                    .and_then(|r| r.driver);
+                let verified = self.verify(wedge, driver.as_deref(), Instant::now()).await;
+                let (outcome, advertised) = match verified {
                     Ok(v) => (
                         (
                             AttemptOutcome::Succeeded,
@@ -679,83 +771,178 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
             }
             ExecutorStep::Start { attempt, method }
             | ExecutorStep::ResumeGate { attempt, method } => {
-                let started_at = Self::started_at(wedge, *attempt);
-                if matches!(step, ExecutorStep::Start { .. }) {
-                    self.journal(wedge, *attempt, method, Stage::Started, boot_id, None)?;
-                }
-                self.report(
-                    &name,
-                    Self::entry(
-                        *attempt,
-                        method,
-                        AttemptOutcome::Started,
-                        started_at,
-                        boot_id,
-                        format!("{method}: started"),
-                        None,
-                    ),
-                )
-                .await?;
-                if !KNOWN_METHODS.contains(&method.as_str()) {
-                    let outcome = (
-                        AttemptOutcome::Failed,
-                        format!("agent does not know how to carry out {method}"),
-                    );
-                    return self
-                        .finish(wedge, *attempt, method, boot_id, outcome, None)
-                        .await;
-                }
-                if method == "none" {
-                    let outcome = (
-                        AttemptOutcome::Succeeded,
-                        "none: the driver recovered by itself; nothing done to the device"
-                            .to_string(),
-                    );
-                    return self
-                        .finish(wedge, *attempt, method, boot_id, outcome, None)
-                        .await;
-                }
-                if self.cfg.dry_run {
-                    let outcome = (
-                        AttemptOutcome::Failed,
-                        format!(
-                            "dry-run: would {}; the host was not touched",
-                            plan_text(wedge, method)
-                        ),
-                    );
-                    return self
-                        .finish(wedge, *attempt, method, boot_id, outcome, None)
-                        .await;
-                }
-                if let Some(outcome) = self
-                    .gate(wedge, *attempt, method, started_at, boot_id)
-                    .await?
-                {
-                    return self
-                        .finish(wedge, *attempt, method, boot_id, outcome, None)
-                        .await;
-                }
-                self.journal(wedge, *attempt, method, Stage::Acting, boot_id, None)?;
-                tracing::info!(wedge = %name, attempt, method, "acting: {}", plan_text(wedge, method));
-                let acted = self.act(wedge, method, *attempt, started_at, boot_id).await;
-                let (outcome, advertised) = match acted {
-                    Ok(None) => return Ok(()),
-                    Ok(Some(done)) => match self.verify(wedge, Instant::now()).await {
-                        Ok(v) => (
-                            (AttemptOutcome::Succeeded, format!("{done}; {}", v.message)),
-                            v.advertised,
-                        ),
-                        Err(m) => ((AttemptOutcome::Failed, format!("{done} but {m}")), None),
-                    },
-                    Err(e) => (
-                        (AttemptOutcome::Failed, format!("{method} failed: {e}")),
-                        None,
-                    ),
-                };
-                self.finish(wedge, *attempt, method, boot_id, outcome, advertised)
+                let first = matches!(step, ExecutorStep::Start { .. });
+                self.carry_out(wedge, *attempt, method, boot_id, first)
                     .await
             }
         }
+    }
+
+    /// An approved attempt from its start (or from the fd gate after a restart, `first`
+    /// false): clearance, Started, the fd gate, clearance again on fresh facts, act, verify.
+    async fn carry_out(
+        &self,
+        wedge: &GpuWedge,
+        attempt: u32,
+        method: &str,
+        boot_id: &str,
+        first: bool,
+    ) -> Result<(), String> {
+        let name = wedge.name_any();
+        let started_at = Self::started_at(wedge, attempt);
+        let cleared = match self.clearance(wedge, method) {
+            Ok(c) => c,
+            Err(r) => return self.refuse(wedge, attempt, method, boot_id, r).await,
+        };
+        if first {
+            self.journal(wedge, attempt, method, Stage::Started, boot_id, None)?;
+        }
+        self.report(
+            &name,
+            Self::entry(
+                attempt,
+                method,
+                AttemptOutcome::Started,
+                started_at,
+                boot_id,
+                format!("{method}: started"),
+                None,
+            ),
+        )
+        .await?;
+        if !KNOWN_METHODS.contains(&method) {
+            let outcome = (
+                AttemptOutcome::Failed,
+                format!("agent does not know how to carry out {method}"),
+            );
+            return self
+                .finish(wedge, attempt, method, boot_id, outcome, None)
+                .await;
+        }
+        if method == "none" {
+            let outcome = (
+                AttemptOutcome::Succeeded,
+                "none: the driver recovered by itself; nothing done to the device".to_string(),
+            );
+            return self
+                .finish(wedge, attempt, method, boot_id, outcome, None)
+                .await;
+        }
+        let bdf = wedge.spec.device.pci_address.as_str();
+        if self.cfg.dry_run {
+            let outcome = (
+                AttemptOutcome::DryRun,
+                format!(
+                    "dry-run: would {}; the host was not touched",
+                    plan_text(bdf, cleared.driver.as_deref(), method)
+                ),
+            );
+            return self
+                .finish(wedge, attempt, method, boot_id, outcome, None)
+                .await;
+        }
+        if let Some(outcome) = self
+            .gate(wedge, attempt, method, started_at, boot_id)
+            .await?
+        {
+            return self
+                .finish(wedge, attempt, method, boot_id, outcome, None)
+                .await;
+        }
+        // The gate may have waited long: decide again on what sysfs shows now.
+        let cleared = match self.clearance(wedge, method) {
+            Ok(c) => c,
+            Err(r) => return self.refuse(wedge, attempt, method, boot_id, r).await,
+        };
+        let driver = cleared.driver.as_deref();
+        self.journal_acting(wedge, attempt, method, boot_id, driver)?;
+        tracing::info!(wedge = %name, attempt, method, "acting: {}", plan_text(bdf, driver, method));
+        let acted = self
+            .act(wedge, method, driver, attempt, started_at, boot_id)
+            .await;
+        let (outcome, advertised) = match acted {
+            Ok(None) => return Ok(()),
+            Ok(Some(done)) => match self.verify(wedge, driver, Instant::now()).await {
+                Ok(v) => (
+                    (AttemptOutcome::Succeeded, format!("{done}; {}", v.message)),
+                    v.advertised,
+                ),
+                Err(m) => ((AttemptOutcome::Failed, format!("{done} but {m}")), None),
+            },
+            Err(e) => (
+                (AttemptOutcome::Failed, format!("{method} failed: {e}")),
+                None,
+            ),
+        };
+        self.finish(wedge, attempt, method, boot_id, outcome, advertised)
+            .await
+    }
+
+    /// Whether `method` may be carried out on `wedge` now (see [`crate::guard`]): detected by
+    /// this agent, and the device's facts read from sysfs.
+    fn clearance(&self, wedge: &GpuWedge, method: &str) -> Result<Clearance, Refusal> {
+        let spec = &wedge.spec;
+        let pci = spec.device.pci_address.as_str();
+        if !crate::sysfs::is_bdf(pci) {
+            return guard::clear(wedge, method, false, &DeviceFacts::default());
+        }
+        let detection =
+            self.outbox
+                .detection(&wedge.name_any(), &spec.node_name, pci, &spec.boot_id);
+        let journaled = self
+            .journal
+            .lock()
+            .expect("journal poisoned")
+            .driver_read(&wedge_key(wedge));
+        let detected_with = detection
+            .as_ref()
+            .map(|d| d.driver.clone())
+            .filter(|d| !d.is_empty());
+        let facts = DeviceFacts {
+            is_drm: self.host.is_drm_device(pci),
+            driver: self.host.driver_of(pci),
+            is_gpu_class: self
+                .host
+                .pci_class(pci)
+                .is_some_and(|c| matches!(c >> 16, 0x03 | 0x12)),
+            remembered_driver: journaled.or(detected_with),
+        };
+        if !spec.device.driver.is_empty() && facts.driver.as_deref() != Some(&spec.device.driver) {
+            tracing::info!(wedge = %wedge.name_any(), cr_driver = %spec.device.driver, sysfs_driver = ?facts.driver, "spec.device.driver differs from sysfs; the agent uses sysfs only");
+        }
+        guard::clear(wedge, method, detection.is_some(), &facts)
+    }
+
+    /// Journals and reports a refused approval (final: never retried) and tells a human in
+    /// `status.agentMessage`. Nothing touched the host.
+    async fn refuse(
+        &self,
+        wedge: &GpuWedge,
+        attempt: u32,
+        method: &str,
+        boot_id: &str,
+        refusal: Refusal,
+    ) -> Result<(), String> {
+        let why = format!("refused {method} (attempt {attempt}): {refusal}");
+        tracing::warn!(wedge = %wedge.name_any(), attempt, method, "{why}");
+        self.finish(
+            wedge,
+            attempt,
+            method,
+            boot_id,
+            (AttemptOutcome::Refused, why.clone()),
+            None,
+        )
+        .await?;
+        let name = wedge.name_any();
+        let current = self.store.get(&name).await?;
+        let existing = current
+            .as_ref()
+            .and_then(|w| w.status.as_ref())
+            .and_then(|s| s.agent_message.clone());
+        self.store
+            .patch_agent_message(&name, &with_note(existing.as_deref(), &why))
+            .await
     }
 
     /// Waits until no process holds a device of the reset domain. `Some(outcome)` when the
@@ -824,20 +1011,27 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
         }
     }
 
-    /// Runs the method on the host. `Ok(None)`: a reboot is under way (nothing to report yet).
+    /// Runs the method on the host with the cleared `driver`. `Ok(None)`: a reboot is under
+    /// way (nothing to report yet).
     async fn act(
         &self,
         wedge: &GpuWedge,
         method: &str,
+        driver: Option<&str>,
         attempt: u32,
         started_at: Timestamp,
         boot_id: &str,
     ) -> Result<Option<String>, String> {
         let bdf = wedge.spec.device.pci_address.clone();
-        let driver = self.driver_for(wedge)?;
         let host = self.host.clone();
+        let needs_driver = || {
+            driver
+                .map(str::to_string)
+                .ok_or_else(|| format!("no driver bound to {bdf}: {method} needs one"))
+        };
         match method {
             "rebind" => {
+                let driver = needs_driver()?;
                 let (b, d) = (bdf.clone(), driver.clone());
                 blocking(move || {
                     if host.driver_of(&b).is_some() {
@@ -849,6 +1043,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                 Ok(Some(format!("rebind: unbound and bound {bdf} to {driver}")))
             }
             "bus-reset" => {
+                let driver = needs_driver()?;
                 let (b, d) = (bdf.clone(), driver.clone());
                 let done = blocking(move || {
                     if host.driver_of(&b).is_some() {
@@ -895,36 +1090,34 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
         }
     }
 
-    fn driver_for(&self, wedge: &GpuWedge) -> Result<String, String> {
-        let spec = wedge.spec.device.driver.clone();
-        if !spec.is_empty() {
-            return Ok(spec);
-        }
-        self.host
-            .driver_of(&wedge.spec.device.pci_address)
-            .ok_or_else(|| {
-                format!(
-                    "no driver known for {}: neither spec.device.driver nor sysfs names one",
-                    wedge.spec.device.pci_address
-                )
-            })
-    }
-
-    /// Driver bound again (same driver), card node back (found by PCI address), quiet for the
-    /// settle window, verify command exits 0.
-    async fn verify(&self, wedge: &GpuWedge, acted_at: Instant) -> Result<Verified, String> {
+    /// Driver bound again (the `expected` one read from sysfs before acting; any driver when
+    /// none was bound), card node back (found by PCI address), quiet for the settle window,
+    /// verify command exits 0.
+    async fn verify(
+        &self,
+        wedge: &GpuWedge,
+        expected: Option<&str>,
+        acted_at: Instant,
+    ) -> Result<Verified, String> {
         let bdf = wedge.spec.device.pci_address.clone();
-        let driver = self.driver_for(wedge)?;
         let deadline = Instant::now() + self.cfg.reappear_timeout;
-        let card = loop {
+        let (driver, card) = loop {
             let (d, c) = (self.host.driver_of(&bdf), self.host.card_of(&bdf));
-            if d.as_deref() == Some(driver.as_str()) && c.is_some() {
-                break c.unwrap_or_default();
+            let back = match (&d, expected) {
+                (Some(d), Some(want)) => d == want,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if let (true, Some(d), Some(c)) = (back, &d, &c) {
+                break (d.clone(), c.clone());
             }
             if Instant::now() >= deadline {
                 return Err(format!(
-                    "the device did not come back within {:?}: driver {:?} (want {driver}), card {:?}",
-                    self.cfg.reappear_timeout, d, c
+                    "the device did not come back within {:?}: driver {:?} (want {}), card {:?}",
+                    self.cfg.reappear_timeout,
+                    d,
+                    expected.unwrap_or("any"),
+                    c
                 ));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -937,23 +1130,15 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
             ));
         }
         if let Some(cmd) = &self.cfg.verify_command {
-            let out = tokio::process::Command::new("sh")
-                .arg("-c")
-                .arg(cmd)
-                .env("UNWEDGE_PCI_ADDRESS", &bdf)
-                .env("UNWEDGE_CARD", &card)
-                .env("UNWEDGE_DRIVER", &driver)
-                .kill_on_drop(true)
-                .output()
+            VerifyCommand::parse(cmd)
+                .map_err(|e| e.to_string())?
+                .run(&[
+                    ("UNWEDGE_PCI_ADDRESS", bdf.as_str()),
+                    ("UNWEDGE_CARD", card.as_str()),
+                    ("UNWEDGE_DRIVER", driver.as_str()),
+                ])
                 .await
-                .map_err(|e| format!("cannot run the verify command {cmd:?}: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "verify command {cmd:?} exited with {}: {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
+                .map_err(|e| e.to_string())?;
         }
         let was = wedge.spec.device.card.clone().unwrap_or_default();
         let advertised = self.wait_advertised(&bdf).await;
@@ -1020,10 +1205,10 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| e.to_string())
 }
 
-/// What a method would do to this wedge's device, in words (logs and dry-run messages).
-pub fn plan_text(wedge: &GpuWedge, method: &str) -> String {
-    let bdf = &wedge.spec.device.pci_address;
-    let drv = &wedge.spec.device.driver;
+/// What a method would do to the device `bdf` with the sysfs `driver`, in words (logs and
+/// dry-run messages).
+pub fn plan_text(bdf: &str, driver: Option<&str>, method: &str) -> String {
+    let drv = driver.unwrap_or("its driver");
     match method {
         "none" => "do nothing to the device".to_string(),
         "rebind" => format!("unbind {bdf} from {drv} and bind it again"),
@@ -1083,6 +1268,7 @@ mod tests {
             result: (stage == Stage::Finished).then_some(AttemptOutcome::Succeeded),
             advertised: None,
             message: None,
+            driver: None,
         }
     }
 

@@ -26,6 +26,24 @@ pub enum HostError {
     /// The reboot (or another command) failed.
     #[error("{0}")]
     Command(String),
+    /// A PCI address or driver name that would make a path outside the device's or driver's
+    /// sysfs directory; nothing was written.
+    #[error("refusing to write to sysfs: {0}")]
+    Refused(String),
+}
+
+/// `bdf` and `driver` as path components, or why not (the executor's guard checks them
+/// first; this is the last line before a write as root).
+fn checked(bdf: &str, driver: Option<&str>) -> Result<(), HostError> {
+    if !crate::sysfs::is_bdf(bdf) {
+        return Err(HostError::Refused(format!("{bdf:?} is not a PCI address")));
+    }
+    match driver {
+        Some(d) if !crate::guard::is_plain_driver_name(d) => Err(HostError::Refused(format!(
+            "{d:?} is not a plain driver name"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// What the executor may do to the host, and what it reads back to verify.
@@ -50,6 +68,10 @@ pub trait HostActions: Send + Sync {
     fn driver_of(&self, bdf: &str) -> Option<String>;
     /// The primary DRM node (`cardN`) of `bdf` now, if any.
     fn card_of(&self, bdf: &str) -> Option<String>;
+    /// Whether `bdf` is a DRM device now (its sysfs directory has `drm/`).
+    fn is_drm_device(&self, bdf: &str) -> bool;
+    /// The PCI class of `bdf` (`0x030000`), if readable.
+    fn pci_class(&self, bdf: &str) -> Option<u32>;
 }
 
 /// `HostActions` on a sysfs tree rooted at `sysfs_root`.
@@ -83,14 +105,17 @@ impl SysfsHost {
 
 impl HostActions for SysfsHost {
     fn unbind(&self, bdf: &str, driver: &str) -> Result<(), HostError> {
+        checked(bdf, Some(driver))?;
         write_file(&self.pci().join("drivers").join(driver).join("unbind"), bdf)
     }
 
     fn bind(&self, bdf: &str, driver: &str) -> Result<(), HostError> {
+        checked(bdf, Some(driver))?;
         write_file(&self.pci().join("drivers").join(driver).join("bind"), bdf)
     }
 
     fn pci_reset(&self, bdf: &str) -> Result<String, HostError> {
+        checked(bdf, None)?;
         let dev = self.pci().join("devices").join(bdf);
         let method = fs::read_to_string(dev.join("reset_method"))
             .ok()
@@ -101,6 +126,7 @@ impl HostActions for SysfsHost {
     }
 
     fn remove(&self, bdf: &str) -> Result<(), HostError> {
+        checked(bdf, None)?;
         write_file(&self.pci().join("devices").join(bdf).join("remove"), "1")
     }
 
@@ -173,6 +199,18 @@ impl HostActions for SysfsHost {
         cards.sort();
         cards.into_iter().next()
     }
+
+    fn is_drm_device(&self, bdf: &str) -> bool {
+        crate::sysfs::is_bdf(bdf) && self.pci().join("devices").join(bdf).join("drm").is_dir()
+    }
+
+    fn pci_class(&self, bdf: &str) -> Option<u32> {
+        if !crate::sysfs::is_bdf(bdf) {
+            return None;
+        }
+        let class = fs::read_to_string(self.pci().join("devices").join(bdf).join("class")).ok()?;
+        u32::from_str_radix(class.trim().trim_start_matches("0x"), 16).ok()
+    }
 }
 
 #[cfg(test)]
@@ -221,6 +259,30 @@ mod tests {
             h.bind("0000:03:00.0", "amdgpu").is_err(),
             "no such driver dir"
         );
+        assert!(h.is_drm_device("0000:03:00.0"));
+        fs::write(dev.join("class"), "0x030000\n").unwrap();
+        assert_eq!(h.pci_class("0000:03:00.0"), Some(0x030000));
+        assert_eq!(h.pci_class("0000:04:00.0"), None);
+        assert!(!h.is_drm_device("0000:04:00.0"));
+    }
+
+    #[test]
+    fn paths_outside_sysfs_are_never_written() {
+        let t = tempfile::tempdir().unwrap();
+        let escape = t.path().join("tmp/x");
+        fs::create_dir_all(&escape).unwrap();
+        fs::write(escape.join("unbind"), "").unwrap();
+        fs::create_dir_all(t.path().join("bus/pci/drivers")).unwrap();
+        let h = host(&t.path().join("sys"), "true");
+        for driver in ["../../../../tmp/x", "../x", "x/y", ""] {
+            let e = h.unbind("0000:03:00.0", driver).unwrap_err();
+            assert!(matches!(e, HostError::Refused(_)), "{driver}: {e}");
+        }
+        assert!(matches!(
+            h.remove("../../../tmp/x"),
+            Err(HostError::Refused(_))
+        ));
+        assert_eq!(fs::read_to_string(escape.join("unbind")).unwrap(), "");
     }
 
     #[test]

@@ -3,12 +3,15 @@
 
 pub mod blamed;
 pub mod config;
+pub mod detections;
 pub mod dra;
 pub mod executor;
 pub mod fdgate;
+pub mod guard;
 pub mod host;
 pub mod listener;
 pub mod metrics;
+pub mod node_events;
 pub mod outbox;
 pub mod podresources;
 pub mod reporter;
@@ -16,3 +19,4 @@ pub mod run;
 pub mod startup;
 pub mod sysfs;
 pub mod uevent;
+pub mod verify_command;

@@ -30,7 +30,7 @@ pub struct KindLabel {
 pub struct AttemptLabels {
     /// The method.
     pub method: String,
-    /// `Started`, `Blocked`, `Succeeded` or `Failed`.
+    /// `Started`, `Blocked`, `Succeeded`, `Failed`, `Refused` or `DryRun`.
     pub result: String,
 }
 
@@ -41,6 +41,16 @@ pub struct FindingLabel {
     pub kind: String,
 }
 
+/// The `result` label values of `attempts_total`, as the agent reports them.
+pub const ATTEMPT_RESULTS: [&str; 6] = [
+    "Started",
+    "Blocked",
+    "Succeeded",
+    "Failed",
+    "Refused",
+    "DryRun",
+];
+
 /// All agent metrics.
 pub struct Metrics {
     registry: Registry,
@@ -48,10 +58,14 @@ pub struct Metrics {
     pub uevents_received: Family<KindLabel, Counter>,
     /// Receive-buffer overruns of the netlink socket.
     pub netlink_overruns: Counter,
+    /// Times uevents were lost (each overrun): a human should look, see [`crate::startup`].
+    pub uevents_lost: Counter,
     /// Wedges the API accepted (created or appended).
     pub wedges_reported: Counter,
     /// Detections waiting in the outbox.
     pub outbox_pending: Gauge,
+    /// Outbox entries the API refused for good (or unparseable), moved to `outbox/rejected/`.
+    pub outbox_rejected: Counter,
     /// Attempt results.
     pub attempts: Family<AttemptLabels, Counter>,
     /// Times the fd gate held an attempt.
@@ -76,6 +90,8 @@ impl Metrics {
         let mut registry = Registry::with_prefix("unwedge_agent");
         let uevents_received = Family::<KindLabel, Counter>::default();
         let netlink_overruns = Counter::default();
+        let uevents_lost = Counter::default();
+        let outbox_rejected = Counter::default();
         let wedges_reported = Counter::default();
         let outbox_pending = Gauge::default();
         let attempts = Family::<AttemptLabels, Counter>::default();
@@ -91,6 +107,16 @@ impl Metrics {
             "netlink_overruns",
             "Netlink receive-buffer overruns (ENOBUFS)",
             netlink_overruns.clone(),
+        );
+        registry.register(
+            "uevents_lost",
+            "Times uevents were lost (netlink ENOBUFS): a wedge of a GPU that stays bound may have gone unseen",
+            uevents_lost.clone(),
+        );
+        registry.register(
+            "outbox_rejected",
+            "Outbox entries the API refused for good or that could not be parsed, moved to outbox/rejected/",
+            outbox_rejected.clone(),
         );
         registry.register(
             "wedges_reported",
@@ -118,8 +144,10 @@ impl Metrics {
             registry,
             uevents_received,
             netlink_overruns,
+            uevents_lost,
             wedges_reported,
             outbox_pending,
+            outbox_rejected,
             attempts,
             fd_gate_blocked,
             api_errors,
@@ -139,7 +167,7 @@ impl Metrics {
                 .get_or_create(&KindLabel { kind: kind.into() });
         }
         for method in ["none", "rebind", "bus-reset", "reboot"] {
-            for result in ["Started", "Blocked", "Succeeded", "Failed"] {
+            for result in ATTEMPT_RESULTS {
                 let _ = self.attempts.get_or_create(&AttemptLabels {
                     method: method.into(),
                     result: result.into(),
@@ -244,6 +272,8 @@ mod tests {
             "unwedge_agent_attempts_total{method=\"rebind\",result=\"Succeeded\"} 1",
             "unwedge_agent_fd_gate_blocked_total",
             "unwedge_agent_api_errors_total",
+            "unwedge_agent_uevents_lost_total 0",
+            "unwedge_agent_outbox_rejected_total 0",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
@@ -257,7 +287,7 @@ mod tests {
             assert!(text.contains(&s), "{s} missing from:\n{text}");
         }
         for method in ["none", "rebind", "bus-reset", "reboot"] {
-            for result in ["Started", "Blocked", "Succeeded", "Failed"] {
+            for result in ATTEMPT_RESULTS {
                 let s = format!(
                     "unwedge_agent_attempts_total{{method=\"{method}\",result=\"{result}\"}} 0"
                 );

@@ -9,16 +9,29 @@
 //! memory instead and reported like the others: lost only if the agent also restarts before
 //! the API accepts it. The failed write is returned as an error for the caller to log. A newer
 //! version of a stored detection (its enrichment) can be staged in memory the same way.
+//!
+//! Before an accepted entry is removed it is recorded in [`Detections`], so the executor can
+//! tell, at any time and across restarts, whether it detected a GpuWedge ([`Outbox::detected`]).
+//!
+//! Replay never blocks on one entry. An entry the API refuses for good (400, 413, 422, no PCI
+//! address) or that cannot be parsed is moved to `outbox/rejected/` for a human, logged and
+//! counted ([`Outbox::rejected_total`], the `unwedge_agent_outbox_rejected_total` metric), and
+//! the pass goes on. A transient error (no connection, 5xx, 429, ...) keeps the entry and holds
+//! back only the later entries of the same device (their order decides which one opens the
+//! incident); the other devices' entries are still reported.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use jiff::Timestamp;
 use tokio::sync::Notify;
 
+use crate::detections::{DetectionRecord, Detections};
 use crate::reporter::{DetectedWedge, ReportError, Reported, Reporter};
 
 /// A directory of pending detections.
@@ -28,6 +41,10 @@ pub struct Outbox {
     /// Detections newer than their file, by the file's path: staged ones and those whose file
     /// could not be written.
     unwritten: Arc<Mutex<BTreeMap<PathBuf, DetectedWedge>>>,
+    /// The detections the API accepted.
+    detections: Detections,
+    /// Entries moved to `rejected/` since the agent started.
+    rejected: Arc<AtomicU64>,
 }
 
 /// One pending detection and its file.
@@ -40,7 +57,8 @@ pub struct Pending {
 }
 
 impl Outbox {
-    /// Opens (creating) `<state_dir>/outbox` and removes temp files a crash left behind.
+    /// Opens (creating) `<state_dir>/outbox` and removes temp files a crash left behind; loads
+    /// the record of reported detections (`<state_dir>/detections.jsonl`).
     pub fn open(state_dir: &Path) -> io::Result<Self> {
         let dir = state_dir.join("outbox");
         fs::create_dir_all(&dir)?;
@@ -53,7 +71,58 @@ impl Outbox {
         Ok(Self {
             dir,
             unwritten: Arc::default(),
+            detections: Detections::open(state_dir)?,
+            rejected: Arc::default(),
         })
+    }
+
+    /// The record of detections the API accepted.
+    pub fn detections(&self) -> &Detections {
+        &self.detections
+    }
+
+    /// Whether this agent detected the GpuWedge named `wedge` with these spec fields: it is
+    /// pending here (under its name or its fallback name) or was reported.
+    pub fn detected(&self, wedge: &str, node: &str, pci_address: &str, boot_id: &str) -> bool {
+        self.detection(wedge, node, pci_address, boot_id).is_some()
+    }
+
+    /// This agent's record of the GpuWedge named `wedge` with these spec fields (see
+    /// [`Outbox::detected`]).
+    pub fn detection(
+        &self,
+        wedge: &str,
+        node: &str,
+        pci_address: &str,
+        boot_id: &str,
+    ) -> Option<DetectionRecord> {
+        if let Some(r) = self.detections.find(wedge, node, pci_address, boot_id) {
+            return Some(r);
+        }
+        let pending = self.pending().unwrap_or_else(|e| {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot read the outbox to look for a detection");
+            Vec::new()
+        });
+        pending
+            .iter()
+            .map(|p| &p.wedge)
+            .find(|d| {
+                (d.name() == wedge || d.fallback_name() == wedge)
+                    && d.node == node
+                    && d.device.pci_address == pci_address
+                    && d.boot_id == boot_id
+            })
+            .map(|d| record_of(d, wedge))
+    }
+
+    /// How many entries were moved to `rejected/` since the agent started.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Where entries that can never be reported are kept for a human.
+    pub fn rejected_dir(&self) -> PathBuf {
+        self.dir.join("rejected")
     }
 
     /// The outbox directory.
@@ -107,8 +176,8 @@ impl Outbox {
         File::open(&self.dir)?.sync_all()
     }
 
-    /// The pending detections, oldest first. A file that cannot be read or parsed is renamed to
-    /// `*.bad` (kept for a human) and logged; it does not block the others.
+    /// The pending detections, oldest first. A file that cannot be read or parsed is moved to
+    /// `rejected/` (kept for a human), logged and counted; it does not block the others.
     /// Detections kept in memory are included (the newer version when a file also exists);
     /// an unreadable directory is an error only when nothing is kept in memory.
     pub fn pending(&self) -> io::Result<Vec<Pending>> {
@@ -143,8 +212,8 @@ impl Outbox {
             }) {
                 Ok(wedge) => out.push(Pending { path, wedge }),
                 Err(e) => {
-                    tracing::error!(file = %path.display(), error = %e, "unreadable outbox entry; moved aside as .bad for a human");
-                    let _ = fs::rename(&path, path.with_extension("bad"));
+                    tracing::error!(file = %path.display(), error = %e, rejected_dir = %self.rejected_dir().display(), "unreadable outbox entry; moved to the rejected directory for a human");
+                    self.move_to_rejected(&path);
                 }
             }
         }
@@ -176,14 +245,47 @@ impl Outbox {
         File::open(&self.dir)?.sync_all()
     }
 
-    /// Moves an entry that can never be reported aside as `*.bad` (for a human); one kept in
-    /// memory is dropped.
+    /// Records an entry the API accepted as `reported` among the detections (when the wedge
+    /// that holds it is its own, not an open incident it was added to), then removes it.
+    pub fn accepted(&self, pending: &Pending, reported: &Reported) -> io::Result<()> {
+        let d = &pending.wedge;
+        let name = match reported {
+            Reported::Created(n) | Reported::AlreadyRecorded(n) => Some(n),
+            Reported::Appended(_) => None,
+        };
+        if let Some(name) = name.filter(|n| **n == d.name() || **n == d.fallback_name())
+            && let Err(e) = self.detections.record(record_of(d, name))
+        {
+            tracing::error!(error = %e, wedge = %name, "cannot write the record of reported detections; it is kept in memory, and approvals of this wedge are refused after a restart");
+        }
+        self.remove(&pending.path)
+    }
+
+    /// Moves an entry that can never be reported to `rejected/` (for a human) and counts it;
+    /// one kept only in memory is written there.
     pub fn set_aside(&self, path: &Path) {
-        self.unwritten
+        let kept = self
+            .unwritten
             .lock()
             .expect("outbox memory poisoned")
             .remove(path);
-        let _ = fs::rename(path, path.with_extension("bad"));
+        if !path.exists()
+            && let Some(wedge) = kept
+        {
+            let _ = self.write(&wedge, path);
+        }
+        self.move_to_rejected(path);
+    }
+
+    fn move_to_rejected(&self, path: &Path) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        let dir = self.rejected_dir();
+        let moved = fs::create_dir_all(&dir)
+            .and_then(|()| fs::rename(path, dir.join(path.file_name().unwrap_or_default())));
+        if let Err(e) = moved {
+            tracing::error!(file = %path.display(), error = %e, "cannot move the entry to the rejected directory; deleting it so it cannot block the outbox");
+            let _ = fs::remove_file(path);
+        }
     }
 
     /// How many entries wait.
@@ -194,6 +296,18 @@ impl Outbox {
     /// Whether nothing waits.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The record of detection `d`, held by the GpuWedge `wedge`.
+fn record_of(d: &DetectedWedge, wedge: &str) -> DetectionRecord {
+    DetectionRecord {
+        wedge: wedge.to_string(),
+        node: d.node.clone(),
+        pci_address: d.device.pci_address.clone(),
+        boot_id: d.boot_id.clone(),
+        driver: d.device.driver.clone(),
+        at: Timestamp::now(),
     }
 }
 
@@ -220,31 +334,38 @@ impl Sink for Reporter {
 pub struct ReplayPass {
     /// Entries the API accepted (and that were removed).
     pub reported: Vec<Reported>,
-    /// Entries dropped because they can never be reported.
-    pub dropped: usize,
-    /// Whether the pass stopped at a retryable error (the API is away).
+    /// Entries moved to `rejected/` because they can never be reported.
+    pub rejected: usize,
+    /// Whether some entries stay for a retry (a transient error: the API is away or busy).
     pub stalled: bool,
 }
 
-/// Reports every pending entry in order, stopping at the first retryable error.
+/// Reports every pending entry, oldest first. A permanent refusal sets the entry aside and
+/// the pass goes on; a transient error keeps it and holds back only the later entries of the
+/// same device.
 pub async fn replay<S: Sink>(outbox: &Outbox, sink: &S) -> io::Result<ReplayPass> {
     let mut pass = ReplayPass::default();
+    let mut held: BTreeSet<String> = BTreeSet::new();
     for p in outbox.pending()? {
+        let device = p.wedge.device.pci_address.clone();
+        if held.contains(&device) {
+            continue;
+        }
         match sink.report(&p.wedge).await {
             Ok(r) => {
                 tracing::info!(wedge = ?r, "wedge reported");
-                outbox.remove(&p.path)?;
+                outbox.accepted(&p, &r)?;
                 pass.reported.push(r);
             }
             Err(e) if e.is_retryable() => {
-                tracing::warn!(error = %e, file = %p.path.display(), "API not accepting the wedge yet; kept in the outbox");
+                tracing::warn!(error = %e, file = %p.path.display(), "API not accepting the wedge yet; kept in the outbox (later wedges of this device wait for it)");
                 pass.stalled = true;
-                break;
+                held.insert(device);
             }
             Err(e) => {
-                tracing::error!(error = %e, file = %p.path.display(), "wedge can never be reported; moved aside as .bad");
+                tracing::error!(error = %e, file = %p.path.display(), rejected_dir = %outbox.rejected_dir().display(), "the API refuses this wedge for good; moved to the rejected directory for a human, replay goes on");
                 outbox.set_aside(&p.path);
-                pass.dropped += 1;
+                pass.rejected += 1;
             }
         }
     }

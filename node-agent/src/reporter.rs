@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use unwedge_crds::labels::{LABEL_DEVICE, LABEL_NODE, device_label};
 use unwedge_crds::{
-    Blamed, Consumer, DeviceRef, DomainDevice, GpuWedge, GpuWedgeSpec, PodRef, WedgeEvent,
-    is_method_token,
+    Blamed, Consumer, DeviceRef, DomainDevice, GpuWedge, GpuWedgeSpec, MAX_EVENTS, PodRef,
+    WedgeEvent, is_method_token,
 };
 
 /// Where a detected wedge came from.
@@ -248,15 +248,30 @@ pub fn build_wedge(d: &DetectedWedge, name: &str, pod: Option<PodRef>) -> GpuWed
     w
 }
 
+/// What a human must know when no driver was bound to the wedged device: the agent cannot
+/// rebind or reset a device without one (it reads the driver from sysfs, never from the CR).
+pub fn no_driver_note(device: &DeviceRef) -> Option<String> {
+    device.driver.is_empty().then(|| {
+        format!(
+            "no driver bound to {} when the wedge was seen: the agent will refuse rebind and bus-reset (it needs the bound driver's name from sysfs); reboot can still recover it",
+            device.pci_address
+        )
+    })
+}
+
 /// The merge patch of the agent part of a new wedge's status: consumers, reset domain and,
 /// when something was missing, the agent message.
 pub fn agent_status_patch(d: &DetectedWedge) -> Value {
     let (_, method_note) = api_methods(&d.methods);
-    let message = [d.agent_message.clone(), method_note]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>()
-        .join("; ");
+    let message = [
+        d.agent_message.clone(),
+        no_driver_note(&d.device),
+        method_note,
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join("; ");
     let mut status = json!({
         "consumers": d.consumers,
         "resetDomain": d.reset_domain,
@@ -267,9 +282,34 @@ pub fn agent_status_patch(d: &DetectedWedge) -> Value {
     json!({ "status": status })
 }
 
-/// The merge patch that replaces `status.events` (the agent's own array) with `events`.
-pub fn events_patch(events: &[WedgeEvent]) -> Value {
-    json!({ "status": { "events": events } })
+/// [`agent_status_patch`] plus `status.agentDryRun`: whether this agent runs with `--dry-run`
+/// (the operator then records the wedge and disrupts nothing). Written `false` too, so an
+/// agent restarted without `--dry-run` clears it.
+pub fn agent_status_patch_as(d: &DetectedWedge, dry_run: bool) -> Value {
+    let mut patch = agent_status_patch(d);
+    patch["status"]["agentDryRun"] = json!(dry_run);
+    patch
+}
+
+/// The merge patch that replaces `status.events` (the agent's own array) with `events` and
+/// sets `status.eventsDropped` to `dropped`.
+pub fn events_patch(events: &[WedgeEvent], dropped: u64) -> Value {
+    json!({ "status": { "events": events, "eventsDropped": dropped } })
+}
+
+/// `events` (oldest first) with `new` added, as a ring of the newest [`MAX_EVENTS`]: the
+/// events that no longer fit are left out and added to `dropped`. Returns the ring and the new
+/// dropped count. The CRD refuses a longer list, and an unbounded one would in the end make
+/// every status write of the incident fail.
+pub fn push_event(
+    mut events: Vec<WedgeEvent>,
+    dropped: u64,
+    new: WedgeEvent,
+) -> (Vec<WedgeEvent>, u64) {
+    events.push(new);
+    let excess = events.len().saturating_sub(MAX_EVENTS);
+    events.drain(..excess);
+    (events, dropped + excess as u64)
 }
 
 /// What to do with a detection, given the wedges of its node and device now in the API.
@@ -285,12 +325,15 @@ pub enum ReportPlan {
         /// The existing wedge.
         name: String,
     },
-    /// An open incident exists: replace its events with these (the old ones plus this one).
+    /// An open incident exists: replace its events with these (the old ones plus this one,
+    /// the newest [`MAX_EVENTS`] only).
     AppendEvent {
         /// The open incident.
         name: String,
         /// The full new `status.events`.
         events: Vec<WedgeEvent>,
+        /// The full new `status.eventsDropped`: events left out of the ring so far.
+        dropped: u64,
     },
     /// Already in the API (a replay of something reported before): nothing to do.
     AlreadyRecorded {
@@ -345,6 +388,11 @@ pub fn plan(d: &DetectedWedge, existing: &[GpuWedge]) -> ReportPlan {
             .as_ref()
             .and_then(|s| s.events.clone())
             .unwrap_or_default();
+        let dropped = open
+            .status
+            .as_ref()
+            .and_then(|s| s.events_dropped)
+            .unwrap_or(0);
         let same_boot = open.spec.boot_id == d.boot_id;
         let seen = (d.seqnum.is_some() && same_boot && seqnum_of(open) == d.seqnum)
             || events
@@ -353,17 +401,17 @@ pub fn plan(d: &DetectedWedge, existing: &[GpuWedge]) -> ReportPlan {
         if seen {
             return ReportPlan::AlreadyRecorded { name: open_name };
         }
-        let mut events = events;
-        events.push(d.as_event());
+        let (events, dropped) = push_event(events, dropped, d.as_event());
         return ReportPlan::AppendEvent {
             name: open_name,
             events,
+            dropped,
         };
     }
     ReportPlan::Create { name }
 }
 
-/// Errors while reporting; all are retried by the outbox.
+/// Errors while reporting. The outbox retries the transient ones and sets the others aside.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
     /// The API server refused or could not be reached.
@@ -380,12 +428,18 @@ pub enum ReportError {
     Unreportable(String),
 }
 
+/// HTTP statuses with which the API server refuses a request for good: the same request
+/// fails the same way however often it is sent (400 Bad Request, 413 Request Entity Too
+/// Large, 415, 422 Invalid). Everything else (no connection, 401/403 while RBAC is fixed,
+/// 404/409 races, 429, 5xx) may pass later.
+pub const PERMANENT_STATUSES: [u16; 4] = [400, 413, 415, 422];
+
 impl ReportError {
     /// Whether retrying later can help.
     pub fn is_retryable(&self) -> bool {
         match self {
             ReportError::Api { source, .. } => {
-                !matches!(source, kube::Error::Api(s) if s.is_invalid())
+                !matches!(source, kube::Error::Api(s) if PERMANENT_STATUSES.contains(&s.code))
             }
             ReportError::Unreportable(_) => false,
         }
@@ -408,15 +462,24 @@ pub enum Reported {
 pub struct Reporter {
     client: Client,
     node: String,
+    dry_run: bool,
 }
 
 impl Reporter {
-    /// A reporter for `node`.
+    /// A reporter for `node` of an agent that acts (not `--dry-run`).
     pub fn new(client: Client, node: impl Into<String>) -> Self {
         Self {
             client,
             node: node.into(),
+            dry_run: false,
         }
+    }
+
+    /// This reporter, saying in each new wedge's `status.agentDryRun` whether the agent runs
+    /// with `--dry-run`.
+    pub fn dry_run(mut self, dry_run: bool) -> Self {
+        self.dry_run = dry_run;
+        self
     }
 
     /// Reports one detection: creates the wedge or appends to the open incident.
@@ -436,11 +499,15 @@ impl Reporter {
         let existing = api.list(&lp).await.map_err(api_err(&d.name()))?.items;
         match plan(d, &existing) {
             ReportPlan::AlreadyRecorded { name } => Ok(Reported::AlreadyRecorded(name)),
-            ReportPlan::AppendEvent { name, events } => {
+            ReportPlan::AppendEvent {
+                name,
+                events,
+                dropped,
+            } => {
                 api.patch_status(
                     &name,
                     &PatchParams::default(),
-                    &Patch::Merge(events_patch(&events)),
+                    &Patch::Merge(events_patch(&events, dropped)),
                 )
                 .await
                 .map_err(api_err(&name))?;
@@ -478,7 +545,7 @@ impl Reporter {
         api.patch_status(
             name,
             &PatchParams::default(),
-            &Patch::Merge(agent_status_patch(d)),
+            &Patch::Merge(agent_status_patch_as(d, self.dry_run)),
         )
         .await
         .map_err(|source| ReportError::Api {
@@ -571,13 +638,55 @@ mod tests {
         let mut second = detected(Some(11));
         second.detected_at = "2026-11-25T10:00:05Z".parse().unwrap();
         match plan(&second, std::slice::from_ref(&open)) {
-            ReportPlan::AppendEvent { name, events } => {
+            ReportPlan::AppendEvent {
+                name,
+                events,
+                dropped,
+            } => {
                 assert_eq!(name, first.name());
                 assert_eq!(events.len(), 1);
+                assert_eq!(dropped, 0);
                 assert_eq!(events[0].seqnum, Some(11));
             }
             other => panic!("expected AppendEvent, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn events_keep_the_newest_and_count_the_dropped() {
+        let first = detected(Some(10));
+        let mut open = stored(&first, &first.name(), Some(Phase::Cordoned));
+        let event = |seq: u64| {
+            let mut d = detected(Some(seq));
+            d.detected_at = Timestamp::from_second(1_700_000_000 + seq as i64).unwrap();
+            d
+        };
+        let full: Vec<WedgeEvent> = (100..100 + MAX_EVENTS as u64)
+            .map(|s| event(s).as_event())
+            .collect();
+        let status = open.status.as_mut().unwrap();
+        status.events = Some(full);
+        status.events_dropped = Some(5);
+        let next = event(500);
+        match plan(&next, std::slice::from_ref(&open)) {
+            ReportPlan::AppendEvent {
+                events, dropped, ..
+            } => {
+                assert_eq!(
+                    events.len(),
+                    MAX_EVENTS,
+                    "the ring never grows past MAX_EVENTS"
+                );
+                assert_eq!(dropped, 6, "5 dropped before, the oldest (seq 100) now");
+                assert_eq!(events[0].seqnum, Some(101), "oldest kept");
+                assert_eq!(events[MAX_EVENTS - 1].seqnum, Some(500), "newest last");
+            }
+            other => panic!("expected AppendEvent, got {other:?}"),
+        }
+        let (ring, dropped) = push_event(vec![], 0, event(1).as_event());
+        assert_eq!((ring.len(), dropped), (1, 0));
+        let patch = events_patch(&ring, 7);
+        assert_eq!(patch["status"]["eventsDropped"], 7);
     }
 
     #[test]
@@ -657,5 +766,38 @@ mod tests {
         let p = agent_status_patch(&d);
         let keys: Vec<_> = p["status"].as_object().unwrap().keys().cloned().collect();
         assert_eq!(keys, vec!["agentMessage", "consumers", "resetDomain"]);
+    }
+
+    #[test]
+    fn a_dry_run_agent_says_so_in_the_status() {
+        let d = detected(Some(1));
+        assert_eq!(
+            agent_status_patch_as(&d, true)["status"]["agentDryRun"],
+            true
+        );
+        assert_eq!(
+            agent_status_patch_as(&d, false)["status"]["agentDryRun"],
+            false
+        );
+        assert!(
+            agent_status_patch(&d)["status"]
+                .get("agentMessage")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn no_driver_bound_is_told_to_a_human() {
+        let mut d = detected(Some(1));
+        d.device.driver = String::new();
+        let message = agent_status_patch(&d)["status"]["agentMessage"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            message.starts_with("no driver bound to 0000:03:00.0"),
+            "{message}"
+        );
+        assert!(message.contains("reboot can still recover it"), "{message}");
     }
 }

@@ -27,6 +27,7 @@ use crate::executor::{AdvertisedCheck, Executor, ExecutorConfig, KubeStore, Wedg
 use crate::host::{HostActions, SysfsHost};
 use crate::listener::{ListenError, UeventListener};
 use crate::metrics::{self, Metrics};
+use crate::node_events::{self, RateLimit};
 use crate::outbox::{self, Outbox};
 use crate::podresources::{self, DeviceIdMatch};
 use crate::reporter::{
@@ -185,11 +186,15 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
     reconcile(&agent, "start").await;
 
     let m = metrics.clone();
+    let rejected = outbox.clone();
+    let (rejected_node, rejected_client) = (agent.args.node_name.clone(), client.clone());
+    let mut rejected_seen = 0;
     let replayer = tokio::spawn(outbox::run_replayer(
         outbox,
         EnrichingReporter {
             agent: agent.clone(),
-            reporter: Reporter::new(client.clone(), agent.args.node_name.clone()),
+            reporter: Reporter::new(client.clone(), agent.args.node_name.clone())
+                .dry_run(agent.args.dry_run),
         },
         agent.wake.clone(),
         Duration::from_secs(2),
@@ -200,6 +205,25 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
                 m.api_errors.inc();
             }
             m.outbox_pending.set(pending as i64);
+            let total = rejected.rejected_total();
+            let new = total.saturating_sub(rejected_seen);
+            m.outbox_rejected.inc_by(new);
+            rejected_seen = total;
+            if new > 0 {
+                let note = format!(
+                    "{new} detected wedge(s) refused for good by the API server (or unreadable), never to be retried; kept for a human in {} on this node",
+                    rejected.rejected_dir().display()
+                );
+                let ev = node_events::warning(
+                    &rejected_node,
+                    node_events::REASON_REPORT_REJECTED,
+                    "Report",
+                    &note,
+                    Timestamp::now(),
+                );
+                let client = rejected_client.clone();
+                tokio::spawn(async move { node_events::publish(&client, &ev).await });
+            }
         },
     ));
     agent.wake.notify_one();
@@ -211,7 +235,7 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
                 dev_root: agent.args.dev_root.clone(),
                 dry_run: agent.args.dry_run,
                 settle: agent.args.settle,
-                verify_command: agent.args.verify_command.clone(),
+                verify_command: verify_command(&agent.args),
                 gate_interval: Duration::from_secs(2),
                 reappear_timeout: agent.args.reappear_timeout,
                 advertised: Some(advertised_check(&agent)),
@@ -219,6 +243,7 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
             host,
             KubeStore::new(client.clone()),
             &agent.args.state_dir,
+            agent.outbox.clone(),
             agent.clock.clone(),
             metrics.clone(),
         )
@@ -232,6 +257,7 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
     ));
 
     let mut foreign_seen = 0;
+    let mut lost_events = RateLimit::new(LOST_UEVENTS_EVENT_INTERVAL);
     let mut shutdown = shutdown;
     loop {
         tokio::select! {
@@ -241,9 +267,11 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
                     Ok(buf) => on_message(&agent, &buf).await,
                     Err(ListenError::Overrun) => {
                         metrics.netlink_overruns.inc();
+                        metrics.uevents_lost.inc();
                         tracing::warn!("uevent receive buffer overrun: uevents were lost; reconciling from sysfs and the API");
                         let a = agent.clone();
-                        tokio::spawn(async move { reconcile(&a, "overrun").await });
+                        let event = lost_events.allow(std::time::Instant::now());
+                        tokio::spawn(async move { uevents_lost(&a, event).await });
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "uevent socket error; continuing");
@@ -267,6 +295,22 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
         "stopped; unreported wedges stay in the outbox"
     );
     Ok(())
+}
+
+/// `--verify-command`, unset when blank; a program given by a path that does not exist is
+/// logged at start, not only when the first recovery fails on it.
+fn verify_command(args: &Args) -> Option<String> {
+    let cmd = args
+        .verify_command
+        .clone()
+        .filter(|c| !c.trim().is_empty())?;
+    if let Ok(parsed) = crate::verify_command::VerifyCommand::parse(&cmd) {
+        let program = std::path::Path::new(&parsed.argv()[0]);
+        if program.is_absolute() && !program.exists() {
+            tracing::error!(program = %program.display(), "--verify-command names a program that does not exist in the agent's image; every recovery will fail verification until it is fixed (it runs without a shell)");
+        }
+    }
+    Some(cmd)
 }
 
 /// Asks the kubelet (PodResources `GetAllocatableResources`) whether a GPU is advertised
@@ -503,7 +547,28 @@ async fn dra_device(agent: &Agent, pci: &str) -> (Option<DraDeviceRef>, Option<S
     (None, Some(note))
 }
 
-async fn reconcile(agent: &Arc<Agent>, why: &str) {
+/// At most one `GpuUeventsLost` Event per node in this interval (an overrun storm).
+const LOST_UEVENTS_EVENT_INTERVAL: Duration = Duration::from_secs(300);
+
+/// After an overrun: the rescan, then a note for a human in the log and, when `event`, in a
+/// Warning Event on the Node (the agent has no right to set a node condition).
+async fn uevents_lost(agent: &Arc<Agent>, event: bool) {
+    let findings = reconcile(agent, "overrun").await;
+    let note = startup::lost_uevents_note(&agent.sysfs.gpus(), &findings);
+    tracing::warn!(%note, "uevents lost");
+    if event {
+        let ev = node_events::warning(
+            &agent.args.node_name,
+            node_events::REASON_UEVENTS_LOST,
+            "Rescan",
+            &note,
+            Timestamp::now(),
+        );
+        node_events::publish(&agent.client, &ev).await;
+    }
+}
+
+async fn reconcile(agent: &Arc<Agent>, why: &str) -> Vec<startup::Finding> {
     let api: Api<GpuWedge> = Api::all(agent.client.clone());
     let lp = ListParams::default().labels(&format!("{LABEL_NODE}={}", agent.args.node_name));
     let wedges = match tokio::time::timeout(Duration::from_secs(5), api.list(&lp)).await {
@@ -534,6 +599,7 @@ async fn reconcile(agent: &Arc<Agent>, why: &str) {
         }
     }
     agent.wake.notify_one();
+    findings
 }
 
 async fn run_executor(

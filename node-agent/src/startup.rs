@@ -9,6 +9,12 @@
 //!   purpose (blacklisted driver, passthrough), and a wedge would cordon the node on a guess.
 //! - Open incidents of this node whose attempts were left `Started`/`Blocked` are logged; the
 //!   executor's first pass reports them (never re-executes them).
+//!
+//! After a netlink overrun (ENOBUFS) the same rescan runs, but it cannot recover everything the
+//! lost uevents said: xe, i915 and amdgpu keep a wedged device bound, and sysfs has no generic
+//! "wedged" attribute, so a wedge of a GPU that stays bound (and is not in xe's survivability
+//! mode) leaves no trace the agent can read. [`lost_uevents_note`] says so, naming those GPUs,
+//! for the log, `unwedge_agent_uevents_lost_total` and a `GpuUeventsLost` Event on the Node.
 
 use std::collections::BTreeMap;
 
@@ -100,6 +106,45 @@ pub fn findings(
         }
     }
     out
+}
+
+/// What a human must know after uevents were lost: what the rescan found and which GPUs it
+/// cannot vouch for (bound, not in survivability mode: a wedge of them is invisible in sysfs).
+pub fn lost_uevents_note(gpus: &[(String, Option<String>)], findings: &[Finding]) -> String {
+    let mut found = Vec::new();
+    let mut flagged = Vec::new();
+    for f in findings {
+        match f {
+            Finding::UnboundDriver { pci, .. } => {
+                found.push(format!("{pci} has no driver bound"));
+                flagged.push(pci.as_str());
+            }
+            Finding::Survivability { pci, mode } => {
+                found.push(format!("{pci} is in survivability mode {mode} (reported)"));
+                flagged.push(pci.as_str());
+            }
+            Finding::InterruptedAttempts { .. } => {}
+        }
+    }
+    let unknown: Vec<&str> = gpus
+        .iter()
+        .filter(|(pci, driver)| driver.is_some() && !flagged.contains(&pci.as_str()))
+        .map(|(pci, _)| pci.as_str())
+        .collect();
+    let found = if found.is_empty() {
+        "no GPU is unbound or in survivability mode".to_string()
+    } else {
+        found.join("; ")
+    };
+    let mut note =
+        format!("uevents were lost (netlink receive buffer overrun); sysfs rescan: {found}.");
+    if !unknown.is_empty() {
+        note.push_str(&format!(
+            " A wedge of a GPU that stays bound leaves no trace in sysfs: if a workload on {} fails, look for 'wedged' in the kernel log and report it by hand.",
+            unknown.join(", ")
+        ));
+    }
+    note
 }
 
 /// Runs the sysfs side of reconciliation and returns the findings plus the detections to put
@@ -241,6 +286,32 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn the_lost_uevents_note_names_what_the_rescan_cannot_see() {
+        let gpus = vec![
+            ("0000:03:00.0".to_string(), None),
+            ("0000:04:00.0".to_string(), Some("xe".to_string())),
+            ("0000:05:00.0".to_string(), Some("xe".to_string())),
+        ];
+        let found = findings(
+            &gpus,
+            |p| (p == "0000:04:00.0").then(|| "Runtime".to_string()),
+            &[],
+        );
+        let note = lost_uevents_note(&gpus, &found);
+        assert!(note.contains("0000:03:00.0 has no driver bound"), "{note}");
+        assert!(
+            note.contains("0000:04:00.0 is in survivability mode"),
+            "{note}"
+        );
+        assert!(
+            note.contains("if a workload on 0000:05:00.0 fails"),
+            "{note}"
+        );
+        let quiet = lost_uevents_note(&gpus[2..], &[]);
+        assert!(quiet.contains("no GPU is unbound"), "{quiet}");
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //! The fake sysfs's `unbind`, `bind` and `reset` files are FIFOs read by a test thread that
 //! appends every write to its own journal and applies the kernel's effect (unbind removes the
 //! driver link and the card; bind restores them with a new card index).
+//!
+//! Issue #22 (fail safe): approvals of wedges the agent did not detect, of devices that are not
+//! DRM devices or have no driver are refused with nothing written, checked the same way.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -19,9 +22,11 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use unwedge_agent::config::RebootMode;
+use unwedge_agent::detections::DetectionRecord;
 use unwedge_agent::executor::{Executor, ExecutorConfig, ExecutorStep, WedgeClock, WedgeStore};
 use unwedge_agent::host::{HostActions, HostError, SysfsHost};
 use unwedge_agent::metrics::Metrics;
+use unwedge_agent::outbox::Outbox;
 use unwedge_crds::{
     Approval, AttemptOutcome, AttemptResult, DeviceRef, GpuWedge, GpuWedgeSpec, GpuWedgeStatus,
 };
@@ -55,6 +60,7 @@ impl FakeSysfs {
         fs::create_dir_all(dev.join("drm/card0")).unwrap();
         fs::create_dir_all(&drv).unwrap();
         fs::write(dev.join("reset_method"), "flr bus\n").unwrap();
+        fs::write(dev.join("class"), "0x030000\n").unwrap();
         std::os::unix::fs::symlink("../../drivers/xe", dev.join("driver")).unwrap();
         fs::write(root.path().join("boot_id"), "boot-1\n").unwrap();
         let journal = Arc::new(Mutex::new(Vec::new()));
@@ -192,6 +198,12 @@ impl HostActions for Synced {
     fn card_of(&self, bdf: &str) -> Option<String> {
         self.inner.card_of(bdf)
     }
+    fn is_drm_device(&self, bdf: &str) -> bool {
+        self.inner.is_drm_device(bdf)
+    }
+    fn pci_class(&self, bdf: &str) -> Option<u32> {
+        self.inner.pci_class(bdf)
+    }
 }
 
 /// An in-memory store standing in for the API; `lose_patches` drops status writes (a patch
@@ -213,6 +225,12 @@ impl WedgeStore for MemStore {
         let mut o = self.objects.lock().unwrap();
         let w = o.get_mut(name).ok_or("gone")?;
         w.status.get_or_insert_with(Default::default).attempts = Some(attempts.to_vec());
+        Ok(())
+    }
+    async fn patch_agent_message(&self, name: &str, message: &str) -> Result<(), String> {
+        let mut o = self.objects.lock().unwrap();
+        let w = o.get_mut(name).ok_or("gone")?;
+        w.status.get_or_insert_with(Default::default).agent_message = Some(message.to_string());
         Ok(())
     }
 }
@@ -268,7 +286,42 @@ fn approved(method: &str, attempt: u32) -> GpuWedge {
     w
 }
 
+/// The agent's record that it detected and reported `w` with `xe` bound (what the outbox
+/// replayer writes when the API accepts a detection).
+fn detected(state: &Path, w: &GpuWedge) {
+    detected_with(state, w, "xe");
+}
+
+/// [`detected`] with `driver` bound at detection (empty: none).
+fn detected_with(state: &Path, w: &GpuWedge, driver: &str) {
+    let outbox = Outbox::open(state).unwrap();
+    outbox
+        .detections()
+        .record(DetectionRecord {
+            wedge: w.metadata.name.clone().unwrap(),
+            node: w.spec.node_name.clone(),
+            pci_address: w.spec.device.pci_address.clone(),
+            boot_id: w.spec.boot_id.clone(),
+            driver: driver.into(),
+            at: Timestamp::now(),
+        })
+        .unwrap();
+}
+
+/// An executor over `state` whose agent detected the standard wedge ([`approved`]).
 fn executor(
+    fake: &FakeSysfs,
+    store: MemStore,
+    state: &Path,
+    reboot_command: &str,
+    dry_run: bool,
+) -> Executor<Synced, MemStore> {
+    detected(state, &approved("rebind", 1));
+    executor_of(fake, store, state, reboot_command, dry_run)
+}
+
+/// An executor over `state` with only the detections already recorded there.
+fn executor_of(
     fake: &FakeSysfs,
     store: MemStore,
     state: &Path,
@@ -292,6 +345,7 @@ fn executor(
         Arc::new(fake.host(reboot_command)),
         store,
         state,
+        Outbox::open(state).unwrap(),
         WedgeClock::default(),
         Arc::new(Metrics::new()),
     )
@@ -400,11 +454,201 @@ async fn dry_run_touches_nothing_and_says_so() {
         .await;
     assert!(fake.writes().is_empty());
     let a = &store.attempts("node-a-0000-03-00-0-7")[0];
-    assert_eq!(a.result, AttemptOutcome::Failed);
+    assert_eq!(
+        a.result,
+        AttemptOutcome::DryRun,
+        "a dry run is never Failed (the operator would escalate): {a:?}"
+    );
     assert!(
-        a.message.starts_with("dry-run: would unbind"),
+        a.message
+            .starts_with("dry-run: would unbind 0000:03:00.0 from xe"),
         "{}",
         a.message
+    );
+}
+
+/// The attempt `attempt` as the store holds it.
+fn attempt_of(store: &MemStore, name: &str, attempt: u32) -> AttemptResult {
+    store
+        .attempts(name)
+        .into_iter()
+        .find(|a| a.attempt == attempt)
+        .unwrap_or_else(|| panic!("no attempt {attempt} reported on {name}"))
+}
+
+fn agent_message(store: &MemStore, name: &str) -> String {
+    store.objects.lock().unwrap()[name]
+        .status
+        .clone()
+        .unwrap()
+        .agent_message
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_hand_made_wedge_is_refused_and_nothing_is_written() {
+    let fake = FakeSysfs::new();
+    let state = tempfile::tempdir().unwrap();
+    let marker = fake.root.path().join("rebooted");
+    let reboot = format!("touch {}", marker.display());
+    // A real detection of the same device exists: the hand-made wedge differs only in name.
+    let mut forged = approved("rebind", 1);
+    forged.metadata.name = Some("handmade".into());
+    let store = MemStore::with(&forged);
+    let ex = executor(&fake, store.clone(), state.path(), &reboot, false);
+    ex.process(&forged).await;
+    let a = attempt_of(&store, "handmade", 1);
+    assert_eq!(a.result, AttemptOutcome::Refused, "{a:?}");
+    assert!(a.message.contains("did not detect"), "{}", a.message);
+    assert!(a.finished_at.is_some(), "a refusal is final");
+    assert!(
+        agent_message(&store, "handmade").contains("refused rebind (attempt 1)"),
+        "{}",
+        agent_message(&store, "handmade")
+    );
+    assert!(
+        fake.writes().is_empty(),
+        "sysfs writes: {:?}",
+        fake.writes()
+    );
+
+    // Never retried: the next evaluation of the same approval does nothing.
+    let current = store.get("handmade").await.unwrap().unwrap();
+    assert_eq!(ex.process(&current).await, ExecutorStep::Idle);
+
+    // Nor does a reboot approval of it reboot, nor one for another boot id.
+    let mut reboot_it = approved("reboot", 2);
+    reboot_it.metadata.name = Some("handmade".into());
+    ex.process(&reboot_it).await;
+    assert_eq!(
+        attempt_of(&store, "handmade", 2).result,
+        AttemptOutcome::Refused
+    );
+    let mut other_boot = approved("reboot", 3);
+    other_boot.spec.boot_id = "boot-0".into();
+    let store2 = MemStore::with(&other_boot);
+    executor(&fake, store2.clone(), state.path(), &reboot, false)
+        .process(&other_boot)
+        .await;
+    assert_eq!(
+        attempt_of(&store2, "node-a-0000-03-00-0-7", 3).result,
+        AttemptOutcome::Refused
+    );
+    assert!(!marker.exists(), "the host was rebooted for a forged wedge");
+    assert!(
+        fake.writes().is_empty(),
+        "sysfs writes: {:?}",
+        fake.writes()
+    );
+}
+
+#[tokio::test]
+async fn a_wedge_naming_a_non_drm_device_is_refused() {
+    let fake = FakeSysfs::new();
+    let state = tempfile::tempdir().unwrap();
+    // A NIC: a PCI function bound to e1000e, without a drm directory.
+    let nic = "0000:00:19.0";
+    let dev = fake.root.path().join("bus/pci/devices").join(nic);
+    let drv = fake.root.path().join("bus/pci/drivers/e1000e");
+    fs::create_dir_all(&dev).unwrap();
+    fs::create_dir_all(&drv).unwrap();
+    fs::write(drv.join("unbind"), "").unwrap();
+    fs::write(drv.join("bind"), "").unwrap();
+    std::os::unix::fs::symlink("../../drivers/e1000e", dev.join("driver")).unwrap();
+    let mut w = approved("rebind", 1);
+    w.spec.device.pci_address = nic.into();
+    w.spec.device.driver = "e1000e".into();
+    // Even a detection of that address (the record is the agent's) does not make it a GPU.
+    detected(state.path(), &w);
+    let store = MemStore::with(&w);
+    executor_of(&fake, store.clone(), state.path(), "false", false)
+        .process(&w)
+        .await;
+    let a = attempt_of(&store, "node-a-0000-03-00-0-7", 1);
+    assert_eq!(a.result, AttemptOutcome::Refused, "{a:?}");
+    assert!(a.message.contains("not a DRM device"), "{}", a.message);
+    assert_eq!(fs::read_to_string(drv.join("unbind")).unwrap(), "");
+    assert_eq!(fs::read_to_string(drv.join("bind")).unwrap(), "");
+    assert!(
+        fake.writes().is_empty(),
+        "sysfs writes: {:?}",
+        fake.writes()
+    );
+}
+
+#[tokio::test]
+async fn the_crs_driver_is_never_used_the_sysfs_one_is() {
+    let fake = FakeSysfs::new();
+    let state = tempfile::tempdir().unwrap();
+    // `../../../escape` from bus/pci/drivers/ is <root>/escape: a file outside the drivers.
+    let escape = fake.root.path().join("escape");
+    fs::create_dir_all(&escape).unwrap();
+    fs::write(escape.join("unbind"), "").unwrap();
+    fs::write(escape.join("bind"), "").unwrap();
+    let mut w = approved("rebind", 1);
+    w.spec.device.driver = "../../../escape".into();
+    let store = MemStore::with(&w);
+    executor(&fake, store.clone(), state.path(), "false", false)
+        .process(&w)
+        .await;
+    assert_eq!(
+        fake.writes(),
+        vec![format!("unbind {BDF}"), format!("bind {BDF}")],
+        "xe's files (from sysfs) were written"
+    );
+    assert_eq!(fs::read_to_string(escape.join("unbind")).unwrap(), "");
+    assert_eq!(fs::read_to_string(escape.join("bind")).unwrap(), "");
+    let a = attempt_of(&store, "node-a-0000-03-00-0-7", 1);
+    assert_eq!(a.result, AttemptOutcome::Succeeded, "{}", a.message);
+    assert!(a.message.contains("xe bound"), "{}", a.message);
+}
+
+#[tokio::test]
+async fn without_a_driver_reboot_runs_and_rebind_is_refused() {
+    let fake = FakeSysfs::new();
+    let state = tempfile::tempdir().unwrap();
+    let dev = fake.root.path().join("bus/pci/devices").join(BDF);
+    fs::remove_file(dev.join("driver")).unwrap();
+    fs::remove_dir_all(dev.join("drm")).unwrap();
+
+    // Detected while no driver was bound: the agent has no driver it read itself.
+    let w = approved("rebind", 1);
+    detected_with(state.path(), &w, "");
+    let store = MemStore::with(&w);
+    executor_of(&fake, store.clone(), state.path(), "false", false)
+        .process(&w)
+        .await;
+    let a = attempt_of(&store, "node-a-0000-03-00-0-7", 1);
+    assert_eq!(a.result, AttemptOutcome::Refused, "{a:?}");
+    assert!(a.message.contains("no driver bound to"), "{}", a.message);
+
+    let boot = fake.root.path().join("boot_id");
+    let reboot = format!("echo boot-2 > {}", boot.display());
+    let w = approved("reboot", 2);
+    let store = MemStore::with(&w);
+    let step = executor_of(&fake, store.clone(), state.path(), &reboot, false)
+        .process(&w)
+        .await;
+    assert_eq!(
+        step,
+        ExecutorStep::Start {
+            attempt: 2,
+            method: "reboot".into()
+        }
+    );
+    assert_eq!(
+        fs::read_to_string(&boot).unwrap().trim(),
+        "boot-2",
+        "the reboot ran without a driver"
+    );
+    assert_eq!(
+        attempt_of(&store, "node-a-0000-03-00-0-7", 2).result,
+        AttemptOutcome::Started
+    );
+    assert!(
+        fake.writes().is_empty(),
+        "sysfs writes: {:?}",
+        fake.writes()
     );
 }
 
@@ -485,4 +729,27 @@ async fn the_agent_that_asked_for_a_reboot_waits_for_it_instead_of_failing_the_a
     );
     let a = &store.attempts("node-a-0000-03-00-0-7")[0];
     assert_eq!(a.result, AttemptOutcome::Failed, "{}", a.message);
+}
+
+#[tokio::test]
+async fn a_gpu_left_unbound_by_a_failed_rebind_can_still_be_bus_reset() {
+    let fake = FakeSysfs::new();
+    let state = tempfile::tempdir().unwrap();
+    // The rebind rung's bind failed: the device is unbound, its drm directory gone.
+    let dev = fake.root.path().join("bus/pci/devices").join(BDF);
+    fs::remove_file(dev.join("driver")).unwrap();
+    fs::remove_dir_all(dev.join("drm")).unwrap();
+    let mut w = approved("bus-reset", 2);
+    w.spec.device.driver = "../../../escape".into();
+    let store = MemStore::with(&w);
+    executor(&fake, store.clone(), state.path(), "false", false)
+        .process(&w)
+        .await;
+    assert_eq!(
+        fake.writes(),
+        vec!["reset 1".to_string(), format!("bind {BDF}")],
+        "no unbind of an unbound device; bound to xe, the driver the agent detected"
+    );
+    let a = attempt_of(&store, "node-a-0000-03-00-0-7", 2);
+    assert_eq!(a.result, AttemptOutcome::Succeeded, "{}", a.message);
 }

@@ -91,7 +91,129 @@ fn a_corrupt_entry_is_set_aside_and_does_not_block_the_rest() {
     fs::write(outbox.dir().join("garbage.json"), b"not json").unwrap();
     let pending = outbox.pending().unwrap();
     assert_eq!(pending.len(), 1);
-    assert!(outbox.dir().join("garbage.bad").exists());
+    assert!(outbox.rejected_dir().join("garbage.json").exists());
+    assert!(!outbox.dir().join("garbage.json").exists());
+    assert_eq!(outbox.rejected_total(), 1);
+}
+
+/// An API that refuses some wedges for good (422 Invalid, as for a status too large for the
+/// CRD), fails others transiently (503) and accepts the rest.
+#[derive(Default)]
+struct Picky {
+    invalid: Vec<String>,
+    unavailable: Vec<String>,
+    seen: Mutex<Vec<String>>,
+}
+
+fn api_error(code: u16) -> ReportError {
+    ReportError::Api {
+        name: "w".into(),
+        source: kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            message: format!("HTTP {code}"),
+            ..kube::core::Status::default()
+        })),
+    }
+}
+
+impl Sink for Picky {
+    fn report(
+        &self,
+        wedge: &DetectedWedge,
+    ) -> impl std::future::Future<Output = Result<Reported, ReportError>> + Send {
+        let name = wedge.name();
+        self.seen.lock().unwrap().push(name.clone());
+        std::future::ready(if self.invalid.contains(&name) {
+            Err(api_error(422))
+        } else if self.unavailable.contains(&name) {
+            Err(api_error(503))
+        } else {
+            Ok(Reported::Created(name))
+        })
+    }
+}
+
+fn on_device(seq: u64, pci: &str, second: i64) -> DetectedWedge {
+    let mut d = detected(seq);
+    d.device.pci_address = pci.into();
+    d.detected_at = jiff::Timestamp::from_second(1_800_000_000 + second).unwrap();
+    d
+}
+
+#[tokio::test]
+async fn a_poison_entry_is_set_aside_and_the_next_is_still_reported() {
+    let state = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(state.path()).unwrap();
+    let poison = on_device(1, "0000:03:00.0", 0);
+    let next = on_device(2, "0000:03:00.0", 1);
+    outbox.put(&poison).unwrap();
+    outbox.put(&next).unwrap();
+    let api = Picky {
+        invalid: vec![poison.name()],
+        ..Picky::default()
+    };
+    let pass = replay(&outbox, &api).await.unwrap();
+    assert_eq!(pass.rejected, 1, "{pass:?}");
+    assert_eq!(pass.reported, vec![Reported::Created(next.name())]);
+    assert!(!pass.stalled);
+    assert!(outbox.is_empty(), "nothing left to block later wedges");
+    assert!(
+        outbox
+            .rejected_dir()
+            .join(format!("{}.json", poison.name()))
+            .exists(),
+        "kept for a human"
+    );
+    assert_eq!(outbox.rejected_total(), 1);
+    // The accepted one is remembered as detected; the rejected one is not.
+    assert!(outbox.detected(&next.name(), "node-a", "0000:03:00.0", "boot-1"));
+    assert!(!outbox.detected(&poison.name(), "node-a", "0000:03:00.0", "boot-1"));
+    assert!(
+        Outbox::open(state.path()).unwrap().detected(
+            &next.name(),
+            "node-a",
+            "0000:03:00.0",
+            "boot-1"
+        ),
+        "a restart remembers"
+    );
+}
+
+#[tokio::test]
+async fn a_transient_error_holds_back_only_its_own_device() {
+    let state = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(state.path()).unwrap();
+    let busy = on_device(1, "0000:03:00.0", 0);
+    let same_device_later = on_device(2, "0000:03:00.0", 1);
+    let other_device = on_device(3, "0000:04:00.0", 2);
+    for d in [&busy, &same_device_later, &other_device] {
+        outbox.put(d).unwrap();
+    }
+    let api = Picky {
+        unavailable: vec![busy.name()],
+        ..Picky::default()
+    };
+    let pass = replay(&outbox, &api).await.unwrap();
+    assert!(pass.stalled);
+    assert_eq!(pass.rejected, 0);
+    assert_eq!(pass.reported, vec![Reported::Created(other_device.name())]);
+    assert_eq!(
+        *api.seen.lock().unwrap(),
+        vec![busy.name(), other_device.name()],
+        "the later wedge of the busy device waits for the first (it may open the incident)"
+    );
+    assert_eq!(outbox.len(), 2, "the busy device's entries are kept");
+}
+
+#[test]
+fn only_refusals_for_good_are_permanent() {
+    for code in [400, 413, 422] {
+        assert!(!api_error(code).is_retryable(), "{code}");
+    }
+    for code in [401, 403, 404, 409, 429, 500, 503] {
+        assert!(api_error(code).is_retryable(), "{code}");
+    }
+    assert!(!ReportError::Unreportable("no PCI address".into()).is_retryable());
 }
 
 /// An API that accepts everything, recording what it was sent.
@@ -130,4 +252,35 @@ async fn a_detection_that_cannot_be_written_is_still_reported() {
     fs::remove_file(outbox.dir()).unwrap();
     fs::create_dir(outbox.dir()).unwrap();
     assert!(outbox.pending().unwrap().is_empty(), "gone once accepted");
+}
+
+/// An API where every detection joins an open incident of another name.
+struct Appending;
+
+impl Sink for Appending {
+    fn report(
+        &self,
+        _wedge: &DetectedWedge,
+    ) -> impl std::future::Future<Output = Result<Reported, ReportError>> + Send {
+        std::future::ready(Ok(Reported::Appended("node-a-0000-03-00-0-1".into())))
+    }
+}
+
+#[tokio::test]
+async fn a_detection_added_to_an_open_incident_is_not_recorded_under_that_incident() {
+    let state = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(state.path()).unwrap();
+    let later = on_device(2, "0000:03:00.0", 5);
+    outbox.put(&later).unwrap();
+    assert!(
+        outbox.detected(&later.name(), "node-a", "0000:03:00.0", "boot-1"),
+        "pending in the outbox counts as detected"
+    );
+    let pass = replay(&outbox, &Appending).await.unwrap();
+    assert_eq!(pass.reported.len(), 1);
+    assert!(
+        outbox.detections().is_empty(),
+        "the incident was not this detection's own"
+    );
+    assert!(!outbox.detected("node-a-0000-03-00-0-1", "node-a", "0000:03:00.0", "boot-1"));
 }
