@@ -531,7 +531,11 @@ async fn scenarios(
         T,
         || async {
             let n: Node = Api::all(client.clone()).get("dra-c").await?;
-            Ok((!n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false)
+            Ok((!n
+                .spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false)
                 && !n.annotations().contains_key("unwedge.io/cordoned-by"))
             .then_some(()))
         },
