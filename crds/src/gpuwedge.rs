@@ -1,4 +1,4 @@
-//! `GpuWedge`: one object per incident of one device on one node (DESIGN §3).
+//! `GpuWedge`: one object per incident of one device on one node (docs/design.md §3).
 //!
 //! The agent writes the spec (immutable after creation) and the agent part of the status;
 //! the operator writes the operator part. Each writer owns its own fields, so merge patches
@@ -149,7 +149,7 @@ pub struct PodRef {
     pub container: Option<String>,
 }
 
-/// Where a wedge stands. The operator writes it; see DESIGN §4 for the transitions.
+/// Where a wedge stands. The operator writes it; see docs/design.md §4 for the transitions.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 pub enum Phase {
     /// Seen by the agent, not yet handled by the operator.

@@ -12,7 +12,7 @@ pub use policy::*;
 
 use kube::CustomResourceExt;
 
-/// A method token as the kernel sends it in `WEDGED=` (DESIGN §1): syntax only, never a list.
+/// A method token as the kernel sends it in `WEDGED=` (docs/design.md §1): syntax only, never a list.
 pub const METHOD_PATTERN: &str = "^[a-z0-9][a-z0-9-]*$";
 
 /// Whether `s` is a well-formed method token (`[a-z0-9][a-z0-9-]*`).

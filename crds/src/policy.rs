@@ -1,4 +1,4 @@
-//! `RecoveryPolicy`: which nodes, how much disruption at once, which methods (DESIGN §3).
+//! `RecoveryPolicy`: which nodes, how much disruption at once, which methods (docs/design.md §3).
 //!
 //! The policy's status doubles as the admission ledger: the operator admits a wedge by
 //! replacing the status with the wedge added, guarded by the policy's resourceVersion, so two

@@ -286,7 +286,7 @@ s_none_blamed_pid() {
 }
 
 # An admin cordoned the node before the wedge: unwedge recovers the device but never uncordons a
-# node it did not cordon (DESIGN §4 invariant 3).
+# node it did not cordon (docs/design.md §4 invariant 3).
 s_admin_cordon_kept() {
   local card bdf bridge label; dev 2
   gpu_work_up

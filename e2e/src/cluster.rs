@@ -1,4 +1,4 @@
-//! A real local Kubernetes control plane for tests, without Docker (DESIGN §7).
+//! A real local Kubernetes control plane for tests, without Docker (docs/design.md §7).
 //!
 //! [`ControlPlane::start`] builds (or reuses from the cache) the pinned upstream binaries with
 //! `e2e/cluster/build-binaries.sh`, generates a CA, serving and client certificates and a

@@ -3,7 +3,7 @@
 //! through the kernel on one node; the recovery printed live as a timeline; `kubectl get gw
 //! -o wide` at the end. With `keep` the cluster stays up until Ctrl-C.
 //!
-//! With `dra` (DESIGN §5 "On DRA clusters"): one node whose 8 GPUs are published in a
+//! With `dra` (docs/design.md §5 "On DRA clusters"): one node whose 8 GPUs are published in a
 //! ResourceSlice, a Deployment whose pods get them through ResourceClaims allocated by the real
 //! kube-scheduler, and the wedge of one pod's GPU quarantines that device alone with a
 //! DeviceTaintRule; the node stays schedulable and its other GPUs keep being allocated.

@@ -1,4 +1,4 @@
-//! DRA on the local control plane (DESIGN §5 "On DRA clusters"): a test DRA driver's
+//! DRA on the local control plane (docs/design.md §5 "On DRA clusters"): a test DRA driver's
 //! DeviceClass and ResourceClaimTemplate, a ResourceSlice of GPUs per kwok node (no kubelet
 //! plugin needed: the real kube-scheduler allocates from the slice), pods with claims, and
 //! what the scheduler allocated. Shared by `tests/dra.rs`, the demo (`--dra`) and `bench dra`.

@@ -569,7 +569,7 @@ impl Fleet {
     }
 
     /// Runs the agents of `names` (nodes added without an agent) as instances of one
-    /// `agent-pool` process (DESIGN §7): the same flags and kubeconfig (pod-bound token) each
+    /// `agent-pool` process (docs/design.md §7): the same flags and kubeconfig (pod-bound token) each
     /// node's own agent process would get, the uevent socket and `/readyz` inside the node's
     /// network namespace. Not waited for; one pool per fleet.
     pub fn start_agent_pool(&mut self, names: &[String]) -> anyhow::Result<()> {

@@ -1,7 +1,7 @@
 //! A private network namespace per simulated node, as an agent pod has one.
 //!
 //! Uevents injected into the kernel from inside the namespace are rebroadcast to that namespace
-//! only (DESIGN §1), so each node's agent hears its own wedges and nobody else's. The API server
+//! only (docs/design.md §1), so each node's agent hears its own wedges and nobody else's. The API server
 //! listens on the host's loopback, which the namespace cannot reach: a listener created *inside*
 //! the namespace on `127.0.0.1:<api port>` (a socket keeps the namespace it was created in) is
 //! served by a harness task that connects to the real API server from the host side. The agent

@@ -1,4 +1,4 @@
-//! The admission proofs (DESIGN §4 invariant 5, §6; issues 11 item 8, 12 "human verbs", 14)
+//! The admission proofs (docs/design.md §4 invariant 5, §6; issues 11 item 8, 12 "human verbs", 14)
 //! against the policies the chart renders, on the real local control plane, with tokens the
 //! TokenRequest API mints for the chart's own ServiceAccounts, bound to pods on kwok nodes.
 //!

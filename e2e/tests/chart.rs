@@ -182,7 +182,7 @@ fn template_defaults_render_the_security_contract() {
     );
     assert_ne!(
         pod["hostNetwork"], true,
-        "hostNetwork would let any pod's root forge uevents (DESIGN §1)"
+        "hostNetwork would let any pod's root forge uevents (docs/design.md §1)"
     );
     assert_eq!(pod["serviceAccountName"], "unwedge-agent");
     let c = &pod["containers"][0];

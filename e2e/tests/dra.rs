@@ -1,4 +1,4 @@
-//! DRA quarantine on the real 1.37.2 control plane (DESIGN §5 "On DRA clusters", issue 16):
+//! DRA quarantine on the real 1.37.2 control plane (docs/design.md §5 "On DRA clusters", issue 16):
 //! kwok nodes publish 8 GPUs in a ResourceSlice, the real kube-scheduler allocates
 //! ResourceClaims, the real `unwedge-operator` with the chart's RBAC for `dra.enabled=true`
 //! (and the `--dra=on` it renders) quarantines the wedged device with a DeviceTaintRule and

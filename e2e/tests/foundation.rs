@@ -1,5 +1,5 @@
 //! The foundation against a real control plane (kube-apiserver, etcd, controller-manager,
-//! scheduler, kwok): the CRDs are accepted, the API behaves as DESIGN §3 says, every validation
+//! scheduler, kwok): the CRDs are accepted, the API behaves as docs/design.md §3 says, every validation
 //! rule refuses what it should with a clear message, and the harness itself works (kwok nodes,
 //! the real scheduler, bound tokens, API server restarts).
 //!

@@ -1,4 +1,4 @@
-//! The agent's production listener and parser fed by the real kernel (DESIGN §1): in a private
+//! The agent's production listener and parser fed by the real kernel (docs/design.md §1): in a private
 //! network namespace, uevents sent to the kernel come back from port id 0 exactly like the
 //! kernel's own; a process's own group-1 multicast is refused; a flood of irrelevant uevents
 //! is drained and a wedge after it is still heard.

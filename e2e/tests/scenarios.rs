@@ -1,4 +1,4 @@
-//! End-to-end scenarios on the real local control plane (DESIGN §7.3): real `unwedge-agent`
+//! End-to-end scenarios on the real local control plane (docs/design.md §7.3): real `unwedge-agent`
 //! processes over journaled fake sysfs trees, each in its own network namespace fed through the
 //! kernel, and two real `unwedge-operator` processes with leader election. One control plane
 //! runs the scenarios one after the other; every scenario asserts its outcome and invariants

@@ -1,4 +1,4 @@
-//! `kubectl unwedge`: see and steer GpuWedge incidents (DESIGN §4).
+//! `kubectl unwedge`: see and steer GpuWedge incidents (docs/design.md §4).
 //!
 //! Reads GpuWedges, RecoveryPolicies and Events; writes only the human-verb annotations
 //! (`unwedge.io/approve|retry|abandon` with `unwedge.io/by`). The operator does the rest.

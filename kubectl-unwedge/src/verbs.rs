@@ -1,4 +1,4 @@
-//! The human verbs (DESIGN §4): when each one makes sense, and the annotations that carry it.
+//! The human verbs (docs/design.md §4): when each one makes sense, and the annotations that carry it.
 //!
 //! Pure checks only; the operator remains the judge (it re-checks everything it acts on), the
 //! plugin refuses early so that a human gets a clear answer instead of a silent no-op.

@@ -1,4 +1,4 @@
-//! The blamed task (`PID=` of a `WEDGED=none` event, DESIGN §1) to its container and pod UID,
+//! The blamed task (`PID=` of a `WEDGED=none` event, docs/design.md §1) to its container and pod UID,
 //! from `/proc/<PID>/cgroup`. The pod itself is then found through the API (pods on this node
 //! with that UID); this module only reads the file.
 //!

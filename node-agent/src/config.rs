@@ -1,4 +1,4 @@
-//! The agent's command line (team brief "Agent CLI"); every flag can also come from the
+//! The agent's command line (docs/design.md §2); every flag can also come from the
 //! environment variable of the same name in upper snake case (`--sysfs-root` → `SYSFS_ROOT`).
 //!
 //! Parsing only: turning these values into live objects is `main.rs`'s job.
@@ -153,7 +153,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_match_the_team_brief() {
+    fn defaults_match_the_documented_ones() {
         let a = Args::try_parse_from(["unwedge-agent", "--node-name", "node-a"]).unwrap();
         assert_eq!(a.sysfs_root, PathBuf::from("/sys"));
         assert_eq!(a.state_dir, PathBuf::from("/var/lib/unwedge"));

@@ -1,9 +1,9 @@
-//! Carries out the recoveries the operator approved (team brief "Approval protocol").
+//! Carries out the recoveries the operator approved (docs/design.md §4).
 //!
 //! `next_action` decides, from the wedge, the local attempt journal and the boot id, what to
 //! do; it is pure. `Executor` performs the step: journal first (fsync'd), then status, then the
 //! fd gate, then the host action, then verification. The journal makes "at most once" hold
-//! across restarts even when a status patch was lost (DESIGN invariant 2).
+//! across restarts even when a status patch was lost (docs/design.md §4 invariant 2).
 //!
 //! Before anything is journaled or written, [`crate::guard`] clears the approval: the agent
 //! must have detected the wedge itself (its outbox or record of reported detections, see

@@ -1,4 +1,4 @@
-//! The fd gate (DESIGN §1): right before acting, find every process on the host that holds a
+//! The fd gate (docs/design.md §1): right before acting, find every process on the host that holds a
 //! card or render node of the reset domain, from `/proc/*/fd` links and `/proc/*/fdinfo`
 //! `drm-pdev:` lines (the latter catch containers whose device node has another path).
 //!

@@ -8,7 +8,7 @@
 //! port 0 to group 1 of that namespace. That is why the agent listens in its own pod network
 //! namespace and never with `hostNetwork`: there only node root can forge, and kernel uevents
 //! for devices reach every network namespace owned by the initial user namespace anyway
-//! (DESIGN §1). This module does no parsing: see [`crate::uevent`].
+//! (docs/design.md §1). This module does no parsing: see [`crate::uevent`].
 
 use std::io;
 use std::os::fd::AsRawFd;

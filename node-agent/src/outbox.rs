@@ -1,4 +1,4 @@
-//! The durable queue of detected wedges (DESIGN invariant 4: a wedge seen is never lost).
+//! The durable queue of detected wedges (docs/design.md §4 invariant 4: a wedge seen is never lost).
 //!
 //! Every detection is written to `<state-dir>/outbox/<wedge name>.json` (tmp file, fsync,
 //! rename, fsync of the directory) before the first API attempt, and removed only after the API

@@ -1,6 +1,6 @@
 //! Who holds a device: the kubelet PodResources v1 API (`List` on a unix socket, by default
 //! `/var/lib/kubelet/pod-resources/kubelet.sock`), and the explicit mapping from a device
-//! plugin's device ids to PCI addresses (DESIGN §5).
+//! plugin's device ids to PCI addresses (docs/design.md §5).
 //!
 //! Device plugins name devices differently, so the mapping is a choice ([`DeviceIdMatch`]):
 //! - AMD's k8s-device-plugin (ROCm/k8s-device-plugin, `internal/pkg/amdgpu`) uses the GPU's PCI

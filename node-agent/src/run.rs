@@ -1,6 +1,6 @@
 //! One agent instance's run loop: the uevent listener, the outbox replayer, the executor,
 //! start-up reconciliation and the metrics server, wired together. `unwedge-agent` runs one
-//! instance per process; a test harness may run many in one process (DESIGN §7), each with its
+//! instance per process; a test harness may run many in one process (docs/design.md §7), each with its
 //! own [`Instance`]: API client, uevent socket (opened in its node's network namespace),
 //! metrics listener and shutdown signal. Nothing here is global: no tracing init, no shared
 //! registry.

@@ -1,6 +1,6 @@
 //! Device resolution under a configurable sysfs root (`--sysfs-root`, default `/sys`): from a
 //! card name or a uevent's `DEVPATH` to the PCI device, its driver, IDs, DRM nodes, NUMA node,
-//! and the **reset domain**: every device a recovery method will disturb (DESIGN §1).
+//! and the **reset domain**: every device a recovery method will disturb (docs/design.md §1).
 //!
 //! Reads only. Missing or odd entries give a typed [`SysfsError`] naming the path, never a panic.
 //!

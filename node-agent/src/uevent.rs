@@ -1,4 +1,4 @@
-//! The kernel's uevent wire format (`ACTION@DEVPATH\0KEY=VALUE\0…`, DESIGN §1) into a typed
+//! The kernel's uevent wire format (`ACTION@DEVPATH\0KEY=VALUE\0…`, docs/design.md §1) into a typed
 //! `WEDGED=` event. Only `SUBSYSTEM=drm` `change` events on a primary `cardN` node that carry
 //! `WEDGED` matter; everything else is `Ok(None)`, decided cheaply before any allocation.
 //! A message that claims to be such an event but is malformed is an `Err`: the caller logs it

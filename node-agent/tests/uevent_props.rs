@@ -1,5 +1,5 @@
 //! Property tests of the uevent parser: it never panics, reads every well-formed WEDGED event
-//! whatever the key order, and keeps unknown method tokens verbatim (DESIGN §1).
+//! whatever the key order, and keeps unknown method tokens verbatim (docs/design.md §1).
 
 use proptest::prelude::*;
 use unwedge_agent::uevent::{ParseError, parse};

@@ -169,7 +169,7 @@ pub struct Input<'a> {
     pub node_deleted: bool,
 }
 
-/// The DRA side of a wedge (DESIGN §5 "On DRA clusters").
+/// The DRA side of a wedge (docs/design.md §5 "On DRA clusters").
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DraView {
     /// The DeviceTaintRule's name.
@@ -201,7 +201,7 @@ pub enum Step {
     Release,
     /// Cordon the node and annotate `unwedge.io/cordoned-by=<wedge>`.
     Cordon,
-    /// Create the DeviceTaintRule that keeps new claims off the wedged DRA device (DESIGN §5).
+    /// Create the DeviceTaintRule that keeps new claims off the wedged DRA device (docs/design.md §5).
     Quarantine,
     /// Delete unwedge's DeviceTaintRule of this wedge (it is Recovered).
     Unquarantine,
@@ -1209,7 +1209,7 @@ fn decide_recovery(
     let plan = without_driver(ladder(methods, s), &input.wedge.spec.device.driver);
 
     // The rung planned now. A DRA device is quarantined for every rung but reboot, which takes
-    // all the node's devices down and so cordons and drains the node (DESIGN §5).
+    // all the node's devices down and so cordons and drains the node (docs/design.md §5).
     let rung_now = match phase {
         Phase::Approved | Phase::Recovering | Phase::Verifying => {
             status.approval.as_ref().map(|a| a.method.clone())

@@ -1,4 +1,4 @@
-//! DRA quarantine, the pure part (DESIGN §5 "On DRA clusters"): the `DeviceTaintRule` that keeps
+//! DRA quarantine, the pure part (docs/design.md §5 "On DRA clusters"): the `DeviceTaintRule` that keeps
 //! the scheduler away from one wedged device, the pods that hold that device through their
 //! ResourceClaims, the device count a policy's `maxUnavailableDevices` is a share of, and
 //! whether `--dra` turns quarantine on given what the cluster serves and allows.

@@ -1,4 +1,4 @@
-//! The unwedge operator: turns a GpuWedge into a safe, budgeted recovery (DESIGN §2–§5).
+//! The unwedge operator: turns a GpuWedge into a safe, budgeted recovery (docs/design.md §2–§5).
 //!
 //! `decide`, `budget`, `breaker`, `policy_match`, `settings` and `wake` are pure; `ledger`, `drain` and
 //! `reconciler` are the thin effect layer around them.

@@ -1,4 +1,4 @@
-//! `unwedge-operator`: cordon, drain, admit, approve, escalate, uncordon (DESIGN §2–§5).
+//! `unwedge-operator`: cordon, drain, admit, approve, escalate, uncordon (docs/design.md §2–§5).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

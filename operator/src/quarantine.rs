@@ -131,7 +131,7 @@ pub async fn slices(
         .items)
 }
 
-/// Whether DRA devices are quarantined under `mode` (DESIGN §5): for `auto` and `on` asks the
+/// Whether DRA devices are quarantined under `mode` (docs/design.md §5): for `auto` and `on` asks the
 /// API server whether it serves `resource.k8s.io/v1` DeviceTaintRules (discovery) and whether
 /// this operator holds every right in [`dra::RIGHTS`] (SelfSubjectAccessReviews), then lets
 /// [`dra::support`] decide.

@@ -1310,7 +1310,7 @@ fn synced<K>(
 }
 
 /// Wires stores, triggers and the controller, and runs until `shutdown` turns true. `dra`:
-/// whether DRA devices are quarantined instead of cordoning their node (DESIGN §5), and why.
+/// whether DRA devices are quarantined instead of cordoning their node (docs/design.md §5), and why.
 pub async fn run(
     client: Client,
     identity: String,

@@ -129,7 +129,7 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Fills in the defaults of DESIGN §3 and parses the durations.
+    /// Fills in the defaults of docs/design.md §3 and parses the durations.
     pub fn from_spec(spec: &RecoveryPolicySpec) -> Result<Settings, SettingsError> {
         let window =
             |field, t: &Option<unwedge_crds::Threshold>| -> Result<Option<Window>, SettingsError> {

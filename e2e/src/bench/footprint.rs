@@ -1,7 +1,7 @@
 //! `agent-footprint`: the real `unwedge-agent` (release build) on one simulated node, idle for
 //! a window (RSS, peak RSS, CPU from `/proc/<pid>/stat`, voluntary context switches of every
 //! thread as the count of wakeups), then under a flood of irrelevant uevents sent through the
-//! kernel into its network namespace (DESIGN §1) at a fixed rate, then one `WEDGED=` uevent
+//! kernel into its network namespace (docs/design.md §1) at a fixed rate, then one `WEDGED=` uevent
 //! that must still become a GpuWedge.
 
 use std::time::{Duration, Instant};

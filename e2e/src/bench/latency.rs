@@ -1,5 +1,5 @@
 //! `detection-latency`: time from a `WEDGED=` uevent handed to the kernel (in the agent's
-//! network namespace, DESIGN §1) to the GpuWedge arriving on a watch of GpuWedges opened
+//! network namespace, docs/design.md §1) to the GpuWedge arriving on a watch of GpuWedges opened
 //! before, for many successive incidents on one node with 8 GPUs (each wedge deleted once the
 //! agent has finished writing it, so the next uevent of that device opens a new incident);
 //! beside the floor: the same number of GpuWedge creates by a kept-alive admin client, timed

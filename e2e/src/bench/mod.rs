@@ -250,7 +250,7 @@ pub fn pct(sorted: &[f64], p: f64) -> f64 {
 type Job = (Vec<u8>, mpsc::Sender<io::Result<Instant>>);
 
 /// A thread that lives in one network namespace and sends uevents to the kernel there
-/// (DESIGN §1: the kernel rebroadcasts them from port id 0 to that namespace's listeners).
+/// (docs/design.md §1: the kernel rebroadcasts them from port id 0 to that namespace's listeners).
 /// Each send returns the instant just before the `sendto` to the kernel.
 pub struct NsInjector {
     tx: Option<mpsc::Sender<Job>>,

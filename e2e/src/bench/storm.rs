@@ -1,5 +1,5 @@
 //! `storm`: N kwok nodes (one agent process each, or above [`POOL_ABOVE`] nodes one agent
-//! instance each in one `agent-pool` process, DESIGN §7), N simultaneous wedges, a policy with
+//! instance each in one `agent-pool` process, docs/design.md §7), N simultaneous wedges, a policy with
 //! `maxUnavailable` B, two real operator replicas. Measures the total time until every wedge
 //! is Recovered against the lower bound ⌈N/B⌉ × one recovery (measured first, in the same
 //! run), the admission + cordon rate, the peak of nodes under recovery (asserted ≤ B), the

@@ -1,4 +1,4 @@
-//! `agent-pool <pool.jsonl>`: many real agent instances in one process (DESIGN §7), for fleets
+//! `agent-pool <pool.jsonl>`: many real agent instances in one process (docs/design.md §7), for fleets
 //! too large for one `unwedge-agent` process per simulated node. Each line of the file is one
 //! node: `{"netns": <path>, "kubeconfig": <path>, "args": [<unwedge-agent flags>]}`. Every
 //! instance runs the production run loop ([`unwedge_agent::run::run`]) with its own flags

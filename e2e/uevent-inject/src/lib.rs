@@ -1,4 +1,4 @@
-//! Feeding uevents to a real kernel, the way DESIGN §1 prescribes for tests without a hung GPU.
+//! Feeding uevents to a real kernel, the way docs/design.md §1 prescribes for tests without a hung GPU.
 //!
 //! [`send_to_kernel`] sends a verbatim uevent *to* the kernel on `NETLINK_KOBJECT_UEVENT`
 //! (port 0, an `nlmsghdr` of type 0x10 with `NLM_F_REQUEST`); the kernel's `uevent_net_rcv`
@@ -15,7 +15,7 @@ const NETLINK_KOBJECT_UEVENT: libc::c_int = 15;
 const UEVENT_MSG_TYPE: u16 = 0x10;
 const NLMSG_HDRLEN: usize = 16;
 
-/// The uevent of a wedged card, as drivers send it (DESIGN §1), without `SEQNUM` (the kernel
+/// The uevent of a wedged card, as drivers send it (docs/design.md §1), without `SEQNUM` (the kernel
 /// adds a fresh one). `extra` is appended verbatim (e.g. `PID`, `TASK`).
 pub fn wedge_payload(
     devpath: &str,

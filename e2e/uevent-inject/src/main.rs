@@ -1,5 +1,5 @@
 //! `uevent-inject`: sends a verbatim `WEDGED=` uevent to the kernel in the current network
-//! namespace (DESIGN §1), so every group-1 listener there (the agent) receives it from port 0.
+//! namespace (docs/design.md §1), so every group-1 listener there (the agent) receives it from port 0.
 //! Run it inside the agent's namespace: `nsenter -t <agent pid> -n uevent-inject --devpath …`.
 //! Built static (x86_64-unknown-linux-musl) and copied into kind nodes.
 

@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-/// `[a-z0-9][a-z0-9-]*`, as DESIGN §1 defines a method token.
+/// `[a-z0-9][a-z0-9-]*`, as docs/design.md §1 defines a method token.
 fn is_method_token(m: &str) -> bool {
     let b = m.as_bytes();
     !b.is_empty()

@@ -1437,7 +1437,7 @@ fn plan_tokens_round_trip() {
     assert_eq!(plan_of(None), None);
 }
 
-// ---- DRA quarantine (DESIGN §5 "On DRA clusters") ----
+// ---- DRA quarantine (docs/design.md §5 "On DRA clusters") ----
 
 fn dra_world(methods: &str) -> World {
     let mut w = World::new(methods);
