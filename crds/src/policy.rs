@@ -75,6 +75,10 @@ pub struct RecoveryPolicySpec {
     /// `Automatic` (default) or `Manual` (a human approves each recovery).
     #[serde(default)]
     pub approval: ApprovalMode,
+    /// Who approves the `reboot` rung: `Manual` makes a reboot wait in AwaitingApproval (the
+    /// node drained) even when `approval` is `Automatic`. Default: as `approval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot_approval: Option<ApprovalMode>,
     /// How pods are drained.
     #[serde(default)]
     pub drain: DrainSpec,

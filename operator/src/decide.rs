@@ -1476,7 +1476,9 @@ fn decide_recovery(
                 Ok(d) => d,
                 Err(dec) => return *dec,
             };
-            if s.approval == ApprovalMode::Manual {
+            let manual = s.approval == ApprovalMode::Manual
+                || (method == REBOOT && s.reboot_approval == ApprovalMode::Manual);
+            if manual {
                 let approved_now = verbs
                     .approve
                     .as_deref()

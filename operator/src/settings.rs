@@ -98,6 +98,8 @@ pub struct Settings {
     pub escalation: Vec<String>,
     /// Automatic or Manual.
     pub approval: ApprovalMode,
+    /// Who approves the reboot rung (`rebootApproval`, default: as `approval`).
+    pub reboot_approval: ApprovalMode,
     /// How long evictions may be refused before the timeout action.
     pub drain_timeout: Duration,
     /// Grace period for evictions.
@@ -158,6 +160,7 @@ impl Settings {
             allowed_methods: spec.allowed_methods.clone().unwrap_or_else(defaults),
             escalation: spec.escalation.clone().unwrap_or_else(defaults),
             approval: spec.approval,
+            reboot_approval: spec.reboot_approval.unwrap_or(spec.approval),
             drain_timeout: duration(
                 "drain.timeout",
                 spec.drain.timeout.as_ref(),

@@ -1778,3 +1778,38 @@ fn a_reboot_that_ends_in_needs_attention_gives_its_reboot_slot_back() {
     assert!(!w.ledger[0].reboot, "but not the reboot slot");
     assert!(w.node.unschedulable, "still cordoned for the human");
 }
+
+#[test]
+fn reboot_approval_manual_waits_for_a_human_before_a_reboot_only() {
+    let mut w = World::new("rebind,bus-reset");
+    w.settings.reboot_approval = ApprovalMode::Manual;
+    w.run(20);
+    let a = w.status().approval.unwrap();
+    assert_eq!(
+        (a.method.as_str(), a.attempt),
+        ("rebind", 1),
+        "rebind is automatic"
+    );
+    w.agent(AttemptOutcome::Failed, "x");
+    w.run(20);
+    w.agent(AttemptOutcome::Failed, "x");
+    w.run(20);
+    assert_eq!(
+        w.phase(),
+        Phase::AwaitingApproval,
+        "action {:?}",
+        w.status().action
+    );
+    assert_eq!(
+        w.status().action.as_deref(),
+        Some("awaiting approval for reboot#3")
+    );
+    w.verbs.approve = Some(String::new());
+    w.verbs.by = Some("alice".into());
+    w.run(5);
+    let a = w.status().approval.unwrap();
+    assert_eq!(
+        (a.method.as_str(), a.attempt, a.by.as_str()),
+        ("reboot", 3, "alice")
+    );
+}
