@@ -4,6 +4,9 @@
 #   make test        lint + unit + e2e (real control plane) + chart + kind
 #   make demo        unwedge on a local control plane with simulated GPU nodes
 #
+# Both first run tools/prereqs.sh, which fails in seconds with what to install (as root on
+# Debian/Ubuntu it installs the missing Debian packages itself).
+#
 # Control-plane, network-namespace and root tests run one at a time (E2E_THREADS): the reference
 # machine has 2 cores, and each test starts its own kube-apiserver, etcd, controller-manager,
 # scheduler and kwok.
@@ -13,9 +16,14 @@ SHELL := /bin/bash
 CARGO ?= cargo
 E2E_THREADS ?= 1
 
-.PHONY: test lint test-unit test-e2e test-bench test-kind images demo binaries cluster crds
+.PHONY: test lint test-unit test-e2e test-bench test-kind images demo binaries cluster crds \
+	prereqs-demo prereqs-test
 
-test: lint test-unit test-e2e test-bench test-kind
+test: prereqs-test lint test-unit test-e2e test-bench test-kind
+
+# What this machine lacks for `make demo` / `make test`, before any build.
+prereqs-demo prereqs-test:
+	bash tools/prereqs.sh $(@:prereqs-%=%)
 
 # Formatting, clippy on every target, and the generated CRD YAML is current.
 lint:
@@ -56,7 +64,9 @@ test-kind: images
 
 # unwedge on a local control plane with simulated GPU nodes: injects a wedge and shows the
 # recovery live. `make demo ARGS=--keep` leaves the cluster up and prints its kubeconfig.
-demo: binaries bins
+# The demo builds only the upstream binaries a control plane needs on its first start
+# (CONTROL_PLANE_BINARIES in e2e/src/cluster.rs: no helm4).
+demo: prereqs-demo bins
 	$(CARGO) run -q -p e2e --bin demo -- $(ARGS)
 
 # A local control plane with the CRDs, up until Ctrl-C (prints the kubeconfig path).
