@@ -16,8 +16,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 E2E_THREADS ?= 1
 
-.PHONY: test lint test-unit test-e2e test-bench test-kind images demo binaries cluster crds \
-	prereqs-demo prereqs-test
+.PHONY: test lint test-unit test-e2e test-bench test-kind images demo binaries bins cluster crds \
+	prereqs-demo prereqs-test test-build
 
 test: prereqs-test lint test-unit test-e2e test-bench test-kind
 
@@ -44,6 +44,14 @@ binaries:
 # kubectl plugin). Built before the tests: cargo holds its lock while tests run.
 bins:
 	$(CARGO) build -p unwedge-agent -p unwedge-operator -p kubectl-unwedge -p uevent-inject -p e2e --bins
+
+# Compiles what test-unit, test-e2e and test-bench run, and runs nothing (.ci/run does it while
+# the Go builds run). The same commands as those tiers: each package selection resolves its own
+# features (unwedge-agent has `fixtures` only when its own tests are built), so a single
+# `cargo build --workspace --all-targets` would leave the e2e variants to build later.
+test-build: bins
+	$(CARGO) test --workspace --exclude e2e --no-run
+	$(CARGO) test -p e2e --no-run
 
 # End to end on a real local control plane: foundation, admission, chart (helm lint/template/
 # install with Helm 3 and 4), kubectl plugin, observability, DRA, the scenarios.
