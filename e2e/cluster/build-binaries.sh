@@ -43,9 +43,9 @@ if ! missing $ALL; then echo "$BIN"; exit 0; fi
 # (`=> ./staging/...` in its go.mod) with the same path at v0.X.Y.
 KUBE_BINS="kube-apiserver kube-controller-manager kube-scheduler kubectl"
 K=$CACHE/gomod/k8s-$KUBE_VERSION
-mkdir -p "$K"
 if missing $KUBE_BINS && [ ! -f "$K/tools.go" ]; then
   log "preparing the k8s.io/kubernetes $KUBE_VERSION module"
+  mkdir -p "$K"
   ( cd "$K"
     rm -f go.mod go.sum
     go mod init unwedge.local/k8s >/dev/null 2>&1
