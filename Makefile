@@ -4,6 +4,9 @@
 #   make test        lint + unit + e2e (real control plane) + chart + kind
 #   make demo        unwedge on a local control plane with simulated GPU nodes
 #
+# Both first run tools/prereqs.sh, which fails in seconds with what to install (as root on
+# Debian/Ubuntu it installs the missing Debian packages itself).
+#
 # Control-plane, network-namespace and root tests run one at a time (E2E_THREADS): the reference
 # machine has 2 cores, and each test starts its own kube-apiserver, etcd, controller-manager,
 # scheduler and kwok.
@@ -13,9 +16,14 @@ SHELL := /bin/bash
 CARGO ?= cargo
 E2E_THREADS ?= 1
 
-.PHONY: test lint test-unit test-e2e test-bench test-kind images demo binaries cluster crds
+.PHONY: test lint test-unit test-e2e test-bench test-kind images demo binaries bins cluster crds \
+	prereqs-demo prereqs-test test-build
 
-test: lint test-unit test-e2e test-bench test-kind
+test: prereqs-test lint test-unit test-e2e test-bench test-kind
+
+# What this machine lacks for `make demo` / `make test`, before any build.
+prereqs-demo prereqs-test:
+	bash tools/prereqs.sh $(@:prereqs-%=%)
 
 # Formatting, clippy on every target, and the generated CRD YAML is current.
 lint:
@@ -37,6 +45,14 @@ binaries:
 bins:
 	$(CARGO) build -p unwedge-agent -p unwedge-operator -p kubectl-unwedge -p uevent-inject -p e2e --bins
 
+# Compiles what test-unit, test-e2e and test-bench run, and runs nothing (.ci/run does it while
+# the Go builds run). The same commands as those tiers: each package selection resolves its own
+# features (unwedge-agent has `fixtures` only when its own tests are built), so a single
+# `cargo build --workspace --all-targets` would leave the e2e variants to build later.
+test-build: bins
+	$(CARGO) test --workspace --exclude e2e --no-run
+	$(CARGO) test -p e2e --no-run
+
 # End to end on a real local control plane: foundation, admission, chart (helm lint/template/
 # install with Helm 3 and 4), kubectl plugin, observability, DRA, the scenarios.
 test-e2e: binaries bins
@@ -56,7 +72,9 @@ test-kind: images
 
 # unwedge on a local control plane with simulated GPU nodes: injects a wedge and shows the
 # recovery live. `make demo ARGS=--keep` leaves the cluster up and prints its kubeconfig.
-demo: binaries bins
+# The demo builds only the upstream binaries a control plane needs on its first start
+# (CONTROL_PLANE_BINARIES in e2e/src/cluster.rs: no helm4).
+demo: prereqs-demo bins
 	$(CARGO) run -q -p e2e --bin demo -- $(ARGS)
 
 # A local control plane with the CRDs, up until Ctrl-C (prints the kubeconfig path).

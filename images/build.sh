@@ -2,6 +2,7 @@
 # Builds the unwedge images from the static musl binaries, FROM scratch: nothing is pulled.
 #
 #   images/build.sh [TAG]        (default TAG: dev) -> unwedge/agent:TAG, unwedge/operator:TAG
+#   images/build.sh --binaries   only the static binaries (.ci/run builds them while Go builds)
 #
 # Starts dockerd when `docker info` fails (Debian's docker.io), builds with the classic builder
 # (DOCKER_BUILDKIT=0: no BuildKit frontend image to pull), checks that each image runs its
@@ -39,6 +40,7 @@ command -v musl-gcc >/dev/null 2>&1 || { log "musl-gcc is missing: apt-get insta
 
 log "cargo build --release --target $target"
 ( cd "$root" && cargo build --release --target "$target" -p unwedge-agent -p unwedge-operator )
+[ "$tag" != --binaries ] || exit 0
 bin_dir=${CARGO_TARGET_DIR:-$root/target}/$target/release
 
 ensure_docker

@@ -1,11 +1,16 @@
 //! Generates the kubelet PodResources v1 client (the agent) and server (the tests and the e2e
-//! harness serve the same proto) from `proto/api.proto`. Needs `protoc` (Debian's
-//! `protobuf-compiler`).
+//! harness serve the same proto) from `proto/api.proto`. The proto is parsed by `protox`, a
+//! protobuf compiler in Rust, so building needs no system `protoc`.
 
-fn main() -> std::io::Result<()> {
+use std::io;
+
+fn main() -> io::Result<()> {
     println!("cargo:rerun-if-changed=proto/api.proto");
+    let fds = protox::compile(["proto/api.proto"], ["proto"]).map_err(io::Error::other)?;
+    // compile_protos adds this attribute itself; compile_fds does not.
     tonic_prost_build::configure()
+        .type_attribute(".", "#[allow(clippy::all)]")
         .build_client(true)
         .build_server(true)
-        .compile_protos(&["proto/api.proto"], &["proto"])
+        .compile_fds(fds)
 }

@@ -3,6 +3,9 @@
 # into a cache outside the repo keyed by version. Every step is skipped when its output exists,
 # so a second run takes a second. Prints the bin directory on its last line.
 #
+#   build-binaries.sh            every binary below
+#   build-binaries.sh NAME...    only those (a control plane needs no helm4; each Go build is minutes)
+#
 #   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl  k8s.io/kubernetes $KUBE_VERSION
 #   etcd                                                               go.etcd.io/etcd/server/v3 $ETCD_VERSION
 #   kwok                                                               sigs.k8s.io/kwok $KWOK_VERSION
@@ -18,18 +21,31 @@ MOD=$(go env GOMODCACHE)
 minor=${KUBE_VERSION#v1.}; minor=${minor%%.*}
 log() { echo "build-binaries: $*" >&2; }
 
-need=0
-for b in kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm helm4; do
-  [ -x "$BIN/$b" ] || need=1
+ALL="kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm helm4"
+WANT=" ${*:-$ALL} "
+for b in $WANT; do
+  case " $ALL " in
+    *" $b "*) ;;
+    *) echo "build-binaries: unknown binary '$b' (known: $ALL)" >&2; exit 2 ;;
+  esac
 done
-if [ $need = 0 ]; then echo "$BIN"; exit 0; fi
+# missing NAME...: succeeds when one of the named binaries is wanted and not built yet.
+missing() {
+  local b
+  for b in "$@"; do
+    case "$WANT" in *" $b "*) [ -x "$BIN/$b" ] || return 0 ;; esac
+  done
+  return 1
+}
+if ! missing $ALL; then echo "$BIN"; exit 0; fi
 
 # Kubernetes: a module that requires k8s.io/kubernetes and replaces every staging module
 # (`=> ./staging/...` in its go.mod) with the same path at v0.X.Y.
+KUBE_BINS="kube-apiserver kube-controller-manager kube-scheduler kubectl"
 K=$CACHE/gomod/k8s-$KUBE_VERSION
-mkdir -p "$K"
-if [ ! -f "$K/tools.go" ]; then
+if missing $KUBE_BINS && [ ! -f "$K/tools.go" ]; then
   log "preparing the k8s.io/kubernetes $KUBE_VERSION module"
+  mkdir -p "$K"
   ( cd "$K"
     rm -f go.mod go.sum
     go mod init unwedge.local/k8s >/dev/null 2>&1
@@ -45,15 +61,15 @@ if [ ! -f "$K/tools.go" ]; then
     go mod tidy >/dev/null )
 fi
 LD="-s -w -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
-for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
-  if [ ! -x "$BIN/$c" ]; then
+for c in $KUBE_BINS; do
+  if missing "$c"; then
     log "go build $c"
     ( cd "$K" && CGO_ENABLED=0 go build -ldflags "$LD" -o "$BIN/$c.tmp" k8s.io/kubernetes/cmd/$c && mv "$BIN/$c.tmp" "$BIN/$c" )
   fi
 done
 
 # etcd: the server module with its sibling modules pinned to the same version.
-if [ ! -x "$BIN/etcd" ]; then
+if missing etcd; then
   log "go build etcd $ETCD_VERSION"
   E=$CACHE/gomod/etcd-$ETCD_VERSION
   mkdir -p "$E"
@@ -70,15 +86,15 @@ if [ ! -x "$BIN/etcd" ]; then
     CGO_ENABLED=0 go build -ldflags "-s -w" -o "$BIN/etcd.tmp" go.etcd.io/etcd/server/v3 && mv "$BIN/etcd.tmp" "$BIN/etcd" )
 fi
 
-if [ ! -x "$BIN/kwok" ]; then
+if missing kwok; then
   log "go install kwok $KWOK_VERSION"
   GOBIN=$BIN CGO_ENABLED=0 go install -ldflags "-s -w" sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION
 fi
-if [ ! -x "$BIN/helm" ]; then
+if missing helm; then
   log "go install helm $HELM_VERSION"
   GOBIN=$BIN CGO_ENABLED=0 go install -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm.sh/helm/v3/cmd/helm@$HELM_VERSION
 fi
-if [ ! -x "$BIN/helm4" ]; then
+if missing helm4; then
   log "go install helm $HELM4_VERSION"
   T=$(mktemp -d)
   GOBIN=$T CGO_ENABLED=0 go install -ldflags "-s -w -X helm.sh/helm/v4/internal/version.version=$HELM4_VERSION" helm.sh/helm/v4/cmd/helm@$HELM4_VERSION

@@ -56,12 +56,7 @@ fi
 
 # Control-plane binaries (kube-apiserver, -controller-manager, -scheduler, kubectl, etcd) are
 # the local control plane's, built by e2e/cluster/build-binaries.sh with the same flags.
-need=0
-for b in kube-apiserver kube-controller-manager kube-scheduler kubectl etcd; do [ -x "$CP_BIN/$b" ] || need=1; done
-if [ $need = 1 ]; then
-  log "control plane binaries missing: running e2e/cluster/build-binaries.sh"
-  "$E2E_DIR/cluster/build-binaries.sh" >/dev/null
-fi
+"$E2E_DIR/cluster/build-binaries.sh" kube-apiserver kube-controller-manager kube-scheduler kubectl etcd >/dev/null
 lap "control plane binaries"
 
 # kubelet, kubeadm, kube-proxy: a sibling of build-binaries' module (same go.mod and replaces,

@@ -463,7 +463,7 @@ selected=("$@")
 
 "$KIND_DIR/build-node-image.sh" >&2
 lap "node image (cached or built)"
-[ -x "$CP_BIN/helm" ] || "$E2E_DIR/cluster/build-binaries.sh" >/dev/null
+"$E2E_DIR/cluster/build-binaries.sh" helm >/dev/null
 HELM=$CP_BIN/helm
 kind_path
 "$KIND_DIR/fake-device-plugin/build.sh" >/dev/null

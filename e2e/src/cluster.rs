@@ -99,24 +99,31 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds the pinned binaries (or finds them in the cache) and returns their directory.
+/// The pinned binaries [`ControlPlane::start`] builds: the control plane's own, kubectl, and
+/// helm, with which a [`crate::fleet::Fleet`] renders the chart's RBAC and admission policies
+/// (without it the fleet falls back to the harness's RBAC). helm4 only the chart tests ask for.
+pub const CONTROL_PLANE_BINARIES: [&str; 7] = [
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+    "kwok",
+    "helm",
+];
+
+/// Builds the pinned binaries `names` not in the cache yet and returns the directory they are in
+/// (one directory for every pinned binary, keyed by their versions).
 ///
 /// `UNWEDGE_BIN_DIR`, when set, names a directory that already holds them and skips the build.
-pub fn ensure_binaries() -> anyhow::Result<PathBuf> {
-    const NEEDED: [&str; 6] = [
-        "etcd",
-        "kube-apiserver",
-        "kube-controller-manager",
-        "kube-scheduler",
-        "kubectl",
-        "kwok",
-    ];
+pub fn ensure_binaries(names: &[&str]) -> anyhow::Result<PathBuf> {
     let dir = if let Some(dir) = std::env::var_os("UNWEDGE_BIN_DIR") {
         PathBuf::from(dir)
     } else {
         let script = repo_root().join("e2e/cluster/build-binaries.sh");
         let out = std::process::Command::new("bash")
             .arg(&script)
+            .args(names)
             .stderr(std::process::Stdio::inherit())
             .output()
             .with_context(|| format!("run {}", script.display()))?;
@@ -137,7 +144,7 @@ pub fn ensure_binaries() -> anyhow::Result<PathBuf> {
                 .trim(),
         )
     };
-    for b in NEEDED {
+    for b in names {
         if !dir.join(b).is_file() {
             bail!("{} has no {b}", dir.display());
         }
@@ -218,7 +225,8 @@ impl ControlPlane {
     /// Builds or finds the binaries, generates certificates and starts every component; returns
     /// once `/readyz` is ok and the `default` namespace and its `default` ServiceAccount exist.
     pub async fn start() -> anyhow::Result<ControlPlane> {
-        let bin = tokio::task::spawn_blocking(ensure_binaries).await??;
+        let bin =
+            tokio::task::spawn_blocking(|| ensure_binaries(&CONTROL_PLANE_BINARIES)).await??;
         let dir = tempfile::Builder::new().prefix("unwedge-cp-").tempdir()?;
         let root = dir.path().to_path_buf();
         let pki = {

@@ -27,7 +27,7 @@ const ENFORCEMENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn helm_install(cp: &ControlPlane) -> anyhow::Result<()> {
     let home = tempfile::tempdir()?;
-    let bin = ensure_binaries()?.join("helm");
+    let bin = ensure_binaries(&["helm"])?.join("helm");
     let chart = repo_root().join("charts/unwedge");
     let out = Command::new(&bin)
         .args(["install", "unwedge"])

@@ -31,13 +31,7 @@ fn chart_dir() -> PathBuf {
 /// Runs a Helm binary (`helm` = 3.22, `helm4` = 4.x) with its config, cache and data homes in
 /// `home`, so the tests neither read nor write the user's Helm state.
 fn helm(helm_bin: &str, home: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let bin = ensure_binaries()?.join(helm_bin);
-    if !bin.is_file() {
-        bail!(
-            "{} is missing: run e2e/cluster/build-binaries.sh",
-            bin.display()
-        );
-    }
+    let bin = ensure_binaries(&[helm_bin])?.join(helm_bin);
     let out = Command::new(&bin)
         .args(args)
         .env("HELM_CONFIG_HOME", home.join("config"))

@@ -86,7 +86,7 @@ fn promtool_checks_and_unit_tests_the_rules() {
 }
 
 fn helm_template(args: &[&str]) -> Vec<Value> {
-    let bin = ensure_binaries().expect("pinned binaries");
+    let bin = ensure_binaries(&["helm"]).expect("pinned binaries");
     let home = tempfile::tempdir().unwrap();
     let chart = repo_root().join("charts/unwedge");
     let out = run_ok(
