@@ -375,6 +375,23 @@ impl FakeSysfs {
             .unwrap_or(false)
     }
 
+    /// The device's `driver` link goes while its DRM nodes are still there: what the agent
+    /// reads when the driver is being unbound between the uevent and the agent's look (a driver
+    /// remove under way, an admin's unbind). Not an agent write, so nothing is journaled;
+    /// [`FakeSysfs::power_cycle`] binds it again.
+    pub fn drop_driver_link(&self, bdf: &str) {
+        if let Some(g) = self.gpu(bdf) {
+            let t = self.tree();
+            let _ = fs::remove_file(t.devdir(g).join("driver"));
+            let _ = fs::remove_file(
+                self.sys_root()
+                    .join("bus/pci/drivers")
+                    .join(&g.driver)
+                    .join(&g.bdf),
+            );
+        }
+    }
+
     /// Makes the next `n` bind writes leave the device unbound (a failed rebind).
     pub fn fail_next_binds(&self, n: u32) {
         self.shared.faults.failing_binds.store(n, Ordering::SeqCst);

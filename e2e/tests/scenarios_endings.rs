@@ -1,23 +1,27 @@
-//! End-to-end scenarios of recoveries cut short, on the real local control plane with real
-//! agents and two real operators (as in `scenarios.rs`): the GpuWedge deleted mid-recovery (an
-//! admin cleaning up), the Node deleted mid-recovery (what cluster autoscalers do to drained
-//! nodes), and the node relabelled into another policy mid-recovery. Each asserts that nothing
-//! stays held — no cordon, no ledger place — and that the next wedge waiting for the budget is
-//! admitted, plus invariants 1–3.
+//! End-to-end scenarios of recoveries cut short or fed a lie, on the real local control plane
+//! with real agents and two real operators (as in `scenarios.rs`): the GpuWedge deleted
+//! mid-recovery (an admin cleaning up), the Node deleted mid-recovery (what cluster autoscalers
+//! do to drained nodes), the node relabelled into another policy mid-recovery, hand-made
+//! GpuWedges the agent never detected, a device with no driver bound, an agent in dry run, and a
+//! wedge dated in the past that tries to jump the queue. Each asserts that nothing stays held —
+//! no cordon, no ledger place — that nothing the agent did not detect is written, plus
+//! invariants 1–3.
 //!
-//! Needs root. `UNWEDGE_SCENARIOS=deleted,nodegone,relabel` runs a subset.
+//! Needs root. `UNWEDGE_SCENARIOS=deleted,nodegone,relabel,forged,nodriver,dryrun,queue` runs a
+//! subset.
 
 use std::time::Duration;
 
 use e2e::cluster::ControlPlane;
 use e2e::fleet::{Bins, NodeSpec, SCENARIO_LABEL, Scenario};
 use e2e::scenario_ops::{PHASE_WAIT, binaries_and_plane};
-use e2e::wedge_view::{Outcome, Runner, condition, conditions_line, phase};
+use e2e::wedge_view::{Outcome, Runner, attempt_seq, condition, conditions_line, phase};
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-use unwedge_crds::gpuwedge::{GpuWedge, Phase};
+use unwedge_agent::reporter::{DetectedWedge, agent_status_patch, build_wedge};
+use unwedge_crds::gpuwedge::{AttemptOutcome, DeviceRef, GpuWedge, Phase};
 use unwedge_crds::labels::ANN_CORDONED_BY;
 use unwedge_crds::policy::RecoveryPolicy;
 
@@ -290,6 +294,325 @@ async fn relabelled(cp: &ControlPlane, bins: &Bins) -> Outcome {
     sc.check_invariants()
 }
 
+/// Creates, as an admin (or a compromised agent) would, a GpuWedge of `node` naming `device`
+/// that no agent detected, with the agent part of its status, so the operator goes ahead.
+async fn hand_made(
+    sc: &Scenario,
+    node: &str,
+    device: DeviceRef,
+    detected_at: jiff::Timestamp,
+    seq: u64,
+) -> Result<String, String> {
+    let d = DetectedWedge::from_uevent(
+        node,
+        device,
+        "rebind,bus-reset",
+        Some(seq),
+        detected_at,
+        "forged-boot",
+    );
+    let name = d.name();
+    let api = Api::<GpuWedge>::all(sc.fleet.client());
+    api.create(&PostParams::default(), &build_wedge(&d, &name, None))
+        .await
+        .map_err(sc.ctx(&format!("create the hand-made wedge {name}")))?;
+    api.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(agent_status_patch(&d)),
+    )
+    .await
+    .map_err(sc.ctx("the hand-made wedge's agent status"))?;
+    Ok(name)
+}
+
+/// Waits until `wedge` is in `want` and returns it.
+async fn wedge_in(sc: &Scenario, wedge: &str, want: Phase) -> Result<GpuWedge, String> {
+    let api = Api::<GpuWedge>::all(sc.fleet.client());
+    let deadline = tokio::time::Instant::now() + PHASE_WAIT;
+    loop {
+        let w = api.get(wedge).await.map_err(sc.ctx("get"))?;
+        if phase(&w) == Some(want) {
+            return Ok(w);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(sc.fail(&format!(
+                "wedge {wedge}: expected {want:?} within {PHASE_WAIT:?}, seen {:?}: {}",
+                phase(&w),
+                conditions_line(&w)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Hand-made GpuWedges the agent never detected: one naming an address that is no DRM device
+/// (a stand-in for the NIC of the report), one naming the node's real GPU. The API server
+/// refuses a driver that is a path. The operator cordons and approves (it cannot tell), the
+/// agent refuses each approval and writes nothing; the wedge waits for a human
+/// (ApprovalRefused) without escalating; deleting it releases the node.
+async fn forged(cp: &ControlPlane, bins: &Bins) -> Outcome {
+    let a = "forged-a";
+    let sc = Scenario::new(
+        cp,
+        bins,
+        "forged",
+        vec![NodeSpec::new(a, 1, "xe")],
+        1,
+        json!({}),
+        2,
+    )
+    .await
+    .map_err(|x| format!("scenario forged: setup: {x:#}"))?;
+    let gpu = sc.fleet.sim(a).sysfs.gpus()[0].clone();
+    let now = jiff::Timestamp::now();
+    let path_driver = DeviceRef {
+        pci_address: gpu.bdf.clone(),
+        card: Some(gpu.card_name()),
+        driver: "../../../../tmp/x".into(),
+        ..DeviceRef::default()
+    };
+    match hand_made(&sc, a, path_driver, now, 900).await {
+        Err(e) if e.contains("spec.device.driver") => {}
+        Err(e) => return Err(sc.fail(&format!("a driver that is a path: expected the API server to refuse spec.device.driver, seen {e}"))),
+        Ok(n) => return Err(sc.fail(&format!("a driver that is a path was accepted ({n})"))),
+    }
+    let nic = DeviceRef {
+        pci_address: "0000:7f:00.0".into(),
+        driver: "e1000e".into(),
+        ..DeviceRef::default()
+    };
+    let real = DeviceRef {
+        pci_address: gpu.bdf.clone(),
+        card: Some(gpu.card_name()),
+        driver: "xe".into(),
+        ..DeviceRef::default()
+    };
+    let api = Api::<GpuWedge>::all(sc.fleet.client());
+    for (what, dev, seq) in [
+        ("a non-DRM address", nic, 901),
+        ("the real GPU, never detected", real, 902),
+    ] {
+        let name = hand_made(&sc, a, dev, now, seq).await?;
+        let w = wedge_in(&sc, &name, Phase::NeedsAttention).await?;
+        let reason = condition(&w, "NeedsAttention").map(|c| c.reason);
+        let attempts = attempt_seq(&w);
+        if reason.as_deref() != Some("ApprovalRefused")
+            || attempts != vec![("rebind".to_string(), AttemptOutcome::Refused)]
+        {
+            return Err(sc.fail(&format!(
+                "{what} ({name}): expected NeedsAttention (ApprovalRefused) after one refused rebind, seen {reason:?}, attempts {attempts:?}: {}",
+                conditions_line(&w)
+            )));
+        }
+        if !sc.fleet.sim(a).sysfs.journal().is_empty() {
+            return Err(sc.fail(&format!(
+                "{what}: the agent wrote to sysfs for a wedge it never detected: {:?}",
+                sc.fleet.sim(a).sysfs.journal()
+            )));
+        }
+        api.delete(&name, &DeleteParams::default())
+            .await
+            .map_err(sc.ctx(&format!("delete {name}")))?;
+        released_node(&sc, a).await?;
+        released_place(&sc, "forged", &name).await?;
+    }
+    sc.check_invariants()
+}
+
+/// A device whose driver is gone when the agent looks: the agent says so, the operator plans
+/// the reboot rung only (no rebind or bus-reset walk), the harness reboots the host, and the
+/// wedge recovers with one attempt; sysfs saw no unbind or bind.
+async fn no_driver(cp: &ControlPlane, bins: &Bins) -> Outcome {
+    let a = "nodriver-a";
+    let mut sc = Scenario::new(
+        cp,
+        bins,
+        "nodriver",
+        vec![NodeSpec::new(a, 1, "xe")],
+        1,
+        json!({}),
+        2,
+    )
+    .await
+    .map_err(|x| format!("scenario nodriver: setup: {x:#}"))?;
+    let g = sc.fleet.sim(a).sysfs.gpus()[0].bdf.clone();
+    sc.fleet.sim(a).sysfs.drop_driver_link(&g);
+    sc.inject(bins, a, &g, "rebind,bus-reset").await?;
+    let deadline = tokio::time::Instant::now() + PHASE_WAIT;
+    while sc.fleet.sim(a).reboot_requests() == 0 {
+        if tokio::time::Instant::now() > deadline {
+            return Err(sc.fail(&format!("node {a}: expected a reboot request for the driverless device within {PHASE_WAIT:?}, seen none")));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let w = sc.only_wedge(a)?;
+    let msg = w
+        .status
+        .as_ref()
+        .and_then(|s| s.agent_message.clone())
+        .unwrap_or_default();
+    if !msg.contains("no driver bound") {
+        return Err(sc.fail(&format!(
+            "the agent message should say no driver was bound, seen {msg:?}"
+        )));
+    }
+    sc.fleet
+        .sim(a)
+        .sysfs
+        .power_cycle()
+        .map_err(sc.ctx("power cycle"))?;
+    sc.fleet.node(a).reboot(bins).map_err(sc.ctx("reboot"))?;
+    let w = sc.wait_phase(a, Phase::Recovered).await?;
+    let want = vec![("reboot".to_string(), AttemptOutcome::Succeeded)];
+    if attempt_seq(&w) != want {
+        return Err(sc.fail(&format!(
+            "attempts expected {want:?} (no ladder walk), seen {:?}",
+            attempt_seq(&w)
+        )));
+    }
+    let s = &sc.fleet.sim(a).sysfs;
+    if s.count("unbind", &g) + s.count("bind", &g) != 0 {
+        return Err(sc.fail(&format!(
+            "no unbind or bind expected for a driverless device, seen {:?}",
+            s.journal()
+        )));
+    }
+    sc.uncordoned(a)?;
+    sc.check_invariants()
+}
+
+/// An agent started with `--dry-run`: its wedge says so (status.agentDryRun), the operator
+/// records what it would do (DryRun condition) and takes nothing — no budget place, no cordon,
+/// no eviction, no approval — and sysfs sees no write.
+async fn agent_dry_run(cp: &ControlPlane, bins: &Bins) -> Outcome {
+    let a = "dryrun-a";
+    let mut sc = Scenario::new(
+        cp,
+        bins,
+        "dryrun",
+        vec![NodeSpec::new(a, 1, "xe")],
+        1,
+        json!({}),
+        2,
+    )
+    .await
+    .map_err(|x| format!("scenario dryrun: setup: {x:#}"))?;
+    let node = sc.fleet.node(a);
+    node.kill_agent();
+    node.set_agent_args(vec!["--dry-run".into()]);
+    node.start_agent(bins)
+        .map_err(|x| format!("restart the agent with --dry-run: {x:#}"))?;
+    node.wait_agent_ready(Duration::from_secs(60))
+        .await
+        .map_err(|x| format!("the dry-run agent: {x:#}"))?;
+    let g = sc.fleet.sim(a).sysfs.gpus()[0].bdf.clone();
+    sc.pod(NS, "dryrun-w", a, 1, Some(&g))
+        .await
+        .map_err(sc.ctx("pod dryrun-w"))?;
+    sc.inject(bins, a, &g, "rebind,bus-reset").await?;
+    sc.rec
+        .wait_node_wedges(
+            a,
+            "a wedge marked agentDryRun with a DryRun condition",
+            PHASE_WAIT,
+            |ws| {
+                ws.iter().any(|w| {
+                    w.status.as_ref().and_then(|s| s.agent_dry_run) == Some(true)
+                        && condition(w, "DryRun").is_some_and(|c| c.status == "True")
+                })
+            },
+        )
+        .await
+        .map_err(|x| sc.fail(&x))?;
+    tokio::time::sleep(e2e::scenario_ops::HOLD).await;
+    let w = sc.only_wedge(a)?;
+    let st = w.status.clone().unwrap_or_default();
+    let held = ledger(&sc, "dryrun").await?;
+    let msg = condition(&w, "DryRun")
+        .map(|c| c.message)
+        .unwrap_or_default();
+    if st.approval.is_some()
+        || sc.rec.node_cordoned(a) == Some(true)
+        || !held.is_empty()
+        || !sc.pod_exists(NS, "dryrun-w").await.unwrap_or(false)
+        || !sc.fleet.sim(a).sysfs.journal().is_empty()
+        || !msg.contains("would")
+    {
+        return Err(sc.fail(&format!(
+            "dry run: expected no approval, no cordon, no place, the pod kept, no sysfs write and a DryRun message saying what would be done; seen approval {:?}, cordoned {:?}, ledger {held:?}, pod kept {:?}, journal {:?}, message {msg:?}",
+            st.approval,
+            sc.rec.node_cordoned(a),
+            sc.pod_exists(NS, "dryrun-w").await,
+            sc.fleet.sim(a).sysfs.journal()
+        )));
+    }
+    sc.check_invariants()
+}
+
+/// Queue order is the API server's: node `a`'s wedge holds the only place, `b`'s waits, then a
+/// hand-made wedge of `c` claims to be from the year 2000. When `a`'s wedge is deleted the place
+/// goes to `b`, which arrived first, not to the wedge with the oldest `detectedAt`.
+async fn queue_order(cp: &ControlPlane, bins: &Bins) -> Outcome {
+    let (a, b, c) = ("queue-a", "queue-b", "queue-c");
+    let mut sc = Scenario::new(
+        cp,
+        bins,
+        "queue",
+        vec![
+            NodeSpec::new(a, 1, "xe"),
+            NodeSpec::new(b, 1, "xe"),
+            NodeSpec::new(c, 1, "xe"),
+        ],
+        1,
+        json!({}),
+        2,
+    )
+    .await
+    .map_err(|x| format!("scenario queue: setup: {x:#}"))?;
+    let held = one_held_one_queued(&mut sc, bins, (a, b)).await?;
+    let gc = sc.fleet.sim(c).sysfs.gpus()[0].clone();
+    let dev = DeviceRef {
+        pci_address: gc.bdf.clone(),
+        card: Some(gc.card_name()),
+        driver: "xe".into(),
+        ..DeviceRef::default()
+    };
+    let old = jiff::Timestamp::from_second(946_684_800).map_err(|e| e.to_string())?;
+    let dated = hand_made(&sc, c, dev, old, 903).await?;
+    wedge_in(&sc, &dated, Phase::Queued).await?;
+    Api::<GpuWedge>::all(sc.fleet.client())
+        .delete(&held, &DeleteParams::default())
+        .await
+        .map_err(sc.ctx(&format!("delete {held}")))?;
+    let wb = sc
+        .rec
+        .wait_node_wedges(b, "node b's wedge admitted", RELEASE_WAIT, |ws| {
+            ws.iter().any(|w| {
+                w.status
+                    .as_ref()
+                    .and_then(|s| s.admitted_at.as_ref())
+                    .is_some()
+            })
+        })
+        .await;
+    wb.map_err(|x| sc.fail(&x))?;
+    let wc = Api::<GpuWedge>::all(sc.fleet.client())
+        .get(&dated)
+        .await
+        .map_err(sc.ctx("get"))?;
+    if wc
+        .status
+        .as_ref()
+        .and_then(|s| s.admitted_at.as_ref())
+        .is_some()
+    {
+        return Err(sc.fail(&format!("{dated} (detectedAt 2000-01-01, created last) was admitted before or with node {b}'s wedge")));
+    }
+    sc.wait_phase(b, Phase::Recovered).await?;
+    sc.check_invariants()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ending_scenarios() {
     let (bins, cp) = binaries_and_plane().await;
@@ -308,6 +631,25 @@ async fn ending_scenarios() {
             "a relabelled node keeps its place in the admitting policy",
             r,
         );
+    }
+    if run.wants("forged") {
+        let r = forged(&cp, &bins).await;
+        run.record(
+            "hand-made GpuWedges are refused by the agent, nothing written",
+            r,
+        );
+    }
+    if run.wants("nodriver") {
+        let r = no_driver(&cp, &bins).await;
+        run.record("a device with no driver goes to the reboot rung at once", r);
+    }
+    if run.wants("dryrun") {
+        let r = agent_dry_run(&cp, &bins).await;
+        run.record("an agent in dry run: nothing disrupted", r);
+    }
+    if run.wants("queue") {
+        let r = queue_order(&cp, &bins).await;
+        run.record("queue order by the API server's clock, not detectedAt", r);
     }
     run.finish();
 }
