@@ -136,6 +136,32 @@ fn args_of(container: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The pod template's spec of a rendered workload.
+fn pod_spec<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    &find(objs, kind, name)["spec"]["template"]["spec"]
+}
+
+/// The container's `env` as (name, entry) pairs, in order.
+fn env_of(container: &Value) -> Vec<(String, Value)> {
+    container["env"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| (e["name"].as_str().unwrap().to_string(), e.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The required node selector terms of the agent's affinity.
+fn agent_terms(objs: &[Value]) -> Vec<Value> {
+    pod_spec(objs, "DaemonSet", "unwedge-agent")["affinity"]["nodeAffinity"]
+        ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
 #[test]
 fn helm_lint_passes_for_every_value_set_with_helm_3_and_4() {
     let chart = chart_dir();
@@ -151,6 +177,16 @@ fn helm_lint_passes_for_every_value_set_with_helm_3_and_4() {
                 "defaultPolicy.maxConcurrentReboots=2",
             ],
             vec!["--set", "dra.enabled=true"],
+            vec![
+                "--set",
+                "namespace.create=true",
+                "--set",
+                "global.imageRegistry=registry.example.com/mirror",
+                "--set",
+                "operator.image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                "--set-json",
+                r#"agent.extraEnv=[{"name":"HTTPS_PROXY","value":"http://proxy:3128"}]"#,
+            ],
             vec![
                 "--set",
                 "metrics.serviceMonitor.enabled=true",
@@ -274,7 +310,7 @@ fn template_defaults_render_the_security_contract() {
         .collect();
     assert_eq!(
         env,
-        ["POD_NAME", "POD_NAMESPACE"],
+        ["POD_NAME", "POD_NAMESPACE", "RUST_LOG"],
         "no DRA settings without DRA"
     );
     let args = args_of(c);
@@ -515,6 +551,231 @@ fn template_dra_on_grants_device_taint_rights_and_passes_the_attribute_map() {
 }
 
 #[test]
+fn template_image_registry_prefixes_both_images_and_a_digest_pins_one() {
+    let digest = format!("sha256:{}", "0123456789abcdef".repeat(4));
+    let objs = template(
+        "helm",
+        &[
+            "--set",
+            "global.imageRegistry=registry.example.com:5000/mirror/",
+            "--set",
+            &format!("agent.image.digest={digest}"),
+            "--set",
+            "agent.image.tag=not-used",
+            "--set",
+            "operator.image.tag=1.2.3",
+        ],
+    );
+    let agent = &pod_spec(&objs, "DaemonSet", "unwedge-agent")["containers"][0];
+    assert_eq!(
+        agent["image"],
+        format!("registry.example.com:5000/mirror/unwedge/agent@{digest}"),
+        "the digest pins the agent and the tag is ignored"
+    );
+    let operator = &pod_spec(&objs, "Deployment", "unwedge-operator")["containers"][0];
+    assert_eq!(
+        operator["image"], "registry.example.com:5000/mirror/unwedge/operator:1.2.3",
+        "no digest: registry/repository:tag"
+    );
+}
+
+#[test]
+fn template_priority_classes_default_to_the_critical_ones_and_can_be_dropped() {
+    let objs = template("helm", &[]);
+    assert_eq!(
+        pod_spec(&objs, "DaemonSet", "unwedge-agent")["priorityClassName"],
+        "system-node-critical"
+    );
+    assert_eq!(
+        pod_spec(&objs, "Deployment", "unwedge-operator")["priorityClassName"],
+        "system-cluster-critical"
+    );
+    let objs = template(
+        "helm",
+        &[
+            "--set",
+            "agent.priorityClassName=",
+            "--set",
+            "operator.priorityClassName=",
+        ],
+    );
+    for (kind, name) in [
+        ("DaemonSet", "unwedge-agent"),
+        ("Deployment", "unwedge-operator"),
+    ] {
+        let pc = &pod_spec(&objs, kind, name)["priorityClassName"];
+        assert!(pc.is_null(), "{kind}/{name}: priorityClassName {pc}");
+    }
+}
+
+#[test]
+fn template_agent_affinity_matches_gpu_operator_labels_and_every_term_honours_the_opt_out() {
+    let opt_out = json!({"key": "unwedge.io/disabled", "operator": "NotIn", "values": ["true"]});
+    let terms = agent_terms(&template("helm", &[]));
+    let first_keys: Vec<&str> = terms
+        .iter()
+        .map(|t| t["matchExpressions"][0]["key"].as_str().unwrap())
+        .collect();
+    for key in [
+        "unwedge.io/gpu",
+        // The NodeFeatureRules of AMD's GPU operator and Intel's device plugins operator.
+        "feature.node.kubernetes.io/amd-gpu",
+        "feature.node.kubernetes.io/amd-vgpu",
+        "intel.feature.node.kubernetes.io/gpu",
+        // node-feature-discovery's own PCI labels (class_vendor).
+        "feature.node.kubernetes.io/pci-0300_1002.present",
+        "feature.node.kubernetes.io/pci-0380_8086.present",
+    ] {
+        assert!(first_keys.contains(&key), "{key} missing: {first_keys:?}");
+    }
+    // Terms are ORed: the opt-out must be in each, or one matching term would bypass it.
+    for t in &terms {
+        let exprs = t["matchExpressions"].as_array().unwrap();
+        assert_eq!(exprs.len(), 2, "{t}");
+        assert_eq!(exprs[1], opt_out, "{t}");
+    }
+
+    // A user's own affinity gets the opt-out too.
+    let custom = template(
+        "helm",
+        &[
+            "--set-json",
+            r#"agent.affinity={"nodeAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":{"nodeSelectorTerms":[{"matchExpressions":[{"key":"pool","operator":"In","values":["gpu"]}]}]}}}"#,
+        ],
+    );
+    assert_eq!(
+        agent_terms(&custom),
+        [json!({"matchExpressions": [
+            {"key": "pool", "operator": "In", "values": ["gpu"]},
+            opt_out.clone()
+        ]})]
+    );
+    // No affinity at all: every node but the opted-out ones.
+    let none = template("helm", &["--set", "agent.affinity=null"]);
+    assert_eq!(agent_terms(&none), [json!({"matchExpressions": [opt_out]})]);
+    // No opt-out label: the affinity exactly as given.
+    let off = agent_terms(&template("helm", &["--set", "agent.optOutLabel="]));
+    assert_eq!(off.len(), terms.len());
+    assert!(
+        off.iter()
+            .all(|t| t["matchExpressions"].as_array().unwrap().len() == 1),
+        "{off:?}"
+    );
+}
+
+#[test]
+fn template_namespace_create_renders_the_release_namespace_for_a_privileged_agent() {
+    let objs = template("helm", &[]);
+    assert!(
+        !objs.iter().any(|o| o["kind"] == "Namespace"),
+        "no Namespace unless namespace.create"
+    );
+    let objs = template("helm", &["--set", "namespace.create=true"]);
+    let ns = find(&objs, "Namespace", NS);
+    assert_eq!(
+        ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged",
+        "the agent is privileged with hostPID and host paths: baseline or restricted refuse it"
+    );
+    assert_eq!(
+        ns["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+        "an uninstall must not delete the namespace and what else lives in it"
+    );
+}
+
+#[test]
+fn template_log_level_and_extra_env_reach_both_containers() {
+    let objs = template("helm", &[]);
+    for (kind, name, level) in [
+        ("DaemonSet", "unwedge-agent", "info"),
+        ("Deployment", "unwedge-operator", "info,kube=warn"),
+    ] {
+        let env = env_of(&pod_spec(&objs, kind, name)["containers"][0]);
+        let rust_log = env.iter().find(|(n, _)| n == "RUST_LOG").map(|(_, e)| e);
+        assert_eq!(
+            rust_log.map(|e| &e["value"]),
+            Some(&json!(level)),
+            "{kind}/{name}"
+        );
+    }
+    let objs = template(
+        "helm",
+        &[
+            "--set",
+            "agent.logLevel=debug",
+            "--set",
+            "operator.logLevel=",
+            "--set-json",
+            r#"agent.extraEnv=[{"name":"HTTPS_PROXY","value":"http://proxy:3128"}]"#,
+            "--set-json",
+            r#"operator.extraEnv=[{"name":"NODE_IP","valueFrom":{"fieldRef":{"fieldPath":"status.hostIP"}}}]"#,
+        ],
+    );
+    let agent = env_of(&pod_spec(&objs, "DaemonSet", "unwedge-agent")["containers"][0]);
+    let names: Vec<&str> = agent.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["NODE_NAME", "RUST_LOG", "HTTPS_PROXY"]);
+    assert_eq!(agent[1].1["value"], "debug");
+    assert_eq!(agent[2].1["value"], "http://proxy:3128");
+    let operator = env_of(&pod_spec(&objs, "Deployment", "unwedge-operator")["containers"][0]);
+    let names: Vec<&str> = operator.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        ["POD_NAME", "POD_NAMESPACE", "NODE_IP"],
+        "an empty logLevel leaves the binary's default"
+    );
+    assert_eq!(
+        operator[2].1["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.hostIP"
+    );
+}
+
+#[test]
+fn template_people_roles_view_reads_and_the_approver_patches_wedges() {
+    let objs = template("helm", &[]);
+    let view = find(&objs, "ClusterRole", "unwedge-view");
+    for role in ["view", "edit", "admin"] {
+        assert_eq!(
+            view["metadata"]["labels"][format!("rbac.authorization.k8s.io/aggregate-to-{role}")],
+            "true",
+            "aggregated to {role}"
+        );
+    }
+    for resource in ["gpuwedges", "recoverypolicies"] {
+        assert_eq!(
+            grants(view, "unwedge.io", resource),
+            sorted(&["get", "list", "watch"]),
+            "view on {resource}"
+        );
+    }
+    assert_eq!(
+        view["rules"].as_array().unwrap().len(),
+        1,
+        "read-only: {}",
+        view["rules"]
+    );
+    let approver = find(&objs, "ClusterRole", "unwedge-approver");
+    assert_eq!(
+        grants(approver, "unwedge.io", "gpuwedges"),
+        sorted(&["get", "list", "watch", "patch"])
+    );
+    assert!(
+        grants(approver, "unwedge.io", "gpuwedges/status").is_empty(),
+        "status belongs to the agent and the operator"
+    );
+    assert_eq!(
+        grants(approver, "unwedge.io", "recoverypolicies"),
+        sorted(&["get", "list", "watch"])
+    );
+    assert!(
+        approver["metadata"]["labels"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| !k.starts_with("rbac.authorization.k8s.io/aggregate-to")),
+        "approving is bound on purpose, never aggregated"
+    );
+}
+
+#[test]
 fn values_schema_refuses_bad_values_with_a_clear_error() {
     let home = tempfile::tempdir().unwrap();
     let chart = chart_dir();
@@ -524,6 +785,14 @@ fn values_schema_refuses_bad_values_with_a_clear_error() {
         ("dra.enabled=maybe", "enabled"),
         ("defaultPolicy.escalation[0]=Bus_Reset", "escalation"),
         ("agent.image.pullPolicy=Sometimes", "pullPolicy"),
+        ("agent.image.digest=latest", "digest"),
+        (
+            "global.imageRegistry=https://registry.example.com",
+            "imageRegistry",
+        ),
+        ("namespace.create=maybe", "create"),
+        ("agent.optOutLabel=not a label", "optOutLabel"),
+        ("operator.extraEnv[0].value=x", "name"),
     ] {
         let err = helm(
             "helm",
