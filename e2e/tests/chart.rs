@@ -1,6 +1,7 @@
 //! The Helm chart (issue 14): `helm lint`, `helm template` for three value sets, installs with
-//! Helm 3 and Helm 4 into the real local control plane (every object accepted and the workloads
-//! scheduled where they belong), and the CRD upgrade step the chart README documents.
+//! Helm 3 and Helm 4 into the real local control plane (every object accepted, the workloads
+//! scheduled where they belong, the roles for people checked with impersonated users), and the
+//! CRD upgrade step the chart README documents.
 //!
 //! The admission proofs against the chart's rendered policies are in `admission.rs`.
 
@@ -840,33 +841,173 @@ where
     }
 }
 
-/// Installs the chart with `helm_bin` into a fresh control plane with one GPU node and one
-/// other node, then checks that the API server accepted every object Helm says it installed
-/// and that the workloads were scheduled where they belong.
+/// The namespace as each Helm gets it labeled for the privileged agent (chart README): Helm 4
+/// lets the chart own it (`namespace.create`); Helm 3 refuses that next to `--create-namespace`,
+/// so the namespace is created and labeled first. The values go to every install and upgrade.
+async fn namespace_for(cp: &ControlPlane, helm_bin: &str) -> Vec<&'static str> {
+    if helm_bin == "helm4" {
+        return vec!["--create-namespace", "--set", "namespace.create=true"];
+    }
+    cp.kubectl_ok(&["create", "namespace", NS]).await.unwrap();
+    cp.kubectl_ok(&[
+        "label",
+        "namespace",
+        NS,
+        "pod-security.kubernetes.io/enforce=privileged",
+    ])
+    .await
+    .unwrap();
+    vec![]
+}
+
+/// A client that acts as `user` (impersonated by the admin), with no groups but
+/// `system:authenticated`: only what RBAC grants that user by name.
+async fn client_as(cp: &ControlPlane, user: &str) -> kube::Client {
+    let kc = kube::config::Kubeconfig::read_from(cp.kubeconfig_path()).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    config.auth_info.impersonate = Some(user.into());
+    kube::Client::try_from(config).unwrap()
+}
+
+/// Asserts `res` was refused by RBAC (403 Forbidden, not an admission policy).
+fn forbidden<T: std::fmt::Debug>(what: &str, res: Result<T, kube::Error>) {
+    match res {
+        Err(kube::Error::Api(s)) if s.code == 403 && s.reason == "Forbidden" => assert!(
+            !s.message.contains("ValidatingAdmissionPolicy"),
+            "{what}: refused by admission, not RBAC: {}",
+            s.message
+        ),
+        other => panic!("{what}: must be forbidden by RBAC, got {other:?}"),
+    }
+}
+
+/// The chart's roles for people, through the real RBAC of the installed release: `view` reads
+/// wedges and policies (through aggregation) and cannot patch; the approver approves; a user
+/// bound to neither reads nothing.
+async fn people_rbac(cp: &ControlPlane, helm_bin: &str) {
+    let admin = cp.client().await.unwrap();
+    let wedge: GpuWedge = serde_json::from_value(json!({
+        "apiVersion": "unwedge.io/v1alpha1", "kind": "GpuWedge",
+        "metadata": {"name": "gpu-node-0000-03-00-0-1", "labels": {"unwedge.io/node": "gpu-node", "unwedge.io/device": "0000-03-00.0"}},
+        "spec": {"nodeName": "gpu-node", "device": {"pciAddress": "0000:03:00.0", "driver": "xe", "card": "card0"},
+                 "methods": ["rebind", "bus-reset"], "detectedAt": "2026-11-25T10:00:00Z", "bootId": "b1",
+                 "uevent": {"ACTION": "change", "WEDGED": "rebind,bus-reset", "SEQNUM": "1"}}
+    }))
+    .unwrap();
+    let name = "gpu-node-0000-03-00-0-1";
+    Api::<GpuWedge>::all(admin.clone())
+        .create(&PostParams::default(), &wedge)
+        .await
+        .unwrap();
+    for (binding, role, user) in [
+        ("test-viewer", "view", "viewer"),
+        ("test-oncall", "unwedge-approver", "oncall"),
+    ] {
+        cp.kubectl_ok(&[
+            "create",
+            "clusterrolebinding",
+            binding,
+            &format!("--clusterrole={role}"),
+            &format!("--user={user}"),
+        ])
+        .await
+        .unwrap();
+    }
+    let approve = |by: &str| {
+        Patch::Merge(
+            json!({"metadata": {"annotations": {"unwedge.io/approve": "", "unwedge.io/by": by}}}),
+        )
+    };
+
+    // view: the aggregation controller adds the chart's rules to `view` a moment after install.
+    let as_viewer: Api<GpuWedge> = Api::all(client_as(cp, "viewer").await);
+    let listed = wait_for(
+        "a user bound to view lists GpuWedges",
+        Duration::from_secs(60),
+        || {
+            let api = as_viewer.clone();
+            async move { Ok(Some(api.list(&ListParams::default()).await?)) }
+        },
+    )
+    .await;
+    assert_eq!(listed.items.len(), 1, "{helm_bin}: viewer sees the wedge");
+    let viewer_policies: Api<RecoveryPolicy> = Api::all(client_as(cp, "viewer").await);
+    assert!(
+        viewer_policies.get("default").await.is_ok(),
+        "{helm_bin}: viewer reads the RecoveryPolicies"
+    );
+    forbidden(
+        &format!("{helm_bin}: viewer approves"),
+        as_viewer
+            .patch(name, &PatchParams::default(), &approve("viewer"))
+            .await,
+    );
+
+    // The approver: the approve annotation passes RBAC and the by-policy; status stays closed.
+    let as_oncall: Api<GpuWedge> = Api::all(client_as(cp, "oncall").await);
+    let approved = as_oncall
+        .patch(name, &PatchParams::default(), &approve("oncall"))
+        .await
+        .unwrap_or_else(|e| panic!("{helm_bin}: the approver's approve was refused: {e:#}"));
+    let annotations = approved.metadata.annotations.unwrap_or_default();
+    assert_eq!(
+        annotations.get("unwedge.io/by").map(String::as_str),
+        Some("oncall"),
+        "{helm_bin}: {annotations:?}"
+    );
+    forbidden(
+        &format!("{helm_bin}: approver writes status"),
+        as_oncall
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"phase": "Succeeded"}})),
+            )
+            .await,
+    );
+
+    // Bound to neither: nothing to read.
+    let as_nobody: Api<GpuWedge> = Api::all(client_as(cp, "nobody").await);
+    forbidden(
+        &format!("{helm_bin}: unbound user lists"),
+        as_nobody.list(&ListParams::default()).await,
+    );
+}
+
+/// Installs the chart with `helm_bin` into a fresh control plane with one GPU node, one GPU node
+/// opted out (`unwedge.io/disabled=true`) and one other node, then checks that the API server
+/// accepted every object Helm says it installed, that the workloads were scheduled where they
+/// belong with their priority classes, and the chart's roles for people.
 async fn install_and_check(helm_bin: &str) {
     let cp = ControlPlane::start().await.expect("control plane");
     cp.add_kwok_node("gpu-node", &[("unwedge.io/gpu", "true")], &[])
         .await
         .unwrap();
+    cp.add_kwok_node(
+        "gpu-node-opted-out",
+        &[("unwedge.io/gpu", "true"), ("unwedge.io/disabled", "true")],
+        &[],
+    )
+    .await
+    .unwrap();
     cp.add_kwok_node("cpu-node", &[], &[]).await.unwrap();
     let home = tempfile::tempdir().unwrap();
     let kubeconfig = cp.kubeconfig_path().to_str().unwrap().to_string();
     let chart = chart_dir();
-    let out = helm(
-        helm_bin,
-        home.path(),
-        &[
-            "install",
-            "unwedge",
-            chart.to_str().unwrap(),
-            "--namespace",
-            NS,
-            "--create-namespace",
-            "--kubeconfig",
-            &kubeconfig,
-        ],
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    let ns_args = namespace_for(&cp, helm_bin).await;
+    let mut args = vec![
+        "install",
+        "unwedge",
+        chart.to_str().unwrap(),
+        "--namespace",
+        NS,
+        "--kubeconfig",
+        &kubeconfig,
+    ];
+    args.extend(&ns_args);
+    let out = helm(helm_bin, home.path(), &args).unwrap_or_else(|e| panic!("{e:#}"));
     assert!(
         out.contains("kubectl get gw"),
         "NOTES.txt tells the user what to run next: {out}"
@@ -1004,7 +1145,14 @@ async fn install_and_check(helm_bin: &str) {
     assert_eq!(
         nodes,
         ["gpu-node"],
-        "{helm_bin}: the agent belongs on GPU nodes only"
+        "{helm_bin}: the agent belongs on GPU nodes only, and not on one labeled unwedge.io/disabled=true"
+    );
+    // The built-in priority classes are admitted in the release namespace and resolved.
+    let priority = agent_pods.items[0].spec.as_ref().and_then(|s| s.priority);
+    assert_eq!(
+        priority,
+        Some(2_000_001_000),
+        "{helm_bin}: agent at system-node-critical"
     );
     wait_for("two operator replicas", Duration::from_secs(90), || {
         let deps = deps.clone();
@@ -1018,26 +1166,49 @@ async fn install_and_check(helm_bin: &str) {
         }
     })
     .await;
+    let operator_pods = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=operator"))
+        .await
+        .unwrap();
+    let priorities: Vec<Option<i32>> = operator_pods
+        .items
+        .iter()
+        .map(|p| p.spec.as_ref().and_then(|s| s.priority))
+        .collect();
+    assert_eq!(
+        priorities,
+        [Some(2_000_000_000), Some(2_000_000_000)],
+        "{helm_bin}: operator at system-cluster-critical"
+    );
+    if helm_bin == "helm4" {
+        let labels = cp
+            .kubectl_ok(&["get", "namespace", NS, "-o", "jsonpath={.metadata.labels}"])
+            .await
+            .unwrap();
+        assert!(
+            labels.contains(r#""pod-security.kubernetes.io/enforce":"privileged""#),
+            "{helm_bin}: namespace.create labels the release namespace: {labels}"
+        );
+    }
+
+    people_rbac(&cp, helm_bin).await;
 
     // An upgrade with other values goes through too (Manual approval, a reboot budget).
-    helm(
-        helm_bin,
-        home.path(),
-        &[
-            "upgrade",
-            "unwedge",
-            chart.to_str().unwrap(),
-            "--namespace",
-            NS,
-            "--kubeconfig",
-            &kubeconfig,
-            "--set",
-            "defaultPolicy.approval=Manual",
-            "--set",
-            "defaultPolicy.maxConcurrentReboots=2",
-        ],
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    let mut args = vec![
+        "upgrade",
+        "unwedge",
+        chart.to_str().unwrap(),
+        "--namespace",
+        NS,
+        "--kubeconfig",
+        &kubeconfig,
+        "--set",
+        "defaultPolicy.approval=Manual",
+        "--set",
+        "defaultPolicy.maxConcurrentReboots=2",
+    ];
+    args.extend(ns_args.iter().filter(|a| **a != "--create-namespace"));
+    helm(helm_bin, home.path(), &args).unwrap_or_else(|e| panic!("{e:#}"));
     let policies: Api<RecoveryPolicy> = Api::all(client);
     let p = policies.get("default").await.unwrap();
     assert_eq!(
