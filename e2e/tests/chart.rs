@@ -1012,6 +1012,11 @@ async fn install_and_check(helm_bin: &str) {
         out.contains("kubectl get gw"),
         "NOTES.txt tells the user what to run next: {out}"
     );
+    // The CRD step crd_upgrade_applies_server_side_over_an_older_copy proves, word for word.
+    assert!(
+        out.contains("kubectl apply --server-side --force-conflicts -f charts/unwedge/crds/"),
+        "NOTES.txt gives the CRD upgrade command that works over Helm's first copy: {out}"
+    );
 
     // Every object of the release exists in the API server (helm get manifest lists them).
     let manifest = helm(
