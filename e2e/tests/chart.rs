@@ -1222,6 +1222,29 @@ async fn install_and_check(helm_bin: &str) {
         "{helm_bin} upgrade"
     );
     assert_eq!(p.spec.max_concurrent_reboots, Some(2), "{helm_bin} upgrade");
+
+    // Opting a node out later removes its agent (the chart README says so).
+    cp.kubectl_ok(&["label", "node", "gpu-node", "unwedge.io/disabled=true"])
+        .await
+        .unwrap();
+    wait_for(
+        "the agent leaves the node labeled unwedge.io/disabled=true",
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            async move {
+                let agents = pods
+                    .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+                    .await?;
+                Ok(agents
+                    .items
+                    .iter()
+                    .all(|p| p.metadata.deletion_timestamp.is_some())
+                    .then_some(()))
+            }
+        },
+    )
+    .await;
     cp.stop().await;
 }
 
