@@ -947,6 +947,16 @@ async fn people_rbac(cp: &ControlPlane, helm_bin: &str) {
 
     // The approver: the approve annotation passes RBAC and the by-policy; status stays closed.
     let as_oncall: Api<GpuWedge> = Api::all(client_as(cp, "oncall").await);
+    // The API server's RBAC cache sees a new binding a moment after it is created.
+    wait_for(
+        "the approver's binding is in effect",
+        Duration::from_secs(60),
+        || {
+            let api = as_oncall.clone();
+            async move { Ok(Some(api.get(name).await?)) }
+        },
+    )
+    .await;
     let approved = as_oncall
         .patch(name, &PatchParams::default(), &approve("oncall"))
         .await
