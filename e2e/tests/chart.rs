@@ -1,6 +1,7 @@
 //! The Helm chart (issue 14): `helm lint`, `helm template` for three value sets, installs with
-//! Helm 3 and Helm 4 into the real local control plane (every object accepted and the workloads
-//! scheduled where they belong), and the CRD upgrade step the chart README documents.
+//! Helm 3 and Helm 4 into the real local control plane (every object accepted, the workloads
+//! scheduled where they belong, the roles for people checked with impersonated users), and the
+//! CRD upgrade step the chart README documents.
 //!
 //! The admission proofs against the chart's rendered policies are in `admission.rs`.
 
@@ -130,6 +131,32 @@ fn args_of(container: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The pod template's spec of a rendered workload.
+fn pod_spec<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    &find(objs, kind, name)["spec"]["template"]["spec"]
+}
+
+/// The container's `env` as (name, entry) pairs, in order.
+fn env_of(container: &Value) -> Vec<(String, Value)> {
+    container["env"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| (e["name"].as_str().unwrap().to_string(), e.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The required node selector terms of the agent's affinity.
+fn agent_terms(objs: &[Value]) -> Vec<Value> {
+    pod_spec(objs, "DaemonSet", "unwedge-agent")["affinity"]["nodeAffinity"]
+        ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
 #[test]
 fn helm_lint_passes_for_every_value_set_with_helm_3_and_4() {
     let chart = chart_dir();
@@ -145,6 +172,16 @@ fn helm_lint_passes_for_every_value_set_with_helm_3_and_4() {
                 "defaultPolicy.maxConcurrentReboots=2",
             ],
             vec!["--set", "dra.enabled=true"],
+            vec![
+                "--set",
+                "namespace.create=true",
+                "--set",
+                "global.imageRegistry=registry.example.com/mirror",
+                "--set",
+                "operator.image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                "--set-json",
+                r#"agent.extraEnv=[{"name":"HTTPS_PROXY","value":"http://proxy:3128"}]"#,
+            ],
             vec![
                 "--set",
                 "metrics.serviceMonitor.enabled=true",
@@ -268,7 +305,7 @@ fn template_defaults_render_the_security_contract() {
         .collect();
     assert_eq!(
         env,
-        ["POD_NAME", "POD_NAMESPACE"],
+        ["POD_NAME", "POD_NAMESPACE", "RUST_LOG"],
         "no DRA settings without DRA"
     );
     let args = args_of(c);
@@ -509,6 +546,231 @@ fn template_dra_on_grants_device_taint_rights_and_passes_the_attribute_map() {
 }
 
 #[test]
+fn template_image_registry_prefixes_both_images_and_a_digest_pins_one() {
+    let digest = format!("sha256:{}", "0123456789abcdef".repeat(4));
+    let objs = template(
+        "helm",
+        &[
+            "--set",
+            "global.imageRegistry=registry.example.com:5000/mirror/",
+            "--set",
+            &format!("agent.image.digest={digest}"),
+            "--set",
+            "agent.image.tag=not-used",
+            "--set",
+            "operator.image.tag=1.2.3",
+        ],
+    );
+    let agent = &pod_spec(&objs, "DaemonSet", "unwedge-agent")["containers"][0];
+    assert_eq!(
+        agent["image"],
+        format!("registry.example.com:5000/mirror/unwedge/agent@{digest}"),
+        "the digest pins the agent and the tag is ignored"
+    );
+    let operator = &pod_spec(&objs, "Deployment", "unwedge-operator")["containers"][0];
+    assert_eq!(
+        operator["image"], "registry.example.com:5000/mirror/unwedge/operator:1.2.3",
+        "no digest: registry/repository:tag"
+    );
+}
+
+#[test]
+fn template_priority_classes_default_to_the_critical_ones_and_can_be_dropped() {
+    let objs = template("helm", &[]);
+    assert_eq!(
+        pod_spec(&objs, "DaemonSet", "unwedge-agent")["priorityClassName"],
+        "system-node-critical"
+    );
+    assert_eq!(
+        pod_spec(&objs, "Deployment", "unwedge-operator")["priorityClassName"],
+        "system-cluster-critical"
+    );
+    let objs = template(
+        "helm",
+        &[
+            "--set",
+            "agent.priorityClassName=",
+            "--set",
+            "operator.priorityClassName=",
+        ],
+    );
+    for (kind, name) in [
+        ("DaemonSet", "unwedge-agent"),
+        ("Deployment", "unwedge-operator"),
+    ] {
+        let pc = &pod_spec(&objs, kind, name)["priorityClassName"];
+        assert!(pc.is_null(), "{kind}/{name}: priorityClassName {pc}");
+    }
+}
+
+#[test]
+fn template_agent_affinity_matches_gpu_operator_labels_and_every_term_honours_the_opt_out() {
+    let opt_out = json!({"key": "unwedge.io/disabled", "operator": "NotIn", "values": ["true"]});
+    let terms = agent_terms(&template("helm", &[]));
+    let first_keys: Vec<&str> = terms
+        .iter()
+        .map(|t| t["matchExpressions"][0]["key"].as_str().unwrap())
+        .collect();
+    for key in [
+        "unwedge.io/gpu",
+        // The NodeFeatureRules of AMD's GPU operator and Intel's device plugins operator.
+        "feature.node.kubernetes.io/amd-gpu",
+        "feature.node.kubernetes.io/amd-vgpu",
+        "intel.feature.node.kubernetes.io/gpu",
+        // node-feature-discovery's own PCI labels (class_vendor).
+        "feature.node.kubernetes.io/pci-0300_1002.present",
+        "feature.node.kubernetes.io/pci-0380_8086.present",
+    ] {
+        assert!(first_keys.contains(&key), "{key} missing: {first_keys:?}");
+    }
+    // Terms are ORed: the opt-out must be in each, or one matching term would bypass it.
+    for t in &terms {
+        let exprs = t["matchExpressions"].as_array().unwrap();
+        assert_eq!(exprs.len(), 2, "{t}");
+        assert_eq!(exprs[1], opt_out, "{t}");
+    }
+
+    // A user's own affinity gets the opt-out too.
+    let custom = template(
+        "helm",
+        &[
+            "--set-json",
+            r#"agent.affinity={"nodeAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":{"nodeSelectorTerms":[{"matchExpressions":[{"key":"pool","operator":"In","values":["gpu"]}]}]}}}"#,
+        ],
+    );
+    assert_eq!(
+        agent_terms(&custom),
+        [json!({"matchExpressions": [
+            {"key": "pool", "operator": "In", "values": ["gpu"]},
+            opt_out.clone()
+        ]})]
+    );
+    // No affinity at all: every node but the opted-out ones.
+    let none = template("helm", &["--set", "agent.affinity=null"]);
+    assert_eq!(agent_terms(&none), [json!({"matchExpressions": [opt_out]})]);
+    // No opt-out label: the affinity exactly as given.
+    let off = agent_terms(&template("helm", &["--set", "agent.optOutLabel="]));
+    assert_eq!(off.len(), terms.len());
+    assert!(
+        off.iter()
+            .all(|t| t["matchExpressions"].as_array().unwrap().len() == 1),
+        "{off:?}"
+    );
+}
+
+#[test]
+fn template_namespace_create_renders_the_release_namespace_for_a_privileged_agent() {
+    let objs = template("helm", &[]);
+    assert!(
+        !objs.iter().any(|o| o["kind"] == "Namespace"),
+        "no Namespace unless namespace.create"
+    );
+    let objs = template("helm", &["--set", "namespace.create=true"]);
+    let ns = find(&objs, "Namespace", NS);
+    assert_eq!(
+        ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged",
+        "the agent is privileged with hostPID and host paths: baseline or restricted refuse it"
+    );
+    assert_eq!(
+        ns["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+        "an uninstall must not delete the namespace and what else lives in it"
+    );
+}
+
+#[test]
+fn template_log_level_and_extra_env_reach_both_containers() {
+    let objs = template("helm", &[]);
+    for (kind, name, level) in [
+        ("DaemonSet", "unwedge-agent", "info"),
+        ("Deployment", "unwedge-operator", "info,kube=warn"),
+    ] {
+        let env = env_of(&pod_spec(&objs, kind, name)["containers"][0]);
+        let rust_log = env.iter().find(|(n, _)| n == "RUST_LOG").map(|(_, e)| e);
+        assert_eq!(
+            rust_log.map(|e| &e["value"]),
+            Some(&json!(level)),
+            "{kind}/{name}"
+        );
+    }
+    let objs = template(
+        "helm",
+        &[
+            "--set",
+            "agent.logLevel=debug",
+            "--set",
+            "operator.logLevel=",
+            "--set-json",
+            r#"agent.extraEnv=[{"name":"HTTPS_PROXY","value":"http://proxy:3128"}]"#,
+            "--set-json",
+            r#"operator.extraEnv=[{"name":"NODE_IP","valueFrom":{"fieldRef":{"fieldPath":"status.hostIP"}}}]"#,
+        ],
+    );
+    let agent = env_of(&pod_spec(&objs, "DaemonSet", "unwedge-agent")["containers"][0]);
+    let names: Vec<&str> = agent.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["NODE_NAME", "RUST_LOG", "HTTPS_PROXY"]);
+    assert_eq!(agent[1].1["value"], "debug");
+    assert_eq!(agent[2].1["value"], "http://proxy:3128");
+    let operator = env_of(&pod_spec(&objs, "Deployment", "unwedge-operator")["containers"][0]);
+    let names: Vec<&str> = operator.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        ["POD_NAME", "POD_NAMESPACE", "NODE_IP"],
+        "an empty logLevel leaves the binary's default"
+    );
+    assert_eq!(
+        operator[2].1["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.hostIP"
+    );
+}
+
+#[test]
+fn template_people_roles_view_reads_and_the_approver_patches_wedges() {
+    let objs = template("helm", &[]);
+    let view = find(&objs, "ClusterRole", "unwedge-view");
+    for role in ["view", "edit", "admin"] {
+        assert_eq!(
+            view["metadata"]["labels"][format!("rbac.authorization.k8s.io/aggregate-to-{role}")],
+            "true",
+            "aggregated to {role}"
+        );
+    }
+    for resource in ["gpuwedges", "recoverypolicies"] {
+        assert_eq!(
+            grants(view, "unwedge.io", resource),
+            sorted(&["get", "list", "watch"]),
+            "view on {resource}"
+        );
+    }
+    assert_eq!(
+        view["rules"].as_array().unwrap().len(),
+        1,
+        "read-only: {}",
+        view["rules"]
+    );
+    let approver = find(&objs, "ClusterRole", "unwedge-approver");
+    assert_eq!(
+        grants(approver, "unwedge.io", "gpuwedges"),
+        sorted(&["get", "list", "watch", "patch"])
+    );
+    assert!(
+        grants(approver, "unwedge.io", "gpuwedges/status").is_empty(),
+        "status belongs to the agent and the operator"
+    );
+    assert_eq!(
+        grants(approver, "unwedge.io", "recoverypolicies"),
+        sorted(&["get", "list", "watch"])
+    );
+    assert!(
+        approver["metadata"]["labels"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| !k.starts_with("rbac.authorization.k8s.io/aggregate-to")),
+        "approving is bound on purpose, never aggregated"
+    );
+}
+
+#[test]
 fn values_schema_refuses_bad_values_with_a_clear_error() {
     let home = tempfile::tempdir().unwrap();
     let chart = chart_dir();
@@ -518,6 +780,14 @@ fn values_schema_refuses_bad_values_with_a_clear_error() {
         ("dra.enabled=maybe", "enabled"),
         ("defaultPolicy.escalation[0]=Bus_Reset", "escalation"),
         ("agent.image.pullPolicy=Sometimes", "pullPolicy"),
+        ("agent.image.digest=latest", "digest"),
+        (
+            "global.imageRegistry=https://registry.example.com",
+            "imageRegistry",
+        ),
+        ("namespace.create=maybe", "create"),
+        ("agent.optOutLabel=not a label", "optOutLabel"),
+        ("operator.extraEnv[0].value=x", "name"),
     ] {
         let err = helm(
             "helm",
@@ -565,36 +835,191 @@ where
     }
 }
 
-/// Installs the chart with `helm_bin` into a fresh control plane with one GPU node and one
-/// other node, then checks that the API server accepted every object Helm says it installed
-/// and that the workloads were scheduled where they belong.
+/// The namespace as each Helm gets it labeled for the privileged agent (chart README): Helm 4
+/// lets the chart own it (`namespace.create`); Helm 3 refuses that next to `--create-namespace`,
+/// so the namespace is created and labeled first. The values go to every install and upgrade.
+async fn namespace_for(cp: &ControlPlane, helm_bin: &str) -> Vec<&'static str> {
+    if helm_bin == "helm4" {
+        return vec!["--create-namespace", "--set", "namespace.create=true"];
+    }
+    cp.kubectl_ok(&["create", "namespace", NS]).await.unwrap();
+    cp.kubectl_ok(&[
+        "label",
+        "namespace",
+        NS,
+        "pod-security.kubernetes.io/enforce=privileged",
+    ])
+    .await
+    .unwrap();
+    vec![]
+}
+
+/// A client that acts as `user` (impersonated by the admin), with no groups but
+/// `system:authenticated`: only what RBAC grants that user by name.
+async fn client_as(cp: &ControlPlane, user: &str) -> kube::Client {
+    let kc = kube::config::Kubeconfig::read_from(cp.kubeconfig_path()).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    config.auth_info.impersonate = Some(user.into());
+    kube::Client::try_from(config).unwrap()
+}
+
+/// Asserts `res` was refused by RBAC (403 Forbidden, not an admission policy).
+fn forbidden<T: std::fmt::Debug>(what: &str, res: Result<T, kube::Error>) {
+    match res {
+        Err(kube::Error::Api(s)) if s.code == 403 && s.reason == "Forbidden" => assert!(
+            !s.message.contains("ValidatingAdmissionPolicy"),
+            "{what}: refused by admission, not RBAC: {}",
+            s.message
+        ),
+        other => panic!("{what}: must be forbidden by RBAC, got {other:?}"),
+    }
+}
+
+/// The chart's roles for people, through the real RBAC of the installed release: `view` reads
+/// wedges and policies (through aggregation) and cannot patch; the approver approves; a user
+/// bound to neither reads nothing.
+async fn people_rbac(cp: &ControlPlane, helm_bin: &str) {
+    let admin = cp.client().await.unwrap();
+    let wedge: GpuWedge = serde_json::from_value(json!({
+        "apiVersion": "unwedge.io/v1alpha1", "kind": "GpuWedge",
+        "metadata": {"name": "gpu-node-0000-03-00-0-1", "labels": {"unwedge.io/node": "gpu-node", "unwedge.io/device": "0000-03-00.0"}},
+        "spec": {"nodeName": "gpu-node", "device": {"pciAddress": "0000:03:00.0", "driver": "xe", "card": "card0"},
+                 "methods": ["rebind", "bus-reset"], "detectedAt": "2026-11-25T10:00:00Z", "bootId": "b1",
+                 "uevent": {"ACTION": "change", "WEDGED": "rebind,bus-reset", "SEQNUM": "1"}}
+    }))
+    .unwrap();
+    let name = "gpu-node-0000-03-00-0-1";
+    Api::<GpuWedge>::all(admin.clone())
+        .create(&PostParams::default(), &wedge)
+        .await
+        .unwrap();
+    for (binding, role, user) in [
+        ("test-viewer", "view", "viewer"),
+        ("test-oncall", "unwedge-approver", "oncall"),
+    ] {
+        cp.kubectl_ok(&[
+            "create",
+            "clusterrolebinding",
+            binding,
+            &format!("--clusterrole={role}"),
+            &format!("--user={user}"),
+        ])
+        .await
+        .unwrap();
+    }
+    let approve = |by: &str| {
+        Patch::Merge(
+            json!({"metadata": {"annotations": {"unwedge.io/approve": "", "unwedge.io/by": by}}}),
+        )
+    };
+
+    // view: the aggregation controller adds the chart's rules to `view` a moment after install.
+    let as_viewer: Api<GpuWedge> = Api::all(client_as(cp, "viewer").await);
+    let listed = wait_for(
+        "a user bound to view lists GpuWedges",
+        Duration::from_secs(60),
+        || {
+            let api = as_viewer.clone();
+            async move { Ok(Some(api.list(&ListParams::default()).await?)) }
+        },
+    )
+    .await;
+    assert_eq!(listed.items.len(), 1, "{helm_bin}: viewer sees the wedge");
+    let viewer_policies: Api<RecoveryPolicy> = Api::all(client_as(cp, "viewer").await);
+    assert!(
+        viewer_policies.get("default").await.is_ok(),
+        "{helm_bin}: viewer reads the RecoveryPolicies"
+    );
+    forbidden(
+        &format!("{helm_bin}: viewer approves"),
+        as_viewer
+            .patch(name, &PatchParams::default(), &approve("viewer"))
+            .await,
+    );
+
+    // The approver: the approve annotation passes RBAC and the by-policy; status stays closed.
+    let as_oncall: Api<GpuWedge> = Api::all(client_as(cp, "oncall").await);
+    // The API server's RBAC cache sees a new binding a moment after it is created.
+    wait_for(
+        "the approver's binding is in effect",
+        Duration::from_secs(60),
+        || {
+            let api = as_oncall.clone();
+            async move { Ok(Some(api.get(name).await?)) }
+        },
+    )
+    .await;
+    let approved = as_oncall
+        .patch(name, &PatchParams::default(), &approve("oncall"))
+        .await
+        .unwrap_or_else(|e| panic!("{helm_bin}: the approver's approve was refused: {e:#}"));
+    let annotations = approved.metadata.annotations.unwrap_or_default();
+    assert_eq!(
+        annotations.get("unwedge.io/by").map(String::as_str),
+        Some("oncall"),
+        "{helm_bin}: {annotations:?}"
+    );
+    forbidden(
+        &format!("{helm_bin}: approver writes status"),
+        as_oncall
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"phase": "Succeeded"}})),
+            )
+            .await,
+    );
+
+    // Bound to neither: nothing to read.
+    let as_nobody: Api<GpuWedge> = Api::all(client_as(cp, "nobody").await);
+    forbidden(
+        &format!("{helm_bin}: unbound user lists"),
+        as_nobody.list(&ListParams::default()).await,
+    );
+}
+
+/// Installs the chart with `helm_bin` into a fresh control plane with one GPU node, one GPU node
+/// opted out (`unwedge.io/disabled=true`) and one other node, then checks that the API server
+/// accepted every object Helm says it installed, that the workloads were scheduled where they
+/// belong with their priority classes, and the chart's roles for people.
 async fn install_and_check(helm_bin: &str) {
     let cp = ControlPlane::start().await.expect("control plane");
     cp.add_kwok_node("gpu-node", &[("unwedge.io/gpu", "true")], &[])
         .await
         .unwrap();
+    cp.add_kwok_node(
+        "gpu-node-opted-out",
+        &[("unwedge.io/gpu", "true"), ("unwedge.io/disabled", "true")],
+        &[],
+    )
+    .await
+    .unwrap();
     cp.add_kwok_node("cpu-node", &[], &[]).await.unwrap();
     let home = tempfile::tempdir().unwrap();
     let kubeconfig = cp.kubeconfig_path().to_str().unwrap().to_string();
     let chart = chart_dir();
-    let out = helm(
-        helm_bin,
-        home.path(),
-        &[
-            "install",
-            "unwedge",
-            chart.to_str().unwrap(),
-            "--namespace",
-            NS,
-            "--create-namespace",
-            "--kubeconfig",
-            &kubeconfig,
-        ],
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    let ns_args = namespace_for(&cp, helm_bin).await;
+    let mut args = vec![
+        "install",
+        "unwedge",
+        chart.to_str().unwrap(),
+        "--namespace",
+        NS,
+        "--kubeconfig",
+        &kubeconfig,
+    ];
+    args.extend(&ns_args);
+    let out = helm(helm_bin, home.path(), &args).unwrap_or_else(|e| panic!("{e:#}"));
     assert!(
         out.contains("kubectl get gw"),
         "NOTES.txt tells the user what to run next: {out}"
+    );
+    // The CRD step crd_upgrade_applies_server_side_over_an_older_copy proves, word for word.
+    assert!(
+        out.contains("kubectl apply --server-side --force-conflicts -f charts/unwedge/crds/"),
+        "NOTES.txt gives the CRD upgrade command that works over Helm's first copy: {out}"
     );
 
     // Every object of the release exists in the API server (helm get manifest lists them).
@@ -729,7 +1154,14 @@ async fn install_and_check(helm_bin: &str) {
     assert_eq!(
         nodes,
         ["gpu-node"],
-        "{helm_bin}: the agent belongs on GPU nodes only"
+        "{helm_bin}: the agent belongs on GPU nodes only, and not on one labeled unwedge.io/disabled=true"
+    );
+    // The built-in priority classes are admitted in the release namespace and resolved.
+    let priority = agent_pods.items[0].spec.as_ref().and_then(|s| s.priority);
+    assert_eq!(
+        priority,
+        Some(2_000_001_000),
+        "{helm_bin}: agent at system-node-critical"
     );
     wait_for("two operator replicas", Duration::from_secs(90), || {
         let deps = deps.clone();
@@ -743,26 +1175,49 @@ async fn install_and_check(helm_bin: &str) {
         }
     })
     .await;
+    let operator_pods = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=operator"))
+        .await
+        .unwrap();
+    let priorities: Vec<Option<i32>> = operator_pods
+        .items
+        .iter()
+        .map(|p| p.spec.as_ref().and_then(|s| s.priority))
+        .collect();
+    assert_eq!(
+        priorities,
+        [Some(2_000_000_000), Some(2_000_000_000)],
+        "{helm_bin}: operator at system-cluster-critical"
+    );
+    if helm_bin == "helm4" {
+        let labels = cp
+            .kubectl_ok(&["get", "namespace", NS, "-o", "jsonpath={.metadata.labels}"])
+            .await
+            .unwrap();
+        assert!(
+            labels.contains(r#""pod-security.kubernetes.io/enforce":"privileged""#),
+            "{helm_bin}: namespace.create labels the release namespace: {labels}"
+        );
+    }
+
+    people_rbac(&cp, helm_bin).await;
 
     // An upgrade with other values goes through too (Manual approval, a reboot budget).
-    helm(
-        helm_bin,
-        home.path(),
-        &[
-            "upgrade",
-            "unwedge",
-            chart.to_str().unwrap(),
-            "--namespace",
-            NS,
-            "--kubeconfig",
-            &kubeconfig,
-            "--set",
-            "defaultPolicy.approval=Manual",
-            "--set",
-            "defaultPolicy.maxConcurrentReboots=2",
-        ],
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    let mut args = vec![
+        "upgrade",
+        "unwedge",
+        chart.to_str().unwrap(),
+        "--namespace",
+        NS,
+        "--kubeconfig",
+        &kubeconfig,
+        "--set",
+        "defaultPolicy.approval=Manual",
+        "--set",
+        "defaultPolicy.maxConcurrentReboots=2",
+    ];
+    args.extend(ns_args.iter().filter(|a| **a != "--create-namespace"));
+    helm(helm_bin, home.path(), &args).unwrap_or_else(|e| panic!("{e:#}"));
     let policies: Api<RecoveryPolicy> = Api::all(client);
     let p = policies.get("default").await.unwrap();
     assert_eq!(
@@ -771,6 +1226,29 @@ async fn install_and_check(helm_bin: &str) {
         "{helm_bin} upgrade"
     );
     assert_eq!(p.spec.max_concurrent_reboots, Some(2), "{helm_bin} upgrade");
+
+    // Opting a node out later removes its agent (the chart README says so).
+    cp.kubectl_ok(&["label", "node", "gpu-node", "unwedge.io/disabled=true"])
+        .await
+        .unwrap();
+    wait_for(
+        "the agent leaves the node labeled unwedge.io/disabled=true",
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            async move {
+                let agents = pods
+                    .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+                    .await?;
+                Ok(agents
+                    .items
+                    .iter()
+                    .all(|p| p.metadata.deletion_timestamp.is_some())
+                    .then_some(()))
+            }
+        },
+    )
+    .await;
     cp.stop().await;
 }
 

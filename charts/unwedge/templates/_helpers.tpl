@@ -51,12 +51,55 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "unwedge.agentServiceAccountName" .) -}}
 {{- end -}}
 
+{{/*
+An image reference from (list $ .Values.<component>.image): global.imageRegistry as a prefix when
+set; pinned by digest (repo@digest, the tag ignored) when image.digest is set, else repo:tag.
+*/}}
+{{- define "unwedge.image" -}}
+{{- $ := index . 0 -}}
+{{- $img := index . 1 -}}
+{{- $repo := $img.repository -}}
+{{- with ($.Values.global).imageRegistry -}}
+{{- $repo = printf "%s/%s" (trimSuffix "/" .) $repo -}}
+{{- end -}}
+{{- if $img.digest -}}
+{{- printf "%s@%s" $repo $img.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $repo (default $.Chart.AppVersion $img.tag) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "unwedge.agentImage" -}}
-{{- printf "%s:%s" .Values.agent.image.repository (default .Chart.AppVersion .Values.agent.image.tag) -}}
+{{- include "unwedge.image" (list . .Values.agent.image) -}}
 {{- end -}}
 
 {{- define "unwedge.operatorImage" -}}
-{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) -}}
+{{- include "unwedge.image" (list . .Values.operator.image) -}}
+{{- end -}}
+
+{{/*
+The agent's affinity: agent.affinity with the opt-out (agent.optOutLabel NotIn ["true"]) added to
+every required node selector term (terms are ORed, so each needs it); with no required terms,
+one term holding only the opt-out.
+*/}}
+{{- define "unwedge.agentAffinity" -}}
+{{- $aff := deepCopy (.Values.agent.affinity | default dict) -}}
+{{- with .Values.agent.optOutLabel -}}
+{{- $optOut := dict "key" . "operator" "NotIn" "values" (list "true") -}}
+{{- $na := get $aff "nodeAffinity" | default dict -}}
+{{- $req := get $na "requiredDuringSchedulingIgnoredDuringExecution" | default dict -}}
+{{- $terms := list -}}
+{{- range (get $req "nodeSelectorTerms" | default (list dict)) -}}
+{{- $exprs := append (get . "matchExpressions" | default list) $optOut -}}
+{{- $terms = append $terms (merge (dict "matchExpressions" $exprs) .) -}}
+{{- end -}}
+{{- $_ := set $req "nodeSelectorTerms" $terms -}}
+{{- $_ = set $na "requiredDuringSchedulingIgnoredDuringExecution" $req -}}
+{{- $_ = set $aff "nodeAffinity" $na -}}
+{{- end -}}
+{{- if $aff -}}
+{{- toYaml $aff -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
