@@ -1087,8 +1087,20 @@ fn queued(d: Draft, reason: &str) -> Decision {
     }
 }
 
+/// Lifts the node's cordon for this wedge, or hands it to another open wedge of the node that
+/// still needs it — preferably one holding a place in the budget, so the node stays counted by
+/// the ledger while it is cordoned.
 fn release_cordon(mut d: Draft, input: &Input) -> Decision {
-    if let Some(next) = input.others_on_node.first() {
+    let placed = |w: &String| match &input.policy {
+        Governance::Policy(p) => p.ledger.iter().any(|a| a.wedge == *w),
+        _ => false,
+    };
+    let next = input
+        .others_on_node
+        .iter()
+        .find(|w| placed(w))
+        .or(input.others_on_node.first());
+    if let Some(next) = next {
         d.action(format!("handing the cordon to {next}"));
         return d.done(
             Step::HandOverCordon { to: next.clone() },

@@ -760,6 +760,12 @@ async fn perform(
         }
         Step::Release => {
             ctx.ensure_leader()?;
+            if let Some(holder) = finalize::cordon_without_place(ctx, w).await? {
+                // Releasing now would leave the node cordoned with no place counting it (two
+                // wedges of one node finishing together): wait until its holder lets go.
+                tracing::debug!(wedge = %name, %holder, "release waits: the node's cordon is held by a finished wedge");
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
             match ledger::release(&ctx.policy_api(), &policy, &name).await {
                 Ok(()) | Err(ledger::LedgerError::NoPolicy(_)) => {}
                 Err(e) => return Err(e.into()),

@@ -1304,6 +1304,26 @@ fn two_wedges_on_one_node_hand_the_cordon_over() {
     assert_eq!(w.phase(), Phase::Recovered);
 }
 
+/// Two other wedges on the node: the cordon goes to the one that holds a place in the budget
+/// (the ledger keeps counting the node), not to the first by name that holds none.
+#[test]
+fn the_cordon_is_handed_to_a_wedge_that_holds_a_place() {
+    let mut w = World::new("rebind");
+    w.limits.nodes = 2;
+    w.run(20);
+    w.agent(AttemptOutcome::Succeeded, "");
+    let (queued, placed) = ("node-a-0000-04-00-0-2", "node-a-0000-05-00-0-3");
+    w.others = vec![queued.into(), placed.into()];
+    w.ledger.push(Admission {
+        wedge: placed.into(),
+        node: "node-a".into(),
+        unit: BudgetUnit::Node,
+        reboot: false,
+    });
+    w.run(10);
+    assert_eq!(w.node.cordoned_by.as_deref(), Some(placed));
+}
+
 #[test]
 fn a_cordon_handed_over_is_adopted() {
     let mut w = World::new("rebind");

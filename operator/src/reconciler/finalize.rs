@@ -210,6 +210,32 @@ async fn release_cordon(ctx: &Ctx, w: &GpuWedge) -> Result<Option<String>, Error
     }
 }
 
+/// The wedge whose cordon is on `w`'s node, read fresh, when releasing `w`'s place now would
+/// leave the node cordoned by unwedge with no ledger place behind it: the cordon names `w`
+/// itself (decided from a cache that had not seen a hand-over yet), or another wedge of the
+/// node that is Recovered or being deleted — it lifts or hands over the cordon next, and `w`
+/// keeps the node counted until then. A holder that is gone or Abandoned (which leaves the
+/// node as it is) does not hold `w` back: nothing would ever move that cordon.
+pub(super) async fn cordon_without_place(ctx: &Ctx, w: &GpuWedge) -> Result<Option<String>, Error> {
+    let name = w.name_any();
+    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(ctx.client.clone());
+    let Some(node) = nodes.get_opt(&w.spec.node_name).await? else {
+        return Ok(None);
+    };
+    let Some(holder) = node.annotations().get(ANN_CORDONED_BY).cloned() else {
+        return Ok(None);
+    };
+    if holder == name {
+        return Ok(Some(holder));
+    }
+    let moves_soon = ctx.wedge_api().get_opt(&holder).await?.is_some_and(|h| {
+        h.spec.node_name == w.spec.node_name
+            && (h.metadata.deletion_timestamp.is_some()
+                || h.status.as_ref().and_then(|s| s.phase) == Some(unwedge_crds::Phase::Recovered))
+    });
+    Ok(moves_soon.then_some(holder))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
