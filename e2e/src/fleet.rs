@@ -609,6 +609,14 @@ impl Fleet {
         Ok(())
     }
 
+    /// Kills the agent pool process with SIGKILL (every pooled agent crashes at once); start
+    /// it again with [`Fleet::start_agent_pool`].
+    pub fn kill_agent_pool(&mut self) {
+        if let Some(mut p) = self.pool.take() {
+            p.kill_now();
+        }
+    }
+
     /// The agent pool's pid, while it runs.
     pub fn pool_pid(&mut self) -> Option<u32> {
         let p = self.pool.as_mut()?;
@@ -628,29 +636,58 @@ impl Fleet {
     /// ServiceAccount's token.
     pub async fn start_operators(&mut self, cp: &ControlPlane, n: usize) -> anyhow::Result<()> {
         let token = cp.create_token(SYSTEM_NS, OPERATOR_SA, None).await?;
-        let kc = self.dir.path().join("operator.kubeconfig");
-        std::fs::write(&kc, kubeconfig(&self.server_url, &self.ca_pem, &token))?;
-        for i in 0..n {
-            let port = free_port()?;
-            let args: Vec<String> = vec![
-                format!("KUBECONFIG={}", kc.display()),
-                "RUST_LOG=info,unwedge_operator=debug".into(),
-                "POD_NAMESPACE=unwedge-system".into(),
-                self.bins.operator.display().to_string(),
-                "--metrics-addr".into(),
-                format!("127.0.0.1:{port}"),
-                "--leader-elect=true".into(),
-                "--lease-namespace".into(),
-                SYSTEM_NS.into(),
-                "--identity".into(),
-                format!("operator-{i}"),
-                format!("--dra={}", self.operator_dra),
-            ];
-            let log = self.dir.path().join(format!("operator-{i}.log"));
-            let p = Proc::spawn(&format!("operator-{i}"), Path::new("env"), &args, &log)?;
+        std::fs::write(
+            self.operator_kubeconfig(),
+            kubeconfig(&self.server_url, &self.ca_pem, &token),
+        )?;
+        for _ in 0..n {
+            let p = self.spawn_operator(self.operators.len())?;
             self.operators.push(Some(p));
         }
         Ok(())
+    }
+
+    /// Starts operator replica `i` again (same identity, port chosen afresh, same log) after
+    /// [`Fleet::kill_operator`], as a kubelet restarts a crashed container; no-op while it runs.
+    pub fn restart_operator(&mut self, i: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            i < self.operators.len(),
+            "no operator replica {i}: start_operators started {}",
+            self.operators.len()
+        );
+        if self.operators[i].is_none() {
+            self.operators[i] = Some(self.spawn_operator(i)?);
+        }
+        Ok(())
+    }
+
+    fn operator_kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("operator.kubeconfig")
+    }
+
+    fn spawn_operator(&self, i: usize) -> anyhow::Result<Proc> {
+        let port = free_port()?;
+        let args: Vec<String> = vec![
+            format!("KUBECONFIG={}", self.operator_kubeconfig().display()),
+            "RUST_LOG=info,unwedge_operator=debug".into(),
+            "POD_NAMESPACE=unwedge-system".into(),
+            self.bins.operator.display().to_string(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{port}"),
+            "--leader-elect=true".into(),
+            "--lease-namespace".into(),
+            SYSTEM_NS.into(),
+            "--identity".into(),
+            format!("operator-{i}"),
+            format!("--dra={}", self.operator_dra),
+        ];
+        let log = self.dir.path().join(format!("operator-{i}.log"));
+        Ok(Proc::spawn(
+            &format!("operator-{i}"),
+            Path::new("env"),
+            &args,
+            &log,
+        )?)
     }
 
     /// The identity holding the operator's Lease now.

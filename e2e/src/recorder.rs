@@ -349,6 +349,15 @@ impl Recorder {
         Ok(r)
     }
 
+    /// Checks invariant 1 for one more policy (created after the recorder started) from now on.
+    pub fn add_budget(&self, policy: &str, max_unavailable: usize) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .budgets
+            .insert(policy.to_string(), max_unavailable);
+    }
+
     async fn wait_until<F: Fn(&State) -> bool>(
         &self,
         what: &str,
