@@ -150,7 +150,6 @@ struct Soak<'a> {
     client: Client,
     rng: Rng,
     opts: Options,
-    seqnum: u64,
     dead_nodes: BTreeSet<String>,
     deleted_wedges: BTreeSet<String>,
     /// Devices whose last wedge never resolved: a new uevent would join that open incident.
@@ -188,7 +187,6 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         client,
         rng: Rng(opts.seed),
         opts: opts.clone(),
-        seqnum: 1000,
         dead_nodes: BTreeSet::new(),
         deleted_wedges: BTreeSet::new(),
         open_devices: BTreeSet::new(),
@@ -315,23 +313,21 @@ impl Soak<'_> {
         plan
     }
 
-    /// Sends one wedge uevent per device, each in its node's network namespace, with a
-    /// SEQNUM as the kernel would.
+    /// Sends one wedge uevent per device, each in its node's network namespace (the kernel
+    /// adds the SEQNUM that names the wedge).
     async fn inject(&mut self, devices: &[(String, String)]) -> anyhow::Result<Vec<Injection>> {
         let mut jobs = vec![];
         let mut out = vec![];
         for (node, bdf) in devices {
             let sim = self.sc.fleet.sim(node);
             let g = sim.sysfs.gpu(bdf).context("a device of the fleet")?;
-            self.seqnum += 1;
-            let seq = self.seqnum.to_string();
             jobs.push((
                 sim.netns.path(),
                 crate::inject::wedge_payload(
                     &g.card_devpath(),
                     &g.card_name(),
                     &["rebind", "bus-reset"],
-                    &[("SEQNUM", seq.as_str())],
+                    &[],
                 ),
             ));
             let full = unwedge_agent::reporter::wedge_name(node, bdf, 0);
