@@ -211,7 +211,8 @@ impl SimNode {
         self.extra_agent_args = args;
     }
 
-    fn write_boot_id(&mut self) -> std::io::Result<()> {
+    /// Writes a new boot id (what a host reboot does; the agent reads it when it starts).
+    pub fn write_boot_id(&mut self) -> std::io::Result<()> {
         self.boots += 1;
         let id = format!(
             "{:08x}-0000-4000-8000-{:012x}",

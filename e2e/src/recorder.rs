@@ -6,6 +6,9 @@
 //! 3. unwedge never uncordons a node it did not cordon (an uncordon of a node that carried no
 //!    `unwedge.io/cordoned-by` annotation just before is a violation).
 //!
+//! A watch that is cut (kube-apiserver restarted) relists; objects the relist no longer names
+//! were deleted meanwhile and are dropped then (no Delete event comes for them).
+//!
 //! It also remembers every approval ever written, so invariant 2 can be checked against the
 //! fake sysfs journal (see [`Recorder::check_journal`]).
 
@@ -58,6 +61,10 @@ struct State {
     timeline: Vec<(Duration, String)>,
     approvals: BTreeSet<SeenApproval>,
     ready: u8,
+    /// Names listed by the (re)list in progress, per watch: what a relist does not name was
+    /// deleted while the watch was down (kube-apiserver restarted), with no Delete event.
+    relisted_wedges: BTreeSet<String>,
+    relisted_nodes: BTreeSet<String>,
 }
 
 fn phase_of(w: &GpuWedge) -> Phase {
@@ -216,6 +223,36 @@ impl State {
         self.check_budget(t, &format!("wedge {name} changed"));
     }
 
+    /// After a relist: forgets the wedges it did not name (deleted while the watch was down).
+    fn drop_unlisted_wedges(&mut self, t: Duration) {
+        let gone: Vec<String> = self
+            .wedges
+            .keys()
+            .filter(|n| !self.relisted_wedges.contains(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.timeline
+                .push((t, format!("wedge {name} deleted (seen by a relist)")));
+            self.wedges.remove(&name);
+        }
+    }
+
+    /// After a relist: forgets the nodes it did not name (deleted while the watch was down).
+    fn drop_unlisted_nodes(&mut self, t: Duration) {
+        let gone: Vec<String> = self
+            .nodes
+            .keys()
+            .filter(|n| !self.relisted_nodes.contains(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.timeline
+                .push((t, format!("node {name} deleted (seen by a relist)")));
+            self.nodes.remove(&name);
+        }
+    }
+
     fn on_node(&mut self, t: Duration, n: Node) {
         let name = n.metadata.name.clone().unwrap_or_default();
         let v = NodeView {
@@ -290,7 +327,10 @@ impl Recorder {
                 let t = started.elapsed();
                 let mut s = s1.lock().unwrap_or_else(|e| e.into_inner());
                 match ev {
-                    Ok(watcher::Event::Apply(w)) | Ok(watcher::Event::InitApply(w)) => {
+                    Ok(watcher::Event::Apply(w)) => s.on_wedge(t, w),
+                    Ok(watcher::Event::InitApply(w)) => {
+                        s.relisted_wedges
+                            .insert(w.metadata.name.clone().unwrap_or_default());
                         s.on_wedge(t, w)
                     }
                     Ok(watcher::Event::Delete(w)) => {
@@ -298,8 +338,11 @@ impl Recorder {
                         s.timeline.push((t, format!("wedge {name} deleted")));
                         s.wedges.remove(&name);
                     }
-                    Ok(watcher::Event::InitDone) => s.ready += 1,
-                    Ok(watcher::Event::Init) => {}
+                    Ok(watcher::Event::InitDone) => {
+                        s.ready += 1;
+                        s.drop_unlisted_wedges(t);
+                    }
+                    Ok(watcher::Event::Init) => s.relisted_wedges.clear(),
                     Err(e) => s
                         .timeline
                         .push((t, format!("(recorder: wedge watch error: {e})"))),
@@ -317,14 +360,20 @@ impl Recorder {
                 let t = started.elapsed();
                 let mut s = s2.lock().unwrap_or_else(|e| e.into_inner());
                 match ev {
-                    Ok(watcher::Event::Apply(n)) | Ok(watcher::Event::InitApply(n)) => {
+                    Ok(watcher::Event::Apply(n)) => s.on_node(t, n),
+                    Ok(watcher::Event::InitApply(n)) => {
+                        s.relisted_nodes
+                            .insert(n.metadata.name.clone().unwrap_or_default());
                         s.on_node(t, n)
                     }
                     Ok(watcher::Event::Delete(n)) => {
                         s.nodes.remove(&n.metadata.name.clone().unwrap_or_default());
                     }
-                    Ok(watcher::Event::InitDone) => s.ready += 1,
-                    Ok(watcher::Event::Init) => {}
+                    Ok(watcher::Event::InitDone) => {
+                        s.ready += 1;
+                        s.drop_unlisted_nodes(t);
+                    }
+                    Ok(watcher::Event::Init) => s.relisted_nodes.clear(),
                     Err(e) => s
                         .timeline
                         .push((t, format!("(recorder: node watch error: {e})"))),

@@ -26,7 +26,7 @@
 //! "Settled" allows the operator's 10 s ledger repair: the stranded checks are polled until
 //! clean or [`Options::settle`] elapsed, and what remains is counted.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -137,6 +137,7 @@ struct Tally {
     kills_apiserver: usize,
     deletions: usize,
     relabels: usize,
+    reboots: usize,
     lost: Vec<String>,
     stranded_cordons: Vec<String>,
     stranded_places: Vec<String>,
@@ -154,6 +155,8 @@ struct Soak<'a> {
     deleted_wedges: BTreeSet<String>,
     /// Devices whose last wedge never resolved: a new uevent would join that open incident.
     open_devices: BTreeSet<(String, String)>,
+    /// Reboot requests already served, per node.
+    reboots_served: BTreeMap<String, usize>,
     tally: Tally,
 }
 
@@ -190,6 +193,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         dead_nodes: BTreeSet::new(),
         deleted_wedges: BTreeSet::new(),
         open_devices: BTreeSet::new(),
+        reboots_served: BTreeMap::new(),
         tally: Tally::default(),
     };
     for s in 0..opts.storms {
@@ -261,12 +265,13 @@ impl Soak<'_> {
             if Instant::now() > deadline {
                 break;
             }
+            self.serve_reboots(&injections, t0).await?;
             tokio::time::timeout(ACTION_TIMEOUT, self.act(action, &injections, t0))
                 .await
                 .with_context(|| format!("{action:?} took more than {ACTION_TIMEOUT:?}"))?
                 .with_context(|| format!("chaos action {action:?}"))?;
         }
-        self.wait_resolved(&injections, t0, deadline).await;
+        self.wait_resolved(&injections, t0, deadline).await?;
         let lost = self.unresolved(&injections, t0);
         for i in &lost {
             let seen = self.wedge_of(i, t0);
@@ -559,10 +564,45 @@ impl Soak<'_> {
             .collect()
     }
 
-    async fn wait_resolved(&self, injections: &[Injection], t0: Instant, deadline: Instant) {
+    /// Waits until every wedge of the storm resolved or the deadline, serving reboots.
+    async fn wait_resolved(
+        &mut self,
+        injections: &[Injection],
+        t0: Instant,
+        deadline: Instant,
+    ) -> anyhow::Result<()> {
         while Instant::now() < deadline && !self.unresolved(injections, t0).is_empty() {
+            self.serve_reboots(injections, t0).await?;
             super::sleep(Duration::from_millis(250)).await;
         }
+        Ok(())
+    }
+
+    /// Reboots the hosts whose agent asked for it (the harness's reboot command only records
+    /// the request): a new boot id for each, then the pool restarts, as those hosts come back
+    /// (the other pooled agents restart with them; these restarts are not counted as kills).
+    async fn serve_reboots(&mut self, injections: &[Injection], t0: Instant) -> anyhow::Result<()> {
+        let due: Vec<(String, usize)> = self
+            .live_nodes()
+            .into_iter()
+            .map(|n| {
+                let asked = self.sc.fleet.sim(&n).reboot_requests();
+                (n, asked)
+            })
+            .filter(|(n, asked)| *asked > *self.reboots_served.get(n).unwrap_or(&0))
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        self.wait_committed(injections, t0).await?;
+        self.sc.fleet.kill_agent_pool();
+        for (name, asked) in due {
+            self.sc.fleet.node(&name).write_boot_id()?;
+            self.reboots_served.insert(name, asked);
+            self.tally.reboots += 1;
+        }
+        self.sc.fleet.start_agent_pool(&self.live_nodes())?;
+        self.wait_pool_ready().await
     }
 
     /// Polls the stranded cordons and ledger places until none is left or the settle window
@@ -635,6 +675,12 @@ impl Soak<'_> {
             "nodes",
             &format!("moved between policies chaos and {OTHER_POLICY}"),
         );
+        rep.fig(
+            "host reboots",
+            n(t.reboots),
+            "reboots",
+            "requested by agents after failed attempts, simulated by the bench",
+        );
         rep.fig("lost wedges", n(t.lost.len()), "wedges", &first(&t.lost));
         rep.fig(
             "double actions",
@@ -661,6 +707,16 @@ impl Soak<'_> {
             "s",
             "control plane start to the last storm settled",
         );
+        let timeline = super::out_dir().join(format!(
+            "chaos{}-timeline.txt",
+            if self.opts.short { "-short" } else { "" }
+        ));
+        match std::fs::create_dir_all(super::out_dir())
+            .and_then(|()| std::fs::write(&timeline, self.sc.rec.timeline().join("\n")))
+        {
+            Ok(()) => rep.note(format!("recorder timeline: {}", timeline.display())),
+            Err(e) => rep.note(format!("cannot write {}: {e}", timeline.display())),
+        }
         if let Err(e) = self.sc.rec.check_invariants() {
             rep.note(format!(
                 "recorder invariants violated: {}",
