@@ -721,6 +721,52 @@ impl Fleet {
             .join("\n")
     }
 
+    /// Makes every agent pod object a DaemonSet pod, as it is in a real cluster, so drains
+    /// (the reboot rung's) leave it alone: evicting it would revoke the agent's pod-bound token.
+    /// The owner is a real DaemonSet (the garbage collector deletes pods whose owner is gone)
+    /// whose selector and node selector match nothing, so its controller neither adopts nor
+    /// creates pods.
+    pub async fn own_agent_pods_by_daemonset(&self) -> anyhow::Result<()> {
+        use k8s_openapi::api::apps::v1::DaemonSet;
+        let dss: Api<DaemonSet> = Api::namespaced(self.client.clone(), SYSTEM_NS);
+        let ds: DaemonSet = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "unwedge-agent"},
+            "spec": {
+                "selector": {"matchLabels": {"e2e.unwedge.io/daemonset": "unwedge-agent"}},
+                "template": {
+                    "metadata": {"labels": {"e2e.unwedge.io/daemonset": "unwedge-agent"}},
+                    "spec": {
+                        "nodeSelector": {"e2e.unwedge.io/no-such-node": "true"},
+                        "containers": [{"name": "agent", "image": "unwedge-agent:e2e"}]
+                    }
+                }
+            }
+        }))?;
+        let ds = match dss.get_opt("unwedge-agent").await? {
+            Some(d) => d,
+            None => dss
+                .create(&PostParams::default(), &ds)
+                .await
+                .context("create the DaemonSet owning the agent pods")?,
+        };
+        let uid = ds.metadata.uid.context("the DaemonSet has no uid")?;
+        let owner = serde_json::json!({"metadata": {"ownerReferences": [{
+            "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "unwedge-agent", "uid": uid
+        }]}});
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), SYSTEM_NS);
+        for node in self.nodes.keys() {
+            let name = format!("unwedge-agent-{node}");
+            pods.patch(
+                &name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&owner),
+            )
+            .await
+            .with_context(|| format!("make {name} a DaemonSet pod"))?;
+        }
+        Ok(())
+    }
+
     /// The fleet's working directory (kept, with the logs, when `UNWEDGE_KEEP_LOGS` is set).
     pub fn dir(&self) -> &Path {
         self.dir.path()

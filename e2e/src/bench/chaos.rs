@@ -180,6 +180,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let sc = Scenario::new_pooled(&cp, &bins, "chaos", specs, opts.budget, policy, 2)
         .await
         .context("set up the chaos fleet")?;
+    sc.fleet.own_agent_pods_by_daemonset().await?;
     create_other_policy(&client, opts.budget).await?;
     sc.rec.add_budget(OTHER_POLICY, opts.budget);
     let tracker = Tracker::start(client.clone()).await?;
