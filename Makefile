@@ -61,6 +61,7 @@ test-e2e: binaries bins
 # The benchmarks in their short mode: proves they still run and still assert the invariants.
 test-bench: binaries bins
 	$(CARGO) run -q -p e2e --bin bench -- storm --short
+	$(CARGO) run -q -p e2e --bin bench -- chaos --short
 
 # The FROM-scratch images (static musl builds); starts dockerd when it is not running.
 images:

@@ -451,6 +451,14 @@ impl ControlPlane {
         }
     }
 
+    /// Kills kube-apiserver with SIGKILL (a crash: no graceful shutdown, watches cut); etcd and
+    /// the rest keep running. [`ControlPlane::start_apiserver`] brings it back.
+    pub fn kill_apiserver(&mut self) {
+        if let Some(mut p) = self.procs[APISERVER].take() {
+            p.kill_now();
+        }
+    }
+
     /// Stops and starts kube-apiserver; returns when it is ready again.
     pub async fn restart_apiserver(&mut self) -> anyhow::Result<()> {
         self.stop_apiserver().await;

@@ -211,7 +211,8 @@ impl SimNode {
         self.extra_agent_args = args;
     }
 
-    fn write_boot_id(&mut self) -> std::io::Result<()> {
+    /// Writes a new boot id (what a host reboot does; the agent reads it when it starts).
+    pub fn write_boot_id(&mut self) -> std::io::Result<()> {
         self.boots += 1;
         let id = format!(
             "{:08x}-0000-4000-8000-{:012x}",
@@ -609,6 +610,14 @@ impl Fleet {
         Ok(())
     }
 
+    /// Kills the agent pool process with SIGKILL (every pooled agent crashes at once); start
+    /// it again with [`Fleet::start_agent_pool`].
+    pub fn kill_agent_pool(&mut self) {
+        if let Some(mut p) = self.pool.take() {
+            p.kill_now();
+        }
+    }
+
     /// The agent pool's pid, while it runs.
     pub fn pool_pid(&mut self) -> Option<u32> {
         let p = self.pool.as_mut()?;
@@ -628,29 +637,58 @@ impl Fleet {
     /// ServiceAccount's token.
     pub async fn start_operators(&mut self, cp: &ControlPlane, n: usize) -> anyhow::Result<()> {
         let token = cp.create_token(SYSTEM_NS, OPERATOR_SA, None).await?;
-        let kc = self.dir.path().join("operator.kubeconfig");
-        std::fs::write(&kc, kubeconfig(&self.server_url, &self.ca_pem, &token))?;
-        for i in 0..n {
-            let port = free_port()?;
-            let args: Vec<String> = vec![
-                format!("KUBECONFIG={}", kc.display()),
-                "RUST_LOG=info,unwedge_operator=debug".into(),
-                "POD_NAMESPACE=unwedge-system".into(),
-                self.bins.operator.display().to_string(),
-                "--metrics-addr".into(),
-                format!("127.0.0.1:{port}"),
-                "--leader-elect=true".into(),
-                "--lease-namespace".into(),
-                SYSTEM_NS.into(),
-                "--identity".into(),
-                format!("operator-{i}"),
-                format!("--dra={}", self.operator_dra),
-            ];
-            let log = self.dir.path().join(format!("operator-{i}.log"));
-            let p = Proc::spawn(&format!("operator-{i}"), Path::new("env"), &args, &log)?;
+        std::fs::write(
+            self.operator_kubeconfig(),
+            kubeconfig(&self.server_url, &self.ca_pem, &token),
+        )?;
+        for _ in 0..n {
+            let p = self.spawn_operator(self.operators.len())?;
             self.operators.push(Some(p));
         }
         Ok(())
+    }
+
+    /// Starts operator replica `i` again (same identity, port chosen afresh, same log) after
+    /// [`Fleet::kill_operator`], as a kubelet restarts a crashed container; no-op while it runs.
+    pub fn restart_operator(&mut self, i: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            i < self.operators.len(),
+            "no operator replica {i}: start_operators started {}",
+            self.operators.len()
+        );
+        if self.operators[i].is_none() {
+            self.operators[i] = Some(self.spawn_operator(i)?);
+        }
+        Ok(())
+    }
+
+    fn operator_kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("operator.kubeconfig")
+    }
+
+    fn spawn_operator(&self, i: usize) -> anyhow::Result<Proc> {
+        let port = free_port()?;
+        let args: Vec<String> = vec![
+            format!("KUBECONFIG={}", self.operator_kubeconfig().display()),
+            "RUST_LOG=info,unwedge_operator=debug".into(),
+            "POD_NAMESPACE=unwedge-system".into(),
+            self.bins.operator.display().to_string(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{port}"),
+            "--leader-elect=true".into(),
+            "--lease-namespace".into(),
+            SYSTEM_NS.into(),
+            "--identity".into(),
+            format!("operator-{i}"),
+            format!("--dra={}", self.operator_dra),
+        ];
+        let log = self.dir.path().join(format!("operator-{i}.log"));
+        Ok(Proc::spawn(
+            &format!("operator-{i}"),
+            Path::new("env"),
+            &args,
+            &log,
+        )?)
     }
 
     /// The identity holding the operator's Lease now.
@@ -681,6 +719,52 @@ impl Fleet {
             })
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// Makes every agent pod object a DaemonSet pod, as it is in a real cluster, so drains
+    /// (the reboot rung's) leave it alone: evicting it would revoke the agent's pod-bound token.
+    /// The owner is a real DaemonSet (the garbage collector deletes pods whose owner is gone)
+    /// whose selector and node selector match nothing, so its controller neither adopts nor
+    /// creates pods.
+    pub async fn own_agent_pods_by_daemonset(&self) -> anyhow::Result<()> {
+        use k8s_openapi::api::apps::v1::DaemonSet;
+        let dss: Api<DaemonSet> = Api::namespaced(self.client.clone(), SYSTEM_NS);
+        let ds: DaemonSet = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "unwedge-agent"},
+            "spec": {
+                "selector": {"matchLabels": {"e2e.unwedge.io/daemonset": "unwedge-agent"}},
+                "template": {
+                    "metadata": {"labels": {"e2e.unwedge.io/daemonset": "unwedge-agent"}},
+                    "spec": {
+                        "nodeSelector": {"e2e.unwedge.io/no-such-node": "true"},
+                        "containers": [{"name": "agent", "image": "unwedge-agent:e2e"}]
+                    }
+                }
+            }
+        }))?;
+        let ds = match dss.get_opt("unwedge-agent").await? {
+            Some(d) => d,
+            None => dss
+                .create(&PostParams::default(), &ds)
+                .await
+                .context("create the DaemonSet owning the agent pods")?,
+        };
+        let uid = ds.metadata.uid.context("the DaemonSet has no uid")?;
+        let owner = serde_json::json!({"metadata": {"ownerReferences": [{
+            "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "unwedge-agent", "uid": uid
+        }]}});
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), SYSTEM_NS);
+        for node in self.nodes.keys() {
+            let name = format!("unwedge-agent-{node}");
+            pods.patch(
+                &name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&owner),
+            )
+            .await
+            .with_context(|| format!("make {name} a DaemonSet pod"))?;
+        }
+        Ok(())
     }
 
     /// The fleet's working directory (kept, with the logs, when `UNWEDGE_KEEP_LOGS` is set).

@@ -6,6 +6,11 @@
 //! 3. unwedge never uncordons a node it did not cordon (an uncordon of a node that carried no
 //!    `unwedge.io/cordoned-by` annotation just before is a violation).
 //!
+//! A watch that is cut (kube-apiserver restarted) relists; objects the relist no longer names
+//! were deleted meanwhile and are dropped then (no Delete event comes for them). Invariant 1
+//! is judged only while both watches are live (not between a watch error and the end of its
+//! relist), and again as soon as both are.
+//!
 //! It also remembers every approval ever written, so invariant 2 can be checked against the
 //! fake sysfs journal (see [`Recorder::check_journal`]).
 
@@ -58,6 +63,14 @@ struct State {
     timeline: Vec<(Duration, String)>,
     approvals: BTreeSet<SeenApproval>,
     ready: u8,
+    /// Names listed by the (re)list in progress, per watch: what a relist does not name was
+    /// deleted while the watch was down (kube-apiserver restarted), with no Delete event.
+    relisted_wedges: BTreeSet<String>,
+    relisted_nodes: BTreeSet<String>,
+    /// Whether each watch delivers a consistent, current view: false from a watch error or the
+    /// start of a relist until its relist is done (or its watch delivers again).
+    wedges_live: bool,
+    nodes_live: bool,
 }
 
 fn phase_of(w: &GpuWedge) -> Phase {
@@ -105,6 +118,11 @@ impl State {
     }
 
     fn check_budget(&mut self, t: Duration, cause: &str) {
+        // One watch cut (kube-apiserver restarted) while the other delivers would compare
+        // current nodes with stale wedges (or the reverse): judged again once both are live.
+        if !(self.wedges_live && self.nodes_live) {
+            return;
+        }
         for (policy, nodes) in self.under_recovery() {
             let n = nodes.len();
             if n > *self.peak.get(&policy).unwrap_or(&0) {
@@ -216,6 +234,36 @@ impl State {
         self.check_budget(t, &format!("wedge {name} changed"));
     }
 
+    /// After a relist: forgets the wedges it did not name (deleted while the watch was down).
+    fn drop_unlisted_wedges(&mut self, t: Duration) {
+        let gone: Vec<String> = self
+            .wedges
+            .keys()
+            .filter(|n| !self.relisted_wedges.contains(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.timeline
+                .push((t, format!("wedge {name} deleted (seen by a relist)")));
+            self.wedges.remove(&name);
+        }
+    }
+
+    /// After a relist: forgets the nodes it did not name (deleted while the watch was down).
+    fn drop_unlisted_nodes(&mut self, t: Duration) {
+        let gone: Vec<String> = self
+            .nodes
+            .keys()
+            .filter(|n| !self.relisted_nodes.contains(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.timeline
+                .push((t, format!("node {name} deleted (seen by a relist)")));
+            self.nodes.remove(&name);
+        }
+    }
+
     fn on_node(&mut self, t: Duration, n: Node) {
         let name = n.metadata.name.clone().unwrap_or_default();
         let v = NodeView {
@@ -290,19 +338,37 @@ impl Recorder {
                 let t = started.elapsed();
                 let mut s = s1.lock().unwrap_or_else(|e| e.into_inner());
                 match ev {
-                    Ok(watcher::Event::Apply(w)) | Ok(watcher::Event::InitApply(w)) => {
+                    Ok(watcher::Event::Apply(w)) => {
+                        s.wedges_live = true;
+                        s.on_wedge(t, w)
+                    }
+                    Ok(watcher::Event::InitApply(w)) => {
+                        s.relisted_wedges
+                            .insert(w.metadata.name.clone().unwrap_or_default());
                         s.on_wedge(t, w)
                     }
                     Ok(watcher::Event::Delete(w)) => {
                         let name = w.metadata.name.clone().unwrap_or_default();
                         s.timeline.push((t, format!("wedge {name} deleted")));
                         s.wedges.remove(&name);
+                        s.wedges_live = true;
+                        s.check_budget(t, &format!("wedge {name} deleted"));
                     }
-                    Ok(watcher::Event::InitDone) => s.ready += 1,
-                    Ok(watcher::Event::Init) => {}
-                    Err(e) => s
-                        .timeline
-                        .push((t, format!("(recorder: wedge watch error: {e})"))),
+                    Ok(watcher::Event::InitDone) => {
+                        s.ready += 1;
+                        s.drop_unlisted_wedges(t);
+                        s.wedges_live = true;
+                        s.check_budget(t, "the wedge watch listed");
+                    }
+                    Ok(watcher::Event::Init) => {
+                        s.relisted_wedges.clear();
+                        s.wedges_live = false;
+                    }
+                    Err(e) => {
+                        s.wedges_live = false;
+                        s.timeline
+                            .push((t, format!("(recorder: wedge watch error: {e})")))
+                    }
                 }
                 drop(s);
                 c1.notify_waiters();
@@ -317,17 +383,36 @@ impl Recorder {
                 let t = started.elapsed();
                 let mut s = s2.lock().unwrap_or_else(|e| e.into_inner());
                 match ev {
-                    Ok(watcher::Event::Apply(n)) | Ok(watcher::Event::InitApply(n)) => {
+                    Ok(watcher::Event::Apply(n)) => {
+                        s.nodes_live = true;
+                        s.on_node(t, n)
+                    }
+                    Ok(watcher::Event::InitApply(n)) => {
+                        s.relisted_nodes
+                            .insert(n.metadata.name.clone().unwrap_or_default());
                         s.on_node(t, n)
                     }
                     Ok(watcher::Event::Delete(n)) => {
-                        s.nodes.remove(&n.metadata.name.clone().unwrap_or_default());
+                        let name = n.metadata.name.clone().unwrap_or_default();
+                        s.nodes.remove(&name);
+                        s.nodes_live = true;
+                        s.check_budget(t, &format!("node {name} deleted"));
                     }
-                    Ok(watcher::Event::InitDone) => s.ready += 1,
-                    Ok(watcher::Event::Init) => {}
-                    Err(e) => s
-                        .timeline
-                        .push((t, format!("(recorder: node watch error: {e})"))),
+                    Ok(watcher::Event::InitDone) => {
+                        s.ready += 1;
+                        s.drop_unlisted_nodes(t);
+                        s.nodes_live = true;
+                        s.check_budget(t, "the node watch listed");
+                    }
+                    Ok(watcher::Event::Init) => {
+                        s.relisted_nodes.clear();
+                        s.nodes_live = false;
+                    }
+                    Err(e) => {
+                        s.nodes_live = false;
+                        s.timeline
+                            .push((t, format!("(recorder: node watch error: {e})")))
+                    }
                 }
                 drop(s);
                 c2.notify_waiters();
@@ -347,6 +432,15 @@ impl Recorder {
         .await
         .map_err(anyhow::Error::msg)?;
         Ok(r)
+    }
+
+    /// Checks invariant 1 for one more policy (created after the recorder started) from now on.
+    pub fn add_budget(&self, policy: &str, max_unavailable: usize) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .budgets
+            .insert(policy.to_string(), max_unavailable);
     }
 
     async fn wait_until<F: Fn(&State) -> bool>(

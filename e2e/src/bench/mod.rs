@@ -6,6 +6,7 @@
 //! machine is shared). Short mode (`--short`, for CI) uses small sizes and still asserts the
 //! invariants.
 
+pub mod chaos;
 pub mod dra;
 pub mod drain;
 pub mod footprint;

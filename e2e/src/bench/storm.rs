@@ -46,6 +46,8 @@ pub struct Options {
 pub struct WedgeTrack {
     /// Node name.
     pub node: String,
+    /// The device's PCI address.
+    pub device: String,
     /// When this process first saw it.
     pub first_seen: Instant,
     /// Last phase seen.
@@ -56,6 +58,8 @@ pub struct WedgeTrack {
     pub recovered_at: Option<Instant>,
     /// Whether it holds a node-level place in the budget now.
     pub holds: bool,
+    /// Whether it was ever seen in a terminal phase (Recovered or Abandoned).
+    pub ended: bool,
 }
 
 #[derive(Default)]
@@ -129,11 +133,13 @@ impl Tracker {
                         let holds = holds_node(&w);
                         let e = s.wedges.entry(name).or_insert(WedgeTrack {
                             node: w.spec.node_name.clone(),
+                            device: w.spec.device.pci_address.clone(),
                             first_seen: t,
                             phase: Phase::Detected,
                             recovered_entries: 0,
                             recovered_at: None,
                             holds: false,
+                            ended: false,
                         });
                         if phase == Phase::Recovered && e.phase != Phase::Recovered {
                             e.recovered_entries += 1;
@@ -141,6 +147,7 @@ impl Tracker {
                         }
                         e.phase = phase;
                         e.holds = holds;
+                        e.ended |= phase.is_terminal();
                         s.push_series(t);
                     }
                     Ok(watcher::Event::Delete(w)) => {
@@ -257,6 +264,15 @@ impl Tracker {
             .filter(|(_, w)| w.first_seen >= since)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+
+    /// Every wedge seen so far (deleted ones included, with their last phase), by name.
+    pub fn wedges(&self) -> BTreeMap<String, WedgeTrack> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .wedges
+            .clone()
     }
 
     /// Cordon times (by unwedge) at or after `since`.

@@ -64,12 +64,45 @@ enum Scenario {
         #[arg(long)]
         window: Option<u64>,
     },
+    /// Storms of wedges while SIGKILLs hit the operator leader, the agents and kube-apiserver,
+    /// and wedges and nodes are deleted and relabelled (issue 22).
+    Chaos {
+        /// Storms (default 20; --short: 3).
+        #[arg(long)]
+        storms: Option<usize>,
+        /// Wedges per storm (default 100; --short: 12).
+        #[arg(long)]
+        wedges: Option<usize>,
+        /// kwok nodes (default 30; --short: 6).
+        #[arg(long)]
+        nodes: Option<usize>,
+        /// GPUs per node (default 4; --short: 3).
+        #[arg(long)]
+        gpus: Option<u32>,
+        /// maxUnavailable of each policy (default 10; --short: 3).
+        #[arg(long)]
+        budget: Option<usize>,
+        /// Kills of each process kind the run must reach (default 50; --short: 5).
+        #[arg(long)]
+        min_kills: Option<usize>,
+        /// RNG seed (default: from the clock; printed either way).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Device-scoped drain vs kubectl drain of one node.
     Drain {
         /// Pods on the node (default 100; --short: 20).
         #[arg(long)]
         pods: Option<usize>,
     },
+}
+
+/// A seed from the clock, for runs that do not name one.
+fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
 }
 
 #[tokio::main]
@@ -105,6 +138,29 @@ async fn main() -> ExitCode {
                 watch_nodes: pick_n(watch_nodes, 10_000, 0),
                 short,
                 plot,
+            })
+            .await
+        }
+        Scenario::Chaos {
+            storms,
+            wedges,
+            nodes,
+            gpus,
+            budget,
+            min_kills,
+            seed,
+        } => {
+            bench::chaos::run(bench::chaos::Options {
+                storms: pick_n(storms, 20, 3),
+                wedges: pick_n(wedges, 100, 12),
+                nodes: pick_n(nodes, 30, 6),
+                gpus: gpus.unwrap_or(if short { 3 } else { 4 }),
+                budget: pick_n(budget, 10, 3),
+                min_kills: pick_n(min_kills, 50, 5),
+                seed: seed.unwrap_or_else(clock_seed),
+                settle: Duration::from_secs(30),
+                storm_timeout: Duration::from_secs(pick(None, 300, 120)),
+                short,
             })
             .await
         }
