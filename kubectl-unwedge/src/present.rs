@@ -740,6 +740,7 @@ mod tests {
                 allowed_methods: None,
                 escalation: None,
                 approval: Default::default(),
+                reboot_approval: None,
                 drain: Default::default(),
                 none: Default::default(),
                 verify_timeout: None,
