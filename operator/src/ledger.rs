@@ -305,12 +305,12 @@ pub async fn release(
     .map(|_| ())
 }
 
-/// Drops ledger entries whose wedge is gone or finished (on start and after a leader change).
-/// `open` tells whether a wedge, read fresh, is still open.
+/// Drops the ledger entries whose wedge `keep` rejects (the callers pass "still exists"), by
+/// compare-and-swap; returns the wedges dropped.
 pub async fn repair<F>(
     api: &Api<RecoveryPolicy>,
     policy: &str,
-    open: F,
+    keep: F,
 ) -> Result<Vec<String>, LedgerError>
 where
     F: Fn(&str) -> bool,
@@ -319,7 +319,7 @@ where
     let r: Result<_, std::convert::Infallible> = update(api, policy, |_, st| {
         dropped.clear();
         let before = st.admitted.clone();
-        st.admitted.retain(|a| open(&a.wedge));
+        st.admitted.retain(|a| keep(&a.wedge));
         dropped.extend(
             before
                 .iter()

@@ -76,8 +76,7 @@ pub struct Metrics {
     /// unwedge_deleted_wedges_released_total: GpuWedges deleted while the operator held
     /// something for them, whose places (ledger, cordon, DeviceTaintRule) it released.
     pub deleted_released: Counter,
-    /// unwedge_ledger_repairs_total: ledger entries dropped because their wedge was gone or
-    /// finished.
+    /// unwedge_ledger_repairs_total: ledger entries dropped because their wedge was gone.
     pub ledger_repairs: Counter,
     registry: Registry,
     ready: AtomicBool,
@@ -183,7 +182,7 @@ impl Metrics {
         );
         registry.register(
             "unwedge_ledger_repairs",
-            "Ledger entries dropped because their wedge was gone or finished",
+            "Ledger entries dropped because their wedge was gone",
             m.ledger_repairs.clone(),
         );
         m.preinitialise();

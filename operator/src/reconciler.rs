@@ -33,7 +33,6 @@ use crate::decide::{
 };
 use crate::dra;
 use crate::drain;
-
 use crate::ledger;
 use crate::metrics::{self, Metrics};
 use crate::policy_match::{self, Governing};
@@ -699,7 +698,9 @@ async fn perform(
         Step::Admit { candidate, reclaim } => {
             ctx.ensure_leader()?;
             // The finalizer first: a place is never held by a wedge that can vanish unnoticed.
-            finalize::ensure(ctx, written.as_ref().unwrap_or(w)).await?;
+            if let Some(patched) = finalize::ensure(ctx, written.as_ref().unwrap_or(w)).await? {
+                written = Some(patched);
+            }
             let (limits, ahead) = match &input.policy {
                 Governance::Policy(p) => (p.limits, p.waiting_ahead.clone()),
                 _ => return Ok(soon),
@@ -1082,59 +1083,51 @@ fn error_policy(w: Arc<GpuWedge>, e: &Error, _ctx: Arc<Ctx>) -> Action {
     }
 }
 
-/// Drops ledger entries of wedges that are gone or finished, read fresh from the API.
+/// Drops ledger entries of wedges that are gone, read fresh from the API (at every leadership change).
 pub async fn repair_ledgers(client: &Client) -> Result<(), Error> {
     let wedges: Api<GpuWedge> = Api::all(client.clone());
-    let open_set: std::collections::BTreeSet<String> = wedges
+    // Only wedges that are gone: a finished wedge still holding its place releases it itself
+    // (every wedge is reconciled after a leadership change), and only once its node's cordon
+    // is lifted, so the node is never cordoned without a place counting it.
+    let existing: std::collections::BTreeSet<String> = wedges
         .list(&ListParams::default())
         .await?
         .items
         .iter()
-        .filter(|w| open(w))
         .map(|w| w.name_any())
         .collect();
     let policies: Api<RecoveryPolicy> = Api::all(client.clone());
     for p in policies.list(&ListParams::default()).await?.items {
-        let dropped = ledger::repair(&policies, &p.name_any(), |w| open_set.contains(w)).await?;
+        let dropped = ledger::repair(&policies, &p.name_any(), |w| existing.contains(w)).await?;
         if !dropped.is_empty() {
-            tracing::info!(policy = %p.name_any(), ?dropped, "ledger repaired: dropped finished or deleted wedges");
+            tracing::info!(policy = %p.name_any(), ?dropped, "ledger repaired: dropped places of wedges that are gone");
         }
     }
     Ok(())
 }
 
-/// Drops ledger entries whose wedge the cache shows gone or finished, each confirmed by a fresh
+/// Drops ledger entries whose wedge is gone — missing from the cache and confirmed by a fresh
 /// read (the cache may lag): runs with every refresh, so a place held by a wedge that vanished
 /// without its finalizer (removed by hand, or a wedge from before the finalizer existed) is
-/// given back within one refresh period, not only at the next leader change.
+/// given back within one refresh period, not only at the next leader change. A finished wedge's
+/// place is left to its own Release step, which keeps it until the node's cordon is lifted.
 pub async fn repair_from_store(ctx: &Ctx) -> Result<(), Error> {
     if !*ctx.leader.borrow() {
         return Ok(());
     }
-    let open_now: std::collections::BTreeSet<String> = ctx
-        .wedges
-        .state()
-        .iter()
-        .filter(|w| open(w))
-        .map(|w| w.name_any())
-        .collect();
+    let known: std::collections::BTreeSet<String> =
+        ctx.wedges.state().iter().map(|w| w.name_any()).collect();
     for p in ctx.policies.state() {
         let stale: Vec<String> = p
             .status
             .iter()
             .flat_map(|s| s.admitted.iter())
-            .filter(|a| !open_now.contains(&a.wedge))
+            .filter(|a| !known.contains(&a.wedge))
             .map(|a| a.wedge.clone())
             .collect();
         let mut gone = std::collections::BTreeSet::new();
         for w in stale {
-            if !ctx
-                .wedge_api()
-                .get_opt(&w)
-                .await?
-                .as_ref()
-                .is_some_and(open)
-            {
+            if ctx.wedge_api().get_opt(&w).await?.is_none() {
                 gone.insert(w);
             }
         }
@@ -1146,7 +1139,7 @@ pub async fn repair_from_store(ctx: &Ctx) -> Result<(), Error> {
             ledger::repair(&ctx.policy_api(), &p.name_any(), |w| !gone.contains(w)).await?;
         if !dropped.is_empty() {
             ctx.metrics.ledger_repairs.inc_by(dropped.len() as u64);
-            tracing::info!(policy = %p.name_any(), ?dropped, "ledger repaired: dropped finished or deleted wedges");
+            tracing::info!(policy = %p.name_any(), ?dropped, "ledger repaired: dropped places of wedges that are gone");
         }
     }
     Ok(())

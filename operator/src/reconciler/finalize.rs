@@ -52,10 +52,11 @@ fn remove_patch(w: &GpuWedge) -> Option<json_patch::Patch> {
     Some(serde_json::from_value(ops).expect("a well-formed JSON patch"))
 }
 
-/// Puts the finalizer on `w` (a no-op when it is there).
-pub(super) async fn ensure(ctx: &Ctx, w: &GpuWedge) -> Result<(), Error> {
+/// Puts the finalizer on `w`; returns the wedge as stored after the patch (`None` when the
+/// finalizer was there already), so later writes guarded by its resourceVersion do not conflict.
+pub(super) async fn ensure(ctx: &Ctx, w: &GpuWedge) -> Result<Option<GpuWedge>, Error> {
     if held(w) {
-        return Ok(());
+        return Ok(None);
     }
     ctx.ensure_leader()?;
     let p: Patch<()> = Patch::Json(add_patch(w));
@@ -64,7 +65,7 @@ pub(super) async fn ensure(ctx: &Ctx, w: &GpuWedge) -> Result<(), Error> {
         .patch(&w.name_any(), &PatchParams::default(), &p)
         .await
     {
-        Ok(_) => Ok(()),
+        Ok(patched) => Ok(Some(patched)),
         // The list changed under us (422 from the failed test): decide again on a fresh read.
         Err(kube::Error::Api(s)) if s.code == 422 || s.is_conflict() => Err(Error::StatusConflict),
         Err(e) => Err(e.into()),
