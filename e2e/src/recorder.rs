@@ -34,6 +34,9 @@ use crate::fakesysfs::FakeSysfs;
 pub struct SeenApproval {
     /// The GpuWedge.
     pub wedge: String,
+    /// Its uid: a wedge deleted and created again under the same name (the agent replaying a
+    /// detection whose object a person deleted) is another incident, with attempts of its own.
+    pub uid: String,
     /// Its node.
     pub node: String,
     /// Its device (PCI address).
@@ -186,6 +189,7 @@ impl State {
             ));
             self.approvals.insert(SeenApproval {
                 wedge: name.clone(),
+                uid: w.metadata.uid.clone().unwrap_or_default(),
                 node: w.spec.node_name.clone(),
                 device: w.spec.device.pci_address.clone(),
                 attempt: a.attempt,
@@ -602,7 +606,7 @@ impl Recorder {
             let mine: BTreeSet<(String, u32, String)> = approvals
                 .iter()
                 .filter(|a| a.node == node && a.device == g.bdf)
-                .map(|a| (a.wedge.clone(), a.attempt, a.method.clone()))
+                .map(|a| (a.uid.clone(), a.attempt, a.method.clone()))
                 .collect();
             let n = |m: &str| mine.iter().filter(|(_, _, mm)| mm == m).count();
             let (rebind, bus) = (n("rebind"), n("bus-reset"));

@@ -7,8 +7,8 @@
 //! no cordon, no ledger place — that nothing the agent did not detect is written, plus
 //! invariants 1–3.
 //!
-//! Needs root. `UNWEDGE_SCENARIOS=deleted,nodegone,relabel,forged,nodriver,dryrun,queue` runs a
-//! subset.
+//! Needs root. `UNWEDGE_SCENARIOS=deleted,nodegone,relabel,forged,nodriver,dryrun,queue,brkclock`
+//! runs a subset.
 
 use std::time::Duration;
 
@@ -613,6 +613,80 @@ async fn queue_order(cp: &ControlPlane, bins: &Bins) -> Outcome {
     sc.check_invariants()
 }
 
+/// The policy's circuit breaker state, read fresh: (tripped, CircuitBreakerTripped condition).
+async fn breaker_tripped(sc: &Scenario) -> Result<bool, String> {
+    let p = Api::<RecoveryPolicy>::all(sc.fleet.client())
+        .get(&sc.name)
+        .await
+        .map_err(sc.ctx("get policy"))?;
+    Ok(p.status
+        .and_then(|s| s.circuit_breaker_tripped_at)
+        .is_some())
+}
+
+/// The breaker counts wedges by the API server's clock: three hand-made wedges dated 20 s in
+/// the future trip it at once (they arrived now), and once a human resumes, the same wedges
+/// never trip it again — not even when the time they claim comes (with agent-written dates they
+/// would, after every resume). A real wedge on a fourth node then recovers.
+async fn breaker_clock(cp: &ControlPlane, bins: &Bins) -> Outcome {
+    let nodes = ["brkclock-a", "brkclock-b", "brkclock-c", "brkclock-d"];
+    let sc = Scenario::new(
+        cp,
+        bins,
+        "brkclock",
+        nodes.iter().map(|n| NodeSpec::new(n, 1, "xe")).collect(),
+        4,
+        json!({"circuitBreaker": {"count": 2, "window": "1h"}}),
+        2,
+    )
+    .await
+    .map_err(|x| format!("scenario brkclock: setup: {x:#}"))?;
+    let future = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(20);
+    for (i, n) in nodes.iter().take(3).enumerate() {
+        let g = sc.fleet.sim(n).sysfs.gpus()[0].clone();
+        let dev = DeviceRef {
+            pci_address: g.bdf.clone(),
+            card: Some(g.card_name()),
+            driver: "xe".into(),
+            ..DeviceRef::default()
+        };
+        hand_made(&sc, n, dev, future, 910 + i as u64).await?;
+    }
+    eventually(
+        &sc,
+        "the breaker tripped by three wedges that arrived now",
+        || async { Ok((!breaker_tripped(&sc).await?).then(|| "not tripped".to_string())) },
+    )
+    .await?;
+    Api::<RecoveryPolicy>::all(sc.fleet.client())
+        .patch(
+            &sc.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"unwedge.io/resume": "checked"}}})),
+        )
+        .await
+        .map_err(sc.ctx("resume"))?;
+    eventually(&sc, "the breaker resumed", || async {
+        Ok(breaker_tripped(&sc)
+            .await?
+            .then(|| "still tripped".to_string()))
+    })
+    .await?;
+    // Past the time the hand-made wedges claim, plus a refresh.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    if breaker_tripped(&sc).await? {
+        return Err(
+            sc.fail("the breaker tripped again after the resume, from wedges dated in the future")
+        );
+    }
+    let d = nodes[3];
+    let gd = sc.fleet.sim(d).sysfs.gpus()[0].bdf.clone();
+    sc.inject(bins, d, &gd, "rebind,bus-reset").await?;
+    sc.wait_phase(d, Phase::Recovered).await?;
+    sc.rebinds(d, &gd, 1)?;
+    sc.check_invariants()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ending_scenarios() {
     let (bins, cp) = binaries_and_plane().await;
@@ -650,6 +724,10 @@ async fn ending_scenarios() {
     if run.wants("queue") {
         let r = queue_order(&cp, &bins).await;
         run.record("queue order by the API server's clock, not detectedAt", r);
+    }
+    if run.wants("brkclock") {
+        let r = breaker_clock(&cp, &bins).await;
+        run.record("the breaker counts by the API server's clock", r);
     }
     run.finish();
 }

@@ -1367,11 +1367,13 @@ pub async fn run(
                     Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => {
                         let shape = wake::NodeShape::of(&n);
                         let name = n.name_any();
-                        (shapes.insert(name.clone(), shape.clone()) != Some(shape)).then_some(name)
+                        let holder = n.annotations().get(ANN_CORDONED_BY).cloned();
+                        (shapes.insert(name.clone(), shape.clone()) != Some(shape))
+                            .then_some((name, holder))
                     }
                     Ok(watcher::Event::Delete(n)) => {
                         shapes.remove(&n.name_any());
-                        Some(n.name_any())
+                        Some((n.name_any(), None))
                     }
                     Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
                     Err(e) => {
@@ -1379,8 +1381,16 @@ pub async fn run(
                         None
                     }
                 };
-                for w in changed.map(&by_node).unwrap_or_default() {
-                    let _ = tx.unbounded_send(w);
+                if let Some((node, holder)) = changed {
+                    for w in by_node(node) {
+                        let _ = tx.unbounded_send(w);
+                    }
+                    // The wedge the cordon names, open or not: a wedge that finished just as
+                    // the cordon was handed to it must lift (or hand on) the cordon now, not at
+                    // its next timer (the node's open wedges alone would not wake it).
+                    if let Some(h) = holder {
+                        let _ = tx.unbounded_send(ObjectRef::new(&h));
+                    }
                 }
                 std::future::ready(())
             }),

@@ -812,7 +812,7 @@ fn double_actions(sc: &Scenario) -> (usize, Vec<String>) {
             let mine: BTreeSet<(&str, u32, &str)> = approvals
                 .iter()
                 .filter(|a| &a.node == name && a.device == g.bdf)
-                .map(|a| (a.wedge.as_str(), a.attempt, a.method.as_str()))
+                .map(|a| (a.uid.as_str(), a.attempt, a.method.as_str()))
                 .collect();
             let bus = mine.iter().filter(|a| a.2 == "bus-reset").count();
             let any = bus + mine.iter().filter(|a| a.2 == "rebind").count();
