@@ -839,14 +839,11 @@ async fn perform(
             if fresh.annotations().get(ANN_CORDONED_BY) != Some(&name) {
                 return Ok(soon);
             }
-            let body = match &d.step {
-                Step::HandOverCordon { to } => {
-                    json!({"metadata": {"resourceVersion": fresh.resource_version(), "annotations": {ANN_CORDONED_BY: to}}})
-                }
-                _ => {
-                    json!({"metadata": {"resourceVersion": fresh.resource_version(), "annotations": {ANN_CORDONED_BY: null}}, "spec": {"unschedulable": false}})
-                }
+            let to = match &d.step {
+                Step::HandOverCordon { to } => Some(to.as_str()),
+                _ => None,
             };
+            let body = cordon_release_patch(fresh.resource_version(), to);
             match api
                 .patch(
                     &w.spec.node_name,
@@ -956,6 +953,20 @@ async fn perform(
                 tracing::info!(wedge = %name, rule = %dra::rule_name(&name), "quarantine lifted: DeviceTaintRule deleted");
             }
             Ok(soon)
+        }
+    }
+}
+
+/// The node patch that lets go of unwedge's cordon, guarded by the node's resourceVersion:
+/// hands it to the wedge `to` (the annotation names it, the node stays unschedulable), or lifts
+/// it (annotation removed, node schedulable).
+fn cordon_release_patch(resource_version: Option<String>, to: Option<&str>) -> serde_json::Value {
+    match to {
+        Some(to) => {
+            json!({"metadata": {"resourceVersion": resource_version, "annotations": {ANN_CORDONED_BY: to}}})
+        }
+        None => {
+            json!({"metadata": {"resourceVersion": resource_version, "annotations": {ANN_CORDONED_BY: null}}, "spec": {"unschedulable": false}})
         }
     }
 }

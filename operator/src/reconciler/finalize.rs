@@ -184,15 +184,11 @@ async fn release_cordon(ctx: &Ctx, w: &GpuWedge) -> Result<Option<String>, Error
         .collect();
     others.sort();
     let rv = node.resource_version();
-    let (body, said) = match others.first() {
-        Some(next) => (
-            json!({"metadata": {"resourceVersion": rv, "annotations": {ANN_CORDONED_BY: next}}}),
-            format!("the cordon (handed to {next}, which still needs it)"),
-        ),
-        None => (
-            json!({"metadata": {"resourceVersion": rv, "annotations": {ANN_CORDONED_BY: null}}, "spec": {"unschedulable": false}}),
-            "the cordon (node uncordoned)".to_string(),
-        ),
+    let next = others.first().map(String::as_str);
+    let body = super::cordon_release_patch(rv, next);
+    let said = match next {
+        Some(next) => format!("the cordon (handed to {next}, which still needs it)"),
+        None => "the cordon (node uncordoned)".to_string(),
     };
     ctx.ensure_leader()?;
     match api
