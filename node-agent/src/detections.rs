@@ -72,25 +72,11 @@ impl Detections {
     pub fn open_keeping(state_dir: &Path, kept: usize) -> io::Result<Self> {
         fs::create_dir_all(state_dir)?;
         let path = state_dir.join("detections.jsonl");
-        let mut records = VecDeque::new();
-        match File::open(&path) {
-            Ok(f) => {
-                for (i, line) in BufReader::new(f).lines().enumerate() {
-                    let line = line?;
-                    if line.trim().is_empty() {
-                        continue;
-                    }
-                    match serde_json::from_str(&line) {
-                        Ok(r) => records.push_back(r),
-                        Err(e) => {
-                            tracing::warn!(file = %path.display(), line = i + 1, error = %e, "skipping unreadable detection record")
-                        }
-                    }
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        let mut records: VecDeque<DetectionRecord> = match File::open(&path) {
+            Ok(f) => crate::jsonl::read(f, &path, "detection record")?.into(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => VecDeque::new(),
             Err(e) => return Err(e),
-        }
+        };
         while records.len() > kept {
             records.pop_front();
         }

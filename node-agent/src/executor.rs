@@ -22,7 +22,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -113,21 +113,10 @@ impl Journal {
     pub fn open(state_dir: &Path) -> io::Result<Self> {
         fs::create_dir_all(state_dir)?;
         let path = state_dir.join("attempts.jsonl");
-        let mut records = Vec::new();
-        if let Ok(f) = File::open(&path) {
-            for (i, line) in BufReader::new(f).lines().enumerate() {
-                let line = line?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                match serde_json::from_str(&line) {
-                    Ok(r) => records.push(r),
-                    Err(e) => {
-                        tracing::warn!(file = %path.display(), line = i + 1, error = %e, "skipping unreadable attempt journal line")
-                    }
-                }
-            }
-        }
+        let records = match File::open(&path) {
+            Ok(f) => crate::jsonl::read(f, &path, "attempt journal line")?,
+            Err(_) => Vec::new(),
+        };
         Ok(Self { path, records })
     }
 

@@ -9,6 +9,7 @@ pub mod executor;
 pub mod fdgate;
 pub mod guard;
 pub mod host;
+pub mod jsonl;
 pub mod listener;
 pub mod metrics;
 pub mod node_events;
