@@ -171,6 +171,23 @@ async fn wedge_deleted(cp: &ControlPlane, bins: &Bins) -> Outcome {
             sc.fleet.sim(a).sysfs.journal()
         )));
     }
+    // The finalizer removed by hand, then the wedge deleted: nothing releases the cordon at the
+    // deletion, so the leader's periodic check lifts the cordon of a wedge that is gone.
+    let ga = sc.fleet.sim(a).sysfs.gpus()[0].bdf.clone();
+    sc.inject(bins, a, &ga, "rebind,bus-reset").await?;
+    let held = sc.wait_phase(a, Phase::Draining).await?.name_any();
+    api.patch(
+        &held,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .map_err(sc.ctx("remove the finalizer by hand"))?;
+    api.delete(&held, &DeleteParams::default())
+        .await
+        .map_err(sc.ctx(&format!("delete {held}")))?;
+    released_node(&sc, a).await?;
+    released_place(&sc, "deleted", &held).await?;
     sc.check_invariants()
 }
 

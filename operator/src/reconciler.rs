@@ -1156,6 +1156,48 @@ pub async fn repair_from_store(ctx: &Ctx) -> Result<(), Error> {
     Ok(())
 }
 
+/// Lifts unwedge's cordon from nodes whose `unwedge.io/cordoned-by` names a wedge that is gone
+/// (missing from the cache, confirmed by a fresh read): the cordon of a wedge deleted without
+/// its finalizer's release (the finalizer removed by hand, or a path not yet understood) would
+/// otherwise stay forever. The cordon goes to another open wedge of the node, else is lifted,
+/// guarded by the node's resourceVersion. Runs with every refresh, on the leader.
+pub async fn release_orphan_cordons(ctx: &Ctx) -> Result<(), Error> {
+    if !*ctx.leader.borrow() {
+        return Ok(());
+    }
+    let wedges = ctx.wedges.state();
+    for n in ctx.nodes.state() {
+        let Some(holder) = n.annotations().get(ANN_CORDONED_BY) else {
+            continue;
+        };
+        if wedges.iter().any(|w| w.name_any() == *holder)
+            || ctx.wedge_api().get_opt(holder).await?.is_some()
+        {
+            continue;
+        }
+        let node = n.name_any();
+        let mut others: Vec<String> = wedges
+            .iter()
+            .filter(|w| w.spec.node_name == node && open(w))
+            .map(|w| w.name_any())
+            .collect();
+        others.sort();
+        ctx.ensure_leader()?;
+        let body = cordon_release_patch(n.resource_version(), others.first().map(String::as_str));
+        match Api::<Node>::all(ctx.client.clone())
+            .patch(&node, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+        {
+            Ok(_) => {
+                tracing::warn!(%node, %holder, to = ?others.first(), "cordon of a wedge that is gone released")
+            }
+            Err(kube::Error::Api(s)) if s.is_conflict() || s.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Refreshes the gauges and each policy's status summary and Conflict condition.
 pub async fn refresh(ctx: &Ctx) -> Result<(), Error> {
     let wedges = ctx.wedges.state();
@@ -1506,6 +1548,9 @@ pub async fn run(
                 }
                 if let Err(e) = repair_from_store(&ctx).await {
                     tracing::warn!(error = %e, "ledger repair failed; it runs again at the next refresh");
+                }
+                if let Err(e) = release_orphan_cordons(&ctx).await {
+                    tracing::warn!(error = %e, "releasing cordons of wedges that are gone failed; it runs again at the next refresh");
                 }
             }
         }
