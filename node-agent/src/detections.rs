@@ -12,7 +12,7 @@
 //! which is the safe side. A line that cannot be parsed (torn by a crash) is skipped.
 
 use std::collections::VecDeque;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -141,14 +141,7 @@ impl Detections {
     }
 
     fn append(&self, rec: &DetectionRecord) -> io::Result<()> {
-        let mut line = serde_json::to_vec(rec).map_err(io::Error::other)?;
-        line.push(b'\n');
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
-        f.write_all(&line)?;
-        f.sync_all()
+        crate::jsonl::append(&self.path, rec)
     }
 
     fn lines(&self) -> io::Result<usize> {
@@ -228,7 +221,7 @@ mod tests {
     fn a_torn_line_is_skipped() {
         let t = tempfile::tempdir().unwrap();
         Detections::open(t.path()).unwrap().record(rec(1)).unwrap();
-        let mut f = OpenOptions::new()
+        let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(t.path().join("detections.jsonl"))
             .unwrap();

@@ -21,8 +21,8 @@
 //! disrupts nothing in the first place). `none` needs no host action, so it succeeds.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::{self, File};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -122,14 +122,7 @@ impl Journal {
 
     /// Appends a record and fsyncs it before returning.
     pub fn append(&mut self, rec: JournalRecord) -> io::Result<()> {
-        let mut line = serde_json::to_vec(&rec).map_err(io::Error::other)?;
-        line.push(b'\n');
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
-        f.write_all(&line)?;
-        f.sync_all()?;
+        crate::jsonl::append(&self.path, &rec)?;
         self.records.push(rec);
         Ok(())
     }
@@ -1415,11 +1408,11 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let mut j = Journal::open(t.path()).unwrap();
         j.append(rec(Stage::Started, "rebind", "b1")).unwrap();
-        let mut f = OpenOptions::new()
+        let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(t.path().join("attempts.jsonl"))
             .unwrap();
-        f.write_all(b"{\"wedge\":\"x\",\"ui").unwrap();
+        std::io::Write::write_all(&mut f, b"{\"wedge\":\"x\",\"ui").unwrap();
         let j = Journal::open(t.path()).unwrap();
         assert!(j.of("uid-1", 1).started.is_some());
     }

@@ -1,10 +1,11 @@
 //! The agent's append-only JSON-lines files (the attempt journal, the detection record): one
 //! reader for both.
 
-use std::fs::File;
-use std::io::{self, BufRead, BufReader};
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
 use std::path::Path;
 
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// The records of `file` (opened from `path`), one JSON value a line. Blank lines are skipped;
@@ -25,4 +26,13 @@ pub fn read<T: DeserializeOwned>(file: File, path: &Path, what: &str) -> io::Res
         }
     }
     Ok(records)
+}
+
+/// Appends `rec` to `path` as one JSON line (creating the file) and fsyncs it before returning.
+pub fn append<T: Serialize>(path: &Path, rec: &T) -> io::Result<()> {
+    let mut line = serde_json::to_vec(rec).map_err(io::Error::other)?;
+    line.push(b'\n');
+    let mut f = OpenOptions::new().create(true).append(true).open(path)?;
+    f.write_all(&line)?;
+    f.sync_all()
 }

@@ -149,6 +149,17 @@ fn open(w: &GpuWedge) -> bool {
             .is_some_and(Phase::is_terminal)
 }
 
+/// The open wedges of `node` other than `except`, by name (the order a cordon is handed on in).
+fn open_on_node(wedges: &[Arc<GpuWedge>], node: &str, except: &str) -> Vec<String> {
+    let mut out: Vec<String> = wedges
+        .iter()
+        .filter(|w| w.spec.node_name == node && w.name_any() != except && open(w))
+        .map(|w| w.name_any())
+        .collect();
+    out.sort();
+    out
+}
+
 fn phase_of(w: &GpuWedge) -> Phase {
     w.status.as_ref().and_then(|s| s.phase).unwrap_or_default()
 }
@@ -367,12 +378,7 @@ async fn reconcile_once(
                 .and_then(|e| e.iter().map(|e| e.at.0).max()),
         })
         .collect();
-    let mut others: Vec<String> = all
-        .iter()
-        .filter(|o| o.name_any() != name && o.spec.node_name == node_name && open(o))
-        .map(|o| o.name_any())
-        .collect();
-    others.sort();
+    let others = open_on_node(&all, &node_name, &name);
     let pods: Vec<PodView> = Api::<Pod>::all(ctx.client.clone())
         .list(&ListParams::default().fields(&format!("spec.nodeName={node_name}")))
         .await?
@@ -1176,12 +1182,7 @@ pub async fn release_orphan_cordons(ctx: &Ctx) -> Result<(), Error> {
             continue;
         }
         let node = n.name_any();
-        let mut others: Vec<String> = wedges
-            .iter()
-            .filter(|w| w.spec.node_name == node && open(w))
-            .map(|w| w.name_any())
-            .collect();
-        others.sort();
+        let others = open_on_node(&wedges, &node, holder);
         ctx.ensure_leader()?;
         let body = cordon_release_patch(n.resource_version(), others.first().map(String::as_str));
         match Api::<Node>::all(ctx.client.clone())

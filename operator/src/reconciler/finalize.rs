@@ -19,7 +19,7 @@ use serde_json::json;
 use unwedge_crds::GpuWedge;
 use unwedge_crds::labels::{ANN_CORDONED_BY, FINALIZER};
 
-use super::{Ctx, Error, open};
+use super::{Ctx, Error};
 use crate::decide;
 use crate::ledger;
 use crate::quarantine;
@@ -175,14 +175,7 @@ async fn release_cordon(ctx: &Ctx, w: &GpuWedge) -> Result<Option<String>, Error
     if node.annotations().get(ANN_CORDONED_BY) != Some(&name) {
         return Ok(None);
     }
-    let mut others: Vec<String> = ctx
-        .wedges
-        .state()
-        .iter()
-        .filter(|o| o.spec.node_name == w.spec.node_name && o.name_any() != name && open(o))
-        .map(|o| o.name_any())
-        .collect();
-    others.sort();
+    let others = super::open_on_node(&ctx.wedges.state(), &w.spec.node_name, &name);
     let rv = node.resource_version();
     let next = others.first().map(String::as_str);
     let body = super::cordon_release_patch(rv, next);
