@@ -66,13 +66,15 @@ pub struct Instance {
 
 impl Instance {
     /// The production instance: client from the environment, uevent socket in the calling
-    /// thread's network namespace, metrics on `args.metrics_addr`, stop on SIGTERM or SIGINT.
+    /// thread's network namespace (`--uevent-buffer-bytes`), metrics on `args.metrics_addr`,
+    /// stop on SIGTERM or SIGINT.
     pub fn from_env(args: &Args) -> anyhow::Result<Instance> {
         let mut sigterm =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let buffer = args.uevent_buffer_bytes;
         Ok(Instance {
             client: None,
-            bind_listener: Box::new(UeventListener::bind),
+            bind_listener: Box::new(move || UeventListener::bind_with_buffer(buffer)),
             metrics: MetricsListen::Addr(args.metrics_addr),
             shutdown: Box::pin(async move {
                 tokio::select! {
