@@ -139,6 +139,8 @@ pub struct RuntimeContainer {
 /// `ContainerFilter`; an empty selector lists every container.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Selector {
+    /// The container id (what `/proc/<PID>/cgroup` gives for a blamed task, see `blamed.rs`).
+    pub id: Option<String>,
     /// The pod's UID (label [`LABEL_POD_UID`]).
     pub pod_uid: Option<String>,
     /// The container's name in the pod spec (label [`LABEL_CONTAINER_NAME`]).
@@ -153,10 +155,20 @@ impl Selector {
     /// The running containers named `container` of the pod `pod_uid`.
     pub fn running(pod_uid: &str, container: &str) -> Selector {
         Selector {
+            id: None,
             pod_uid: Some(pod_uid.to_string()),
             container_name: Some(container.to_string()),
             pod_sandbox_id: None,
             running_only: true,
+        }
+    }
+
+    /// The container `id` if it is running (the container of a blamed task).
+    pub fn running_id(id: &str) -> Selector {
+        Selector {
+            id: Some(id.to_string()),
+            running_only: true,
+            ..Selector::default()
         }
     }
 
@@ -170,7 +182,7 @@ impl Selector {
             labels.insert(LABEL_CONTAINER_NAME.to_string(), name.clone());
         }
         proto::ContainerFilter {
-            id: String::new(),
+            id: self.id.clone().unwrap_or_default(),
             state: self.running_only.then_some(proto::ContainerStateValue {
                 state: proto::ContainerState::ContainerRunning as i32,
             }),
@@ -181,7 +193,8 @@ impl Selector {
 
     /// Whether `c` is selected (the same test as [`Selector::filter`], made on this side).
     pub fn matches(&self, c: &RuntimeContainer) -> bool {
-        self.pod_uid.as_ref().is_none_or(|u| *u == c.pod_uid)
+        self.id.as_ref().is_none_or(|i| *i == c.id)
+            && self.pod_uid.as_ref().is_none_or(|u| *u == c.pod_uid)
             && self.container_name.as_ref().is_none_or(|n| *n == c.name)
             && self
                 .pod_sandbox_id
@@ -385,6 +398,7 @@ mod tests {
             Some(proto::ContainerState::ContainerRunning as i32)
         );
         assert!(f.id.is_empty() && f.pod_sandbox_id.is_empty());
+        assert_eq!(Selector::running_id("c1").filter().id, "c1");
         let empty = Selector::default().filter();
         assert!(empty.label_selector.is_empty() && empty.state.is_none());
     }
@@ -404,6 +418,8 @@ mod tests {
         };
         assert!(by_sandbox.matches(&c("e", "u1", "sidecar", ContainerExited)));
         assert!(!by_sandbox.matches(&c("f", "u2", "main", ContainerRunning)));
+        assert!(Selector::running_id("a").matches(&c("a", "u1", "main", ContainerRunning)));
+        assert!(!Selector::running_id("a").matches(&c("b", "u1", "main", ContainerRunning)));
         let read = c("g", "u1", "main", ContainerCreated);
         assert_eq!(
             (

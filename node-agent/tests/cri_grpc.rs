@@ -244,6 +244,18 @@ async fn lists_the_running_container_of_a_pod_by_the_kubelets_labels() {
         .await
         .unwrap();
     assert_eq!(ids(&sandbox), ["c-old-main", "c-main", "c-sidecar"]);
+    let blamed = cri
+        .list_containers(&Selector::running_id("c-sidecar"))
+        .await
+        .unwrap();
+    assert_eq!(ids(&blamed), ["c-sidecar"], "by container id");
+    assert!(
+        cri.list_containers(&Selector::running_id("c-old-main"))
+            .await
+            .unwrap()
+            .is_empty(),
+        "an exited container is not running"
+    );
     let none = cri
         .list_containers(&Selector::running("u-gone", "main"))
         .await
@@ -313,6 +325,11 @@ async fn a_runtime_that_ignores_the_filter_cannot_widen_the_selection() {
         .await
         .unwrap();
     assert_eq!(ids(&main), ["c-main"]);
+    let blamed = cri
+        .list_containers(&Selector::running_id("c-other"))
+        .await
+        .unwrap();
+    assert_eq!(ids(&blamed), ["c-other"]);
     t.server.abort();
 }
 
