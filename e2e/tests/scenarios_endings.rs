@@ -3,12 +3,13 @@
 //! mid-recovery (an admin cleaning up), the Node deleted mid-recovery (what cluster autoscalers
 //! do to drained nodes), the node relabelled into another policy mid-recovery, hand-made
 //! GpuWedges the agent never detected, a device with no driver bound, an agent in dry run, a
-//! wedge dated in the past that tries to jump the queue, and uevents lost to a real netlink
-//! overrun. Each asserts that nothing stays held — no cordon, no ledger place — that nothing
-//! the agent did not detect is written, plus invariants 1–3.
+//! wedge dated in the past that tries to jump the queue, the methods only a human can carry out
+//! (xe's survivability mode, a cold reset the policy does not allow), and uevents lost to a real
+//! netlink overrun. Each asserts that nothing stays held — no cordon, no ledger place — that
+//! nothing the agent did not detect is written, plus invariants 1–3.
 //!
 //! Needs root. `UNWEDGE_SCENARIOS=deleted,nodegone,relabel,forged,nodriver,dryrun,queue,brkclock,`
-//! `overrun` runs a subset.
+//! `vendor,overrun` runs a subset.
 
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use unwedge_agent::reporter::{DetectedWedge, agent_status_patch, build_wedge};
 use unwedge_crds::gpuwedge::{AttemptOutcome, DeviceRef, GpuWedge, Phase};
-use unwedge_crds::labels::ANN_CORDONED_BY;
+use unwedge_crds::labels::{ANN_CORDONED_BY, UEVENT_SURVIVABILITY_MODE};
 use unwedge_crds::policy::RecoveryPolicy;
 
 const NS: &str = "workloads";
@@ -433,6 +434,73 @@ async fn forged(cp: &ControlPlane, bins: &Bins) -> Outcome {
             .map_err(sc.ctx(&format!("delete {name}")))?;
         released_node(&sc, a).await?;
         released_place(&sc, "forged", &name).await?;
+    }
+    sc.check_invariants()
+}
+
+/// Methods only a human can carry out, each with what to do: `WEDGED=vendor-specific` of an xe
+/// GPU whose sysfs `survivability_mode` says `Runtime` (the agent reports the mode, the
+/// NeedsAttention message asks for a firmware flash with fwupd), and `WEDGED=cold-reset` under
+/// the default policy, which does not allow it (ColdReset, power-cycle, not NoAllowedMethod).
+/// Nothing is written to either device.
+async fn human_methods(cp: &ControlPlane, bins: &Bins) -> Outcome {
+    let (a, b) = ("vendor-a", "vendor-b");
+    let sc = Scenario::new(
+        cp,
+        bins,
+        "vendor",
+        vec![NodeSpec::new(a, 1, "xe"), NodeSpec::new(b, 1, "xe")],
+        2,
+        json!({}),
+        2,
+    )
+    .await
+    .map_err(|x| format!("scenario vendor: setup: {x:#}"))?;
+    let ga = sc.fleet.sim(a).sysfs.gpus()[0].bdf.clone();
+    let gb = sc.fleet.sim(b).sysfs.gpus()[0].bdf.clone();
+    // Written after the agent started, so only the uevent path can report it.
+    std::fs::write(
+        sc.fleet
+            .sim(a)
+            .sysfs
+            .sys_root()
+            .join(format!("bus/pci/devices/{ga}/survivability_mode")),
+        "Runtime\n",
+    )
+    .map_err(sc.ctx("write survivability_mode"))?;
+    sc.inject(bins, a, &ga, "vendor-specific").await?;
+    sc.inject(bins, b, &gb, "cold-reset").await?;
+    for (node, reason, says) in [
+        (
+            a,
+            "VendorSpecific",
+            &["runtime survivability", "firmware flash", "fwupd"][..],
+        ),
+        (b, "ColdReset", &["power-cycle"][..]),
+    ] {
+        let w = sc.wait_phase(node, Phase::NeedsAttention).await?;
+        let c = condition(&w, "NeedsAttention");
+        let ok = c
+            .as_ref()
+            .is_some_and(|c| c.reason == reason && says.iter().all(|x| c.message.contains(x)));
+        if !ok {
+            return Err(sc.fail(&format!(
+                "node {node}: expected NeedsAttention ({reason}) whose message says {says:?}, seen {c:?}"
+            )));
+        }
+        if !sc.fleet.sim(node).sysfs.journal().is_empty() {
+            return Err(sc.fail(&format!(
+                "node {node}: nothing may be written for a method unwedge cannot carry out, seen {:?}",
+                sc.fleet.sim(node).sysfs.journal()
+            )));
+        }
+    }
+    let w = sc.only_wedge(a)?;
+    let mode = w.spec.uevent.get(UEVENT_SURVIVABILITY_MODE);
+    if mode.map(String::as_str) != Some("Runtime") {
+        return Err(sc.fail(&format!(
+            "wedge of {a}: expected spec.uevent.{UEVENT_SURVIVABILITY_MODE}=Runtime from sysfs, seen {mode:?}"
+        )));
     }
     sc.check_invariants()
 }
@@ -946,6 +1014,13 @@ async fn ending_scenarios() {
     if run.wants("brkclock") {
         let r = breaker_clock(&cp, &bins).await;
         run.record("the breaker counts by the API server's clock", r);
+    }
+    if run.wants("vendor") {
+        let r = human_methods(&cp, &bins).await;
+        run.record(
+            "vendor-specific (xe survivability) and a disallowed cold-reset say what a human must do",
+            r,
+        );
     }
     if run.wants("overrun") {
         let r = overrun(&cp, &bins).await;

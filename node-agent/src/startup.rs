@@ -181,7 +181,7 @@ pub fn reconcile(
                     boot_id: boot_id.to_string(),
                     uevent: BTreeMap::from([
                         ("SOURCE".to_string(), "startup-reconcile".to_string()),
-                        ("SURVIVABILITY_MODE".to_string(), mode.clone()),
+                        (unwedge_crds::labels::UEVENT_SURVIVABILITY_MODE.to_string(), mode.clone()),
                     ]),
                     seqnum: None,
                     blamed: None,

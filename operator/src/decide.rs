@@ -4,14 +4,14 @@
 //! in that order. Every call recomputes from stored state (level-triggered), so a decision
 //! that was persisted but not acted on is simply made again by the next reconcile.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use unwedge_crds::{
     Admission, Approval, ApprovalMode, AttemptOutcome, BudgetUnit, GpuWedge, GpuWedgeStatus,
-    NoneAction, Phase, PodRef,
+    NoneAction, Phase, PodRef, labels::UEVENT_SURVIVABILITY_MODE,
 };
 
 use crate::budget::{self, Candidate, Limits};
@@ -309,6 +309,17 @@ pub fn ladder(methods: &[String], s: &Settings) -> Result<Vec<String>, Attention
         .enumerate()
         .find(|(_, m)| s.allowed_methods.iter().any(|a| a == *m))
     else {
+        if listed.contains(&COLD_RESET) {
+            // A power cycle is a human's job whatever the policy allows: say so, not just
+            // that no method is allowed.
+            let mut a = unusable(COLD_RESET);
+            a.message = format!(
+                "the kernel asked for {}, and the policy allows {}; only a power cycle of the device is left, which unwedge cannot carry out",
+                listed.join(","),
+                s.allowed_methods.join(",")
+            );
+            return Err(a);
+        }
         return Err(Attention {
             reason: "NoAllowedMethod",
             message: format!(
@@ -364,6 +375,39 @@ pub fn without_driver(
         ),
         todo: "bind the device's driver by hand or reboot the node, then annotate unwedge.io/abandon; or allow reboot in the policy and annotate unwedge.io/retry".into(),
     })
+}
+
+/// `cold-reset`: a complete power cycle of the device (docs/design.md §1).
+const COLD_RESET: &str = "cold-reset";
+
+/// A NeedsAttention of a wedge that lists `vendor-specific`, with what xe's
+/// `survivability_mode` (the agent's `spec.uevent` key [`UEVENT_SURVIVABILITY_MODE`]) says
+/// the device needs: a firmware flash, which fwupd carries out. Any other attention, or no mode
+/// reported, is returned as it is.
+pub fn with_vendor_hint(
+    mut a: Attention,
+    methods: &[String],
+    uevent: &BTreeMap<String, String>,
+) -> Attention {
+    let relevant = matches!(a.reason, "VendorSpecific" | "NoAllowedMethod")
+        && methods.iter().any(|m| m == "vendor-specific");
+    let Some(raw) = uevent.get(UEVENT_SURVIVABILITY_MODE).filter(|_| relevant) else {
+        return a;
+    };
+    let first = raw.lines().next().unwrap_or_default();
+    let mode = first
+        .strip_prefix("Survivability mode type:")
+        .unwrap_or(first)
+        .trim();
+    let what = match mode.to_ascii_lowercase().as_str() {
+        "runtime" => "xe runtime survivability mode: a firmware error at runtime; the GPU needs a firmware flash to work again".to_string(),
+        "boot" => "xe boot survivability mode: the GPU's boot firmware failed; it needs a firmware flash to work again".to_string(),
+        _ => format!("xe survivability mode {mode:?}: the GPU needs a firmware flash to work again"),
+    };
+    a.reason = "VendorSpecific";
+    a.message = format!("{}; {what}", a.message);
+    a.todo = "flash the GPU's firmware on the node with fwupd (fwupdmgr refresh, then fwupdmgr update), then annotate unwedge.io/abandon".into();
+    a
 }
 
 fn unusable(method: &str) -> Attention {
@@ -1218,7 +1262,10 @@ fn decide_recovery(
     let status = input.wedge.status.clone().unwrap_or_default();
     let phase = d.new.phase.unwrap_or_default();
     let node_name = input.wedge.spec.node_name.clone();
-    let plan = without_driver(ladder(methods, s), &input.wedge.spec.device.driver);
+    let plan = without_driver(
+        ladder(methods, s).map_err(|a| with_vendor_hint(a, methods, &input.wedge.spec.uevent)),
+        &input.wedge.spec.device.driver,
+    );
 
     // The rung planned now. A DRA device is quarantined for every rung but reboot, which takes
     // all the node's devices down and so cordons and drains the node (docs/design.md §5).
