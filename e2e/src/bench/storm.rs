@@ -419,6 +419,27 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     // Let the solo node's uncordon settle before the storm starts.
     super::sleep(Duration::from_secs(2)).await;
 
+    // The floor: how fast one sequential client cordons these nodes on this control plane, now.
+    let floor_nodes: Vec<String> = sc
+        .fleet
+        .nodes
+        .keys()
+        .filter(|name| name.as_str() != "storm-solo")
+        .take(FLOOR_NODES)
+        .cloned()
+        .collect();
+    let (floor_rate, floor_secs) = floor_cordon_rate(&client, &floor_nodes).await?;
+    rep.fig(
+        "floor: sequential cordon rate",
+        floor_rate,
+        "nodes/s",
+        &format!(
+            "one client, one merge patch of spec.unschedulable after another, {} nodes in {floor_secs:.3} s (then uncordoned); what the API server allows here, now",
+            floor_nodes.len()
+        ),
+    );
+    super::sleep(Duration::from_secs(1)).await;
+
     let req_before = apiserver_requests(&client).await?;
     let op_before: Vec<_> = op_pids.iter().filter_map(|p| sample(*p).ok()).collect();
     let pool_before = pool_pid.and_then(|p| sample(p).ok());
@@ -550,6 +571,25 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 &format!(
                     "{} further nodes in {span:.3} s after the first cordon (operator throughput alone; goal ≥ 50/s)",
                     first_wave - 1
+                ),
+            );
+        }
+    }
+    if cordons.len() >= first_wave {
+        // Every uevent was sent within the injection time above (milliseconds), so each time is
+        // counted from the first one: an upper bound of uevent sent -> node unschedulable.
+        let mut ts: Vec<f64> = cordons[..first_wave]
+            .iter()
+            .map(|(t, _)| t.duration_since(t_storm).as_secs_f64() * 1000.0)
+            .collect();
+        ts.sort_by(f64::total_cmp);
+        for (name, p) in [("time to cordon p50", 50.0), ("time to cordon p99", 99.0)] {
+            rep.fig(
+                name,
+                super::pct(&ts, p),
+                "ms",
+                &format!(
+                    "first wave ({first_wave} nodes): uevent sent -> node unschedulable on the watch; floor {floor_rate:.1} nodes/s"
                 ),
             );
         }
@@ -733,6 +773,30 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     drop(sc);
     cp.stop().await;
     Ok(rep)
+}
+
+/// Nodes the floor is measured over (at most: the storm's own nodes).
+const FLOOR_NODES: usize = 200;
+
+/// Cordons `nodes` one after another with one client (a merge patch of `spec.unschedulable`
+/// each, as a cordon is), then uncordons them: cordons per second and the seconds it took.
+async fn floor_cordon_rate(client: &Client, nodes: &[String]) -> anyhow::Result<(f64, f64)> {
+    let api: Api<Node> = Api::all(client.clone());
+    let patch =
+        |on: bool| kube::api::Patch::Merge(serde_json::json!({"spec": {"unschedulable": on}}));
+    let t = Instant::now();
+    for n in nodes {
+        api.patch(n, &Default::default(), &patch(true))
+            .await
+            .with_context(|| format!("floor: cordon {n}"))?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    for n in nodes {
+        api.patch(n, &Default::default(), &patch(false))
+            .await
+            .with_context(|| format!("floor: uncordon {n}"))?;
+    }
+    Ok((nodes.len() as f64 / secs.max(1e-9), secs))
 }
 
 /// Grows the cluster to `target` extra kwok nodes (not GPU nodes, not selected by the policy)
