@@ -5,9 +5,11 @@
 
 pub mod gpuwedge;
 pub mod labels;
+pub mod method;
 pub mod policy;
 
 pub use gpuwedge::*;
+pub use method::Method;
 pub use policy::*;
 
 use kube::CustomResourceExt;

@@ -11,7 +11,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use unwedge_crds::{
     Admission, Approval, ApprovalMode, AttemptOutcome, BudgetUnit, GpuWedge, GpuWedgeStatus,
-    NoneAction, Phase, PodRef,
+    Method, NoneAction, Phase, PodRef,
 };
 
 use crate::budget::{self, Candidate, Limits};
@@ -20,13 +20,6 @@ use crate::status::OperatorStatus;
 
 /// A decision that ends the walk early (boxed: decisions are large).
 type Held = Box<Decision>;
-
-/// The method token that means "the driver recovered by itself".
-pub const NONE: &str = "none";
-/// unwedge's last rung: not a kernel method.
-pub const REBOOT: &str = "reboot";
-/// Methods the agent knows how to carry out (the agent fails any other).
-pub const AGENT_METHODS: [&str; 3] = ["rebind", "bus-reset", REBOOT];
 
 /// The node as the decision needs it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -298,42 +291,38 @@ pub mod cond {
 /// method is not one unwedge can carry out (vendor-specific, cold-reset, unknown, any new
 /// token) or none is allowed, a human must act. The ladder continues with the escalation rungs
 /// after it that the kernel listed later, plus `reboot` (unwedge's own last rung).
-pub fn ladder(methods: &[String], s: &Settings) -> Result<Vec<String>, Attention> {
-    let listed: Vec<&str> = methods
-        .iter()
-        .map(String::as_str)
-        .filter(|m| *m != NONE)
-        .collect();
+pub fn ladder(methods: &[Method], s: &Settings) -> Result<Vec<Method>, Attention> {
+    let listed: Vec<&Method> = methods.iter().filter(|m| **m != Method::None).collect();
     let Some((first_idx, first)) = listed
         .iter()
         .enumerate()
-        .find(|(_, m)| s.allowed_methods.iter().any(|a| a == *m))
+        .find(|(_, m)| s.allowed_methods.contains(*m))
     else {
         return Err(Attention {
             reason: "NoAllowedMethod",
             message: format!(
                 "the kernel asked for {}; the policy allows {}",
-                listed.join(","),
-                s.allowed_methods.join(",")
+                Method::join(&listed),
+                Method::join(&s.allowed_methods)
             ),
             todo: "recover the device by hand, then annotate unwedge.io/abandon; or approve an allowed method with unwedge.io/approve=<method>".into(),
         });
     };
-    if !AGENT_METHODS.contains(first) {
+    if !first.agent_runs() {
         return Err(unusable(first));
     }
-    let mut out = vec![first.to_string()];
+    let mut out = vec![(*first).clone()];
     let start = s
         .escalation
         .iter()
-        .position(|r| r == first)
+        .position(|r| r == *first)
         .map_or(0, |p| p + 1);
     for rung in &s.escalation[start..] {
-        let later_listed = listed.iter().skip(first_idx + 1).any(|m| m == rung);
-        let allowed = s.allowed_methods.iter().any(|a| a == rung);
+        let later_listed = listed.iter().skip(first_idx + 1).any(|m| *m == rung);
+        let allowed = s.allowed_methods.contains(rung);
         if allowed
-            && (later_listed || rung == REBOOT)
-            && AGENT_METHODS.contains(&rung.as_str())
+            && (later_listed || *rung == Method::Reboot)
+            && rung.agent_runs()
             && !out.contains(rung)
         {
             out.push(rung.clone());
@@ -346,37 +335,37 @@ pub fn ladder(methods: &[String], s: &Settings) -> Result<Vec<String>, Attention
 /// cannot work (both end by binding the driver again and verifying it): only the reboot rung is
 /// kept. A ladder with no reboot left asks a human at once instead of walking rungs that fail.
 pub fn without_driver(
-    plan: Result<Vec<String>, Attention>,
+    plan: Result<Vec<Method>, Attention>,
     driver: &str,
-) -> Result<Vec<String>, Attention> {
+) -> Result<Vec<Method>, Attention> {
     if !driver.is_empty() {
         return plan;
     }
     let rungs = plan?;
-    if rungs.iter().any(|m| m == REBOOT) {
-        return Ok(vec![REBOOT.to_string()]);
+    if rungs.contains(&Method::Reboot) {
+        return Ok(vec![Method::Reboot]);
     }
     Err(Attention {
         reason: "NoDriver",
         message: format!(
             "no driver is bound to the device, so {} cannot work, and the policy allows no reboot",
-            rungs.join(", ")
+            Method::join(&rungs).replace(',', ", ")
         ),
         todo: "bind the device's driver by hand or reboot the node, then annotate unwedge.io/abandon; or allow reboot in the policy and annotate unwedge.io/retry".into(),
     })
 }
 
-fn unusable(method: &str) -> Attention {
+fn unusable(method: &Method) -> Attention {
     let (reason, todo) = match method {
-        "vendor-specific" => (
+        Method::VendorSpecific => (
             "VendorSpecific",
             "the driver asks for a vendor procedure (e.g. a firmware flash, xe survivability mode): carry it out on the node, then annotate unwedge.io/abandon",
         ),
-        "cold-reset" => (
+        Method::Other(t) if t == "cold-reset" => (
             "ColdReset",
             "the device needs a complete power cycle (a warm reboot may not give one): power-cycle the node, then annotate unwedge.io/abandon",
         ),
-        "unknown" => (
+        Method::Unknown => (
             "UnknownMethod",
             "the driver does not know how to recover: inspect the device and its kernel log, then annotate unwedge.io/approve=<method> or unwedge.io/abandon",
         ),
@@ -395,7 +384,7 @@ fn unusable(method: &str) -> Attention {
 /// The method list to plan from: the newest recovery list the kernel sent (spec or a later
 /// event), or `none` when every list said the driver recovered by itself. A later `none` never
 /// replaces a recovery plan: it does not unpark a device.
-pub fn plan_methods(w: &GpuWedge) -> Vec<String> {
+pub fn plan_methods(w: &GpuWedge) -> Vec<Method> {
     let mut lists: Vec<(Timestamp, u64, &Vec<String>)> =
         vec![(ts(&w.spec.detected_at), 0, &w.spec.methods)];
     if let Some(ev) = w.status.as_ref().and_then(|s| s.events.as_ref()) {
@@ -404,14 +393,19 @@ pub fn plan_methods(w: &GpuWedge) -> Vec<String> {
         }
     }
     lists.sort_by_key(|(at, seq, _)| (*at, *seq));
-    let is_none = |l: &Vec<String>| l.first().map(String::as_str) == Some(NONE) || l.is_empty();
+    let is_none = |l: &Vec<String>| l.first().is_none_or(|m| Method::None == *m);
     lists
         .iter()
         .rev()
         .find(|(_, _, l)| !is_none(l))
         .or(lists.last())
-        .map(|(_, _, l)| (*l).clone())
+        .map(|(_, _, l)| l.iter().map(Method::from).collect())
         .unwrap_or_default()
+}
+
+/// Whether the wedge's plan is `none` (the driver recovered by itself; nothing to carry out).
+pub fn plans_none(w: &GpuWedge) -> bool {
+    plan_methods(w).first() == Some(&Method::None)
 }
 
 fn ts(t: &Time) -> Timestamp {
@@ -431,10 +425,10 @@ pub fn arrived(w: &GpuWedge) -> Timestamp {
 }
 
 /// `rebind#2` in an action names the planned rung and attempt; this reads it back.
-pub fn plan_of(action: Option<&str>) -> Option<(String, u32)> {
+pub fn plan_of(action: Option<&str>) -> Option<(Method, u32)> {
     action?.split_whitespace().rev().find_map(|tok| {
         let (m, n) = tok.split_once('#')?;
-        Some((m.to_string(), n.parse().ok()?))
+        Some((Method::from(m), n.parse().ok()?))
     })
 }
 
@@ -671,8 +665,8 @@ pub fn decide(input: &Input) -> Decision {
     );
 
     let methods = plan_methods(input.wedge);
-    let joined = methods.join(",");
-    let is_none = methods.first().map(String::as_str) == Some(NONE);
+    let joined = Method::join(&methods);
+    let is_none = methods.first() == Some(&Method::None);
     let mut replan_note = None;
     if d.old.methods.as_deref() != Some(joined.as_str()) {
         let in_attempt = matches!(
@@ -704,15 +698,8 @@ pub fn decide(input: &Input) -> Decision {
             d.new.methods = Some(joined.clone());
         }
     }
-    let planned: Vec<String> = d
-        .new
-        .methods
-        .clone()
-        .unwrap_or(joined)
-        .split(',')
-        .map(str::to_string)
-        .collect();
-    let decision = if planned.first().map(String::as_str) == Some(NONE) {
+    let planned = d.new.methods.as_deref().map_or(methods, Method::parse_list);
+    let decision = if planned.first() == Some(&Method::None) {
         decide_none(d, input, pv, held.as_ref(), &name)
     } else {
         decide_recovery(d, input, pv, held.as_ref(), &name, &planned, ours)
@@ -1134,8 +1121,12 @@ fn agent_reported(w: &GpuWedge) -> bool {
         .is_some_and(|s| s.consumers.is_some() || s.reset_domain.is_some())
 }
 
-fn drain_targets(input: &Input, pv: &PolicyView, method: &str) -> Result<Vec<PodRef>, Attention> {
-    if method == REBOOT {
+fn drain_targets(
+    input: &Input,
+    pv: &PolicyView,
+    method: &Method,
+) -> Result<Vec<PodRef>, Attention> {
+    if *method == Method::Reboot {
         let pods: Vec<&PodView> = input
             .pods
             .iter()
@@ -1211,7 +1202,7 @@ fn decide_recovery(
     pv: &PolicyView,
     held: Option<&Admission>,
     name: &str,
-    methods: &[String],
+    methods: &[Method],
     ours: bool,
 ) -> Decision {
     let s = pv.settings;
@@ -1224,13 +1215,13 @@ fn decide_recovery(
     // all the node's devices down and so cordons and drains the node (docs/design.md §5).
     let rung_now = match phase {
         Phase::Approved | Phase::Recovering | Phase::Verifying => {
-            status.approval.as_ref().map(|a| a.method.clone())
+            status.approval.as_ref().map(|a| Method::from(&a.method))
         }
         _ => plan_of(d.new.action.as_deref()).map(|p| p.0),
     }
     .or_else(|| plan.as_ref().ok().map(|l| l[0].clone()));
     let quarantine = input.dra.as_ref().filter(|_| {
-        rung_now.as_deref() != Some(REBOOT) && held.is_none_or(|h| h.unit != BudgetUnit::Node)
+        rung_now != Some(Method::Reboot) && held.is_none_or(|h| h.unit != BudgetUnit::Node)
     });
     let unit = if quarantine.is_some() {
         BudgetUnit::Device
@@ -1246,7 +1237,7 @@ fn decide_recovery(
     let held = match held {
         Some(h) if h.unit == unit => h,
         _ => {
-            let reboot = rung_now.as_deref() == Some(REBOOT);
+            let reboot = rung_now == Some(Method::Reboot);
             let cand = Candidate {
                 wedge: name.into(),
                 node: node_name.clone(),
@@ -1444,8 +1435,8 @@ fn decide_recovery(
                         .ok()
                         .map(|l| (l[0].clone(), next_attempt(&status)))
                 })
-                .unwrap_or_else(|| (REBOOT.into(), next_attempt(&status)));
-            if method == REBOOT && !held.reboot {
+                .unwrap_or_else(|| (Method::Reboot, next_attempt(&status)));
+            if method == Method::Reboot && !held.reboot {
                 let d = match gate(d, pv, &format!("drain node {node_name} for reboot#{n}")) {
                     Ok(d) => d,
                     Err(h) => return *h,
@@ -1471,7 +1462,7 @@ fn decide_recovery(
                     }
                 };
             }
-            if method != REBOOT && !agent_reported(input.wedge) {
+            if method != Method::Reboot && !agent_reported(input.wedge) {
                 return d.done(wait(REQUEUE_FAST, AWAITING_AGENT), None);
             }
             let mut targets = match drain_targets(input, pv, &method) {
@@ -1489,7 +1480,7 @@ fn decide_recovery(
                 Err(dec) => return *dec,
             };
             let manual = s.approval == ApprovalMode::Manual
-                || (method == REBOOT && s.reboot_approval == ApprovalMode::Manual);
+                || (method == Method::Reboot && s.reboot_approval == ApprovalMode::Manual);
             if manual {
                 let approved_now = verbs
                     .approve
@@ -1537,13 +1528,13 @@ fn decide_recovery(
                         }
                     }
                 } else {
-                    m
+                    Method::from(m)
                 };
                 if !s.allowed_methods.contains(&method) {
                     let msg = format!(
                         "{who} approved {method}, which RecoveryPolicy {} does not allow ({})",
                         pv.name,
-                        s.allowed_methods.join(",")
+                        Method::join(&s.allowed_methods)
                     );
                     d.condition(cond::APPROVED, false, "MethodNotAllowed", msg.clone());
                     return d.done(
@@ -1552,7 +1543,7 @@ fn decide_recovery(
                     );
                 }
                 let n = next_attempt(&status);
-                if phase == Phase::AwaitingApproval && current.as_deref() == Some(method.as_str()) {
+                if phase == Phase::AwaitingApproval && current.as_ref() == Some(&method) {
                     let n = plan_of(d.new.action.as_deref()).map_or(n, |p| p.1);
                     return approve(d, pv, &method, n, who, true);
                 }
@@ -1581,7 +1572,7 @@ fn decide_recovery(
                 let rung = status
                     .approval
                     .as_ref()
-                    .map(|a| a.method.clone())
+                    .map(|a| Method::from(&a.method))
                     .or_else(|| plan.as_ref().ok().map(|l| l[0].clone()));
                 let Some(rung) = rung else {
                     d.condition(
@@ -1641,7 +1632,7 @@ fn decide_recovery(
 fn approve(
     mut d: Draft,
     pv: &PolicyView,
-    method: &str,
+    method: &Method,
     n: u32,
     by: String,
     human: bool,
@@ -1689,7 +1680,7 @@ fn attempt_progress(
     input: &Input,
     pv: &PolicyView,
     status: &GpuWedgeStatus,
-    ladder: Option<Vec<String>>,
+    ladder: Option<Vec<Method>>,
     ours: bool,
 ) -> Decision {
     let s = pv.settings;
@@ -1783,7 +1774,7 @@ fn attempt_progress(
             let wedged_again = status.events.iter().flatten().any(|e| e.at.0 > started);
             if wedged_again {
                 d.phase(Phase::Cordoned).action("re-plan");
-                d.new.methods = Some(plan_methods(input.wedge).join(","));
+                d.new.methods = Some(Method::join(&plan_methods(input.wedge)));
                 return d.done(
                     Step::Nothing,
                     note(
@@ -1839,7 +1830,7 @@ fn escalate(
     input: &Input,
     pv: &PolicyView,
     status: &GpuWedgeStatus,
-    ladder: Option<Vec<String>>,
+    ladder: Option<Vec<Method>>,
     appr: &Approval,
     why: String,
 ) -> Decision {

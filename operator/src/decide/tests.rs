@@ -723,11 +723,11 @@ fn first_rung_is_the_least_disruptive_listed_and_allowed() {
     let s = |allowed: &[&str], esc: &[&str]| {
         let mut st =
             Settings::from_spec(&serde_json::from_value(serde_json::json!({})).unwrap()).unwrap();
-        st.allowed_methods = allowed.iter().map(|x| x.to_string()).collect();
-        st.escalation = esc.iter().map(|x| x.to_string()).collect();
+        st.allowed_methods = allowed.iter().map(|x| Method::from(*x)).collect();
+        st.escalation = esc.iter().map(|x| Method::from(*x)).collect();
         st
     };
-    let m = |x: &str| x.split(',').map(str::to_string).collect::<Vec<_>>();
+    let m = Method::parse_list;
     let all = s(
         &["rebind", "bus-reset", "reboot"],
         &["rebind", "bus-reset", "reboot"],
