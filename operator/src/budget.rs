@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use unwedge_crds::{Admission, BudgetUnit};
+use unwedge_crds::{Admission, BudgetLimit, BudgetUnit};
 
 use crate::settings::Settings;
 
@@ -80,10 +80,11 @@ impl Candidate {
     }
 }
 
-/// Why a wedge waits, in the words `kubectl get gw` shows (`2/2 nodes under recovery`).
+/// Why a wedge waits: in the words `kubectl get gw` shows (`2/2 nodes under recovery`), and
+/// the limit it waits for.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct QueueReason(pub String);
+pub struct QueueReason(pub String, pub BudgetLimit);
 
 /// The amounts in use in a ledger.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -156,10 +157,10 @@ pub fn admit(
         let held = &ledger[pos];
         if candidate.reboot && !held.reboot {
             if u.reboots >= limits.reboots {
-                return Err(QueueReason(format!(
-                    "{}/{} reboots in progress",
-                    u.reboots, limits.reboots
-                )));
+                return Err(QueueReason(
+                    format!("{}/{} reboots in progress", u.reboots, limits.reboots),
+                    BudgetLimit::Reboots,
+                ));
             }
             let mut out = ledger.to_vec();
             out[pos].reboot = true;
@@ -185,41 +186,50 @@ pub fn admit(
                     })
                     .collect();
                 if u.nodes + ahead_nodes.len() as u32 >= limits.nodes {
-                    return Err(QueueReason(queue_text(
-                        u.nodes,
-                        limits.nodes,
-                        "nodes under recovery",
-                        ahead_nodes.len(),
-                    )));
+                    return Err(QueueReason(
+                        queue_text(
+                            u.nodes,
+                            limits.nodes,
+                            "nodes under recovery",
+                            ahead_nodes.len(),
+                        ),
+                        BudgetLimit::Nodes,
+                    ));
                 }
             }
         }
         BudgetUnit::Device => {
             if u.devices + ahead_unadmitted.len() as u32 >= limits.devices {
-                return Err(QueueReason(queue_text(
-                    u.devices,
-                    limits.devices,
-                    "devices quarantined",
-                    ahead_unadmitted.len(),
-                )));
+                return Err(QueueReason(
+                    queue_text(
+                        u.devices,
+                        limits.devices,
+                        "devices quarantined",
+                        ahead_unadmitted.len(),
+                    ),
+                    BudgetLimit::Devices,
+                ));
             }
         }
         BudgetUnit::None => {
             if u.none + ahead_unadmitted.len() as u32 >= limits.none {
-                return Err(QueueReason(queue_text(
-                    u.none,
-                    limits.none,
-                    "none evictions in progress",
-                    ahead_unadmitted.len(),
-                )));
+                return Err(QueueReason(
+                    queue_text(
+                        u.none,
+                        limits.none,
+                        "none evictions in progress",
+                        ahead_unadmitted.len(),
+                    ),
+                    BudgetLimit::NoneEvictions,
+                ));
             }
         }
     }
     if candidate.reboot && u.reboots >= limits.reboots {
-        return Err(QueueReason(format!(
-            "{}/{} reboots in progress",
-            u.reboots, limits.reboots
-        )));
+        return Err(QueueReason(
+            format!("{}/{} reboots in progress", u.reboots, limits.reboots),
+            BudgetLimit::Reboots,
+        ));
     }
     let mut out = ledger.to_vec();
     out.push(candidate.admission());

@@ -11,10 +11,10 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use unwedge_crds::{
     Admission, Approval, ApprovalMode, AttemptOutcome, BudgetUnit, GpuWedge, GpuWedgeStatus,
-    Method, NoneAction, Phase, PodRef,
+    Method, NoneAction, Phase, Plan, PodRef,
 };
 
-use crate::budget::{self, Candidate, Limits};
+use crate::budget::{self, Candidate, Limits, QueueReason};
 use crate::settings::Settings;
 use crate::status::OperatorStatus;
 
@@ -424,14 +424,6 @@ pub fn arrived(w: &GpuWedge) -> Timestamp {
         .map_or(w.spec.detected_at.0, |t| t.0)
 }
 
-/// `rebind#2` in an action names the planned rung and attempt; this reads it back.
-pub fn plan_of(action: Option<&str>) -> Option<(Method, u32)> {
-    action?.split_whitespace().rev().find_map(|tok| {
-        let (m, n) = tok.split_once('#')?;
-        Some((Method::from(m), n.parse().ok()?))
-    })
-}
-
 /// The next unused attempt id (ids only ever grow, so an agent never re-runs one).
 pub fn next_attempt(s: &GpuWedgeStatus) -> u32 {
     let a = s.approval.as_ref().map_or(0, |a| a.attempt);
@@ -488,6 +480,19 @@ impl<'a> Draft<'a> {
 
     fn action(&mut self, a: impl Into<String>) -> &mut Self {
         self.new.action = Some(a.into());
+        self
+    }
+
+    /// Records the plan: `method` with attempt id `attempt`, and its rung on `ladder`.
+    fn plan(&mut self, method: &Method, attempt: u32, ladder: Option<&[Method]>) -> &mut Self {
+        let rung = ladder
+            .and_then(|l| l.iter().position(|m| m == method))
+            .map(|p| p as u32 + 1);
+        self.new.plan = Some(Plan {
+            method: method.clone(),
+            attempt,
+            rung,
+        });
         self
     }
 
@@ -605,6 +610,7 @@ pub fn decide(input: &Input) -> Decision {
             .action(format!("abandoned by {by}"));
         d.new.finished_at = Some(d.now());
         d.new.budget = None;
+        d.new.waiting_for = None;
         d.condition(cond::ABANDONED, true, "ByHuman", msg.clone());
         return d.done(Step::Release, note(false, "Abandoned", msg));
     }
@@ -618,6 +624,7 @@ pub fn decide(input: &Input) -> Decision {
             .action(format!("abandoned: node {node} deleted"));
         d.new.finished_at = Some(d.now());
         d.new.budget = None;
+        d.new.waiting_for = None;
         d.condition(cond::ABANDONED, true, "NodeDeleted", msg.clone());
         return d.done(Step::Release, note(true, "NodeDeleted", msg));
     }
@@ -696,6 +703,7 @@ pub fn decide(input: &Input) -> Decision {
                 }
             }
             d.new.methods = Some(joined.clone());
+            d.new.plan = None;
         }
     }
     let planned = d.new.methods.as_deref().map_or(methods, Method::parse_list);
@@ -906,6 +914,7 @@ fn decide_none(
         d.phase(Phase::Recovered).action(how.clone());
         d.new.finished_at = Some(d.now());
         d.new.budget = None;
+        d.new.waiting_for = None;
         d.condition(
             cond::RECOVERED,
             true,
@@ -951,6 +960,7 @@ fn decide_none(
         if held.is_some_and(|h| h.unit == BudgetUnit::None) {
             d.phase(Phase::Restarting).action(verb);
             d.new.budget = None;
+            d.new.waiting_for = None;
             d.condition(cond::ADMITTED, true, "Admitted", "within the none budget");
             return d.done(Step::Nothing, None);
         }
@@ -993,30 +1003,24 @@ fn admit_or_queue(d: Draft, pv: &PolicyView, cand: Candidate) -> Decision {
             },
             None,
         ),
-        Err(reason) => queued(d, &reason.0),
+        Err(reason) => queued(d, &reason),
     }
-}
-
-/// What a queue reason is about, without its counts: `nodes under recovery` for
-/// `29/50 nodes under recovery, 3 queued ahead`.
-fn reason_kind(reason: &str) -> &str {
-    let head = reason.split(", ").next().unwrap_or(reason);
-    head.split_once(' ').map_or(head, |(_, kind)| kind)
 }
 
 /// The status of a wedge that waits for budget (also used when the CAS finds it full).
 ///
-/// A wedge already queued for the same kind of reason keeps the text it was queued with: the
+/// A wedge already queued for the same limit keeps the text it was queued with: the
 /// counts change with every admission and release, and rewriting (and announcing) every waiting
 /// wedge each time is a write storm of its own at a thousand wedges. The policy's summary
 /// (`kubectl get recoverypolicy`) shows the live counts.
-pub fn queued_status(status: &OperatorStatus, reason: &str, now: Timestamp) -> OperatorStatus {
+/// A wedge queued again plans afresh when admitted (its plan is cleared).
+pub fn queued_status(status: &OperatorStatus, why: &QueueReason, now: Timestamp) -> OperatorStatus {
     let mut s = status.clone();
     let reason = match s.budget.as_deref() {
-        Some(old) if s.phase == Some(Phase::Queued) && reason_kind(old) == reason_kind(reason) => {
+        Some(old) if s.phase == Some(Phase::Queued) && s.waiting_for == Some(why.1) => {
             old.to_string()
         }
-        _ => reason.to_string(),
+        _ => why.0.clone(),
     };
     let reason = reason.as_str();
     if s.phase != Some(Phase::Queued) {
@@ -1024,7 +1028,9 @@ pub fn queued_status(status: &OperatorStatus, reason: &str, now: Timestamp) -> O
         s.phase_since = Some(Time(now));
     }
     s.action = Some("waiting: budget".into());
+    s.plan = None;
     s.budget = Some(reason.to_string());
+    s.waiting_for = Some(why.1);
     let c = Condition {
         type_: cond::ADMITTED.into(),
         status: "False".into(),
@@ -1052,7 +1058,7 @@ pub fn queue_recheck(ahead: usize) -> Duration {
     Duration::from_secs(30 + ahead as u64).min(Duration::from_secs(300))
 }
 
-fn queued(d: Draft, reason: &str) -> Decision {
+fn queued(d: Draft, reason: &QueueReason) -> Decision {
     let now = d.input.now;
     let ahead = match &d.input.policy {
         Governance::Policy(pv) => pv.waiting_ahead.len(),
@@ -1063,13 +1069,16 @@ fn queued(d: Draft, reason: &str) -> Decision {
         shown if *shown != d.old.budget => note(
             false,
             "Queued",
-            format!("waiting for budget: {}", shown.as_deref().unwrap_or(reason)),
+            format!(
+                "waiting for budget: {}",
+                shown.as_deref().unwrap_or(&reason.0)
+            ),
         ),
         _ => None,
     };
     Decision {
         status,
-        step: wait(queue_recheck(ahead), reason.to_string()),
+        step: wait(queue_recheck(ahead), reason.0.clone()),
         note,
     }
 }
@@ -1207,9 +1216,21 @@ fn decide_recovery(
 ) -> Decision {
     let s = pv.settings;
     let status = input.wedge.status.clone().unwrap_or_default();
-    let phase = d.new.phase.unwrap_or_default();
+    let mut phase = d.new.phase.unwrap_or_default();
     let node_name = input.wedge.spec.node_name.clone();
     let plan = without_driver(ladder(methods, s), &input.wedge.spec.device.driver);
+    let stale = d
+        .new
+        .plan
+        .as_ref()
+        .is_none_or(|p| p.attempt < next_attempt(&status));
+    if matches!(phase, Phase::Draining | Phase::AwaitingApproval) && stale {
+        // A drain is always for the next unused attempt id. No plan, or an older one: written
+        // by a version that kept the plan only in `action`, or left behind by one (downgrade and
+        // upgrade again; docs/upgrades.md). Plan afresh from the cordon rather than guess.
+        phase = Phase::Cordoned;
+        d.phase(phase);
+    }
 
     // The rung planned now. A DRA device is quarantined for every rung but reboot, which takes
     // all the node's devices down and so cordons and drains the node (docs/design.md §5).
@@ -1217,7 +1238,7 @@ fn decide_recovery(
         Phase::Approved | Phase::Recovering | Phase::Verifying => {
             status.approval.as_ref().map(|a| Method::from(&a.method))
         }
-        _ => plan_of(d.new.action.as_deref()).map(|p| p.0),
+        _ => d.new.plan.as_ref().map(|p| p.method.clone()),
     }
     .or_else(|| plan.as_ref().ok().map(|l| l[0].clone()));
     let quarantine = input.dra.as_ref().filter(|_| {
@@ -1261,6 +1282,7 @@ fn decide_recovery(
                     ),
                     Err(r) => {
                         d.new.budget = Some(r.0.clone());
+                        d.new.waiting_for = Some(r.1);
                         d.done(wait(Duration::from_secs(30), r.0), None)
                     }
                 };
@@ -1299,6 +1321,7 @@ fn decide_recovery(
         d.new.admitted_at = Some(d.now());
     }
     d.new.budget = None;
+    d.new.waiting_for = None;
     d.condition(
         cond::ADMITTED,
         true,
@@ -1319,6 +1342,7 @@ fn decide_recovery(
                             format!("unwedge for {w}")
                         });
                     d.new.cordoned = Some(false);
+                    d.new.plan = None;
                     d.phase(Phase::Cordoned).action("cordon");
                     let msg = format!(
                         "node {node_name} was already cordoned by {by}; unwedge will not uncordon it"
@@ -1332,7 +1356,8 @@ fn decide_recovery(
                 };
                 d.new.cordoned = Some(true);
                 // A quarantined device escalated to reboot keeps its rung; others start here.
-                if !(phase == Phase::Draining && plan_of(d.new.action.as_deref()).is_some()) {
+                if phase != Phase::Draining {
+                    d.new.plan = None;
                     d.phase(Phase::Cordoned).action("cordon");
                 }
                 let msg =
@@ -1424,18 +1449,20 @@ fn decide_recovery(
             };
             let n = next_attempt(&status);
             d.phase(Phase::Draining)
-                .action(format!("drain for {}#{n}", ladder[0]));
+                .action(format!("drain for {}#{n}", ladder[0]))
+                .plan(&ladder[0], n, Some(&ladder));
             d.new.phase_since = Some(d.now());
             d.done(Step::Nothing, None)
         }
         Phase::Draining => {
-            let (method, n) = plan_of(d.new.action.as_deref())
-                .or_else(|| {
-                    plan.as_ref()
-                        .ok()
-                        .map(|l| (l[0].clone(), next_attempt(&status)))
-                })
-                .unwrap_or_else(|| (Method::Reboot, next_attempt(&status)));
+            let Some(Plan {
+                method, attempt: n, ..
+            }) = d.new.plan.clone()
+            else {
+                // Not reached: a Draining wedge without a plan was sent back to the cordon above.
+                d.phase(Phase::Cordoned);
+                return d.done(Step::Nothing, None);
+            };
             if method == Method::Reboot && !held.reboot {
                 let d = match gate(d, pv, &format!("drain node {node_name} for reboot#{n}")) {
                     Ok(d) => d,
@@ -1458,6 +1485,7 @@ fn decide_recovery(
                     Err(r) => {
                         let mut d = d;
                         d.new.budget = Some(r.0.clone());
+                        d.new.waiting_for = Some(r.1);
                         d.done(wait(Duration::from_secs(30), r.0), None)
                     }
                 };
@@ -1500,7 +1528,7 @@ fn decide_recovery(
             approve(d, pv, &method, n, input.operator.to_string(), false)
         }
         Phase::AwaitingApproval | Phase::NeedsAttention => {
-            let current = plan_of(d.new.action.as_deref()).map(|p| p.0);
+            let current = d.new.plan.as_ref().map(|p| p.method.clone());
             if let Some(m) = verbs.approve.clone() {
                 let Some(who) = by else {
                     d.condition(
@@ -1544,13 +1572,14 @@ fn decide_recovery(
                 }
                 let n = next_attempt(&status);
                 if phase == Phase::AwaitingApproval && current.as_ref() == Some(&method) {
-                    let n = plan_of(d.new.action.as_deref()).map_or(n, |p| p.1);
+                    let n = d.new.plan.as_ref().map_or(n, |p| p.attempt);
                     return approve(d, pv, &method, n, who, true);
                 }
                 // Another method (or out of NeedsAttention): drain for it; the approval stays
                 // on the wedge and is honoured when the drain completes.
                 d.phase(Phase::Draining)
-                    .action(format!("drain for {method}#{n}"));
+                    .action(format!("drain for {method}#{n}"))
+                    .plan(&method, n, plan.as_deref().ok());
                 d.new.phase_since = Some(d.now());
                 d.condition(
                     cond::NEEDS_ATTENTION,
@@ -1569,10 +1598,14 @@ fn decide_recovery(
             }
             if phase == Phase::NeedsAttention && verbs.retry.is_some() {
                 let who = by.unwrap_or_else(|| "an unnamed user".into());
-                let rung = status
-                    .approval
+                // Where the ladder stood (the plan is kept through NeedsAttention), else the
+                // last approved method, else the first rung.
+                let rung = d
+                    .new
+                    .plan
                     .as_ref()
-                    .map(|a| Method::from(&a.method))
+                    .map(|p| p.method.clone())
+                    .or_else(|| status.approval.as_ref().map(|a| Method::from(&a.method)))
                     .or_else(|| plan.as_ref().ok().map(|l| l[0].clone()));
                 let Some(rung) = rung else {
                     d.condition(
@@ -1585,7 +1618,8 @@ fn decide_recovery(
                 };
                 let n = next_attempt(&status);
                 d.phase(Phase::Draining)
-                    .action(format!("drain for {rung}#{n}"));
+                    .action(format!("drain for {rung}#{n}"))
+                    .plan(&rung, n, plan.as_deref().ok());
                 d.new.phase_since = Some(d.now());
                 let msg = format!("{who} asked for a retry: {rung}#{n}");
                 d.condition(cond::NEEDS_ATTENTION, false, "Retry", msg.clone());
@@ -1654,7 +1688,18 @@ fn approve(
         at: d.now(),
         by: by.clone(),
     });
+    let rung = d
+        .new
+        .plan
+        .as_ref()
+        .filter(|p| p.method == *method)
+        .and_then(|p| p.rung);
     d.phase(Phase::Approved).action(format!("{method}#{n}"));
+    d.new.plan = Some(Plan {
+        method: method.clone(),
+        attempt: n,
+        rung,
+    });
     let msg = format!("approved {method}#{n} (by {by})");
     d.condition(
         cond::APPROVED,
@@ -1774,6 +1819,7 @@ fn attempt_progress(
             let wedged_again = status.events.iter().flatten().any(|e| e.at.0 > started);
             if wedged_again {
                 d.phase(Phase::Cordoned).action("re-plan");
+                d.new.plan = None;
                 d.new.methods = Some(Method::join(&plan_methods(input.wedge)));
                 return d.done(
                     Step::Nothing,
@@ -1843,7 +1889,8 @@ fn escalate(
     match next {
         Some(rung) if n <= pv.settings.max_attempts => {
             d.phase(Phase::Draining)
-                .action(format!("drain for {rung}#{n}"));
+                .action(format!("drain for {rung}#{n}"))
+                .plan(&rung, n, ladder.as_deref());
             d.new.phase_since = Some(d.now());
             let msg = format!("{why}; escalating to {rung}#{n}");
             d.condition(cond::APPROVED, false, "AttemptFailed", msg.clone());

@@ -745,7 +745,7 @@ async fn perform(
                     Box::pin(perform(&w, ctx, &next, d, node)).await
                 }
                 Err(reason) => {
-                    let q = decide::queued_status(&d.status, &reason.0, Timestamp::now());
+                    let q = decide::queued_status(&d.status, &reason, Timestamp::now());
                     if q != current {
                         // Derived from the status just written (which moved the resourceVersion):
                         // a plain merge patch of the operator's fields.
