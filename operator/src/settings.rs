@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use unwedge_crds::{ApprovalMode, Method, NoneAction, RecoveryPolicySpec};
+use unwedge_crds::{ApprovalMode, Method, NoneAction, RecoveryPolicySpec, budget};
 
 /// A policy field that cannot be used as written.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -147,12 +147,9 @@ impl Settings {
             })
         };
         Ok(Settings {
-            max_unavailable: spec.max_unavailable.clone().unwrap_or(IntOrString::Int(1)),
-            max_concurrent_reboots: spec.max_concurrent_reboots.unwrap_or(1).max(0) as u32,
-            max_unavailable_devices: spec
-                .max_unavailable_devices
-                .clone()
-                .unwrap_or_else(|| IntOrString::String("10%".into())),
+            max_unavailable: budget::max_unavailable(spec),
+            max_concurrent_reboots: budget::max_concurrent_reboots(spec),
+            max_unavailable_devices: budget::max_unavailable_devices(spec),
             allowed_methods: listed(&spec.allowed_methods),
             escalation: listed(&spec.escalation),
             approval: spec.approval,
@@ -171,7 +168,7 @@ impl Settings {
                 spec.none.min_interval.as_ref(),
                 Duration::from_secs(600),
             )?,
-            none_max_concurrent: spec.none.max_concurrent.unwrap_or(10).max(0) as u32,
+            none_max_concurrent: budget::none_max_concurrent(spec),
             verify_timeout: duration(
                 "verifyTimeout",
                 spec.verify_timeout.as_ref(),
