@@ -1234,10 +1234,13 @@ fn decide_recovery(
 
     // The rung planned now. A DRA device is quarantined for every rung but reboot, which takes
     // all the node's devices down and so cordons and drains the node (docs/design.md §5).
+    // NeedsAttention keeps its plan for a human's retry only: it never changes what the wedge
+    // holds or asks of the budget while a human looks.
     let rung_now = match phase {
         Phase::Approved | Phase::Recovering | Phase::Verifying => {
             status.approval.as_ref().map(|a| Method::from(&a.method))
         }
+        Phase::NeedsAttention => None,
         _ => d.new.plan.as_ref().map(|p| p.method.clone()),
     }
     .or_else(|| plan.as_ref().ok().map(|l| l[0].clone()));

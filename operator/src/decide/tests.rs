@@ -1803,6 +1803,28 @@ fn escalation_to_reboot_cordons_and_drains_the_node_and_keeps_the_taint_until_re
     assert!(!w.rule, "and the rule is gone");
 }
 
+/// NeedsAttention waits for a human whatever plan it keeps: a kept reboot plan on a quarantined
+/// DRA device takes no node place and cordons nothing by itself.
+#[test]
+fn a_kept_plan_takes_nothing_while_a_human_is_asked() {
+    let mut w = dra_world("rebind");
+    w.run(20);
+    assert_eq!(w.ledger[0].unit, BudgetUnit::Device);
+    let mut st = w.status();
+    st.phase = Some(Phase::NeedsAttention);
+    st.plan = Some(Plan {
+        method: Method::Reboot,
+        attempt: 2,
+        rung: Some(2),
+    });
+    w.wedge.status = Some(st);
+    w.run(20);
+    assert_eq!(w.phase(), Phase::NeedsAttention);
+    assert!(!w.node.unschedulable, "nothing cordoned");
+    assert_eq!(w.ledger.len(), 1);
+    assert_eq!(w.ledger[0].unit, BudgetUnit::Device, "no node place taken");
+}
+
 #[test]
 fn a_queued_wedge_rechecks_later_the_further_back_it_waits() {
     assert_eq!(queue_recheck(0), Duration::from_secs(30));
