@@ -7,19 +7,19 @@
 # Both first run tools/prereqs.sh, which fails in seconds with what to install (as root on
 # Debian/Ubuntu it installs the missing Debian packages itself).
 #
-# Control-plane, network-namespace and root tests run one at a time (E2E_THREADS): the reference
-# machine has 2 cores, and each test starts its own kube-apiserver, etcd, controller-manager,
-# scheduler and kwok.
+# The end-to-end test binaries and the benches' short modes run in parallel lanes (tools/lanes.sh,
+# LANES=2 by default: the reference machine's 2 cores); each starts its own kube-apiserver, etcd,
+# controller-manager, scheduler and kwok on free ports, and runs its own tests one at a time.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
-E2E_THREADS ?= 1
+LANES ?= 2
 
-.PHONY: test lint test-unit test-e2e test-bench test-kind images demo binaries bins cluster crds \
-	prereqs-demo prereqs-test test-build
+.PHONY: test lint test-unit test-e2e test-bench test-lanes test-kind images demo binaries bins \
+	cluster crds prereqs-demo prereqs-test test-build
 
-test: prereqs-test lint test-unit test-e2e test-bench test-kind
+test: prereqs-test lint test-unit test-lanes test-kind
 
 # What this machine lacks for `make demo` / `make test`, before any build.
 prereqs-demo prereqs-test:
@@ -56,13 +56,17 @@ test-build: bins
 # End to end on a real local control plane: foundation, admission, chart (helm lint/template/
 # install with Helm 3 and 4), kubectl plugin, observability, DRA, the scenarios.
 test-e2e: binaries bins
-	$(CARGO) test -p e2e -- --test-threads=$(E2E_THREADS)
+	LANES=$(LANES) CARGO=$(CARGO) bash tools/lanes.sh e2e
 
 # The benchmarks in their short mode: proves they still run and still assert the invariants.
 # `bench chaos --short` is not here yet: one run in seven after the 2026-12-05 fixes still left a
 # cordon naming a deleted wedge (docs/benchmarks.md §6); it joins once that is traced.
 test-bench: binaries bins
-	$(CARGO) run -q -p e2e --bin bench -- storm --short
+	LANES=$(LANES) CARGO=$(CARGO) bash tools/lanes.sh bench
+
+# test-e2e and test-bench in one pool of lanes (what `make test` runs).
+test-lanes: binaries bins
+	LANES=$(LANES) CARGO=$(CARGO) bash tools/lanes.sh e2e bench
 
 # The FROM-scratch images (static musl builds); starts dockerd when it is not running.
 images:

@@ -22,6 +22,9 @@ pub const LABEL_WEDGE: &str = "unwedge.io/wedge";
 pub const TAINT_KEY: &str = "unwedge.io/wedged";
 /// The Node condition type set while a device on the node is unrecovered.
 pub const NODE_CONDITION: &str = "GpuWedged";
+/// Key the agent adds to a GpuWedge's `spec.uevent` (unless the kernel sent it) with xe's sysfs
+/// `survivability_mode`, read when the wedge lists `vendor-specific` or found at agent start.
+pub const UEVENT_SURVIVABILITY_MODE: &str = "SURVIVABILITY_MODE";
 
 /// A PCI address as a label value (`0000:03:00.0` → `0000-03-00.0`).
 pub fn device_label(pci: &str) -> String {

@@ -12,8 +12,9 @@
 # (a failed step, a failed scenario, an unknown scenario name).
 #
 # Safety: the reboot rung never runs here. The kind install leaves reboot out of the policy's
-# allowed methods and escalation, and sets the agent's reboot mode to `command` (the agent's image
-# has no shell, so even a reboot approval could only fail). Besides, the suite stops unless the
+# allowed methods and escalation, and sets the agent's reboot mode to `command` with the command
+# `false` (run as an argv; the FROM-scratch image holds no program but the agent, so even a reboot
+# approval could only fail). Besides, the suite stops unless the
 # agent's PID namespace is the kind node's own, not this machine's.
 set -euo pipefail
 . "$(cd "$(dirname "$0")" && pwd)/lib.sh"

@@ -1,12 +1,15 @@
 //! The agent's production listener and parser fed by the real kernel (docs/design.md §1): in a private
 //! network namespace, uevents sent to the kernel come back from port id 0 exactly like the
 //! kernel's own; a process's own group-1 multicast is refused; a flood of irrelevant uevents
-//! is drained and a wedge after it is still heard.
+//! is drained and a wedge after it is still heard; a captured kernel payload replayed by the
+//! `uevent-inject --raw-file` binary reads as the original event with the kernel's fresh
+//! `SEQNUM`, and a capture cut inside its `WEDGED=` value is reported as truncated.
 //!
 //! Needs CAP_SYS_ADMIN (CI runs it as root). Without it the test fails, it never skips.
 
 use std::time::{Duration, Instant};
 
+use e2e::fleet::Bins;
 use e2e::inject;
 use unwedge_agent::listener::{ListenError, UeventListener};
 use unwedge_agent::uevent;
@@ -144,5 +147,91 @@ fn a_flood_of_irrelevant_uevents_is_drained() {
             ignored, FLOOD,
             "every irrelevant uevent was read and ignored"
         );
+    });
+}
+
+/// A real xe wedge as captured from the kernel (its `SEQNUM` in the middle, not last).
+const CAPTURED: &[u8] = b"change@/devices/pci0000:00/0000:00:01.0/0000:03:00.0/drm/card0\0ACTION=change\0DEVPATH=/devices/pci0000:00/0000:00:01.0/0000:03:00.0/drm/card0\0SUBSYSTEM=drm\0WEDGED=rebind,bus-reset\0DEVNAME=dri/card0\0DEVTYPE=drm_minor\0SEQNUM=5208\0MAJOR=226\0MINOR=0\0";
+
+/// Runs the `uevent-inject` binary with `--raw-file` (a file holding `payload`) in the calling
+/// thread's network namespace (a spawned process inherits the thread's namespaces).
+fn replay(payload: &[u8]) {
+    let bins = Bins::build().expect("binaries under test (cargo build -p uevent-inject --bins)");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("captured.uevent");
+    std::fs::write(&file, payload).unwrap();
+    let out = std::process::Command::new(&bins.inject)
+        .arg("--raw-file")
+        .arg(&file)
+        .output()
+        .expect("run uevent-inject");
+    assert!(
+        out.status.success(),
+        "uevent-inject --raw-file: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn kernel_seqnum() -> u64 {
+    std::fs::read_to_string("/sys/kernel/uevent_seqnum")
+        .expect("/sys/kernel/uevent_seqnum")
+        .trim()
+        .parse()
+        .expect("a number")
+}
+
+#[test]
+fn a_captured_payload_replays_with_the_kernels_seqnum() {
+    in_private_netns(|| async {
+        let mut l = UeventListener::bind().expect("bind uevent socket");
+        let before = kernel_seqnum();
+        replay(CAPTURED);
+        let msg = next(&mut l).await;
+        let ev = uevent::parse(&msg)
+            .expect("the replay is well-formed (one SEQNUM, the kernel's)")
+            .expect("a wedge");
+        let captured = uevent::parse(CAPTURED).unwrap().unwrap();
+        assert_eq!(ev.methods, ["rebind", "bus-reset"]);
+        let seq = ev.seqnum.expect("the kernel appends a SEQNUM");
+        assert!(
+            seq > before,
+            "SEQNUM {seq} is the kernel's fresh one (was {before}), not the captured 5208"
+        );
+        let mut raw = ev.raw.clone();
+        let mut want = captured.raw.clone();
+        raw.remove("SEQNUM");
+        want.remove("SEQNUM");
+        assert_eq!(raw, want, "every other key as captured");
+        assert!(msg.ends_with(format!("SEQNUM={seq}\0").as_bytes()));
+    });
+}
+
+#[test]
+fn a_capture_cut_inside_wedged_is_reported_truncated() {
+    in_private_netns(|| async {
+        let mut l = UeventListener::bind().expect("bind uevent socket");
+        let cut = inject::encode(
+            "change",
+            DEVPATH,
+            &[
+                "ACTION=change".into(),
+                format!("DEVPATH={DEVPATH}"),
+                "SUBSYSTEM=drm".into(),
+                "DEVNAME=dri/card0".into(),
+                "SEQNUM=5208".into(),
+                "WEDGED=rebind,bus-reset".into(),
+            ],
+        );
+        // The capture ends inside the method name: "…WEDGED=rebind,bus-re", no NUL.
+        let cut = &cut[..cut.len() - "set\0".len()];
+        replay(cut);
+        let msg = next(&mut l).await;
+        eprintln!("received: {:?}", String::from_utf8_lossy(&msg));
+        let err = uevent::parse(&msg).expect_err("a cut-off WEDGED= is never read as a wedge");
+        assert!(
+            matches!(err, uevent::ParseError::Truncated { .. }),
+            "reported as truncated, not as a method list: {err}"
+        );
+        assert!(err.to_string().contains("WEDGED=rebind,bus-re"), "{err}");
     });
 }

@@ -2,13 +2,14 @@
 //! with real agents and two real operators (as in `scenarios.rs`): the GpuWedge deleted
 //! mid-recovery (an admin cleaning up), the Node deleted mid-recovery (what cluster autoscalers
 //! do to drained nodes), the node relabelled into another policy mid-recovery, hand-made
-//! GpuWedges the agent never detected, a device with no driver bound, an agent in dry run, and a
-//! wedge dated in the past that tries to jump the queue. Each asserts that nothing stays held —
-//! no cordon, no ledger place — that nothing the agent did not detect is written, plus
-//! invariants 1–3.
+//! GpuWedges the agent never detected, a device with no driver bound, an agent in dry run, a
+//! wedge dated in the past that tries to jump the queue, the methods only a human can carry out
+//! (xe's survivability mode, a cold reset the policy does not allow), and uevents lost to a real
+//! netlink overrun. Each asserts that nothing stays held — no cordon, no ledger place — that
+//! nothing the agent did not detect is written, plus invariants 1–3.
 //!
-//! Needs root. `UNWEDGE_SCENARIOS=deleted,nodegone,relabel,forged,nodriver,dryrun,queue,brkclock`
-//! runs a subset.
+//! Needs root. `UNWEDGE_SCENARIOS=deleted,nodegone,relabel,forged,nodriver,dryrun,queue,brkclock,`
+//! `vendor,overrun` runs a subset.
 
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use unwedge_agent::reporter::{DetectedWedge, agent_status_patch, build_wedge};
 use unwedge_crds::gpuwedge::{AttemptOutcome, DeviceRef, GpuWedge, Phase};
-use unwedge_crds::labels::ANN_CORDONED_BY;
+use unwedge_crds::labels::{ANN_CORDONED_BY, UEVENT_SURVIVABILITY_MODE};
 use unwedge_crds::policy::RecoveryPolicy;
 
 const NS: &str = "workloads";
@@ -437,6 +438,73 @@ async fn forged(cp: &ControlPlane, bins: &Bins) -> Outcome {
     sc.check_invariants()
 }
 
+/// Methods only a human can carry out, each with what to do: `WEDGED=vendor-specific` of an xe
+/// GPU whose sysfs `survivability_mode` says `Runtime` (the agent reports the mode, the
+/// NeedsAttention message asks for a firmware flash with fwupd), and `WEDGED=cold-reset` under
+/// the default policy, which does not allow it (ColdReset, power-cycle, not NoAllowedMethod).
+/// Nothing is written to either device.
+async fn human_methods(cp: &ControlPlane, bins: &Bins) -> Outcome {
+    let (a, b) = ("vendor-a", "vendor-b");
+    let sc = Scenario::new(
+        cp,
+        bins,
+        "vendor",
+        vec![NodeSpec::new(a, 1, "xe"), NodeSpec::new(b, 1, "xe")],
+        2,
+        json!({}),
+        2,
+    )
+    .await
+    .map_err(|x| format!("scenario vendor: setup: {x:#}"))?;
+    let ga = sc.fleet.sim(a).sysfs.gpus()[0].bdf.clone();
+    let gb = sc.fleet.sim(b).sysfs.gpus()[0].bdf.clone();
+    // Written after the agent started, so only the uevent path can report it.
+    std::fs::write(
+        sc.fleet
+            .sim(a)
+            .sysfs
+            .sys_root()
+            .join(format!("bus/pci/devices/{ga}/survivability_mode")),
+        "Runtime\n",
+    )
+    .map_err(sc.ctx("write survivability_mode"))?;
+    sc.inject(bins, a, &ga, "vendor-specific").await?;
+    sc.inject(bins, b, &gb, "cold-reset").await?;
+    for (node, reason, says) in [
+        (
+            a,
+            "VendorSpecific",
+            &["runtime survivability", "firmware flash", "fwupd"][..],
+        ),
+        (b, "ColdReset", &["power-cycle"][..]),
+    ] {
+        let w = sc.wait_phase(node, Phase::NeedsAttention).await?;
+        let c = condition(&w, "NeedsAttention");
+        let ok = c
+            .as_ref()
+            .is_some_and(|c| c.reason == reason && says.iter().all(|x| c.message.contains(x)));
+        if !ok {
+            return Err(sc.fail(&format!(
+                "node {node}: expected NeedsAttention ({reason}) whose message says {says:?}, seen {c:?}"
+            )));
+        }
+        if !sc.fleet.sim(node).sysfs.journal().is_empty() {
+            return Err(sc.fail(&format!(
+                "node {node}: nothing may be written for a method unwedge cannot carry out, seen {:?}",
+                sc.fleet.sim(node).sysfs.journal()
+            )));
+        }
+    }
+    let w = sc.only_wedge(a)?;
+    let mode = w.spec.uevent.get(UEVENT_SURVIVABILITY_MODE);
+    if mode.map(String::as_str) != Some("Runtime") {
+        return Err(sc.fail(&format!(
+            "wedge of {a}: expected spec.uevent.{UEVENT_SURVIVABILITY_MODE}=Runtime from sysfs, seen {mode:?}"
+        )));
+    }
+    sc.check_invariants()
+}
+
 /// A device whose driver is gone when the agent looks: the agent says so, the operator plans
 /// the reboot rung only (no rebind or bus-reset walk), the harness reboots the host, and the
 /// wedge recovers with one attempt; sysfs saw no unbind or bind.
@@ -704,6 +772,207 @@ async fn breaker_clock(cp: &ControlPlane, bins: &Bins) -> Outcome {
     sc.check_invariants()
 }
 
+/// The receive buffer the overrun scenario asks for: the kernel doubles it to 8 KiB, a handful
+/// of uevents. The default (16 MiB) holds a 10,000-uevent flood (`netlink_kernel.rs`).
+const SMALL_UEVENT_BUFFER: &str = "4096";
+/// Irrelevant uevents sent while the agent is stopped: far more than 8 KiB holds.
+const OVERRUN_FLOOD: &str = "2000";
+
+/// The value of an unlabelled counter in the agent's `/metrics` text, if present.
+fn counter(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok())?
+    })
+}
+
+/// The agent's `/metrics`, read inside the node's network namespace.
+async fn agent_metrics(sc: &Scenario, node: &str) -> Result<String, String> {
+    let (code, body) = sc
+        .fleet
+        .sim(node)
+        .netns
+        .http_get(9101, "/metrics")
+        .await
+        .map_err(sc.ctx("GET /metrics"))?;
+    if code != 200 {
+        return Err(sc.fail(&format!("GET /metrics answered {code}")));
+    }
+    Ok(body)
+}
+
+/// Sends `sig` to the agent process of `node` (checked to be the agent, not a wrapper).
+fn signal_agent(sc: &mut Scenario, node: &str, sig: libc::c_int) -> Outcome {
+    let pid = sc
+        .fleet
+        .node(node)
+        .agent_pid()
+        .ok_or_else(|| format!("the agent of {node} is not running"))?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() != "unwedge-agent" {
+        return Err(format!(
+            "pid {pid} of {node}'s agent is {comm:?}, not unwedge-agent"
+        ));
+    }
+    let pid = libc::pid_t::try_from(pid).map_err(|e| e.to_string())?;
+    // SAFETY: kill with a pid we spawned and a valid signal number.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        return Err(format!(
+            "kill({pid}, {sig}): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Lost uevents are visible and the agent recovers what sysfs can tell (docs/lifecycle.md,
+/// "When uevents are lost"). The agent, with a tiny receive buffer, is stopped (SIGSTOP); while
+/// it cannot read, one GPU loses its driver, one enters xe survivability mode, and a flood of
+/// uevents through the kernel overruns its socket. After SIGCONT: the Node has a Warning Event
+/// `GpuUeventsLost` whose note names the unbound GPU, the survivability GPU and the bound GPU
+/// it cannot vouch for; `/metrics` counts the loss; the survivability GPU is reported as a
+/// `vendor-specific` GpuWedge; the unbound GPU is not turned into a wedge; and a WEDGED uevent
+/// sent afterwards still becomes its GpuWedge. No operator runs: this is the agent's part.
+async fn overrun(cp: &ControlPlane, bins: &Bins) -> Outcome {
+    let a = "overrun-a";
+    let mut sc = Scenario::new(
+        cp,
+        bins,
+        "overrun",
+        vec![NodeSpec::new(a, 3, "xe")],
+        1,
+        json!({}),
+        0,
+    )
+    .await
+    .map_err(|x| format!("scenario overrun: setup: {x:#}"))?;
+    {
+        let n = sc.fleet.node(a);
+        n.kill_agent();
+        n.set_agent_args(vec![
+            "--uevent-buffer-bytes".into(),
+            SMALL_UEVENT_BUFFER.into(),
+        ]);
+        n.start_agent(bins)
+            .map_err(|e| format!("restart agent: {e:#}"))?;
+        n.wait_agent_ready(Duration::from_secs(30))
+            .await
+            .map_err(|e| format!("agent ready: {e:#}"))?;
+    }
+    let log = sc.fleet.sim(a).agent_log();
+    eventually(&sc, "the agent's start-up reconciliation", || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        Ok((!text.contains("reconciliation done")).then(|| "not yet in the agent log".into()))
+    })
+    .await?;
+    let lost = "unwedge_agent_uevents_lost_total";
+    let before = counter(&agent_metrics(&sc, a).await?, lost);
+    if before != Some(0.0) {
+        return Err(sc.fail(&format!("{lost} before the overrun: {before:?}")));
+    }
+    let gpus: Vec<String> = sc
+        .fleet
+        .sim(a)
+        .sysfs
+        .gpus()
+        .iter()
+        .map(|g| g.bdf.clone())
+        .collect();
+    let (bound, unbound, survivor) = (&gpus[0], &gpus[1], &gpus[2]);
+
+    signal_agent(&mut sc, a, libc::SIGSTOP)?;
+    let sim = sc.fleet.sim(a);
+    sim.sysfs.drop_driver_link(unbound);
+    let g = sim.sysfs.gpu(survivor).expect("the node's GPU");
+    let mode = sim
+        .sysfs
+        .sys_root()
+        .join(&g.devpath()[1..])
+        .join("survivability_mode");
+    std::fs::write(&mode, "Runtime\n").map_err(sc.ctx("write survivability_mode"))?;
+    let flood = sim
+        .inject_raw_args(bins, &["--flood".into(), OVERRUN_FLOOD.into()])
+        .await
+        .map_err(|e| format!("flood: {e:#}"));
+    signal_agent(&mut sc, a, libc::SIGCONT)?;
+    flood?;
+
+    let mut note = String::new();
+    eventually(
+        &sc,
+        "a Warning Event GpuUeventsLost on the Node",
+        || async {
+            let evs = sc.events(a, "GpuUeventsLost").await?;
+            Ok(
+                match evs.iter().find(|e| e.type_.as_deref() == Some("Warning")) {
+                    Some(_) => None,
+                    None => Some(format!("{} such Events", evs.len())),
+                },
+            )
+        },
+    )
+    .await?;
+    for e in sc.events(a, "GpuUeventsLost").await? {
+        if e.involved_object.kind.as_deref() == Some("Node") {
+            note = e.message.unwrap_or_default();
+        }
+    }
+    for want in [
+        format!("{unbound} has no driver bound"),
+        format!("{survivor} is in survivability mode Runtime"),
+        format!("if a workload on {bound} fails"),
+    ] {
+        if !note.contains(&want) {
+            return Err(sc.fail(&format!(
+                "the GpuUeventsLost note does not say {want:?}: {note:?}"
+            )));
+        }
+    }
+    let metrics = agent_metrics(&sc, a).await?;
+    let seen = counter(&metrics, lost).unwrap_or(0.0);
+    let unbound_found = metrics
+        .lines()
+        .any(|l| l.starts_with("unwedge_agent_startup_findings_total{kind=\"unbound-driver\"}"));
+    if seen < 1.0 || !unbound_found {
+        return Err(sc.fail(&format!(
+            "/metrics after the overrun: {lost} {seen}, unbound-driver finding counted {unbound_found}"
+        )));
+    }
+    let w = sc
+        .rec
+        .wait_node_wedges(a, "the survivability GPU reported", PHASE_WAIT, |ws| {
+            ws.iter().any(|w| {
+                w.spec.device.pci_address == *survivor && w.spec.methods == ["vendor-specific"]
+            })
+        })
+        .await;
+    w.map_err(|x| sc.fail(&x))?;
+
+    sc.inject(bins, a, bound, "rebind,bus-reset").await?;
+    let w = sc
+        .rec
+        .wait_node_wedges(a, "the WEDGED uevent after the overrun", PHASE_WAIT, |ws| {
+            ws.iter().any(|w| {
+                w.spec.device.pci_address == *bound && w.spec.methods == ["rebind", "bus-reset"]
+            })
+        })
+        .await;
+    w.map_err(|x| sc.fail(&x))?;
+    let ws = sc.rec.wedges_of(a);
+    if ws.iter().any(|w| w.spec.device.pci_address == *unbound) || ws.len() != 2 {
+        return Err(sc.fail(&format!(
+            "expected exactly the two wedges of {survivor} and {bound} (an unbound GPU is not a wedge), seen {:?}",
+            ws.iter()
+                .map(|w| (&w.spec.device.pci_address, &w.spec.methods))
+                .collect::<Vec<_>>()
+        )));
+    }
+    if !sc.fleet.sim(a).sysfs.journal().is_empty() {
+        return Err(sc.fail("a device was written with no operator running"));
+    }
+    sc.check_invariants()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ending_scenarios() {
     let (bins, cp) = binaries_and_plane().await;
@@ -745,6 +1014,20 @@ async fn ending_scenarios() {
     if run.wants("brkclock") {
         let r = breaker_clock(&cp, &bins).await;
         run.record("the breaker counts by the API server's clock", r);
+    }
+    if run.wants("vendor") {
+        let r = human_methods(&cp, &bins).await;
+        run.record(
+            "vendor-specific (xe survivability) and a disallowed cold-reset say what a human must do",
+            r,
+        );
+    }
+    if run.wants("overrun") {
+        let r = overrun(&cp, &bins).await;
+        run.record(
+            "a uevent overrun raises the alarm, the rescan reports, the agent keeps hearing",
+            r,
+        );
     }
     run.finish();
 }

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::TypedValueParser;
 use clap::{Parser, ValueEnum};
 
 /// Command-line arguments of `unwedge-agent`.
@@ -61,7 +62,8 @@ pub struct Args {
     /// How the `reboot` rung reboots the host.
     #[arg(long, env = "REBOOT_MODE", value_enum, default_value_t = RebootMode::Command)]
     pub reboot_mode: RebootMode,
-    /// The command run (through `sh -c`) by `--reboot-mode command`.
+    /// The command run by `--reboot-mode command`: a program and its arguments, split on
+    /// whitespace and run without a shell, like `--verify-command`.
     #[arg(long, env = "REBOOT_COMMAND", default_value = "systemctl reboot")]
     pub reboot_command: String,
     /// A program that must exit 0 for a recovery to count as verified, with its arguments,
@@ -83,6 +85,12 @@ pub struct Args {
     /// `--dra-pci-attribute`: `driver=attribute[,...]` or a JSON object.
     #[arg(long, env = "DRA_DRIVER_ATTRIBUTES", default_value = "")]
     pub dra_driver_attributes: String,
+    /// The receive buffer asked of the kernel for the uevent socket, in bytes. A burst larger
+    /// than it while the agent is not reading overruns the socket: uevents are lost, counted
+    /// and followed by a sysfs rescan (docs/lifecycle.md). Only tests set it small.
+    #[arg(long, env = "UEVENT_BUFFER_BYTES", default_value_t = crate::listener::RECV_BUFFER_BYTES,
+          value_parser = clap::value_parser!(u32).range(1..).map(|b| b as usize))]
+    pub uevent_buffer_bytes: usize,
     /// Log line format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -161,6 +169,7 @@ mod tests {
         assert_eq!(a.reboot_mode, RebootMode::Command);
         assert_eq!(a.reboot_command, "systemctl reboot");
         assert_eq!(a.settle, Duration::from_secs(10));
+        assert_eq!(a.uevent_buffer_bytes, 16 << 20);
         assert!(!a.dry_run);
     }
 

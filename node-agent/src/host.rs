@@ -81,7 +81,8 @@ pub struct SysfsHost {
     pub sysfs_root: PathBuf,
     /// How to reboot.
     pub reboot_mode: RebootMode,
-    /// The command for `RebootMode::Command` (run through `sh -c`).
+    /// The command for `RebootMode::Command`: split on whitespace and run as an argv, without
+    /// a shell ([`crate::verify_command::split_argv`]).
     pub reboot_command: String,
     /// The boot id file.
     pub boot_id_path: PathBuf,
@@ -137,22 +138,25 @@ impl HostActions for SysfsHost {
     fn reboot(&self) -> Result<(), HostError> {
         match self.reboot_mode {
             RebootMode::Command => {
-                let status = Command::new("sh")
-                    .arg("-c")
-                    .arg(&self.reboot_command)
-                    .status()
-                    .map_err(|e| {
-                        HostError::Command(format!(
-                            "cannot run reboot command {:?}: {e}",
-                            self.reboot_command
-                        ))
-                    })?;
+                let argv = crate::verify_command::split_argv(&self.reboot_command);
+                let Some((program, args)) = argv.split_first() else {
+                    return Err(HostError::Command(
+                        "--reboot-command is empty: give a program and its arguments, e.g. \"systemctl reboot\"".to_string(),
+                    ));
+                };
+                let status = Command::new(program).args(args).status().map_err(|e| {
+                    let hint = if e.kind() == io::ErrorKind::NotFound {
+                        " (it runs without a shell: name a program present in the agent's image; quotes, pipes and variables are not interpreted)"
+                    } else {
+                        ""
+                    };
+                    HostError::Command(format!("cannot run reboot command {argv:?}: {e}{hint}"))
+                })?;
                 if status.success() {
                     Ok(())
                 } else {
                     Err(HostError::Command(format!(
-                        "reboot command {:?} exited with {status}",
-                        self.reboot_command
+                        "reboot command {argv:?} exited with {status}"
                     )))
                 }
             }
@@ -292,6 +296,26 @@ mod tests {
         let h = host(t.path(), &format!("touch {}", marker.display()));
         h.reboot().unwrap();
         assert!(marker.exists());
-        assert!(host(t.path(), "exit 3").reboot().is_err());
+        assert!(host(t.path(), "false").reboot().is_err());
+    }
+
+    #[test]
+    fn the_reboot_command_runs_as_argv_not_through_a_shell() {
+        let t = tempfile::tempdir().unwrap();
+        // A shell would strip the quotes and `test` would pass; as argv `"x"` is not `x`.
+        host(t.path(), "test x = x").reboot().unwrap();
+        let quoted = host(t.path(), "test \"x\" = x").reboot().unwrap_err();
+        assert!(quoted.to_string().contains("exited with"), "{quoted}");
+        // `exit` is a shell builtin, not a program: without a shell it is not found.
+        let builtin = host(t.path(), "exit 0").reboot().unwrap_err();
+        assert!(builtin.to_string().contains("without a shell"), "{builtin}");
+        // `;` is an argument of `true`, not a command separator: the marker is not written.
+        let marker = t.path().join("second");
+        host(t.path(), &format!("true ; touch {}", marker.display()))
+            .reboot()
+            .unwrap();
+        assert!(!marker.exists());
+        let empty = host(t.path(), "  ").reboot().unwrap_err();
+        assert!(empty.to_string().contains("is empty"), "{empty}");
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod blamed;
 pub mod config;
+pub mod cri;
 pub mod detections;
 pub mod dra;
 pub mod executor;

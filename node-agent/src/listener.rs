@@ -20,7 +20,8 @@ use tokio::io::unix::AsyncFd;
 
 /// The kernel's uevent multicast group (udev's re-broadcast is group 2, which we never join).
 pub const KERNEL_GROUP: u32 = 1;
-/// The receive buffer asked for: a burst of uevents (a hotplug storm, a flood) must not overrun.
+/// The receive buffer asked for by default (`--uevent-buffer-bytes`): a burst of uevents (a
+/// hotplug storm, a flood) must not overrun.
 pub const RECV_BUFFER_BYTES: usize = 16 << 20;
 /// Larger than any uevent (the kernel caps one at a few KiB).
 const MAX_MESSAGE: usize = 64 << 10;
@@ -54,13 +55,21 @@ pub struct UeventListener {
 }
 
 impl UeventListener {
-    /// Opens and binds the socket in the calling thread's network namespace. Must be called
-    /// inside a tokio runtime (the socket registers with its reactor).
+    /// Opens and binds the socket in the calling thread's network namespace with the default
+    /// receive buffer ([`RECV_BUFFER_BYTES`]). Must be called inside a tokio runtime (the socket
+    /// registers with its reactor).
     pub fn bind() -> io::Result<Self> {
+        Self::bind_with_buffer(RECV_BUFFER_BYTES)
+    }
+
+    /// Like [`Self::bind`], asking for a receive buffer of `bytes` (the kernel doubles it for
+    /// its bookkeeping and enforces a floor of a few KiB; [`Self::recv_buffer`] says what it
+    /// granted).
+    pub fn bind_with_buffer(bytes: usize) -> io::Result<Self> {
         let mut socket = Socket::new(NETLINK_KOBJECT_UEVENT)?;
         // SO_RCVBUFFORCE ignores rmem_max but needs CAP_NET_ADMIN; fall back to SO_RCVBUF.
-        if set_int(&socket, libc::SO_RCVBUFFORCE, RECV_BUFFER_BYTES).is_err() {
-            set_int(&socket, libc::SO_RCVBUF, RECV_BUFFER_BYTES)?;
+        if set_int(&socket, libc::SO_RCVBUFFORCE, bytes).is_err() {
+            set_int(&socket, libc::SO_RCVBUF, bytes)?;
         }
         let recv_buffer = socket.get_rx_buf_sz()?;
         socket.bind(&SocketAddr::new(0, 1 << (KERNEL_GROUP - 1)))?;

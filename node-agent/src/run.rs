@@ -5,6 +5,7 @@
 //! metrics listener and shutdown signal. Nothing here is global: no tracing init, no shared
 //! registry.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -18,7 +19,7 @@ use kube::api::ListParams;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use tokio::sync::Notify;
-use unwedge_crds::labels::LABEL_NODE;
+use unwedge_crds::labels::{LABEL_NODE, UEVENT_SURVIVABILITY_MODE};
 use unwedge_crds::{DeviceRef, DraDeviceRef, GpuWedge};
 
 use crate::config::{Args, DeviceIdMatchArg};
@@ -66,13 +67,15 @@ pub struct Instance {
 
 impl Instance {
     /// The production instance: client from the environment, uevent socket in the calling
-    /// thread's network namespace, metrics on `args.metrics_addr`, stop on SIGTERM or SIGINT.
+    /// thread's network namespace (`--uevent-buffer-bytes`), metrics on `args.metrics_addr`,
+    /// stop on SIGTERM or SIGINT.
     pub fn from_env(args: &Args) -> anyhow::Result<Instance> {
         let mut sigterm =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let buffer = args.uevent_buffer_bytes;
         Ok(Instance {
             client: None,
-            bind_listener: Box::new(UeventListener::bind),
+            bind_listener: Box::new(move || UeventListener::bind_with_buffer(buffer)),
             metrics: MetricsListen::Addr(args.metrics_addr),
             shutdown: Box::pin(async move {
                 tokio::select! {
@@ -420,13 +423,21 @@ async fn on_wedge(agent: &Arc<Agent>, ev: WedgeUevent) {
     if !unknown.is_empty() {
         tracing::warn!(methods = ?ev.methods, unknown = ?unknown, "WEDGED names methods this agent cannot carry out; reporting them verbatim for the operator's policy");
     }
+    let mut uevent = ev.raw.clone();
+    vendor_hint(
+        &agent.sysfs,
+        &ev.methods,
+        &device.pci_address,
+        &mut uevent,
+        &mut problems,
+    );
     let mut d = DetectedWedge {
         node: agent.args.node_name.clone(),
         device,
         methods: ev.methods.clone(),
         detected_at,
         boot_id,
-        uevent: ev.raw.clone(),
+        uevent,
         seqnum: ev.seqnum,
         blamed,
         consumers: Vec::new(),
@@ -458,6 +469,34 @@ async fn on_wedge(agent: &Arc<Agent>, ev: WedgeUevent) {
     agent.outbox.stage(&d);
     agent.metrics.outbox_pending.set(agent.outbox.len() as i64);
     agent.wake.notify_one();
+}
+
+/// What the agent adds to a wedge that lists `vendor-specific` (docs/design.md §1): xe's sysfs
+/// `survivability_mode` of the device, as the `spec.uevent` key [`UEVENT_SURVIVABILITY_MODE`]
+/// (unless the kernel sent that key itself), from which the operator's NeedsAttention message
+/// names the firmware flash, and a note for a human. Nothing for other wedges, or when the
+/// attribute is absent (not xe, or not in survivability mode).
+fn vendor_hint(
+    sysfs: &Sysfs,
+    methods: &[String],
+    bdf: &str,
+    uevent: &mut BTreeMap<String, String>,
+    problems: &mut Vec<String>,
+) {
+    if !methods.iter().any(|m| m == "vendor-specific") {
+        return;
+    }
+    let Some(mode) = sysfs.survivability_mode(bdf) else {
+        return;
+    };
+    tracing::warn!(pci = %bdf, mode = %mode, "vendor-specific wedge in xe survivability mode: the GPU needs a firmware flash (fwupd)");
+    let first = mode.lines().next().unwrap_or_default().to_string();
+    problems.push(format!(
+        "xe survivability_mode {first:?}: the GPU needs a firmware flash (fwupd)"
+    ));
+    uevent
+        .entry(UEVENT_SURVIVABILITY_MODE.to_string())
+        .or_insert(mode);
 }
 
 /// Fills in what the node knows about a detection beyond sysfs: the containers holding a
@@ -644,6 +683,47 @@ async fn run_executor(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vendor_specific_wedge_carries_xe_survivability_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let bdfs =
+            crate::sysfs::fixture::build(dir.path(), crate::sysfs::fixture::Layout::Xe).unwrap();
+        let sysfs = Sysfs::new(dir.path());
+        let bdf = &bdfs[0];
+        let methods = |m: &str| m.split(',').map(str::to_string).collect::<Vec<_>>();
+        let hint = |m: &str, uevent: &[(&str, &str)]| {
+            let mut u: BTreeMap<String, String> = uevent
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let mut problems = Vec::new();
+            vendor_hint(&sysfs, &methods(m), bdf, &mut u, &mut problems);
+            (u, problems)
+        };
+        // Not in survivability mode: nothing added.
+        assert_eq!(hint("vendor-specific", &[]), (BTreeMap::new(), vec![]));
+        std::fs::write(
+            dir.path()
+                .join(format!("bus/pci/devices/{bdf}/survivability_mode")),
+            "Survivability mode type: Runtime\n",
+        )
+        .unwrap();
+        let (u, problems) = hint("vendor-specific", &[("WEDGED", "vendor-specific")]);
+        assert_eq!(
+            u.get(UEVENT_SURVIVABILITY_MODE).map(String::as_str),
+            Some("Survivability mode type: Runtime")
+        );
+        assert_eq!(u.len(), 2);
+        assert!(problems[0].contains("firmware flash"), "{problems:?}");
+        // Other wedges are not touched, and a key the kernel sent is kept.
+        assert_eq!(hint("rebind,bus-reset", &[]), (BTreeMap::new(), vec![]));
+        let (u, _) = hint(
+            "vendor-specific",
+            &[(UEVENT_SURVIVABILITY_MODE, "kernel's")],
+        );
+        assert_eq!(u[UEVENT_SURVIVABILITY_MODE], "kernel's");
+    }
 
     #[test]
     fn key_summary_names_keys_only() {

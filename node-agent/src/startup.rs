@@ -140,7 +140,7 @@ pub fn lost_uevents_note(gpus: &[(String, Option<String>)], findings: &[Finding]
         format!("uevents were lost (netlink receive buffer overrun); sysfs rescan: {found}.");
     if !unknown.is_empty() {
         note.push_str(&format!(
-            " A wedge of a GPU that stays bound leaves no trace in sysfs: if a workload on {} fails, look for 'wedged' in the kernel log and report it by hand.",
+            " A wedge of a GPU that stays bound leaves no trace in sysfs: if a workload on {} fails, look for 'wedged' in the kernel log; unwedge cannot act on a wedge it did not hear (a GpuWedge written by hand is refused), so recover that GPU by hand (drain the node, reboot it).",
             unknown.join(", ")
         ));
     }
@@ -181,14 +181,14 @@ pub fn reconcile(
                     boot_id: boot_id.to_string(),
                     uevent: BTreeMap::from([
                         ("SOURCE".to_string(), "startup-reconcile".to_string()),
-                        ("SURVIVABILITY_MODE".to_string(), mode.clone()),
+                        (unwedge_crds::labels::UEVENT_SURVIVABILITY_MODE.to_string(), mode.clone()),
                     ]),
                     seqnum: None,
                     blamed: None,
                     consumers: Vec::new(),
                     reset_domain: Vec::new(),
                     agent_message: Some(format!(
-                        "found at agent start: xe survivability_mode={mode}"
+                        "found by a sysfs rescan (agent start or lost uevents): xe survivability_mode={mode}"
                     )),
                     source: Source::Startup,
                     enriched: false,
@@ -310,6 +310,7 @@ mod tests {
             note.contains("if a workload on 0000:05:00.0 fails"),
             "{note}"
         );
+        assert!(note.contains("recover that GPU by hand"), "{note}");
         let quiet = lost_uevents_note(&gpus[2..], &[]);
         assert!(quiet.contains("no GPU is unbound"), "{quiet}");
     }

@@ -3,6 +3,11 @@
 //! `WEDGED` matter; everything else is `Ok(None)`, decided cheaply before any allocation.
 //! A message that claims to be such an event but is malformed is an `Err`: the caller logs it
 //! and keeps running. Method tokens are checked for syntax only and kept verbatim, in order.
+//! Every field the kernel sends ends with a NUL, the last one included: a message without it
+//! was cut off, and so may be its `WEDGED=` value (`bus-re` for `bus-reset`), so it is an
+//! [`ParseError::Truncated`] error, never a shorter method list. Such a message replayed through
+//! the kernel (`uevent_net_rcv`) comes back with the kernel's `SEQNUM=…\0` glued to its last
+//! field; that is recognised as the same truncation.
 
 use std::collections::BTreeMap;
 
@@ -90,6 +95,17 @@ pub enum ParseError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The message lacks the kernel's terminating NUL (or the kernel glued its own `SEQNUM=` to
+    /// the unterminated last field of an injected message): the last field may be cut off.
+    #[error(
+        "malformed WEDGED uevent: truncated, the last field {field:?} has no terminating NUL{glued}, so its value may be cut off"
+    )]
+    Truncated {
+        /// The last field as received (shortened).
+        field: String,
+        /// `" (the kernel appended its SEQNUM to it)"` when that is how it shows, else empty.
+        glued: &'static str,
+    },
     /// `SEQNUM` or `PID` is not a number.
     #[error("malformed WEDGED uevent: {key}={value:?} is not a number")]
     BadNumber {
@@ -118,6 +134,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<WedgeUevent>, ParseError> {
     if !claims_wedge || !claims_drm {
         return Ok(None);
     }
+    check_terminated(buf, &fields)?;
 
     let header = std::str::from_utf8(header).map_err(|_| ParseError::NotUtf8 { index: 0 })?;
     let (h_action, h_devpath) = match header.split_once('@') {
@@ -210,6 +227,39 @@ pub fn parse(buf: &[u8]) -> Result<Option<WedgeUevent>, ParseError> {
         task,
         raw,
     }))
+}
+
+/// Fails unless `buf` ends with the kernel's terminating NUL and the value of its last field does
+/// not end with a `SEQNUM=<digits>` the kernel glued to it (an injected message whose last field was cut off:
+/// `uevent_net_rcv` appends `SEQNUM=…\0` right after the bytes it was given).
+fn check_terminated(buf: &[u8], fields: &[&[u8]]) -> Result<(), ParseError> {
+    let last = fields.last().copied().unwrap_or_default();
+    let field = || short(&String::from_utf8_lossy(last));
+    if buf.last() != Some(&0) {
+        return Err(ParseError::Truncated {
+            field: field(),
+            glued: "",
+        });
+    }
+    let has_seqnum = fields.iter().any(|f| f.starts_with(b"SEQNUM="));
+    let value_at = last
+        .iter()
+        .position(|b| *b == b'=')
+        .map_or(usize::MAX, |i| i + 1);
+    let glued = !has_seqnum
+        && last.windows(7).enumerate().any(|(i, w)| {
+            i >= value_at
+                && w == b"SEQNUM="
+                && last.len() > i + 7
+                && last[i + 7..].iter().all(u8::is_ascii_digit)
+        });
+    if glued {
+        return Err(ParseError::Truncated {
+            field: field(),
+            glued: " (the kernel appended its SEQNUM to it)",
+        });
+    }
+    Ok(())
 }
 
 /// Splits a `WEDGED=` value into its tokens, checking syntax only (never against a list).
@@ -346,6 +396,36 @@ mod tests {
                 "{err} should mention {want}"
             );
         }
+    }
+
+    #[test]
+    fn a_missing_terminating_nul_is_a_truncation() {
+        let cut = &XE[..XE.len() - 1];
+        assert!(matches!(
+            parse(cut),
+            Err(ParseError::Truncated { glued: "", .. })
+        ));
+        let msg = b"change@/devices/x/drm/card0\0SUBSYSTEM=drm\0WEDGED=rebind,bus-re";
+        let err = parse(msg).unwrap_err();
+        assert!(
+            err.to_string().contains("truncated")
+                && err.to_string().contains("WEDGED=rebind,bus-re"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_seqnum_glued_to_the_last_field_is_a_truncation() {
+        let msg = b"change@/devices/x/drm/card0\0SUBSYSTEM=drm\0WEDGED=rebind,bus-reSEQNUM=5209\0";
+        let err = parse(msg).unwrap_err();
+        assert!(
+            matches!(err, ParseError::Truncated { glued, .. } if !glued.is_empty()),
+            "{err}"
+        );
+        let ok = b"change@/devices/x/drm/card0\0SUBSYSTEM=drm\0WEDGED=rebind\0SEQNUM=5209\0";
+        assert!(parse(ok).unwrap().is_some());
+        let own_key = b"change@/devices/x/drm/card0\0SUBSYSTEM=drm\0WEDGED=rebind\0X_SEQNUM=1\0";
+        assert!(parse(own_key).unwrap().is_some());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! FROM scratch and has no `sh`. So no quotes, pipes, redirections or `$VARIABLES`; the device
 //! is passed in the environment instead (`UNWEDGE_PCI_ADDRESS`, `UNWEDGE_CARD`,
 //! `UNWEDGE_DRIVER`). An image that does ship a shell may still say `/bin/sh -c script-file`.
+//! `--reboot-command` follows the same rule ([`split_argv`]).
 
 use std::io;
 use std::process::Stdio;
@@ -47,6 +48,12 @@ pub enum VerifyCommandError {
     },
 }
 
+/// How `--verify-command` and `--reboot-command` become an argv: split on whitespace, nothing
+/// else (no quotes, escapes, pipes or variables). Empty when `cmd` is blank.
+pub fn split_argv(cmd: &str) -> Vec<String> {
+    cmd.split_whitespace().map(str::to_string).collect()
+}
+
 /// A parsed `--verify-command`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyCommand {
@@ -56,7 +63,7 @@ pub struct VerifyCommand {
 impl VerifyCommand {
     /// Splits `cmd` on whitespace: the first word is the program, the rest its arguments.
     pub fn parse(cmd: &str) -> Result<Self, VerifyCommandError> {
-        let argv: Vec<String> = cmd.split_whitespace().map(str::to_string).collect();
+        let argv = split_argv(cmd);
         if argv.is_empty() {
             return Err(VerifyCommandError::Empty);
         }

@@ -485,6 +485,13 @@ fn agent_message(store: &MemStore, name: &str) -> String {
         .unwrap_or_default()
 }
 
+/// A reboot command (run as argv, no shell) that only writes `boot-2` into the boot id file.
+fn new_boot_id_command(fake: &FakeSysfs, boot: &Path) -> String {
+    let next = fake.root.path().join("next-boot-id");
+    fs::write(&next, "boot-2\n").unwrap();
+    format!("cp {} {}", next.display(), boot.display())
+}
+
 #[tokio::test]
 async fn a_hand_made_wedge_is_refused_and_nothing_is_written() {
     let fake = FakeSysfs::new();
@@ -623,7 +630,7 @@ async fn without_a_driver_reboot_runs_and_rebind_is_refused() {
     assert!(a.message.contains("no driver bound to"), "{}", a.message);
 
     let boot = fake.root.path().join("boot_id");
-    let reboot = format!("echo boot-2 > {}", boot.display());
+    let reboot = new_boot_id_command(&fake, &boot);
     let w = approved("reboot", 2);
     let store = MemStore::with(&w);
     let step = executor_of(&fake, store.clone(), state.path(), &reboot, false)
@@ -660,7 +667,7 @@ async fn reboot_is_verified_by_the_new_boot_id_after_restart() {
     let store = MemStore::with(&w);
     // The "reboot" only changes the boot id file: harmless, never a real reboot.
     let boot = fake.root.path().join("boot_id");
-    let cmd = format!("echo boot-2 > {}", boot.display());
+    let cmd = new_boot_id_command(&fake, &boot);
     let first = executor(&fake, store.clone(), state.path(), &cmd, false);
     assert_eq!(
         first.process(&w).await,

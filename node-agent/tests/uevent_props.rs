@@ -160,8 +160,63 @@ proptest! {
 #[test]
 fn every_truncation_of_a_real_event_is_safe() {
     let msg = b"change@/devices/pci0000:00/0000:00:01.0/0000:03:00.0/drm/card0\0ACTION=change\0DEVPATH=/devices/pci0000:00/0000:00:01.0/0000:03:00.0/drm/card0\0SUBSYSTEM=drm\0WEDGED=rebind,bus-reset\0DEVNAME=dri/card0\0DEVTYPE=drm_minor\0SEQNUM=5208\0MAJOR=226\0MINOR=0\0";
+    let wedged = msg.windows(7).position(|w| w == b"WEDGED=").unwrap();
+    let value_end = wedged + b"WEDGED=rebind,bus-reset".len();
     for n in 0..=msg.len() {
-        let _ = parse(&msg[..n]);
+        match parse(&msg[..n]) {
+            Ok(Some(ev)) => assert_eq!(
+                ev.methods,
+                ["rebind", "bus-reset"],
+                "cut at {n}: a shorter method list was kept"
+            ),
+            Ok(None) => {}
+            Err(e) => assert!(n < msg.len(), "the whole event is an error: {e}"),
+        }
+        if n > wedged + 7 && n <= value_end {
+            assert!(
+                matches!(parse(&msg[..n]), Err(ParseError::Truncated { .. })),
+                "cut at {n} inside WEDGED= is a truncation: {:?}",
+                parse(&msg[..n])
+            );
+        }
     }
     assert!(parse(msg).unwrap().is_some());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    /// A message cut anywhere but right after a NUL is never read as a wedge, and a cut at a
+    /// field boundary never shortens the method list.
+    #[test]
+    fn a_cut_off_event_never_yields_cut_methods(e in event(), cut in any::<prop::sample::Index>()) {
+        let msg = encode(&e.devpath, &fields(&e));
+        let n = cut.index(msg.len());
+        match parse(&msg[..n]) {
+            Ok(Some(ev)) => {
+                prop_assert_eq!(msg[n - 1], 0u8);
+                prop_assert_eq!(&ev.methods, &e.methods);
+            }
+            Ok(None) => {}
+            Err(err) => prop_assert!(
+                msg[n - 1] == 0 || matches!(err, ParseError::Truncated { .. }),
+                "cut at {} (not after a NUL) should be Truncated: {}", n, err
+            ),
+        }
+    }
+
+    /// What `uevent_net_rcv` makes of an injected message cut inside its last field: the
+    /// kernel's `SEQNUM=<n>\0` is appended to the cut bytes. Never a wedge with cut methods.
+    #[test]
+    fn a_kernel_glued_seqnum_is_a_truncation(e in event(), keep in 1usize..40, seq in any::<u64>()) {
+        let mut f: Vec<String> = fields(&e).into_iter().filter(|f| !f.starts_with("SEQNUM=")).collect();
+        let w = f.iter().position(|f| f.starts_with("WEDGED=")).unwrap();
+        let last = f.remove(w);
+        let cut = &last[..("WEDGED=".len() + keep).min(last.len())];
+        let mut msg = encode(&e.devpath, &f);
+        msg.extend_from_slice(cut.as_bytes());
+        msg.extend_from_slice(format!("SEQNUM={seq}\0").as_bytes());
+        let res = parse(&msg);
+        prop_assert!(matches!(res, Err(ParseError::Truncated { .. })), "{:?}", res);
+    }
 }

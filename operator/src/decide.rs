@@ -4,14 +4,14 @@
 //! in that order. Every call recomputes from stored state (level-triggered), so a decision
 //! that was persisted but not acted on is simply made again by the next reconcile.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use unwedge_crds::{
     Admission, Approval, ApprovalMode, AttemptOutcome, BudgetUnit, GpuWedge, GpuWedgeStatus,
-    Method, NoneAction, Phase, Plan, PodRef,
+    Method, NoneAction, Phase, Plan, PodRef, labels::UEVENT_SURVIVABILITY_MODE,
 };
 
 use crate::budget::{self, Candidate, Limits, QueueReason};
@@ -298,6 +298,18 @@ pub fn ladder(methods: &[Method], s: &Settings) -> Result<Vec<Method>, Attention
         .enumerate()
         .find(|(_, m)| s.allowed_methods.contains(*m))
     else {
+        let cold_reset = Method::from(COLD_RESET);
+        if listed.contains(&&cold_reset) {
+            // A power cycle is a human's job whatever the policy allows: say so, not just
+            // that no method is allowed.
+            let mut a = unusable(&cold_reset);
+            a.message = format!(
+                "the kernel asked for {}, and the policy allows {}; only a power cycle of the device is left, which unwedge cannot carry out",
+                Method::join(&listed),
+                Method::join(&s.allowed_methods)
+            );
+            return Err(a);
+        }
         return Err(Attention {
             reason: "NoAllowedMethod",
             message: format!(
@@ -355,13 +367,46 @@ pub fn without_driver(
     })
 }
 
+/// `cold-reset`: a complete power cycle of the device (docs/design.md §1).
+const COLD_RESET: &str = "cold-reset";
+
+/// A NeedsAttention of a wedge that lists `vendor-specific`, with what xe's
+/// `survivability_mode` (the agent's `spec.uevent` key [`UEVENT_SURVIVABILITY_MODE`]) says
+/// the device needs: a firmware flash, which fwupd carries out. Any other attention, or no mode
+/// reported, is returned as it is.
+pub fn with_vendor_hint(
+    mut a: Attention,
+    methods: &[Method],
+    uevent: &BTreeMap<String, String>,
+) -> Attention {
+    let relevant = matches!(a.reason, "VendorSpecific" | "NoAllowedMethod")
+        && methods.contains(&Method::VendorSpecific);
+    let Some(raw) = uevent.get(UEVENT_SURVIVABILITY_MODE).filter(|_| relevant) else {
+        return a;
+    };
+    let first = raw.lines().next().unwrap_or_default();
+    let mode = first
+        .strip_prefix("Survivability mode type:")
+        .unwrap_or(first)
+        .trim();
+    let what = match mode.to_ascii_lowercase().as_str() {
+        "runtime" => "xe runtime survivability mode: a firmware error at runtime; the GPU needs a firmware flash to work again".to_string(),
+        "boot" => "xe boot survivability mode: the GPU's boot firmware failed; it needs a firmware flash to work again".to_string(),
+        _ => format!("xe survivability mode {mode:?}: the GPU needs a firmware flash to work again"),
+    };
+    a.reason = "VendorSpecific";
+    a.message = format!("{}; {what}", a.message);
+    a.todo = "flash the GPU's firmware on the node with fwupd (fwupdmgr refresh, then fwupdmgr update), then annotate unwedge.io/abandon".into();
+    a
+}
+
 fn unusable(method: &Method) -> Attention {
     let (reason, todo) = match method {
         Method::VendorSpecific => (
             "VendorSpecific",
             "the driver asks for a vendor procedure (e.g. a firmware flash, xe survivability mode): carry it out on the node, then annotate unwedge.io/abandon",
         ),
-        Method::Other(t) if t == "cold-reset" => (
+        Method::Other(t) if t == COLD_RESET => (
             "ColdReset",
             "the device needs a complete power cycle (a warm reboot may not give one): power-cycle the node, then annotate unwedge.io/abandon",
         ),
@@ -1218,7 +1263,10 @@ fn decide_recovery(
     let status = input.wedge.status.clone().unwrap_or_default();
     let mut phase = d.new.phase.unwrap_or_default();
     let node_name = input.wedge.spec.node_name.clone();
-    let plan = without_driver(ladder(methods, s), &input.wedge.spec.device.driver);
+    let plan = without_driver(
+        ladder(methods, s).map_err(|a| with_vendor_hint(a, methods, &input.wedge.spec.uevent)),
+        &input.wedge.spec.device.driver,
+    );
     let stale = d
         .new
         .plan

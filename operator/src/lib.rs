@@ -11,6 +11,7 @@ pub mod drain;
 pub mod leader;
 pub mod ledger;
 pub mod metrics;
+pub mod node_cache;
 pub mod policy_match;
 pub mod quarantine;
 pub mod reconciler;

@@ -1409,7 +1409,8 @@ pub async fn run(
         tokio::spawn(
             reflector::reflector(
                 nodes_writer,
-                watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+                watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+                    .modify(crate::node_cache::trim),
             )
             .default_backoff()
             .inspect(synced(&synced_tx, "nodes"))

@@ -61,6 +61,20 @@ pub fn encode(action: &str, devpath: &str, fields: &[String]) -> Vec<u8> {
     out
 }
 
+/// A captured kernel payload made fit to replay: every `SEQNUM=` field after the header is
+/// removed (the kernel appends a fresh one to whatever it is sent, and a second would make the
+/// event ambiguous). Every other byte is kept as captured, a missing terminating NUL included.
+pub fn strip_seqnum(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len());
+    for (i, field) in payload.split_inclusive(|b| *b == 0).enumerate() {
+        if i > 0 && field.starts_with(b"SEQNUM=") {
+            continue;
+        }
+        out.extend_from_slice(field);
+    }
+    out
+}
+
 /// A netlink uevent socket, closed on drop.
 struct Fd(libc::c_int);
 
@@ -136,4 +150,31 @@ pub fn send_to_kernel(payload: &[u8]) -> io::Result<()> {
 pub fn multicast_as_process(payload: &[u8]) -> io::Result<()> {
     let fd = socket()?;
     send_to(&fd, payload, 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strip_seqnum_removes_only_the_seqnum_field() {
+        let captured =
+            b"change@/d/drm/card0\0ACTION=change\0SEQNUM=5208\0WEDGED=rebind\0X_SEQNUM=1\0";
+        assert_eq!(
+            strip_seqnum(captured),
+            b"change@/d/drm/card0\0ACTION=change\0WEDGED=rebind\0X_SEQNUM=1\0"
+        );
+        let last = b"change@/d/drm/card0\0WEDGED=rebind\0SEQNUM=7\0";
+        assert_eq!(strip_seqnum(last), b"change@/d/drm/card0\0WEDGED=rebind\0");
+        let cut = b"change@/d/drm/card0\0SEQNUM=7\0WEDGED=rebind,bus-re";
+        assert_eq!(
+            strip_seqnum(cut),
+            b"change@/d/drm/card0\0WEDGED=rebind,bus-re"
+        );
+        let unterminated_seqnum = b"change@/d/drm/card0\0WEDGED=none\0SEQNUM=7";
+        assert_eq!(
+            strip_seqnum(unterminated_seqnum),
+            b"change@/d/drm/card0\0WEDGED=none\0"
+        );
+    }
 }

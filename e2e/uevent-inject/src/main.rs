@@ -30,7 +30,9 @@ struct Args {
     /// Send the event this many times.
     #[arg(long, default_value_t = 1)]
     count: u64,
-    /// Send this file's bytes verbatim instead of a built event (malformed-input tests).
+    /// Replay this file's bytes (a captured kernel payload, `ACTION@DEVPATH\0KEY=VALUE\0…`)
+    /// instead of a built event: any captured `SEQNUM=` is stripped (the kernel appends its
+    /// own), every other byte is sent as captured, malformed or cut-off ones included.
     #[arg(long)]
     raw_file: Option<std::path::PathBuf>,
     /// Multicast to group 1 from this process's own port instead (a forgery the agent refuses).
@@ -47,7 +49,9 @@ fn run(args: Args) -> Result<(), String> {
             .map_err(|e| format!("flood uevent {n}: {e}"))?;
     }
     let payload = match (&args.raw_file, &args.devpath) {
-        (Some(f), _) => std::fs::read(f).map_err(|e| format!("reading {}: {e}", f.display()))?,
+        (Some(f), _) => inject::strip_seqnum(
+            &std::fs::read(f).map_err(|e| format!("reading {}: {e}", f.display()))?,
+        ),
         (None, Some(devpath)) => {
             let card = match &args.card {
                 Some(c) => c.clone(),

@@ -841,6 +841,76 @@ fn methods_unwedge_cannot_carry_out_need_a_human_with_the_node_cordoned() {
 }
 
 #[test]
+fn cold_reset_under_a_policy_that_does_not_allow_it_says_power_cycle() {
+    let w = World::new("cold-reset");
+    for methods in ["cold-reset", "rebind,cold-reset"] {
+        let mut st = w.settings.clone();
+        st.allowed_methods = vec!["reboot".into()];
+        let a = ladder(&Method::parse_list(methods), &st).unwrap_err();
+        assert_eq!(
+            a.reason, "ColdReset",
+            "{methods}: not the generic NoAllowedMethod"
+        );
+        assert!(a.todo.contains("power-cycle"), "{methods}: {}", a.todo);
+        assert!(a.message.contains("policy allows reboot"), "{}", a.message);
+    }
+    let mut w = World::new("cold-reset");
+    w.run(20);
+    assert_eq!(w.phase(), Phase::NeedsAttention);
+    let c = w.cond(cond::NEEDS_ATTENTION).unwrap();
+    assert_eq!(c.reason, "ColdReset");
+    assert!(c.message.contains("power-cycle the node"), "{}", c.message);
+}
+
+#[test]
+fn vendor_specific_with_xe_survivability_mode_asks_for_a_firmware_flash() {
+    for (mode, says) in [
+        ("Runtime", "runtime survivability"),
+        (
+            "Survivability mode type: Boot\nCapability Info: 0x1",
+            "boot survivability",
+        ),
+        ("Survivability mode type: Runtime", "runtime survivability"),
+        ("Something", "survivability mode \"Something\""),
+    ] {
+        // Under the default policy vendor-specific is not allowed (NoAllowedMethod without a
+        // mode); with a lenient one it is VendorSpecific: both name the flash once xe says so.
+        for allow in [false, true] {
+            let mut w = World::new("vendor-specific");
+            if allow {
+                w.settings.allowed_methods.push("vendor-specific".into());
+            }
+            w.wedge
+                .spec
+                .uevent
+                .insert(UEVENT_SURVIVABILITY_MODE.into(), mode.into());
+            w.run(20);
+            assert_eq!(w.phase(), Phase::NeedsAttention, "{mode}");
+            let c = w.cond(cond::NEEDS_ATTENTION).unwrap();
+            assert_eq!(c.reason, "VendorSpecific", "{mode} allow={allow}");
+            assert!(c.message.contains(says), "{mode}: {}", c.message);
+            assert!(c.message.contains("firmware flash"), "{}", c.message);
+            assert!(c.message.contains("fwupd"), "{}", c.message);
+        }
+    }
+    // Without a mode (not xe, or the attribute is absent) the message stays generic.
+    let mut w = World::new("vendor-specific");
+    w.settings.allowed_methods.push("vendor-specific".into());
+    w.run(20);
+    let c = w.cond(cond::NEEDS_ATTENTION).unwrap();
+    assert_eq!(c.reason, "VendorSpecific");
+    assert!(!c.message.contains("fwupd"), "{}", c.message);
+    // A mode on a wedge that does not list vendor-specific changes nothing.
+    let a = Attention {
+        reason: "NoAllowedMethod",
+        message: "m".into(),
+        todo: "t".into(),
+    };
+    let uevent = [(UEVENT_SURVIVABILITY_MODE.to_string(), "Runtime".to_string())].into();
+    assert_eq!(with_vendor_hint(a.clone(), &["unknown".into()], &uevent), a);
+}
+
+#[test]
 fn repeat_offender_goes_to_needs_attention() {
     let mut w = World::new("rebind");
     w.settings.repeat_offender = Some(crate::settings::Window {
