@@ -11,6 +11,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::Method;
+
 /// A wedged GPU as the node agent saw it: who, what the kernel said, and when.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -225,9 +227,15 @@ pub struct GpuWedgeStatus {
     /// The method list the operator plans from (the newest the kernel sent), comma-joined.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub methods: Option<String>,
-    /// What is being done now, e.g. `rebind#1`, `evict-blamed`, `waiting: budget`.
+    /// What is being done now, e.g. `rebind#1`, `evict-blamed`, `waiting: budget`. For people:
+    /// the operator never reads it back (the plan is in `plan`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<String>,
+    /// The rung the operator drains for, awaits approval of or approved: written with the
+    /// action that announces it, kept while a human is asked (NeedsAttention) so a retry
+    /// resumes where the ladder stood, cleared when the wedge plans afresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<Plan>,
     /// The RecoveryPolicy that governs this wedge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
@@ -243,6 +251,9 @@ pub struct GpuWedgeStatus {
     /// Why the wedge waits for budget, e.g. `2/2 nodes under recovery`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<String>,
+    /// The limit the wedge waits for, while it waits for budget (`budget` says it in words).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<BudgetLimit>,
     /// Whether unwedge cordoned the node for this wedge (and so may uncordon it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cordoned: Option<bool>,
@@ -374,6 +385,33 @@ pub struct AttemptResult {
     /// device plugin serves the node's GPUs (DRA nodes are checked by the operator).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertised: Option<bool>,
+}
+
+/// The method and attempt the operator plans to carry out next.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    /// The method.
+    pub method: Method,
+    /// The attempt id it will be approved with (ids only grow).
+    pub attempt: u32,
+    /// Its place on the ladder it was planned from (1 is the first rung); absent for a
+    /// method a human chose off the ladder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rung: Option<u32>,
+}
+
+/// A limit of a RecoveryPolicy's budget: the one a wedge waiting for budget waits for.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum BudgetLimit {
+    /// `maxUnavailable`: nodes under recovery.
+    Nodes,
+    /// `maxUnavailableDevices`: DRA devices quarantined.
+    Devices,
+    /// `none.maxConcurrent`: `none` eviction rounds.
+    NoneEvictions,
+    /// `maxConcurrentReboots`: reboots.
+    Reboots,
 }
 
 /// The operator's go-ahead for one attempt.

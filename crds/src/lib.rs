@@ -3,11 +3,14 @@
 //! Types and their validation only: no I/O and no decisions. The CRD YAML under `crds/` and
 //! `charts/unwedge/crds/` is generated from these types by the `crdgen` binary.
 
+pub mod budget;
 pub mod gpuwedge;
 pub mod labels;
+pub mod method;
 pub mod policy;
 
 pub use gpuwedge::*;
+pub use method::Method;
 pub use policy::*;
 
 use kube::CustomResourceExt;

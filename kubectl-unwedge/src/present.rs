@@ -2,12 +2,11 @@
 //! positions, the incident timeline, and the budget table. No I/O here, so every rule is a
 //! unit test away.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Event;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use unwedge_crds::{AttemptOutcome, BudgetUnit, GpuWedge, Phase, RecoveryPolicy};
+use unwedge_crds::{AttemptOutcome, GpuWedge, Phase, RecoveryPolicy, budget};
 
 /// Renders rows under headers as kubectl does: left-aligned columns separated by three spaces.
 pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -351,27 +350,6 @@ pub fn render_timeline(entries: &[TimelineEntry]) -> String {
     render_table(&["TIME", "SINCE", "WHAT", "DETAIL"], &rows)
 }
 
-/// A budget dimension the policy allows: an absolute count or a percentage of a total.
-///
-/// Percentages round down but never below 1 (a policy that says 10% of 3 nodes still lets one
-/// node recover); `0` and `0%` mean none. Malformed values yield `None`.
-pub fn resolve_allowed(v: Option<&IntOrString>, total: u32, default: &IntOrString) -> Option<u32> {
-    match v.unwrap_or(default) {
-        IntOrString::Int(i) => u32::try_from(*i).ok(),
-        IntOrString::String(s) => {
-            if let Some(p) = s.strip_suffix('%') {
-                let p: u64 = p.parse().ok().filter(|p| *p <= 100)?;
-                if p == 0 {
-                    return Some(0);
-                }
-                Some(((u64::from(total) * p / 100) as u32).max(1))
-            } else {
-                s.parse().ok()
-            }
-        }
-    }
-}
-
 /// One line of `kubectl unwedge budget`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BudgetRow {
@@ -407,19 +385,7 @@ pub fn budget_rows(policies: &[RecoveryPolicy], wedges: &[GpuWedge]) -> Vec<Budg
         .map(|p| {
             let name = p.metadata.name.clone().unwrap_or_default();
             let status = p.status.clone().unwrap_or_default();
-            let nodes_in_use = status
-                .admitted
-                .iter()
-                .filter(|a| a.unit == BudgetUnit::Node)
-                .map(|a| a.node.as_str())
-                .collect::<BTreeSet<_>>()
-                .len() as u32;
-            let reboots_in_use = status.admitted.iter().filter(|a| a.reboot).count() as u32;
-            let devices_in_use = status
-                .admitted
-                .iter()
-                .filter(|a| a.unit == BudgetUnit::Device)
-                .count() as u32;
+            let used = budget::usage(&status.admitted);
             let queued = wedges
                 .iter()
                 .filter(|w| phase_of(w) == Phase::Queued && policy_of(w) == Some(name.as_str()))
@@ -441,21 +407,21 @@ pub fn budget_rows(policies: &[RecoveryPolicy], wedges: &[GpuWedge]) -> Vec<Budg
                     name
                 },
                 nodes_selected: status.nodes_selected,
-                nodes_allowed: resolve_allowed(
-                    p.spec.max_unavailable.as_ref(),
+                nodes_allowed: budget::resolve_limit(
+                    &budget::max_unavailable(&p.spec),
                     status.nodes_selected,
-                    &IntOrString::Int(1),
-                ),
-                nodes_in_use,
-                reboots_in_use,
-                reboots_allowed: p.spec.max_concurrent_reboots.unwrap_or(1).max(0) as u32,
+                )
+                .ok(),
+                nodes_in_use: used.nodes,
+                reboots_in_use: used.reboots,
+                reboots_allowed: budget::max_concurrent_reboots(&p.spec),
                 devices_selected: status.devices_selected,
-                devices_allowed: resolve_allowed(
-                    p.spec.max_unavailable_devices.as_ref(),
+                devices_allowed: budget::resolve_limit(
+                    &budget::max_unavailable_devices(&p.spec),
                     status.devices_selected,
-                    &IntOrString::String("10%".into()),
-                ),
-                devices_in_use,
+                )
+                .ok(),
+                devices_in_use: used.devices,
                 queued,
                 state: if state.is_empty() {
                     "-".into()
@@ -503,9 +469,10 @@ mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::ObjectReference;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     use unwedge_crds::{
-        Admission, Approval, AttemptResult, DeviceRef, Eviction, GpuWedgeSpec, GpuWedgeStatus,
-        RecoveryPolicySpec, RecoveryPolicyStatus,
+        Admission, Approval, AttemptResult, BudgetUnit, DeviceRef, Eviction, GpuWedgeSpec,
+        GpuWedgeStatus, RecoveryPolicySpec, RecoveryPolicyStatus,
     };
 
     fn ts(s: &str) -> Timestamp {
@@ -701,6 +668,32 @@ mod tests {
         assert_eq!(t.len(), 2);
         assert_eq!(t[1].what, "attempt #2 started");
         assert!(t[1].detail.contains("now blocked: pid 42"), "{:?}", t[1]);
+    }
+
+    /// The shared resolution, with a default for an absent value.
+    fn resolve_allowed(v: Option<&IntOrString>, total: u32, default: &IntOrString) -> Option<u32> {
+        budget::resolve_limit(v.unwrap_or(default), total).ok()
+    }
+
+    /// The shared edge-case table, through the plugin's path: a policy and its status as
+    /// `kubectl unwedge budget` reads them, to the NODES ALLOWED cell.
+    #[test]
+    fn the_shared_limit_cases_hold_for_the_plugin() {
+        for (value, total, allowed) in budget::LIMIT_CASES {
+            let mut p = RecoveryPolicy::new(
+                "gpu",
+                serde_json::from_value(serde_json::json!({})).unwrap(),
+            );
+            p.spec.max_unavailable = value.field();
+            p.status = Some(RecoveryPolicyStatus {
+                nodes_selected: *total,
+                ..Default::default()
+            });
+            let rows = budget_rows(&[p], &[]);
+            assert_eq!(rows[0].nodes_allowed, *allowed, "{value:?} of {total}");
+            let shown = allowed.map_or("invalid".to_string(), |n| n.to_string());
+            assert_eq!(budget_cells(&rows)[0][2], shown, "{value:?} of {total}");
+        }
     }
 
     #[test]

@@ -7,13 +7,10 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 use unwedge_crds::labels::{ANN_ABANDON, ANN_APPROVE, ANN_BY, ANN_RETRY};
-use unwedge_crds::{AttemptOutcome, GpuWedge, Phase, RecoveryPolicy, is_method_token};
+use unwedge_crds::{AttemptOutcome, GpuWedge, Method, Phase, RecoveryPolicy, is_method_token};
 
 use crate::error::CliError;
 use crate::present::phase_of;
-
-/// Methods a policy allows when it does not say (`RecoveryPolicySpec::allowed_methods`).
-pub const DEFAULT_ALLOWED: [&str; 3] = ["rebind", "bus-reset", "reboot"];
 
 fn name(w: &GpuWedge) -> String {
     w.metadata.name.clone().unwrap_or_default()
@@ -69,7 +66,7 @@ pub fn check_approve(
             .spec
             .allowed_methods
             .clone()
-            .unwrap_or_else(|| DEFAULT_ALLOWED.iter().map(|s| s.to_string()).collect());
+            .unwrap_or_else(|| Method::DEFAULT_ALLOWED.map(|m| m.to_string()).to_vec());
         if !allowed.iter().any(|a| a == m) {
             return Err(CliError::BadMethod {
                 method: m.into(),

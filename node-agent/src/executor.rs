@@ -33,7 +33,7 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use unwedge_crds::{AttemptOutcome, AttemptResult, GpuWedge};
+use unwedge_crds::{AttemptOutcome, AttemptResult, GpuWedge, Method};
 
 use crate::fdgate;
 use crate::guard::{self, Clearance, DeviceFacts, Refusal};
@@ -41,9 +41,6 @@ use crate::host::HostActions;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::verify_command::VerifyCommand;
-
-/// Methods this agent knows how to carry out.
-pub const KNOWN_METHODS: [&str; 4] = ["none", "rebind", "bus-reset", "reboot"];
 
 /// How far an attempt got, as recorded in the journal.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -240,12 +237,12 @@ pub fn next_action(
         return ExecutorStep::ReportFinished { record };
     }
     if let Some(acting) = log.acting {
-        return if acting.method == "reboot" && acting.boot_id != boot_id {
+        return if Method::Reboot == acting.method && acting.boot_id != boot_id {
             ExecutorStep::VerifyAfterReboot {
                 attempt,
                 started_boot_id: acting.boot_id,
             }
-        } else if acting.method == "reboot" && reboot_requested {
+        } else if Method::Reboot == acting.method && reboot_requested {
             ExecutorStep::AwaitingReboot { attempt }
         } else {
             ExecutorStep::ReportInterrupted {
@@ -792,7 +789,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
             ),
         )
         .await?;
-        if !KNOWN_METHODS.contains(&method) {
+        if !Method::from(method).agent_knows() {
             let outcome = (
                 AttemptOutcome::Failed,
                 format!("agent does not know how to carry out {method}"),
@@ -1011,8 +1008,8 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                 .map(str::to_string)
                 .ok_or_else(|| format!("no driver bound to {bdf}: {method} needs one"))
         };
-        match method {
-            "rebind" => {
+        match Method::from(method) {
+            Method::Rebind => {
                 let driver = needs_driver()?;
                 let (b, d) = (bdf.clone(), driver.clone());
                 blocking(move || {
@@ -1024,7 +1021,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                 .await?;
                 Ok(Some(format!("rebind: unbound and bound {bdf} to {driver}")))
             }
-            "bus-reset" => {
+            Method::BusReset => {
                 let driver = needs_driver()?;
                 let (b, d) = (bdf.clone(), driver.clone());
                 let done = blocking(move || {
@@ -1046,7 +1043,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                 .await?;
                 Ok(Some(done))
             }
-            "reboot" => {
+            Method::Reboot => {
                 self.report(
                     &wedge.name_any(),
                     Self::entry(
@@ -1191,13 +1188,13 @@ async fn blocking<T: Send + 'static>(
 /// dry-run messages).
 pub fn plan_text(bdf: &str, driver: Option<&str>, method: &str) -> String {
     let drv = driver.unwrap_or("its driver");
-    match method {
-        "none" => "do nothing to the device".to_string(),
-        "rebind" => format!("unbind {bdf} from {drv} and bind it again"),
-        "bus-reset" => format!(
+    match Method::from(method) {
+        Method::None => "do nothing to the device".to_string(),
+        Method::Rebind => format!("unbind {bdf} from {drv} and bind it again"),
+        Method::BusReset => format!(
             "unbind {bdf} from {drv}, write 1 to its reset file, bind it again (fallback: remove + rescan)"
         ),
-        "reboot" => "reboot the host".to_string(),
+        Method::Reboot => "reboot the host".to_string(),
         other => format!("not know how to carry out {other}"),
     }
 }

@@ -166,10 +166,10 @@ impl Metrics {
                 .uevents_received
                 .get_or_create(&KindLabel { kind: kind.into() });
         }
-        for method in ["none", "rebind", "bus-reset", "reboot"] {
+        for method in unwedge_crds::Method::AGENT_KNOWN {
             for result in ATTEMPT_RESULTS {
                 let _ = self.attempts.get_or_create(&AttemptLabels {
-                    method: method.into(),
+                    method: method.to_string(),
                     result: result.into(),
                 });
             }

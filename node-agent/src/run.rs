@@ -418,7 +418,7 @@ async fn on_wedge(agent: &Arc<Agent>, ev: WedgeUevent) {
     let unknown: Vec<&String> = ev
         .methods
         .iter()
-        .filter(|m| !["none", "rebind", "bus-reset", "reboot"].contains(&m.as_str()))
+        .filter(|m| !unwedge_crds::Method::from(*m).agent_knows())
         .collect();
     if !unknown.is_empty() {
         tracing::warn!(methods = ?ev.methods, unknown = ?unknown, "WEDGED names methods this agent cannot carry out; reporting them verbatim for the operator's policy");

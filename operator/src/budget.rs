@@ -7,27 +7,17 @@
 use std::collections::BTreeSet;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use unwedge_crds::{Admission, BudgetUnit};
+use unwedge_crds::{Admission, BudgetLimit, BudgetUnit};
 
 use crate::settings::Settings;
 
-/// Resolves an int-or-percent against `total`: percentages round down, but any percentage
-/// above 0 allows at least 1 (so a small pool is never frozen); `0` and `0%` allow none.
-/// A malformed string allows none (the CRD pattern prevents it; failing closed is safe).
+pub use unwedge_crds::budget::{Usage, usage};
+
+/// Resolves an int-or-percent against `total` ([`unwedge_crds::budget::resolve_limit`]). An
+/// invalid value (negative, over 100 %, not a percentage; the CRD refuses them) allows none:
+/// failing closed is safe.
 pub fn resolve(value: &IntOrString, total: u32) -> u32 {
-    match value {
-        IntOrString::Int(n) => (*n).max(0) as u32,
-        IntOrString::String(s) => {
-            let Some(p) = s.strip_suffix('%').and_then(|p| p.parse::<u64>().ok()) else {
-                return 0;
-            };
-            if p == 0 {
-                return 0;
-            }
-            let n = (u64::from(total) * p.min(100)) / 100;
-            n.max(1) as u32
-        }
-    }
+    unwedge_crds::budget::resolve_limit(value, total).unwrap_or(0)
 }
 
 /// The limits of one policy, resolved against its current size.
@@ -80,41 +70,11 @@ impl Candidate {
     }
 }
 
-/// Why a wedge waits, in the words `kubectl get gw` shows (`2/2 nodes under recovery`).
+/// Why a wedge waits: in the words `kubectl get gw` shows (`2/2 nodes under recovery`), and
+/// the limit it waits for.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct QueueReason(pub String);
-
-/// The amounts in use in a ledger.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// Distinct nodes held by `Node` admissions.
-    pub nodes: u32,
-    /// Admissions that are reboots.
-    pub reboots: u32,
-    /// `Device` admissions.
-    pub devices: u32,
-    /// `None` admissions.
-    pub none: u32,
-}
-
-/// Counts what a ledger holds. Nodes count once however many wedges they carry.
-pub fn usage(ledger: &[Admission]) -> Usage {
-    let nodes: BTreeSet<&str> = ledger
-        .iter()
-        .filter(|a| a.unit == BudgetUnit::Node)
-        .map(|a| a.node.as_str())
-        .collect();
-    Usage {
-        nodes: nodes.len() as u32,
-        reboots: ledger.iter().filter(|a| a.reboot).count() as u32,
-        devices: ledger
-            .iter()
-            .filter(|a| a.unit == BudgetUnit::Device)
-            .count() as u32,
-        none: ledger.iter().filter(|a| a.unit == BudgetUnit::None).count() as u32,
-    }
-}
+pub struct QueueReason(pub String, pub BudgetLimit);
 
 /// A one-line summary for the policy status, e.g. `2/5 nodes, 0/1 reboots, 3 queued`.
 pub fn summary(ledger: &[Admission], limits: &Limits, queued: usize) -> String {
@@ -156,10 +116,10 @@ pub fn admit(
         let held = &ledger[pos];
         if candidate.reboot && !held.reboot {
             if u.reboots >= limits.reboots {
-                return Err(QueueReason(format!(
-                    "{}/{} reboots in progress",
-                    u.reboots, limits.reboots
-                )));
+                return Err(QueueReason(
+                    format!("{}/{} reboots in progress", u.reboots, limits.reboots),
+                    BudgetLimit::Reboots,
+                ));
             }
             let mut out = ledger.to_vec();
             out[pos].reboot = true;
@@ -185,41 +145,50 @@ pub fn admit(
                     })
                     .collect();
                 if u.nodes + ahead_nodes.len() as u32 >= limits.nodes {
-                    return Err(QueueReason(queue_text(
-                        u.nodes,
-                        limits.nodes,
-                        "nodes under recovery",
-                        ahead_nodes.len(),
-                    )));
+                    return Err(QueueReason(
+                        queue_text(
+                            u.nodes,
+                            limits.nodes,
+                            "nodes under recovery",
+                            ahead_nodes.len(),
+                        ),
+                        BudgetLimit::Nodes,
+                    ));
                 }
             }
         }
         BudgetUnit::Device => {
             if u.devices + ahead_unadmitted.len() as u32 >= limits.devices {
-                return Err(QueueReason(queue_text(
-                    u.devices,
-                    limits.devices,
-                    "devices quarantined",
-                    ahead_unadmitted.len(),
-                )));
+                return Err(QueueReason(
+                    queue_text(
+                        u.devices,
+                        limits.devices,
+                        "devices quarantined",
+                        ahead_unadmitted.len(),
+                    ),
+                    BudgetLimit::Devices,
+                ));
             }
         }
         BudgetUnit::None => {
             if u.none + ahead_unadmitted.len() as u32 >= limits.none {
-                return Err(QueueReason(queue_text(
-                    u.none,
-                    limits.none,
-                    "none evictions in progress",
-                    ahead_unadmitted.len(),
-                )));
+                return Err(QueueReason(
+                    queue_text(
+                        u.none,
+                        limits.none,
+                        "none evictions in progress",
+                        ahead_unadmitted.len(),
+                    ),
+                    BudgetLimit::NoneEvictions,
+                ));
             }
         }
     }
     if candidate.reboot && u.reboots >= limits.reboots {
-        return Err(QueueReason(format!(
-            "{}/{} reboots in progress",
-            u.reboots, limits.reboots
-        )));
+        return Err(QueueReason(
+            format!("{}/{} reboots in progress", u.reboots, limits.reboots),
+            BudgetLimit::Reboots,
+        ));
     }
     let mut out = ledger.to_vec();
     out.push(candidate.admission());
@@ -273,6 +242,23 @@ mod tests {
         assert_eq!(resolve(&pct("100%"), 7), 7);
         assert_eq!(resolve(&pct("50%"), 7), 3);
         assert_eq!(resolve(&pct("lots"), 7), 0, "malformed fails closed");
+    }
+
+    /// The shared edge-case table, through the operator's path: a policy spec, its settings with
+    /// defaults applied, its limits for the nodes it selects. Invalid values allow none.
+    #[test]
+    fn the_shared_limit_cases_hold_for_the_operator() {
+        for (value, total, allowed) in unwedge_crds::budget::LIMIT_CASES {
+            let mut spec: unwedge_crds::RecoveryPolicySpec =
+                serde_json::from_value(serde_json::json!({})).unwrap();
+            spec.max_unavailable = value.field();
+            let s = Settings::from_spec(&spec).unwrap();
+            assert_eq!(
+                Limits::of(&s, *total, 0).nodes,
+                allowed.unwrap_or(0),
+                "{value:?} of {total}"
+            );
+        }
     }
 
     fn limits(nodes: u32) -> Limits {

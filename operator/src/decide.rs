@@ -11,22 +11,15 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use unwedge_crds::{
     Admission, Approval, ApprovalMode, AttemptOutcome, BudgetUnit, GpuWedge, GpuWedgeStatus,
-    NoneAction, Phase, PodRef, labels::UEVENT_SURVIVABILITY_MODE,
+    Method, NoneAction, Phase, Plan, PodRef, labels::UEVENT_SURVIVABILITY_MODE,
 };
 
-use crate::budget::{self, Candidate, Limits};
+use crate::budget::{self, Candidate, Limits, QueueReason};
 use crate::settings::Settings;
 use crate::status::OperatorStatus;
 
 /// A decision that ends the walk early (boxed: decisions are large).
 type Held = Box<Decision>;
-
-/// The method token that means "the driver recovered by itself".
-pub const NONE: &str = "none";
-/// unwedge's last rung: not a kernel method.
-pub const REBOOT: &str = "reboot";
-/// Methods the agent knows how to carry out (the agent fails any other).
-pub const AGENT_METHODS: [&str; 3] = ["rebind", "bus-reset", REBOOT];
 
 /// The node as the decision needs it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -298,25 +291,22 @@ pub mod cond {
 /// method is not one unwedge can carry out (vendor-specific, cold-reset, unknown, any new
 /// token) or none is allowed, a human must act. The ladder continues with the escalation rungs
 /// after it that the kernel listed later, plus `reboot` (unwedge's own last rung).
-pub fn ladder(methods: &[String], s: &Settings) -> Result<Vec<String>, Attention> {
-    let listed: Vec<&str> = methods
-        .iter()
-        .map(String::as_str)
-        .filter(|m| *m != NONE)
-        .collect();
+pub fn ladder(methods: &[Method], s: &Settings) -> Result<Vec<Method>, Attention> {
+    let listed: Vec<&Method> = methods.iter().filter(|m| **m != Method::None).collect();
     let Some((first_idx, first)) = listed
         .iter()
         .enumerate()
-        .find(|(_, m)| s.allowed_methods.iter().any(|a| a == *m))
+        .find(|(_, m)| s.allowed_methods.contains(*m))
     else {
-        if listed.contains(&COLD_RESET) {
+        let cold_reset = Method::from(COLD_RESET);
+        if listed.contains(&&cold_reset) {
             // A power cycle is a human's job whatever the policy allows: say so, not just
             // that no method is allowed.
-            let mut a = unusable(COLD_RESET);
+            let mut a = unusable(&cold_reset);
             a.message = format!(
                 "the kernel asked for {}, and the policy allows {}; only a power cycle of the device is left, which unwedge cannot carry out",
-                listed.join(","),
-                s.allowed_methods.join(",")
+                Method::join(&listed),
+                Method::join(&s.allowed_methods)
             );
             return Err(a);
         }
@@ -324,27 +314,27 @@ pub fn ladder(methods: &[String], s: &Settings) -> Result<Vec<String>, Attention
             reason: "NoAllowedMethod",
             message: format!(
                 "the kernel asked for {}; the policy allows {}",
-                listed.join(","),
-                s.allowed_methods.join(",")
+                Method::join(&listed),
+                Method::join(&s.allowed_methods)
             ),
             todo: "recover the device by hand, then annotate unwedge.io/abandon; or approve an allowed method with unwedge.io/approve=<method>".into(),
         });
     };
-    if !AGENT_METHODS.contains(first) {
+    if !first.agent_runs() {
         return Err(unusable(first));
     }
-    let mut out = vec![first.to_string()];
+    let mut out = vec![(*first).clone()];
     let start = s
         .escalation
         .iter()
-        .position(|r| r == first)
+        .position(|r| r == *first)
         .map_or(0, |p| p + 1);
     for rung in &s.escalation[start..] {
-        let later_listed = listed.iter().skip(first_idx + 1).any(|m| m == rung);
-        let allowed = s.allowed_methods.iter().any(|a| a == rung);
+        let later_listed = listed.iter().skip(first_idx + 1).any(|m| *m == rung);
+        let allowed = s.allowed_methods.contains(rung);
         if allowed
-            && (later_listed || rung == REBOOT)
-            && AGENT_METHODS.contains(&rung.as_str())
+            && (later_listed || *rung == Method::Reboot)
+            && rung.agent_runs()
             && !out.contains(rung)
         {
             out.push(rung.clone());
@@ -357,21 +347,21 @@ pub fn ladder(methods: &[String], s: &Settings) -> Result<Vec<String>, Attention
 /// cannot work (both end by binding the driver again and verifying it): only the reboot rung is
 /// kept. A ladder with no reboot left asks a human at once instead of walking rungs that fail.
 pub fn without_driver(
-    plan: Result<Vec<String>, Attention>,
+    plan: Result<Vec<Method>, Attention>,
     driver: &str,
-) -> Result<Vec<String>, Attention> {
+) -> Result<Vec<Method>, Attention> {
     if !driver.is_empty() {
         return plan;
     }
     let rungs = plan?;
-    if rungs.iter().any(|m| m == REBOOT) {
-        return Ok(vec![REBOOT.to_string()]);
+    if rungs.contains(&Method::Reboot) {
+        return Ok(vec![Method::Reboot]);
     }
     Err(Attention {
         reason: "NoDriver",
         message: format!(
             "no driver is bound to the device, so {} cannot work, and the policy allows no reboot",
-            rungs.join(", ")
+            Method::join(&rungs).replace(',', ", ")
         ),
         todo: "bind the device's driver by hand or reboot the node, then annotate unwedge.io/abandon; or allow reboot in the policy and annotate unwedge.io/retry".into(),
     })
@@ -386,11 +376,11 @@ const COLD_RESET: &str = "cold-reset";
 /// reported, is returned as it is.
 pub fn with_vendor_hint(
     mut a: Attention,
-    methods: &[String],
+    methods: &[Method],
     uevent: &BTreeMap<String, String>,
 ) -> Attention {
     let relevant = matches!(a.reason, "VendorSpecific" | "NoAllowedMethod")
-        && methods.iter().any(|m| m == "vendor-specific");
+        && methods.contains(&Method::VendorSpecific);
     let Some(raw) = uevent.get(UEVENT_SURVIVABILITY_MODE).filter(|_| relevant) else {
         return a;
     };
@@ -410,17 +400,17 @@ pub fn with_vendor_hint(
     a
 }
 
-fn unusable(method: &str) -> Attention {
+fn unusable(method: &Method) -> Attention {
     let (reason, todo) = match method {
-        "vendor-specific" => (
+        Method::VendorSpecific => (
             "VendorSpecific",
             "the driver asks for a vendor procedure (e.g. a firmware flash, xe survivability mode): carry it out on the node, then annotate unwedge.io/abandon",
         ),
-        "cold-reset" => (
+        Method::Other(t) if t == COLD_RESET => (
             "ColdReset",
             "the device needs a complete power cycle (a warm reboot may not give one): power-cycle the node, then annotate unwedge.io/abandon",
         ),
-        "unknown" => (
+        Method::Unknown => (
             "UnknownMethod",
             "the driver does not know how to recover: inspect the device and its kernel log, then annotate unwedge.io/approve=<method> or unwedge.io/abandon",
         ),
@@ -439,7 +429,7 @@ fn unusable(method: &str) -> Attention {
 /// The method list to plan from: the newest recovery list the kernel sent (spec or a later
 /// event), or `none` when every list said the driver recovered by itself. A later `none` never
 /// replaces a recovery plan: it does not unpark a device.
-pub fn plan_methods(w: &GpuWedge) -> Vec<String> {
+pub fn plan_methods(w: &GpuWedge) -> Vec<Method> {
     let mut lists: Vec<(Timestamp, u64, &Vec<String>)> =
         vec![(ts(&w.spec.detected_at), 0, &w.spec.methods)];
     if let Some(ev) = w.status.as_ref().and_then(|s| s.events.as_ref()) {
@@ -448,14 +438,19 @@ pub fn plan_methods(w: &GpuWedge) -> Vec<String> {
         }
     }
     lists.sort_by_key(|(at, seq, _)| (*at, *seq));
-    let is_none = |l: &Vec<String>| l.first().map(String::as_str) == Some(NONE) || l.is_empty();
+    let is_none = |l: &Vec<String>| l.first().is_none_or(|m| Method::None == *m);
     lists
         .iter()
         .rev()
         .find(|(_, _, l)| !is_none(l))
         .or(lists.last())
-        .map(|(_, _, l)| (*l).clone())
+        .map(|(_, _, l)| l.iter().map(Method::from).collect())
         .unwrap_or_default()
+}
+
+/// Whether the wedge's plan is `none` (the driver recovered by itself; nothing to carry out).
+pub fn plans_none(w: &GpuWedge) -> bool {
+    plan_methods(w).first() == Some(&Method::None)
 }
 
 fn ts(t: &Time) -> Timestamp {
@@ -472,14 +467,6 @@ pub fn arrived(w: &GpuWedge) -> Timestamp {
         .creation_timestamp
         .as_ref()
         .map_or(w.spec.detected_at.0, |t| t.0)
-}
-
-/// `rebind#2` in an action names the planned rung and attempt; this reads it back.
-pub fn plan_of(action: Option<&str>) -> Option<(String, u32)> {
-    action?.split_whitespace().rev().find_map(|tok| {
-        let (m, n) = tok.split_once('#')?;
-        Some((m.to_string(), n.parse().ok()?))
-    })
 }
 
 /// The next unused attempt id (ids only ever grow, so an agent never re-runs one).
@@ -538,6 +525,19 @@ impl<'a> Draft<'a> {
 
     fn action(&mut self, a: impl Into<String>) -> &mut Self {
         self.new.action = Some(a.into());
+        self
+    }
+
+    /// Records the plan: `method` with attempt id `attempt`, and its rung on `ladder`.
+    fn plan(&mut self, method: &Method, attempt: u32, ladder: Option<&[Method]>) -> &mut Self {
+        let rung = ladder
+            .and_then(|l| l.iter().position(|m| m == method))
+            .map(|p| p as u32 + 1);
+        self.new.plan = Some(Plan {
+            method: method.clone(),
+            attempt,
+            rung,
+        });
         self
     }
 
@@ -655,6 +655,7 @@ pub fn decide(input: &Input) -> Decision {
             .action(format!("abandoned by {by}"));
         d.new.finished_at = Some(d.now());
         d.new.budget = None;
+        d.new.waiting_for = None;
         d.condition(cond::ABANDONED, true, "ByHuman", msg.clone());
         return d.done(Step::Release, note(false, "Abandoned", msg));
     }
@@ -668,6 +669,7 @@ pub fn decide(input: &Input) -> Decision {
             .action(format!("abandoned: node {node} deleted"));
         d.new.finished_at = Some(d.now());
         d.new.budget = None;
+        d.new.waiting_for = None;
         d.condition(cond::ABANDONED, true, "NodeDeleted", msg.clone());
         return d.done(Step::Release, note(true, "NodeDeleted", msg));
     }
@@ -715,8 +717,8 @@ pub fn decide(input: &Input) -> Decision {
     );
 
     let methods = plan_methods(input.wedge);
-    let joined = methods.join(",");
-    let is_none = methods.first().map(String::as_str) == Some(NONE);
+    let joined = Method::join(&methods);
+    let is_none = methods.first() == Some(&Method::None);
     let mut replan_note = None;
     if d.old.methods.as_deref() != Some(joined.as_str()) {
         let in_attempt = matches!(
@@ -746,17 +748,11 @@ pub fn decide(input: &Input) -> Decision {
                 }
             }
             d.new.methods = Some(joined.clone());
+            d.new.plan = None;
         }
     }
-    let planned: Vec<String> = d
-        .new
-        .methods
-        .clone()
-        .unwrap_or(joined)
-        .split(',')
-        .map(str::to_string)
-        .collect();
-    let decision = if planned.first().map(String::as_str) == Some(NONE) {
+    let planned = d.new.methods.as_deref().map_or(methods, Method::parse_list);
+    let decision = if planned.first() == Some(&Method::None) {
         decide_none(d, input, pv, held.as_ref(), &name)
     } else {
         decide_recovery(d, input, pv, held.as_ref(), &name, &planned, ours)
@@ -963,6 +959,7 @@ fn decide_none(
         d.phase(Phase::Recovered).action(how.clone());
         d.new.finished_at = Some(d.now());
         d.new.budget = None;
+        d.new.waiting_for = None;
         d.condition(
             cond::RECOVERED,
             true,
@@ -1008,6 +1005,7 @@ fn decide_none(
         if held.is_some_and(|h| h.unit == BudgetUnit::None) {
             d.phase(Phase::Restarting).action(verb);
             d.new.budget = None;
+            d.new.waiting_for = None;
             d.condition(cond::ADMITTED, true, "Admitted", "within the none budget");
             return d.done(Step::Nothing, None);
         }
@@ -1050,30 +1048,24 @@ fn admit_or_queue(d: Draft, pv: &PolicyView, cand: Candidate) -> Decision {
             },
             None,
         ),
-        Err(reason) => queued(d, &reason.0),
+        Err(reason) => queued(d, &reason),
     }
-}
-
-/// What a queue reason is about, without its counts: `nodes under recovery` for
-/// `29/50 nodes under recovery, 3 queued ahead`.
-fn reason_kind(reason: &str) -> &str {
-    let head = reason.split(", ").next().unwrap_or(reason);
-    head.split_once(' ').map_or(head, |(_, kind)| kind)
 }
 
 /// The status of a wedge that waits for budget (also used when the CAS finds it full).
 ///
-/// A wedge already queued for the same kind of reason keeps the text it was queued with: the
+/// A wedge already queued for the same limit keeps the text it was queued with: the
 /// counts change with every admission and release, and rewriting (and announcing) every waiting
 /// wedge each time is a write storm of its own at a thousand wedges. The policy's summary
 /// (`kubectl get recoverypolicy`) shows the live counts.
-pub fn queued_status(status: &OperatorStatus, reason: &str, now: Timestamp) -> OperatorStatus {
+/// A wedge queued again plans afresh when admitted (its plan is cleared).
+pub fn queued_status(status: &OperatorStatus, why: &QueueReason, now: Timestamp) -> OperatorStatus {
     let mut s = status.clone();
     let reason = match s.budget.as_deref() {
-        Some(old) if s.phase == Some(Phase::Queued) && reason_kind(old) == reason_kind(reason) => {
+        Some(old) if s.phase == Some(Phase::Queued) && s.waiting_for == Some(why.1) => {
             old.to_string()
         }
-        _ => reason.to_string(),
+        _ => why.0.clone(),
     };
     let reason = reason.as_str();
     if s.phase != Some(Phase::Queued) {
@@ -1081,7 +1073,9 @@ pub fn queued_status(status: &OperatorStatus, reason: &str, now: Timestamp) -> O
         s.phase_since = Some(Time(now));
     }
     s.action = Some("waiting: budget".into());
+    s.plan = None;
     s.budget = Some(reason.to_string());
+    s.waiting_for = Some(why.1);
     let c = Condition {
         type_: cond::ADMITTED.into(),
         status: "False".into(),
@@ -1109,7 +1103,7 @@ pub fn queue_recheck(ahead: usize) -> Duration {
     Duration::from_secs(30 + ahead as u64).min(Duration::from_secs(300))
 }
 
-fn queued(d: Draft, reason: &str) -> Decision {
+fn queued(d: Draft, reason: &QueueReason) -> Decision {
     let now = d.input.now;
     let ahead = match &d.input.policy {
         Governance::Policy(pv) => pv.waiting_ahead.len(),
@@ -1120,13 +1114,16 @@ fn queued(d: Draft, reason: &str) -> Decision {
         shown if *shown != d.old.budget => note(
             false,
             "Queued",
-            format!("waiting for budget: {}", shown.as_deref().unwrap_or(reason)),
+            format!(
+                "waiting for budget: {}",
+                shown.as_deref().unwrap_or(&reason.0)
+            ),
         ),
         _ => None,
     };
     Decision {
         status,
-        step: wait(queue_recheck(ahead), reason.to_string()),
+        step: wait(queue_recheck(ahead), reason.0.clone()),
         note,
     }
 }
@@ -1178,8 +1175,12 @@ fn agent_reported(w: &GpuWedge) -> bool {
         .is_some_and(|s| s.consumers.is_some() || s.reset_domain.is_some())
 }
 
-fn drain_targets(input: &Input, pv: &PolicyView, method: &str) -> Result<Vec<PodRef>, Attention> {
-    if method == REBOOT {
+fn drain_targets(
+    input: &Input,
+    pv: &PolicyView,
+    method: &Method,
+) -> Result<Vec<PodRef>, Attention> {
+    if *method == Method::Reboot {
         let pods: Vec<&PodView> = input
             .pods
             .iter()
@@ -1255,29 +1256,44 @@ fn decide_recovery(
     pv: &PolicyView,
     held: Option<&Admission>,
     name: &str,
-    methods: &[String],
+    methods: &[Method],
     ours: bool,
 ) -> Decision {
     let s = pv.settings;
     let status = input.wedge.status.clone().unwrap_or_default();
-    let phase = d.new.phase.unwrap_or_default();
+    let mut phase = d.new.phase.unwrap_or_default();
     let node_name = input.wedge.spec.node_name.clone();
     let plan = without_driver(
         ladder(methods, s).map_err(|a| with_vendor_hint(a, methods, &input.wedge.spec.uevent)),
         &input.wedge.spec.device.driver,
     );
+    let stale = d
+        .new
+        .plan
+        .as_ref()
+        .is_none_or(|p| p.attempt < next_attempt(&status));
+    if matches!(phase, Phase::Draining | Phase::AwaitingApproval) && stale {
+        // A drain is always for the next unused attempt id. No plan, or an older one: written
+        // by a version that kept the plan only in `action`, or left behind by one (downgrade and
+        // upgrade again; docs/upgrades.md). Plan afresh from the cordon rather than guess.
+        phase = Phase::Cordoned;
+        d.phase(phase);
+    }
 
     // The rung planned now. A DRA device is quarantined for every rung but reboot, which takes
     // all the node's devices down and so cordons and drains the node (docs/design.md §5).
+    // NeedsAttention keeps its plan for a human's retry only: it never changes what the wedge
+    // holds or asks of the budget while a human looks.
     let rung_now = match phase {
         Phase::Approved | Phase::Recovering | Phase::Verifying => {
-            status.approval.as_ref().map(|a| a.method.clone())
+            status.approval.as_ref().map(|a| Method::from(&a.method))
         }
-        _ => plan_of(d.new.action.as_deref()).map(|p| p.0),
+        Phase::NeedsAttention => None,
+        _ => d.new.plan.as_ref().map(|p| p.method.clone()),
     }
     .or_else(|| plan.as_ref().ok().map(|l| l[0].clone()));
     let quarantine = input.dra.as_ref().filter(|_| {
-        rung_now.as_deref() != Some(REBOOT) && held.is_none_or(|h| h.unit != BudgetUnit::Node)
+        rung_now != Some(Method::Reboot) && held.is_none_or(|h| h.unit != BudgetUnit::Node)
     });
     let unit = if quarantine.is_some() {
         BudgetUnit::Device
@@ -1293,7 +1309,7 @@ fn decide_recovery(
     let held = match held {
         Some(h) if h.unit == unit => h,
         _ => {
-            let reboot = rung_now.as_deref() == Some(REBOOT);
+            let reboot = rung_now == Some(Method::Reboot);
             let cand = Candidate {
                 wedge: name.into(),
                 node: node_name.clone(),
@@ -1317,6 +1333,7 @@ fn decide_recovery(
                     ),
                     Err(r) => {
                         d.new.budget = Some(r.0.clone());
+                        d.new.waiting_for = Some(r.1);
                         d.done(wait(Duration::from_secs(30), r.0), None)
                     }
                 };
@@ -1355,6 +1372,7 @@ fn decide_recovery(
         d.new.admitted_at = Some(d.now());
     }
     d.new.budget = None;
+    d.new.waiting_for = None;
     d.condition(
         cond::ADMITTED,
         true,
@@ -1375,6 +1393,7 @@ fn decide_recovery(
                             format!("unwedge for {w}")
                         });
                     d.new.cordoned = Some(false);
+                    d.new.plan = None;
                     d.phase(Phase::Cordoned).action("cordon");
                     let msg = format!(
                         "node {node_name} was already cordoned by {by}; unwedge will not uncordon it"
@@ -1388,7 +1407,8 @@ fn decide_recovery(
                 };
                 d.new.cordoned = Some(true);
                 // A quarantined device escalated to reboot keeps its rung; others start here.
-                if !(phase == Phase::Draining && plan_of(d.new.action.as_deref()).is_some()) {
+                if phase != Phase::Draining {
+                    d.new.plan = None;
                     d.phase(Phase::Cordoned).action("cordon");
                 }
                 let msg =
@@ -1480,19 +1500,21 @@ fn decide_recovery(
             };
             let n = next_attempt(&status);
             d.phase(Phase::Draining)
-                .action(format!("drain for {}#{n}", ladder[0]));
+                .action(format!("drain for {}#{n}", ladder[0]))
+                .plan(&ladder[0], n, Some(&ladder));
             d.new.phase_since = Some(d.now());
             d.done(Step::Nothing, None)
         }
         Phase::Draining => {
-            let (method, n) = plan_of(d.new.action.as_deref())
-                .or_else(|| {
-                    plan.as_ref()
-                        .ok()
-                        .map(|l| (l[0].clone(), next_attempt(&status)))
-                })
-                .unwrap_or_else(|| (REBOOT.into(), next_attempt(&status)));
-            if method == REBOOT && !held.reboot {
+            let Some(Plan {
+                method, attempt: n, ..
+            }) = d.new.plan.clone()
+            else {
+                // Not reached: a Draining wedge without a plan was sent back to the cordon above.
+                d.phase(Phase::Cordoned);
+                return d.done(Step::Nothing, None);
+            };
+            if method == Method::Reboot && !held.reboot {
                 let d = match gate(d, pv, &format!("drain node {node_name} for reboot#{n}")) {
                     Ok(d) => d,
                     Err(h) => return *h,
@@ -1514,11 +1536,12 @@ fn decide_recovery(
                     Err(r) => {
                         let mut d = d;
                         d.new.budget = Some(r.0.clone());
+                        d.new.waiting_for = Some(r.1);
                         d.done(wait(Duration::from_secs(30), r.0), None)
                     }
                 };
             }
-            if method != REBOOT && !agent_reported(input.wedge) {
+            if method != Method::Reboot && !agent_reported(input.wedge) {
                 return d.done(wait(REQUEUE_FAST, AWAITING_AGENT), None);
             }
             let mut targets = match drain_targets(input, pv, &method) {
@@ -1536,7 +1559,7 @@ fn decide_recovery(
                 Err(dec) => return *dec,
             };
             let manual = s.approval == ApprovalMode::Manual
-                || (method == REBOOT && s.reboot_approval == ApprovalMode::Manual);
+                || (method == Method::Reboot && s.reboot_approval == ApprovalMode::Manual);
             if manual {
                 let approved_now = verbs
                     .approve
@@ -1556,7 +1579,7 @@ fn decide_recovery(
             approve(d, pv, &method, n, input.operator.to_string(), false)
         }
         Phase::AwaitingApproval | Phase::NeedsAttention => {
-            let current = plan_of(d.new.action.as_deref()).map(|p| p.0);
+            let current = d.new.plan.as_ref().map(|p| p.method.clone());
             if let Some(m) = verbs.approve.clone() {
                 let Some(who) = by else {
                     d.condition(
@@ -1584,13 +1607,13 @@ fn decide_recovery(
                         }
                     }
                 } else {
-                    m
+                    Method::from(m)
                 };
                 if !s.allowed_methods.contains(&method) {
                     let msg = format!(
                         "{who} approved {method}, which RecoveryPolicy {} does not allow ({})",
                         pv.name,
-                        s.allowed_methods.join(",")
+                        Method::join(&s.allowed_methods)
                     );
                     d.condition(cond::APPROVED, false, "MethodNotAllowed", msg.clone());
                     return d.done(
@@ -1599,14 +1622,15 @@ fn decide_recovery(
                     );
                 }
                 let n = next_attempt(&status);
-                if phase == Phase::AwaitingApproval && current.as_deref() == Some(method.as_str()) {
-                    let n = plan_of(d.new.action.as_deref()).map_or(n, |p| p.1);
+                if phase == Phase::AwaitingApproval && current.as_ref() == Some(&method) {
+                    let n = d.new.plan.as_ref().map_or(n, |p| p.attempt);
                     return approve(d, pv, &method, n, who, true);
                 }
                 // Another method (or out of NeedsAttention): drain for it; the approval stays
                 // on the wedge and is honoured when the drain completes.
                 d.phase(Phase::Draining)
-                    .action(format!("drain for {method}#{n}"));
+                    .action(format!("drain for {method}#{n}"))
+                    .plan(&method, n, plan.as_deref().ok());
                 d.new.phase_since = Some(d.now());
                 d.condition(
                     cond::NEEDS_ATTENTION,
@@ -1625,10 +1649,14 @@ fn decide_recovery(
             }
             if phase == Phase::NeedsAttention && verbs.retry.is_some() {
                 let who = by.unwrap_or_else(|| "an unnamed user".into());
-                let rung = status
-                    .approval
+                // Where the ladder stood (the plan is kept through NeedsAttention), else the
+                // last approved method, else the first rung.
+                let rung = d
+                    .new
+                    .plan
                     .as_ref()
-                    .map(|a| a.method.clone())
+                    .map(|p| p.method.clone())
+                    .or_else(|| status.approval.as_ref().map(|a| Method::from(&a.method)))
                     .or_else(|| plan.as_ref().ok().map(|l| l[0].clone()));
                 let Some(rung) = rung else {
                     d.condition(
@@ -1641,7 +1669,8 @@ fn decide_recovery(
                 };
                 let n = next_attempt(&status);
                 d.phase(Phase::Draining)
-                    .action(format!("drain for {rung}#{n}"));
+                    .action(format!("drain for {rung}#{n}"))
+                    .plan(&rung, n, plan.as_deref().ok());
                 d.new.phase_since = Some(d.now());
                 let msg = format!("{who} asked for a retry: {rung}#{n}");
                 d.condition(cond::NEEDS_ATTENTION, false, "Retry", msg.clone());
@@ -1688,7 +1717,7 @@ fn decide_recovery(
 fn approve(
     mut d: Draft,
     pv: &PolicyView,
-    method: &str,
+    method: &Method,
     n: u32,
     by: String,
     human: bool,
@@ -1710,7 +1739,18 @@ fn approve(
         at: d.now(),
         by: by.clone(),
     });
+    let rung = d
+        .new
+        .plan
+        .as_ref()
+        .filter(|p| p.method == *method)
+        .and_then(|p| p.rung);
     d.phase(Phase::Approved).action(format!("{method}#{n}"));
+    d.new.plan = Some(Plan {
+        method: method.clone(),
+        attempt: n,
+        rung,
+    });
     let msg = format!("approved {method}#{n} (by {by})");
     d.condition(
         cond::APPROVED,
@@ -1736,7 +1776,7 @@ fn attempt_progress(
     input: &Input,
     pv: &PolicyView,
     status: &GpuWedgeStatus,
-    ladder: Option<Vec<String>>,
+    ladder: Option<Vec<Method>>,
     ours: bool,
 ) -> Decision {
     let s = pv.settings;
@@ -1830,7 +1870,8 @@ fn attempt_progress(
             let wedged_again = status.events.iter().flatten().any(|e| e.at.0 > started);
             if wedged_again {
                 d.phase(Phase::Cordoned).action("re-plan");
-                d.new.methods = Some(plan_methods(input.wedge).join(","));
+                d.new.plan = None;
+                d.new.methods = Some(Method::join(&plan_methods(input.wedge)));
                 return d.done(
                     Step::Nothing,
                     note(
@@ -1886,7 +1927,7 @@ fn escalate(
     input: &Input,
     pv: &PolicyView,
     status: &GpuWedgeStatus,
-    ladder: Option<Vec<String>>,
+    ladder: Option<Vec<Method>>,
     appr: &Approval,
     why: String,
 ) -> Decision {
@@ -1899,7 +1940,8 @@ fn escalate(
     match next {
         Some(rung) if n <= pv.settings.max_attempts => {
             d.phase(Phase::Draining)
-                .action(format!("drain for {rung}#{n}"));
+                .action(format!("drain for {rung}#{n}"))
+                .plan(&rung, n, ladder.as_deref());
             d.new.phase_since = Some(d.now());
             let msg = format!("{why}; escalating to {rung}#{n}");
             d.condition(cond::APPROVED, false, "AttemptFailed", msg.clone());

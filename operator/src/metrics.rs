@@ -96,9 +96,6 @@ pub struct MethodLabel {
     pub method: String,
 }
 
-/// The methods the agent knows how to carry out; other tokens still get series when first seen.
-const KNOWN_METHODS: [&str; 4] = ["none", "rebind", "bus-reset", "reboot"];
-
 fn histogram() -> Histogram {
     Histogram::new([
         1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
@@ -197,13 +194,14 @@ impl Metrics {
                 result: result.into(),
             });
         }
-        for method in KNOWN_METHODS {
+        // The methods the agent knows; other tokens still get series when first seen.
+        for method in unwedge_crds::Method::AGENT_KNOWN {
             let _ = self.attempt_failures.get_or_create(&MethodLabel {
-                method: method.into(),
+                method: method.to_string(),
             });
             for result in ["recovered", "abandoned"] {
                 let _ = self.recovery_duration.get_or_create(&MethodResult {
-                    method: method.into(),
+                    method: method.to_string(),
                     result: result.into(),
                 });
             }

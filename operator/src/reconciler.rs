@@ -320,7 +320,7 @@ async fn reconcile_once(
             Err(e) => invalid = Some((pname.clone(), e.to_string())),
         }
     }
-    let plan_is_none = decide::plan_methods(&w).first().map(String::as_str) == Some(decide::NONE);
+    let plan_is_none = decide::plans_none(&w);
     let mut ahead: Vec<(Timestamp, String, String)> = all
         .iter()
         .filter(|o| open(o) && o.spec.node_name != node_name)
@@ -328,10 +328,7 @@ async fn reconcile_once(
             o.status.as_ref().and_then(|s| s.policy.as_deref())
                 == settings_holder.as_ref().map(|h| h.0.as_str())
         })
-        .filter(|o| {
-            (decide::plan_methods(o).first().map(String::as_str) == Some(decide::NONE))
-                == plan_is_none
-        })
+        .filter(|o| decide::plans_none(o) == plan_is_none)
         .filter(|o| (decide::arrived(o), o.name_any()) < (decide::arrived(&w), name.clone()))
         .filter(|o| {
             !settings_holder
@@ -748,7 +745,7 @@ async fn perform(
                     Box::pin(perform(&w, ctx, &next, d, node)).await
                 }
                 Err(reason) => {
-                    let q = decide::queued_status(&d.status, &reason.0, Timestamp::now());
+                    let q = decide::queued_status(&d.status, &reason, Timestamp::now());
                     if q != current {
                         // Derived from the status just written (which moved the resourceVersion):
                         // a plain merge patch of the operator's fields.

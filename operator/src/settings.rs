@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use unwedge_crds::{ApprovalMode, NoneAction, RecoveryPolicySpec};
+use unwedge_crds::{ApprovalMode, Method, NoneAction, RecoveryPolicySpec, budget};
 
 /// A policy field that cannot be used as written.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -80,9 +80,6 @@ pub struct Window {
     pub window: Duration,
 }
 
-/// The methods unwedge may carry out when a policy names none.
-pub const DEFAULT_METHODS: [&str; 3] = ["rebind", "bus-reset", "reboot"];
-
 /// Every knob of a RecoveryPolicy, defaults applied.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
@@ -93,9 +90,9 @@ pub struct Settings {
     /// `maxUnavailableDevices` as written.
     pub max_unavailable_devices: IntOrString,
     /// Methods unwedge may carry out.
-    pub allowed_methods: Vec<String>,
+    pub allowed_methods: Vec<Method>,
     /// The escalation ladder as written.
-    pub escalation: Vec<String>,
+    pub escalation: Vec<Method>,
     /// Automatic or Manual.
     pub approval: ApprovalMode,
     /// Who approves the reboot rung (`rebootApproval`, default: as `approval`).
@@ -144,21 +141,17 @@ impl Settings {
                     })
                     .transpose()
             };
-        let defaults = || {
-            DEFAULT_METHODS
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>()
+        let listed = |l: &Option<Vec<String>>| {
+            l.as_ref().map_or(Method::DEFAULT_ALLOWED.to_vec(), |l| {
+                l.iter().map(Method::from).collect()
+            })
         };
         Ok(Settings {
-            max_unavailable: spec.max_unavailable.clone().unwrap_or(IntOrString::Int(1)),
-            max_concurrent_reboots: spec.max_concurrent_reboots.unwrap_or(1).max(0) as u32,
-            max_unavailable_devices: spec
-                .max_unavailable_devices
-                .clone()
-                .unwrap_or_else(|| IntOrString::String("10%".into())),
-            allowed_methods: spec.allowed_methods.clone().unwrap_or_else(defaults),
-            escalation: spec.escalation.clone().unwrap_or_else(defaults),
+            max_unavailable: budget::max_unavailable(spec),
+            max_concurrent_reboots: budget::max_concurrent_reboots(spec),
+            max_unavailable_devices: budget::max_unavailable_devices(spec),
+            allowed_methods: listed(&spec.allowed_methods),
+            escalation: listed(&spec.escalation),
             approval: spec.approval,
             reboot_approval: spec.reboot_approval.unwrap_or(spec.approval),
             drain_timeout: duration(
@@ -175,7 +168,7 @@ impl Settings {
                 spec.none.min_interval.as_ref(),
                 Duration::from_secs(600),
             )?,
-            none_max_concurrent: spec.none.max_concurrent.unwrap_or(10).max(0) as u32,
+            none_max_concurrent: budget::none_max_concurrent(spec),
             verify_timeout: duration(
                 "verifyTimeout",
                 spec.verify_timeout.as_ref(),

@@ -5,7 +5,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use serde::Serialize;
-use unwedge_crds::{Approval, Eviction, GpuWedgeStatus, Phase};
+use unwedge_crds::{Approval, BudgetLimit, Eviction, GpuWedgeStatus, Phase, Plan};
 
 /// Every status field the operator writes.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -15,8 +15,10 @@ pub struct OperatorStatus {
     pub phase: Option<Phase>,
     /// The method list planned from, comma-joined.
     pub methods: Option<String>,
-    /// What is being done now.
+    /// What is being done now (for people; never read back).
     pub action: Option<String>,
+    /// The planned method, attempt and rung.
+    pub plan: Option<Plan>,
     /// The governing policy.
     pub policy: Option<String>,
     /// Conditions.
@@ -27,6 +29,8 @@ pub struct OperatorStatus {
     pub evictions: Option<Vec<Eviction>>,
     /// Why the wedge waits for budget.
     pub budget: Option<String>,
+    /// The limit the wedge waits for.
+    pub waiting_for: Option<BudgetLimit>,
     /// Whether unwedge cordoned the node for this wedge.
     pub cordoned: Option<bool>,
     /// The DRA quarantine rule.
@@ -48,11 +52,13 @@ impl OperatorStatus {
             phase: s.phase,
             methods: s.methods.clone(),
             action: s.action.clone(),
+            plan: s.plan.clone(),
             policy: s.policy.clone(),
             conditions: s.conditions.clone(),
             approval: s.approval.clone(),
             evictions: s.evictions.clone(),
             budget: s.budget.clone(),
+            waiting_for: s.waiting_for,
             cordoned: s.cordoned,
             quarantine_rule: s.quarantine_rule.clone(),
             admitted_at: s.admitted_at.clone(),

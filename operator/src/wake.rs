@@ -98,7 +98,7 @@ pub fn on_policy_change(
         if !governed || now.admitted.contains(&name) {
             continue;
         }
-        let is_none = decide::plan_methods(w).first().map(String::as_str) == Some(decide::NONE);
+        let is_none = decide::plans_none(w);
         queues
             .entry(is_none)
             .or_default()

@@ -4,7 +4,7 @@
 use super::*;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use unwedge_crds::{
-    AttemptResult, Blamed, Consumer, DeviceRef, DomainDevice, GpuWedgeSpec, WedgeEvent,
+    AttemptResult, Blamed, BudgetLimit, Consumer, DeviceRef, DomainDevice, GpuWedgeSpec, WedgeEvent,
 };
 
 const W: &str = "node-a-0000-03-00-0-1";
@@ -167,10 +167,12 @@ impl World {
         st.phase = o.phase;
         st.methods = o.methods.clone();
         st.action = o.action.clone();
+        st.plan = o.plan.clone();
         st.policy = o.policy.clone();
         st.conditions = o.conditions.clone();
         st.approval = o.approval.clone();
         st.budget = o.budget.clone();
+        st.waiting_for = o.waiting_for;
         st.cordoned = o.cordoned;
         st.quarantine_rule = o.quarantine_rule.clone();
         st.admitted_at = o.admitted_at.clone();
@@ -192,10 +194,12 @@ impl World {
                         Ok(l) => self.ledger = l,
                         Err(r) => {
                             let q =
-                                queued_status(&OperatorStatus::of(&self.status()), &r.0, self.now);
+                                queued_status(&OperatorStatus::of(&self.status()), &r, self.now);
                             let mut st = self.status();
                             st.phase = q.phase;
+                            st.plan = q.plan;
                             st.budget = q.budget;
+                            st.waiting_for = q.waiting_for;
                             self.wedge.status = Some(st);
                         }
                     }
@@ -371,22 +375,49 @@ fn nothing_is_approved_before_the_agent_reports_the_consumers() {
 #[test]
 fn a_queued_wedge_is_not_rewritten_for_changing_counts() {
     let now = t(10);
+    let nodes = |text: &str| QueueReason(text.into(), BudgetLimit::Nodes);
     let first = queued_status(
         &OperatorStatus::default(),
-        "50/50 nodes under recovery, 7 queued ahead",
+        &nodes("50/50 nodes under recovery, 7 queued ahead"),
         now,
     );
     assert_eq!(first.phase, Some(Phase::Queued));
-    let later = queued_status(&first, "50/50 nodes under recovery, 3 queued ahead", t(20));
+    assert_eq!(first.waiting_for, Some(BudgetLimit::Nodes));
+    let later = queued_status(
+        &first,
+        &nodes("50/50 nodes under recovery, 3 queued ahead"),
+        t(20),
+    );
     assert_eq!(later, first, "same reason, other counts: unchanged");
-    let later = queued_status(&first, "49/50 nodes under recovery", t(20));
+    let later = queued_status(&first, &nodes("49/50 nodes under recovery"), t(20));
     assert_eq!(later, first, "no one ahead any more: still the same reason");
-    let reboots = queued_status(&first, "1/1 reboots in progress", t(30));
+    let reboots = queued_status(
+        &first,
+        &QueueReason("1/1 reboots in progress".into(), BudgetLimit::Reboots),
+        t(30),
+    );
     assert_eq!(reboots.budget.as_deref(), Some("1/1 reboots in progress"));
     assert_eq!(
         reboots.phase_since, first.phase_since,
         "still Queued since then"
     );
+    // Queued by a version that stored no limit: the text is written once more, with its limit.
+    let legacy = OperatorStatus {
+        waiting_for: None,
+        ..first.clone()
+    };
+    let upgraded = queued_status(&legacy, &nodes("50/50 nodes under recovery"), t(40));
+    assert_eq!(
+        upgraded.budget.as_deref(),
+        Some("50/50 nodes under recovery")
+    );
+    assert_eq!(upgraded.waiting_for, Some(BudgetLimit::Nodes));
+    let later = queued_status(
+        &upgraded,
+        &nodes("50/50 nodes under recovery, 1 queued ahead"),
+        t(50),
+    );
+    assert_eq!(later, upgraded, "then stable again");
 }
 
 #[test]
@@ -723,11 +754,11 @@ fn first_rung_is_the_least_disruptive_listed_and_allowed() {
     let s = |allowed: &[&str], esc: &[&str]| {
         let mut st =
             Settings::from_spec(&serde_json::from_value(serde_json::json!({})).unwrap()).unwrap();
-        st.allowed_methods = allowed.iter().map(|x| x.to_string()).collect();
-        st.escalation = esc.iter().map(|x| x.to_string()).collect();
+        st.allowed_methods = allowed.iter().map(|x| Method::from(*x)).collect();
+        st.escalation = esc.iter().map(|x| Method::from(*x)).collect();
         st
     };
-    let m = |x: &str| x.split(',').map(str::to_string).collect::<Vec<_>>();
+    let m = Method::parse_list;
     let all = s(
         &["rebind", "bus-reset", "reboot"],
         &["rebind", "bus-reset", "reboot"],
@@ -815,8 +846,7 @@ fn cold_reset_under_a_policy_that_does_not_allow_it_says_power_cycle() {
     for methods in ["cold-reset", "rebind,cold-reset"] {
         let mut st = w.settings.clone();
         st.allowed_methods = vec!["reboot".into()];
-        let m: Vec<String> = methods.split(',').map(str::to_string).collect();
-        let a = ladder(&m, &st).unwrap_err();
+        let a = ladder(&Method::parse_list(methods), &st).unwrap_err();
         assert_eq!(
             a.reason, "ColdReset",
             "{methods}: not the generic NoAllowedMethod"
@@ -1513,19 +1543,147 @@ fn verifying_follows_the_agents_advertisement_answer() {
     }
 }
 
+// ---- the plan as a status field ----
+
+fn stored_plan(w: &World) -> Option<(String, u32, Option<u32>)> {
+    w.status()
+        .plan
+        .map(|p| (p.method.to_string(), p.attempt, p.rung))
+}
+
 #[test]
-fn plan_tokens_round_trip() {
+fn the_plan_is_written_with_its_action_and_survives_a_hold() {
+    let mut w = World::new("rebind,bus-reset");
+    w.pods[0].terminating = true;
+    w.run(10);
+    assert_eq!(w.phase(), Phase::Draining);
+    assert_eq!(w.status().action.as_deref(), Some("drain for rebind#1"));
+    assert_eq!(stored_plan(&w), Some(("rebind".into(), 1, Some(1))));
+    w.pods[0].terminating = false;
+    w.settings.paused = true;
+    w.run(5);
+    assert!(w.status().action.unwrap().starts_with("held: "));
     assert_eq!(
-        plan_of(Some("drain for bus-reset#2")),
-        Some(("bus-reset".into(), 2))
+        stored_plan(&w),
+        Some(("rebind".into(), 1, Some(1))),
+        "a hold rewrites the action, not the plan"
     );
+    w.settings.paused = false;
+    w.run(20);
+    assert_eq!(stored_plan(&w), Some(("rebind".into(), 1, Some(1))));
+    w.agent(AttemptOutcome::Failed, "x");
+    w.run(20);
+    assert_eq!(w.status().action.as_deref(), Some("bus-reset#2"));
+    assert_eq!(stored_plan(&w), Some(("bus-reset".into(), 2, Some(2))));
+}
+
+/// An escalation held while paused keeps its rung: the plan is not lost with the action text
+/// (which used to send the wedge back to the first rung after a pause mid-escalation).
+#[test]
+fn an_escalation_held_mid_drain_keeps_its_rung() {
+    let mut w = World::new("rebind,bus-reset");
+    w.run(20);
+    w.agent(AttemptOutcome::Failed, "x");
+    w.pods.push(PodView {
+        terminating: true,
+        ..pod("ml", "train-1")
+    });
+    w.wedge.status.as_mut().unwrap().consumers = Some(vec![consumer("train-1", PCI)]);
+    w.run(20);
+    assert_eq!(w.phase(), Phase::Draining);
+    assert_eq!(stored_plan(&w), Some(("bus-reset".into(), 2, Some(2))));
+    w.pods.last_mut().unwrap().terminating = false;
+    w.settings.paused = true;
+    w.run(5);
+    assert!(w.status().action.unwrap().starts_with("held: "));
+    w.settings.paused = false;
+    w.run(20);
+    let a = w.status().approval.unwrap();
+    assert_eq!((a.method.as_str(), a.attempt), ("bus-reset", 2));
+}
+
+/// NeedsAttention rewrites the action but keeps the plan, so a retry resumes the rung where
+/// the ladder stood (here the reboot it escalated to), not the last approved one.
+#[test]
+fn needs_attention_keeps_the_plan_and_a_retry_resumes_there() {
+    let mut w = World::new("rebind");
+    w.settings.escalation = vec!["rebind".into(), "reboot".into()];
+    w.pods.push(PodView {
+        empty_dir: true,
+        ..pod("ml", "scratch")
+    });
+    w.run(20);
+    assert_eq!(w.status().approval.unwrap().method, "rebind");
+    w.agent(AttemptOutcome::Failed, "x");
+    w.run(20);
+    assert_eq!(w.phase(), Phase::NeedsAttention);
     assert_eq!(
-        plan_of(Some("held: would evict ml/a (for rebind#1)")),
-        None,
-        "a parenthesis is not a rung"
+        w.status().action.as_deref(),
+        Some("needs attention: EmptyDirData")
     );
-    assert_eq!(plan_of(Some("rebind#1")), Some(("rebind".into(), 1)));
-    assert_eq!(plan_of(None), None);
+    assert_eq!(stored_plan(&w), Some(("reboot".into(), 2, Some(2))));
+    w.pods.retain(|p| p.name != "scratch");
+    w.verbs = Verbs {
+        retry: Some("1".into()),
+        by: Some("carol".into()),
+        ..Default::default()
+    };
+    w.run(20);
+    let a = w.status().approval.unwrap();
+    assert_eq!(
+        (a.method.as_str(), a.attempt),
+        ("reboot", 2),
+        "the planned reboot#2 was never approved, so its id is still unused"
+    );
+}
+
+/// A wedge written by a version without `status.plan` (the plan only in the action text) is
+/// never read from the text: it plans afresh from the cordon, first rung, new attempt id. So is
+/// one whose plan is older than its last approval (left by a downgrade and upgrade again).
+#[test]
+fn a_wedge_without_a_current_plan_plans_afresh_with_a_new_attempt_id() {
+    let stale = Plan {
+        method: Method::Rebind,
+        attempt: 1,
+        rung: Some(1),
+    };
+    for (phase, old_plan) in [
+        (Phase::Draining, None),
+        (Phase::AwaitingApproval, None),
+        (Phase::Draining, Some(stale.clone())),
+        (Phase::AwaitingApproval, Some(stale)),
+    ] {
+        let mut w = World::new("rebind,bus-reset");
+        w.run(20);
+        w.agent(AttemptOutcome::Failed, "x");
+        w.pods.push(PodView {
+            terminating: true,
+            ..pod("ml", "train-1")
+        });
+        w.wedge.status.as_mut().unwrap().consumers = Some(vec![consumer("train-1", PCI)]);
+        w.run(20);
+        assert_eq!(stored_plan(&w), Some(("bus-reset".into(), 2, Some(2))));
+        let mut st = w.status();
+        st.phase = Some(phase);
+        st.action = Some("awaiting approval for bus-reset#2".into());
+        st.plan = old_plan;
+        w.wedge.status = Some(st);
+        w.pods.last_mut().unwrap().terminating = false;
+        let d = w.decide();
+        assert_eq!(d.status.phase, Some(Phase::Draining), "{phase:?}");
+        assert_eq!(
+            d.status
+                .plan
+                .as_ref()
+                .map(|p| (p.method.as_str(), p.attempt)),
+            Some(("rebind", 2)),
+            "{phase:?}: first rung, the next unused id (only #1 was approved)"
+        );
+        w.apply(&d);
+        w.run(20);
+        let a = w.status().approval.unwrap();
+        assert_eq!((a.method.as_str(), a.attempt), ("rebind", 2), "{phase:?}");
+    }
 }
 
 // ---- DRA quarantine (docs/design.md §5 "On DRA clusters") ----
@@ -1713,6 +1871,28 @@ fn escalation_to_reboot_cordons_and_drains_the_node_and_keeps_the_taint_until_re
     assert_eq!(w.phase(), Phase::Recovered);
     assert!(!w.node.unschedulable, "uncordoned: unwedge cordoned it");
     assert!(!w.rule, "and the rule is gone");
+}
+
+/// NeedsAttention waits for a human whatever plan it keeps: a kept reboot plan on a quarantined
+/// DRA device takes no node place and cordons nothing by itself.
+#[test]
+fn a_kept_plan_takes_nothing_while_a_human_is_asked() {
+    let mut w = dra_world("rebind");
+    w.run(20);
+    assert_eq!(w.ledger[0].unit, BudgetUnit::Device);
+    let mut st = w.status();
+    st.phase = Some(Phase::NeedsAttention);
+    st.plan = Some(Plan {
+        method: Method::Reboot,
+        attempt: 2,
+        rung: Some(2),
+    });
+    w.wedge.status = Some(st);
+    w.run(20);
+    assert_eq!(w.phase(), Phase::NeedsAttention);
+    assert!(!w.node.unschedulable, "nothing cordoned");
+    assert_eq!(w.ledger.len(), 1);
+    assert_eq!(w.ledger[0].unit, BudgetUnit::Device, "no node place taken");
 }
 
 #[test]
