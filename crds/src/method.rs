@@ -235,17 +235,20 @@ impl JsonSchema for Method {
 mod tests {
     use super::*;
 
+    /// Every token the kernel or unwedge writes today, plus one the kernel will add.
+    const TOKENS: [&str; 7] = [
+        "none",
+        "rebind",
+        "bus-reset",
+        "vendor-specific",
+        "unknown",
+        "reboot",
+        "cold-reset",
+    ];
+
     #[test]
     fn tokens_round_trip_through_serde_as_the_same_strings() {
-        for t in [
-            "none",
-            "rebind",
-            "bus-reset",
-            "vendor-specific",
-            "unknown",
-            "reboot",
-            "cold-reset",
-        ] {
+        for t in TOKENS {
             let m: Method = serde_json::from_value(serde_json::json!(t)).unwrap();
             assert_eq!(m.as_str(), t);
             assert_eq!(serde_json::to_value(&m).unwrap(), serde_json::json!(t));
@@ -265,18 +268,10 @@ mod tests {
 
     #[test]
     fn only_rebind_bus_reset_and_reboot_are_run_by_the_agent() {
-        let runs: Vec<&str> = [
-            "none",
-            "rebind",
-            "bus-reset",
-            "vendor-specific",
-            "unknown",
-            "reboot",
-            "cold-reset",
-        ]
-        .into_iter()
-        .filter(|t| Method::from(*t).agent_runs())
-        .collect();
+        let runs: Vec<&str> = TOKENS
+            .into_iter()
+            .filter(|t| Method::from(*t).agent_runs())
+            .collect();
         assert_eq!(runs, ["rebind", "bus-reset", "reboot"]);
     }
 
