@@ -212,6 +212,9 @@ pub enum Step {
     },
     /// Uncordon the node and remove the annotation (only ever for a cordon unwedge made).
     Uncordon,
+    /// Put the operator's finalizer on the wedge: it holds a ledger place or the node's cordon
+    /// without it, so a deletion would take it away with nothing released.
+    Finalize,
     /// Evict these pods through the Eviction API.
     Evict {
         /// The pods.
@@ -613,6 +616,10 @@ pub fn decide(input: &Input) -> Decision {
         d.new.budget = None;
         d.condition(cond::ABANDONED, true, "ByHuman", msg.clone());
         return d.done(Step::Release, note(false, "Abandoned", msg));
+    }
+
+    if unfinalized_hold(input, held.is_some(), ours) {
+        return d.done(Step::Finalize, None);
     }
 
     if input.node_deleted {
@@ -1085,6 +1092,51 @@ fn queued(d: Draft, reason: &str) -> Decision {
         step: wait(queue_recheck(ahead), reason.to_string()),
         note,
     }
+}
+
+/// Whether an open wedge without the operator's finalizer holds something: a ledger place
+/// under its name (an earlier incident of the same name — deleted, then created again by the
+/// agent's outbox replay — whose place the cache still shows) or the node's cordon. Admission
+/// puts the finalizer on before the ledger write; a wedge that finds itself holding either
+/// without it gets it before anything else, so deleting it always releases what it holds.
+fn unfinalized_hold(input: &Input, placed: bool, cordon: bool) -> bool {
+    let w = input.wedge;
+    let finalized = w
+        .metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .any(|f| f == unwedge_crds::labels::FINALIZER);
+    (placed || cordon) && !finalized && w.metadata.deletion_timestamp.is_none()
+}
+
+/// A wedge of the node that the cordon could be handed to, as read fresh just before the
+/// hand-over (the cache may not show yet that it finished).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Heir {
+    /// Its name.
+    pub name: String,
+    /// Not Recovered or Abandoned, and not being deleted.
+    pub open: bool,
+    /// It carries the operator's finalizer (its deletion releases what it holds).
+    pub finalized: bool,
+    /// It holds a place in a policy's ledger.
+    pub placed: bool,
+}
+
+/// The wedge that takes the node's cordon over, from the candidates read fresh: one that is
+/// open and carries the finalizer, preferably one holding a place (the node stays counted by
+/// the ledger); `None` lifts the cordon. A wedge that finished, or never got the finalizer,
+/// would let the cordon vanish with it: a node stranded cordoned, counted by no ledger.
+pub fn cordon_heir(candidates: &[Heir]) -> Option<String> {
+    let fit: Vec<&Heir> = candidates
+        .iter()
+        .filter(|h| h.open && h.finalized)
+        .collect();
+    fit.iter()
+        .find(|h| h.placed)
+        .or(fit.first())
+        .map(|h| h.name.clone())
 }
 
 /// Lifts the node's cordon for this wedge, or hands it to another open wedge of the node that

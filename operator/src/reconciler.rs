@@ -423,6 +423,7 @@ fn step_name(step: &Step) -> &'static str {
         Step::Cordon => "cordon",
         Step::Quarantine => "quarantine",
         Step::Unquarantine => "unquarantine",
+        Step::Finalize => "finalize",
         Step::HandOverCordon { .. } => "hand-over-cordon",
         Step::Uncordon => "uncordon",
         Step::Evict { .. } => "evict",
@@ -845,11 +846,13 @@ async fn perform(
             if fresh.annotations().get(ANN_CORDONED_BY) != Some(&name) {
                 return Ok(soon);
             }
-            let to = match &d.step {
-                Step::HandOverCordon { to } => Some(to.as_str()),
+            // The heir as read now: the cache that chose it may not show yet that it finished
+            // (and let its finalizer go), and a cordon handed to it would outlive it.
+            let heir = match &d.step {
+                Step::HandOverCordon { .. } => cordon_heir(ctx, &w.spec.node_name, &name).await?,
                 _ => None,
             };
-            let body = cordon_release_patch(fresh.resource_version(), to);
+            let body = cordon_release_patch(fresh.resource_version(), heir.as_deref());
             match api
                 .patch(
                     &w.spec.node_name,
@@ -861,9 +864,9 @@ async fn perform(
                 Err(kube::Error::Api(s)) if s.is_conflict() => return Ok(soon),
                 r => r?,
             };
-            let msg = match &d.step {
-                Step::HandOverCordon { to } => format!("cordon handed from {name} to {to}"),
-                _ => format!("uncordoned by unwedge: {name} recovered"),
+            let msg = match &heir {
+                Some(to) => format!("cordon handed from {name} to {to}"),
+                None => format!("uncordoned by unwedge: {name} recovered"),
             };
             ctx.event(
                 &fresh.object_ref(&()),
@@ -953,6 +956,12 @@ async fn perform(
             }
             Ok(soon)
         }
+        Step::Finalize => {
+            ctx.ensure_leader()?;
+            finalize::ensure(ctx, written.as_ref().unwrap_or(w)).await?;
+            tracing::info!(wedge = %name, "finalizer put on a wedge that held a place or the node's cordon without it");
+            Ok(soon)
+        }
         Step::Unquarantine => {
             ctx.ensure_leader()?;
             if quarantine::remove(&ctx.client, &name).await? {
@@ -961,6 +970,29 @@ async fn perform(
             Ok(soon)
         }
     }
+}
+
+/// The wedge of `node` (other than `except`) that takes unwedge's cordon over, chosen by
+/// [`decide::cordon_heir`] from the open wedges the cache shows, each read fresh; `None`: lift it.
+async fn cordon_heir(ctx: &Ctx, node: &str, except: &str) -> Result<Option<String>, Error> {
+    let policies = ctx.policies.state();
+    let mut heirs = Vec::new();
+    for name in open_on_node(&ctx.wedges.state(), node, except) {
+        let Some(w) = ctx.wedge_api().get_opt(&name).await? else {
+            continue;
+        };
+        heirs.push(decide::Heir {
+            open: open(&w),
+            finalized: finalize::held(&w),
+            placed: policies.iter().any(|p| {
+                p.status
+                    .as_ref()
+                    .is_some_and(|s| s.admitted.iter().any(|a| a.wedge == name))
+            }),
+            name,
+        });
+    }
+    Ok(decide::cordon_heir(&heirs))
 }
 
 /// The node patch that lets go of unwedge's cordon, guarded by the node's resourceVersion:
@@ -1182,15 +1214,15 @@ pub async fn release_orphan_cordons(ctx: &Ctx) -> Result<(), Error> {
             continue;
         }
         let node = n.name_any();
-        let others = open_on_node(&wedges, &node, holder);
+        let heir = cordon_heir(ctx, &node, holder).await?;
         ctx.ensure_leader()?;
-        let body = cordon_release_patch(n.resource_version(), others.first().map(String::as_str));
+        let body = cordon_release_patch(n.resource_version(), heir.as_deref());
         match Api::<Node>::all(ctx.client.clone())
             .patch(&node, &PatchParams::default(), &Patch::Merge(&body))
             .await
         {
             Ok(_) => {
-                tracing::warn!(%node, %holder, to = ?others.first(), "cordon of a wedge that is gone released")
+                tracing::warn!(%node, %holder, to = ?heir, "cordon of a wedge that is gone released")
             }
             Err(kube::Error::Api(s)) if s.is_conflict() || s.is_not_found() => {}
             Err(e) => return Err(e.into()),

@@ -175,9 +175,9 @@ async fn release_cordon(ctx: &Ctx, w: &GpuWedge) -> Result<Option<String>, Error
     if node.annotations().get(ANN_CORDONED_BY) != Some(&name) {
         return Ok(None);
     }
-    let others = super::open_on_node(&ctx.wedges.state(), &w.spec.node_name, &name);
+    let heir = super::cordon_heir(ctx, &w.spec.node_name, &name).await?;
     let rv = node.resource_version();
-    let next = others.first().map(String::as_str);
+    let next = heir.as_deref();
     let body = super::cordon_release_patch(rv, next);
     let said = match next {
         Some(next) => format!("the cordon (handed to {next}, which still needs it)"),
