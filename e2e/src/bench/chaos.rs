@@ -7,7 +7,12 @@
 //! The figures, summed over the storms:
 //! - `lost wedges`: an injected uevent whose wedge was never seen in a terminal phase
 //!   (Recovered, Abandoned), was not deleted by the chaos and whose node was not deleted by the
-//!   chaos, when its storm ends (every wedge resolved, or the storm's time bound).
+//!   chaos, when its storm ends (every wedge resolved, or the storm's time bound), except
+//!   those counted apart as `needs attention after cut attempts`: a wedge in NeedsAttention
+//!   every attempt of which (every approval the recorder saw for it, and every attempt its
+//!   status lists) the agent reported as cut by its own restart ("agent restarted during the
+//!   attempt; not re-executed": the at-most-once rule), the designed outcome when restarts
+//!   cut `maxAttempts` attempts in a row. Not a loss figure.
 //!   The kernel sends a uevent once, so the agent may legitimately lose one it has not yet
 //!   committed to its outbox: the agent pool is killed only at fair moments, once every uevent
 //!   injected so far is committed (`outbox/<wedge>.json` on disk, or the GpuWedge seen). No
@@ -42,6 +47,8 @@ use super::storm::{Tracker, WedgeTrack};
 use crate::cluster::ControlPlane;
 use crate::fleet::{NodeSpec, SCENARIO_LABEL, Scenario};
 
+/// The agent's result message for an attempt its restart cut (executor.rs, at most once).
+const CUT_BY_RESTART: &str = "agent restarted during the attempt; not re-executed";
 /// The policy of the nodes relabelled away from the scenario's own.
 const OTHER_POLICY: &str = "chaos-b";
 /// How long one chaos action (a restart included) may take.
@@ -139,6 +146,7 @@ struct Tally {
     relabels: usize,
     reboots: usize,
     lost: Vec<String>,
+    cut: Vec<String>,
     stranded_cordons: Vec<String>,
     stranded_places: Vec<String>,
 }
@@ -273,7 +281,16 @@ impl Soak<'_> {
                 .with_context(|| format!("chaos action {action:?}"))?;
         }
         self.wait_resolved(&injections, t0, deadline).await?;
-        let lost = self.unresolved(&injections, t0);
+        let unresolved = self.unresolved(&injections, t0);
+        let (cut, lost): (Vec<Injection>, Vec<Injection>) = unresolved
+            .into_iter()
+            .partition(|i| self.needs_attention_after_cut_attempts(i));
+        for i in &cut {
+            self.tally
+                .cut
+                .push(format!("storm {s}: {}/{}", i.node, i.device));
+            self.open_devices.insert((i.node.clone(), i.device.clone()));
+        }
         for i in &lost {
             let seen = self.wedge_of(i, t0);
             self.tally.lost.push(format!(
@@ -557,6 +574,37 @@ impl Soak<'_> {
             .any(|(n, w)| w.ended || self.deleted_wedges.contains(n))
     }
 
+    /// Whether the injection's wedge, as the recorder sees it now, is in NeedsAttention after
+    /// attempts every one of which the agent's restart cut (see the module documentation).
+    fn needs_attention_after_cut_attempts(&self, i: &Injection) -> bool {
+        let approvals = self.sc.rec.approvals();
+        self.sc
+            .rec
+            .wedges_of(&i.node)
+            .iter()
+            .filter(|w| w.spec.device.pci_address == i.device)
+            .any(|w| {
+                let Some(st) = w.status.as_ref() else {
+                    return false;
+                };
+                let attempts = st.attempts.clone().unwrap_or_default();
+                let uid = w.metadata.uid.clone().unwrap_or_default();
+                let approved: Vec<u32> = approvals
+                    .iter()
+                    .filter(|a| a.uid == uid)
+                    .map(|a| a.attempt)
+                    .collect();
+                st.phase == Some(unwedge_crds::Phase::NeedsAttention)
+                    && !approved.is_empty()
+                    && attempts.iter().all(|a| a.message == CUT_BY_RESTART)
+                    && approved.iter().all(|n| {
+                        attempts
+                            .iter()
+                            .any(|a| a.attempt == *n && a.message == CUT_BY_RESTART)
+                    })
+            })
+    }
+
     fn unresolved(&self, injections: &[Injection], t0: Instant) -> Vec<Injection> {
         injections
             .iter()
@@ -683,6 +731,12 @@ impl Soak<'_> {
             "requested by agents after failed attempts, simulated by the bench",
         );
         rep.fig("lost wedges", n(t.lost.len()), "wedges", &first(&t.lost));
+        rep.fig(
+            "needs attention after cut attempts",
+            n(t.cut.len()),
+            "wedges",
+            &first(&t.cut),
+        );
         rep.fig(
             "double actions",
             n(doubles),
