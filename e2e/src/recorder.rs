@@ -15,8 +15,10 @@
 //! lists that kind afresh (a quorum read) and merges the list into its view; every object
 //! keeps its newest resourceVersion, and older versions the replay delivers afterwards only
 //! add their approvals (invariant 2), never roll the view back. Invariant 1 is judged only
-//! while both watches are live (from a watch error until that list is merged, or until a
-//! relist is done, it is not), and again as soon as both are.
+//! while both watches are live — not from a watch error until the watch delivers again and
+//! that list is merged, nor during a relist (a list merged while the watch is still down
+//! ages: the same seed read 4 for 3 again from a wedge Recovered 2 s before the wedge watch
+//! came back) — and again as soon as both are.
 //!
 //! It also remembers every approval ever written, so invariant 2 can be checked against the
 //! fake sysfs journal (see [`Recorder::check_journal`]).
@@ -77,11 +79,7 @@ struct State {
     /// deleted while the watch was down (kube-apiserver restarted), with no Delete event.
     relisted_wedges: BTreeSet<String>,
     relisted_nodes: BTreeSet<String>,
-    /// Whether each watch delivers a consistent, current view: false from a watch error or the
-    /// start of a relist until its relist is done (or its watch delivers again).
-    wedges_live: bool,
-    nodes_live: bool,
-    /// The resourceVersions the views hold, per watch (see [`Fresh`]).
+    /// Per watch: the resourceVersions its view holds and whether it is live (see [`Fresh`]).
     wedges_fresh: Fresh,
     nodes_fresh: Fresh,
 }
@@ -97,6 +95,10 @@ struct Fresh {
     floor: u64,
     /// A watch error happened and its catch-up list is not merged yet.
     catching_up: bool,
+    /// The watch delivered a change since its last error (it is connected again).
+    connected: bool,
+    /// The watch is relisting (from its Init to its InitDone).
+    relisting: bool,
     /// Counts watch errors: a catch-up list started before the latest error is not merged.
     epoch: u64,
 }
@@ -118,6 +120,12 @@ impl Fresh {
             Some(&have) => rv < have,
             None => rv <= self.floor || self.gone.get(name).is_some_and(|&g| rv <= g),
         }
+    }
+
+    /// Whether the view is current: the watch is connected, not relisting, and the list made
+    /// after its last error is merged (until then a resumed watch may be replaying).
+    fn live(&self) -> bool {
+        self.connected && !self.relisting && !self.catching_up
     }
 
     fn deleted(&mut self, name: &str, rv: u64) {
@@ -173,7 +181,7 @@ impl State {
     fn check_budget(&mut self, t: Duration, cause: &str) {
         // One watch cut (kube-apiserver restarted) while the other delivers would compare
         // current nodes with stale wedges (or the reverse): judged again once both are live.
-        if !(self.wedges_live && self.nodes_live) {
+        if !(self.wedges_fresh.live() && self.nodes_fresh.live()) {
             return;
         }
         for (policy, nodes) in self.under_recovery() {
@@ -346,7 +354,6 @@ impl State {
         }
         self.wedges_fresh.floor = self.wedges_fresh.floor.max(at);
         self.wedges_fresh.catching_up = false;
-        self.wedges_live = true;
         self.check_budget(t, "the wedges were listed after a watch error");
     }
 
@@ -374,7 +381,6 @@ impl State {
         }
         self.nodes_fresh.floor = self.nodes_fresh.floor.max(at);
         self.nodes_fresh.catching_up = false;
-        self.nodes_live = true;
         self.check_budget(t, "the nodes were listed after a watch error");
     }
 
@@ -510,7 +516,7 @@ impl Recorder {
                 let mut s = s1.lock().unwrap_or_else(|e| e.into_inner());
                 match ev {
                     Ok(watcher::Event::Apply(w)) => {
-                        s.wedges_live = !s.wedges_fresh.catching_up;
+                        s.wedges_fresh.connected = true;
                         s.on_wedge(t, w)
                     }
                     Ok(watcher::Event::InitApply(w)) => {
@@ -521,7 +527,7 @@ impl Recorder {
                     Ok(watcher::Event::Delete(w)) => {
                         let name = w.metadata.name.clone().unwrap_or_default();
                         let rv = rv_of(&w.metadata);
-                        s.wedges_live = !s.wedges_fresh.catching_up;
+                        s.wedges_fresh.connected = true;
                         if !s.wedges_fresh.stale(&name, rv) {
                             s.timeline.push((t, format!("wedge {name} deleted")));
                             s.wedges.remove(&name);
@@ -533,15 +539,16 @@ impl Recorder {
                         s.ready += 1;
                         s.drop_unlisted_wedges(t);
                         s.wedges_fresh.catching_up = false;
-                        s.wedges_live = true;
+                        s.wedges_fresh.relisting = false;
+                        s.wedges_fresh.connected = true;
                         s.check_budget(t, "the wedge watch listed");
                     }
                     Ok(watcher::Event::Init) => {
                         s.relisted_wedges.clear();
-                        s.wedges_live = false;
+                        s.wedges_fresh.relisting = true;
                     }
                     Err(e) => {
-                        s.wedges_live = false;
+                        s.wedges_fresh.connected = false;
                         s.wedges_fresh.catching_up = true;
                         s.wedges_fresh.epoch += 1;
                         let epoch = s.wedges_fresh.epoch;
@@ -576,7 +583,7 @@ impl Recorder {
                 let mut s = s2.lock().unwrap_or_else(|e| e.into_inner());
                 match ev {
                     Ok(watcher::Event::Apply(n)) => {
-                        s.nodes_live = !s.nodes_fresh.catching_up;
+                        s.nodes_fresh.connected = true;
                         s.on_node(t, n)
                     }
                     Ok(watcher::Event::InitApply(n)) => {
@@ -587,7 +594,7 @@ impl Recorder {
                     Ok(watcher::Event::Delete(n)) => {
                         let name = n.metadata.name.clone().unwrap_or_default();
                         let rv = rv_of(&n.metadata);
-                        s.nodes_live = !s.nodes_fresh.catching_up;
+                        s.nodes_fresh.connected = true;
                         if !s.nodes_fresh.stale(&name, rv) {
                             s.nodes.remove(&name);
                             s.nodes_fresh.deleted(&name, rv);
@@ -598,15 +605,16 @@ impl Recorder {
                         s.ready += 1;
                         s.drop_unlisted_nodes(t);
                         s.nodes_fresh.catching_up = false;
-                        s.nodes_live = true;
+                        s.nodes_fresh.relisting = false;
+                        s.nodes_fresh.connected = true;
                         s.check_budget(t, "the node watch listed");
                     }
                     Ok(watcher::Event::Init) => {
                         s.relisted_nodes.clear();
-                        s.nodes_live = false;
+                        s.nodes_fresh.relisting = true;
                     }
                     Err(e) => {
-                        s.nodes_live = false;
+                        s.nodes_fresh.connected = false;
                         s.nodes_fresh.catching_up = true;
                         s.nodes_fresh.epoch += 1;
                         let epoch = s.nodes_fresh.epoch;
@@ -948,5 +956,25 @@ mod tests {
         );
         assert!(!f.stale("b", 21));
         assert!(!f.stale("c", 0), "no resourceVersion: taken");
+    }
+
+    /// After a watch error the view is live only once the watch delivers again and the list
+    /// made after the error is merged (in either order), and never during a relist.
+    #[test]
+    fn a_view_is_live_only_when_connected_and_caught_up() {
+        let mut f = Fresh {
+            connected: true,
+            ..Fresh::default()
+        };
+        assert!(f.live());
+        f.connected = false;
+        f.catching_up = true;
+        assert!(!f.live(), "cut");
+        f.catching_up = false;
+        assert!(!f.live(), "list merged, watch still down: the list ages");
+        f.connected = true;
+        assert!(f.live());
+        f.relisting = true;
+        assert!(!f.live(), "relisting");
     }
 }
