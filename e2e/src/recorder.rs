@@ -74,6 +74,8 @@ struct State {
     violations: Vec<String>,
     timeline: Vec<(Duration, String)>,
     approvals: BTreeSet<SeenApproval>,
+    /// Every wedge ever seen, by uid: its name, node and device (kept after it is deleted).
+    identities: BTreeMap<String, (String, String, String)>,
     ready: u8,
     /// Names listed by the (re)list in progress, per watch: what a relist does not name was
     /// deleted while the watch was down (kube-apiserver restarted), with no Delete event.
@@ -203,6 +205,14 @@ impl State {
 
     fn on_wedge(&mut self, t: Duration, w: GpuWedge) {
         let name = w.metadata.name.clone().unwrap_or_default();
+        self.identities.insert(
+            w.metadata.uid.clone().unwrap_or_default(),
+            (
+                name.clone(),
+                w.spec.node_name.clone(),
+                w.spec.device.pci_address.clone(),
+            ),
+        );
         let rv = rv_of(&w.metadata);
         if self.wedges_fresh.stale(&name, rv) {
             self.replayed_approval(t, &w);
@@ -794,6 +804,16 @@ impl Recorder {
             .iter()
             .cloned()
             .collect()
+    }
+
+    /// The name, node and device of the wedge with this uid, if it was ever seen.
+    pub fn identity(&self, uid: &str) -> Option<(String, String, String)> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .identities
+            .get(uid)
+            .cloned()
     }
 
     /// Invariants 1 and 3 so far: Err lists every violation, with the timeline.

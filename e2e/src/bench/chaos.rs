@@ -20,7 +20,9 @@
 //! - `double actions`: per device, the sysfs writes beyond the approved attempts that could
 //!   cause them (the recorder's `check_journal` rule, without its reset-domain slack: the GPUs
 //!   here share no reset domain): max of unbinds and binds over approved rebind + bus-reset
-//!   attempts, and resets + removes over approved bus-reset attempts.
+//!   attempts, and resets + removes over approved bus-reset attempts. Approved: seen on the
+//!   recorder's watch, or announced in the operator's `Approved` Events (an approval whose
+//!   whole life fell inside a watch cut is seen only there).
 //! - `budget overruns`: per policy, the recorder's peak of nodes under recovery above its
 //!   `maxUnavailable` (0 when the budget always held).
 //! - `stranded cordons`: after each storm settled, nodes still unschedulable whose
@@ -46,6 +48,7 @@ use super::Report;
 use super::storm::{Tracker, WedgeTrack};
 use crate::cluster::ControlPlane;
 use crate::fleet::{NodeSpec, SCENARIO_LABEL, Scenario};
+use crate::recorder::SeenApproval;
 
 /// The agent's result message for an attempt its restart cut (executor.rs, at most once).
 const CUT_BY_RESTART: &str = "agent restarted during the attempt; not re-executed";
@@ -208,7 +211,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     for s in 0..opts.storms {
         soak.storm(s).await.with_context(|| format!("storm {s}"))?;
     }
-    let failures = soak.report(&mut rep, t_run.elapsed());
+    let announced = approvals_announced(&soak.client, &soak.sc).await;
+    let failures = soak.report(&mut rep, t_run.elapsed(), &announced);
     let Soak { sc, tracker, .. } = soak;
     drop(tracker);
     drop(sc);
@@ -671,9 +675,9 @@ impl Soak<'_> {
     }
 
     /// Writes the figures; returns what fails the run.
-    fn report(&self, rep: &mut Report, took: Duration) -> Vec<String> {
+    fn report(&self, rep: &mut Report, took: Duration, announced: &[SeenApproval]) -> Vec<String> {
         let t = &self.tally;
-        let (doubles, double_detail) = double_actions(&self.sc);
+        let (doubles, double_detail) = double_actions(&self.sc, announced);
         let overruns: usize = [self.sc.name.as_str(), OTHER_POLICY]
             .iter()
             .map(|p| self.sc.rec.peak(p).saturating_sub(self.opts.budget))
@@ -857,8 +861,57 @@ async fn stranded(client: &Client, policy: &str) -> anyhow::Result<(Vec<String>,
 
 /// Per device, the sysfs writes beyond the approved attempts that could cause them; the sum,
 /// and one line per device with any.
-fn double_actions(sc: &Scenario) -> (usize, Vec<String>) {
-    let approvals = sc.rec.approvals();
+/// The approvals the operator announced in its `Approved` Events (events.k8s.io, written after
+/// the approval itself): an approval given, carried out and its wedge deleted while the
+/// recorder's wedge watch was cut (kube-apiserver restarting) is never seen on that watch, and
+/// its writes would read as a double action (seen once in a `--short` run: 3 rebinds of one
+/// device for 3 approvals, one of them given and its wedge deleted within 0.4 s of a cut). The
+/// wedge's node and device are those the recorder saw for its uid; an Event of a wedge the
+/// recorder never saw at all is not used.
+async fn approvals_announced(client: &Client, sc: &Scenario) -> Vec<SeenApproval> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(client.clone());
+    let Ok(list) = events.list(&kube::api::ListParams::default()).await else {
+        return vec![];
+    };
+    list.items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("Approved"))
+        .filter_map(|e| {
+            let r = e.regarding?;
+            if r.kind.as_deref() != Some("GpuWedge") {
+                return None;
+            }
+            let uid = r.uid?;
+            let (wedge, node, device) = sc.rec.identity(&uid)?;
+            let (method, attempt, by) = parse_approved(e.note.as_deref()?)?;
+            Some(SeenApproval {
+                wedge,
+                uid,
+                node,
+                device,
+                attempt,
+                method,
+                by,
+            })
+        })
+        .collect()
+}
+
+/// Method, attempt and approver of the operator's `Approved` note: "approved rebind#2 (by x)".
+fn parse_approved(note: &str) -> Option<(String, u32, String)> {
+    let rest = note.strip_prefix("approved ")?;
+    let (tag, by) = rest.split_once(" (by ")?;
+    let (method, n) = tag.split_once('#')?;
+    Some((
+        method.to_string(),
+        n.parse().ok()?,
+        by.strip_suffix(')')?.to_string(),
+    ))
+}
+
+fn double_actions(sc: &Scenario, announced: &[SeenApproval]) -> (usize, Vec<String>) {
+    let mut approvals = sc.rec.approvals();
+    approvals.extend(announced.iter().cloned());
     let mut total = 0;
     let mut detail = vec![];
     for (name, node) in &sc.fleet.nodes {
@@ -898,6 +951,16 @@ fn double_actions(sc: &Scenario) -> (usize, Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_approved_note_is_read_back() {
+        assert_eq!(
+            parse_approved("approved bus-reset#2 (by operator-1)"),
+            Some(("bus-reset".into(), 2, "operator-1".into()))
+        );
+        assert_eq!(parse_approved("approve rebind#1 (by x)"), None);
+        assert_eq!(parse_approved("approved rebind (by x)"), None);
+    }
 
     #[test]
     fn the_rng_is_reproducible_and_stays_in_range() {
