@@ -285,9 +285,11 @@ impl Soak<'_> {
                 .with_context(|| format!("chaos action {action:?}"))?;
         }
         self.wait_resolved(&injections, t0, deadline).await?;
-        let unresolved = self.unresolved(&injections, t0);
-        let (cut, lost): (Vec<Injection>, Vec<Injection>) = unresolved
-            .into_iter()
+        let (cut, lost): (Vec<Injection>, Vec<Injection>) = injections
+            .iter()
+            .filter(|i| !self.dead_nodes.contains(&i.node))
+            .filter(|i| !self.ended_or_deleted(i, t0))
+            .cloned()
             .partition(|i| self.needs_attention_after_cut_attempts(i));
         for i in &cut {
             self.tally
@@ -568,9 +570,16 @@ impl Soak<'_> {
     }
 
     fn resolved(&self, i: &Injection, t0: Instant) -> bool {
-        if self.dead_nodes.contains(&i.node) {
+        // NeedsAttention after cut attempts is where that wedge stays: the storm need not wait
+        // out its time bound for it (counted apart when the storm ends).
+        if self.dead_nodes.contains(&i.node) || self.needs_attention_after_cut_attempts(i) {
             return true;
         }
+        self.ended_or_deleted(i, t0)
+    }
+
+    /// Whether the injection's wedge was seen terminal, or was deleted by the chaos.
+    fn ended_or_deleted(&self, i: &Injection, t0: Instant) -> bool {
         self.tracker
             .wedges_since(t0)
             .iter()
