@@ -1110,6 +1110,27 @@ fn unfinalized_hold(input: &Input, placed: bool, cordon: bool) -> bool {
     (placed || cordon) && !finalized && w.metadata.deletion_timestamp.is_none()
 }
 
+/// The policies a finished (or deleted) wedge gives its places back to: every policy whose
+/// ledger names it, plus the one its status names. A node relabelled mid-recovery can leave
+/// the wedge a place in the policy it moved away from (seen in bench chaos: admitted by
+/// `chaos`, then `chaos-b`, then `chaos` again; Recovered, it released `chaos` only and the
+/// place in `chaos-b` stayed, never repaired since the wedge still exists). Sorted, no repeats.
+pub fn places_to_release(
+    wedge: &str,
+    status_policy: Option<&str>,
+    ledgers: &[(String, Vec<Admission>)],
+) -> Vec<String> {
+    let mut out: Vec<String> = ledgers
+        .iter()
+        .filter(|(_, l)| l.iter().any(|a| a.wedge == wedge))
+        .map(|(p, _)| p.clone())
+        .chain(status_policy.map(str::to_string))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// A wedge of the node that the cordon could be handed to, as read fresh just before the
 /// hand-over (the cache may not show yet that it finished).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -689,7 +689,15 @@ async fn perform(
     match d.step.clone() {
         Step::Nothing => {
             if d.status.phase.is_some_and(Phase::is_terminal) && finalize::held(w) {
-                // Terminal with nothing left to release (decide would have said so).
+                // Terminal with nothing left to release in its policy (decide would have said
+                // so); a place left in another policy's ledger (a relabel) goes first.
+                for p in finalize::holding_policies(ctx, w) {
+                    ctx.ensure_leader()?;
+                    match ledger::release(&ctx.policy_api(), &p, &name).await {
+                        Ok(()) | Err(ledger::LedgerError::NoPolicy(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
                 finalize::forget(ctx, written.as_ref().unwrap_or(w)).await?;
             }
             Ok(if changed {
@@ -774,9 +782,17 @@ async fn perform(
                 tracing::debug!(wedge = %name, %holder, "release waits: the node's cordon is held by a finished wedge");
                 return Ok(Action::requeue(Duration::from_secs(1)));
             }
-            match ledger::release(&ctx.policy_api(), &policy, &name).await {
-                Ok(()) | Err(ledger::LedgerError::NoPolicy(_)) => {}
-                Err(e) => return Err(e.into()),
+            // Every ledger that names it, not only its policy's now: a node relabelled
+            // mid-recovery may have given it a place in the policy it moved away from.
+            let mut places = finalize::holding_policies(ctx, w);
+            places.push(policy.clone());
+            places.sort();
+            places.dedup();
+            for p in places.iter().filter(|p| !p.is_empty()) {
+                match ledger::release(&ctx.policy_api(), p, &name).await {
+                    Ok(()) | Err(ledger::LedgerError::NoPolicy(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
             let ours = node.is_some_and(|n| n.annotations().get(ANN_CORDONED_BY) == Some(&name));
             if d.status.phase.is_some_and(Phase::is_terminal) && !ours && !input.quarantine_rule {

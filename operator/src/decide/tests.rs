@@ -1371,6 +1371,35 @@ fn a_cordon_is_never_handed_to_a_wedge_that_finished_or_lacks_the_finalizer() {
     assert_eq!(cordon_heir(&[]), None);
 }
 
+/// bench chaos, seed 1796501097449694757, second run after the fixes: a node relabelled
+/// chaos → chaos-b → chaos mid-recovery; the wedge, Recovered, released its place in `chaos`
+/// only, and `chaos-b` kept one for it (a stranded ledger place after two storms). A finished
+/// wedge gives back the places of every ledger naming it, and its status's policy.
+#[test]
+fn a_finished_wedge_releases_its_places_in_every_policy() {
+    let place = |wedge: &str| Admission {
+        wedge: wedge.into(),
+        node: "node-a".into(),
+        unit: BudgetUnit::Node,
+        reboot: false,
+    };
+    let ledgers = vec![
+        ("chaos".to_string(), vec![place(W)]),
+        ("chaos-b".to_string(), vec![place("other"), place(W)]),
+        ("idle".to_string(), vec![place("other")]),
+    ];
+    assert_eq!(
+        places_to_release(W, Some("chaos"), &ledgers),
+        vec!["chaos".to_string(), "chaos-b".to_string()]
+    );
+    assert_eq!(
+        places_to_release(W, Some("new"), &ledgers[2..]),
+        vec!["new".to_string()],
+        "its status's policy even when the cache shows no place there"
+    );
+    assert!(places_to_release(W, None, &ledgers[2..]).is_empty());
+}
+
 /// An earlier incident of the same name (deleted by a person, created again by the agent's
 /// outbox replay) whose ledger place the cache still shows: the new wedge would proceed as
 /// admitted (cordon, drain, approval) without ever passing the admission that puts the
