@@ -59,10 +59,9 @@ test-e2e: binaries bins
 	$(CARGO) test -p e2e -- --test-threads=$(E2E_THREADS)
 
 # The benchmarks in their short mode: proves they still run and still assert the invariants.
-# `bench chaos --short` is not here yet: one run in seven after the 2026-12-05 fixes still left a
-# cordon naming a deleted wedge (docs/benchmarks.md §6); it joins once that is traced.
 test-bench: binaries bins
 	$(CARGO) run -q -p e2e --bin bench -- storm --short
+	$(CARGO) run -q -p e2e --bin bench -- chaos --short
 
 # The FROM-scratch images (static musl builds); starts dockerd when it is not running.
 images:
