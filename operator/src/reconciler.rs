@@ -976,7 +976,9 @@ async fn perform(
             ctx.ensure_leader()?;
             finalize::ensure(ctx, written.as_ref().unwrap_or(w)).await?;
             tracing::info!(wedge = %name, "finalizer put on a wedge that held a place or the node's cordon without it");
-            Ok(soon)
+            // Decide again at once on a fresh read: the copy decided from may be a cache that
+            // lags (a cut watch), which would ask for the finalizer again every requeue.
+            Err(Error::StatusConflict)
         }
         Step::Unquarantine => {
             ctx.ensure_leader()?;
