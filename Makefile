@@ -58,9 +58,8 @@ test-build: bins
 test-e2e: binaries bins
 	LANES=$(LANES) CARGO=$(CARGO) bash tools/lanes.sh e2e
 
-# The benchmarks in their short mode: proves they still run and still assert the invariants.
-# `bench chaos --short` is not here yet: one run in seven after the 2026-12-05 fixes still left a
-# cordon naming a deleted wedge (docs/benchmarks.md §6); it joins once that is traced.
+# The benchmarks in their short mode (bench storm and chaos --short): proves they still run and
+# still assert the invariants.
 test-bench: binaries bins
 	LANES=$(LANES) CARGO=$(CARGO) bash tools/lanes.sh bench
 

@@ -7,9 +7,18 @@
 //!    `unwedge.io/cordoned-by` annotation just before is a violation).
 //!
 //! A watch that is cut (kube-apiserver restarted) relists; objects the relist no longer names
-//! were deleted meanwhile and are dropped then (no Delete event comes for them). Invariant 1
-//! is judged only while both watches are live (not between a watch error and the end of its
-//! relist), and again as soon as both are.
+//! were deleted meanwhile and are dropped then (no Delete event comes for them). A cut watch
+//! may also resume from its last resourceVersion instead, and then replays, in a burst, every
+//! change made while it was down: until the replay is over its view is stale (a run read 4
+//! nodes under recovery for budget 3: the node watch current, the wedge watch replaying
+//! wedges of two nodes uncordoned seconds before). So after every watch error the recorder
+//! lists that kind afresh (a quorum read) and merges the list into its view; every object
+//! keeps its newest resourceVersion, and older versions the replay delivers afterwards only
+//! add their approvals (invariant 2), never roll the view back. Invariant 1 is judged only
+//! while both watches are live — not from a watch error until the watch delivers again and
+//! that list is merged, nor during a relist (a list merged while the watch is still down
+//! ages: the same seed read 4 for 3 again from a wedge Recovered 2 s before the wedge watch
+//! came back) — and again as soon as both are.
 //!
 //! It also remembers every approval ever written, so invariant 2 can be checked against the
 //! fake sysfs journal (see [`Recorder::check_journal`]).
@@ -65,15 +74,66 @@ struct State {
     violations: Vec<String>,
     timeline: Vec<(Duration, String)>,
     approvals: BTreeSet<SeenApproval>,
+    /// Every wedge ever seen, by uid: its name, node and device (kept after it is deleted).
+    identities: BTreeMap<String, (String, String, String)>,
     ready: u8,
     /// Names listed by the (re)list in progress, per watch: what a relist does not name was
     /// deleted while the watch was down (kube-apiserver restarted), with no Delete event.
     relisted_wedges: BTreeSet<String>,
     relisted_nodes: BTreeSet<String>,
-    /// Whether each watch delivers a consistent, current view: false from a watch error or the
-    /// start of a relist until its relist is done (or its watch delivers again).
-    wedges_live: bool,
-    nodes_live: bool,
+    /// Per watch: the resourceVersions its view holds and whether it is live (see [`Fresh`]).
+    wedges_fresh: Fresh,
+    nodes_fresh: Fresh,
+}
+
+/// What keeps one watch's view from going back in time: the resourceVersion of every object it
+/// holds, of every object it saw deleted, and of the last list merged after a watch error.
+/// resourceVersions are compared as numbers (etcd revisions: true of every API server this
+/// harness runs, never assumed by unwedge itself).
+#[derive(Default)]
+struct Fresh {
+    rv: BTreeMap<String, u64>,
+    gone: BTreeMap<String, u64>,
+    floor: u64,
+    /// A watch error happened and its catch-up list is not merged yet.
+    catching_up: bool,
+    /// The watch delivered a change since its last error (it is connected again).
+    connected: bool,
+    /// The watch is relisting (from its Init to its InitDone).
+    relisting: bool,
+    /// Counts watch errors: a catch-up list started before the latest error is not merged.
+    epoch: u64,
+}
+
+fn rv_of(m: &kube::api::ObjectMeta) -> u64 {
+    m.resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Fresh {
+    /// Whether a version `rv` of `name` is older than what the view knows (a replayed change).
+    fn stale(&self, name: &str, rv: u64) -> bool {
+        if rv == 0 {
+            return false;
+        }
+        match self.rv.get(name) {
+            Some(&have) => rv < have,
+            None => rv <= self.floor || self.gone.get(name).is_some_and(|&g| rv <= g),
+        }
+    }
+
+    /// Whether the view is current: the watch is connected, not relisting, and the list made
+    /// after its last error is merged (until then a resumed watch may be replaying).
+    fn live(&self) -> bool {
+        self.connected && !self.relisting && !self.catching_up
+    }
+
+    fn deleted(&mut self, name: &str, rv: u64) {
+        self.rv.remove(name);
+        self.gone.insert(name.to_string(), rv);
+    }
 }
 
 fn phase_of(w: &GpuWedge) -> Phase {
@@ -123,7 +183,7 @@ impl State {
     fn check_budget(&mut self, t: Duration, cause: &str) {
         // One watch cut (kube-apiserver restarted) while the other delivers would compare
         // current nodes with stale wedges (or the reverse): judged again once both are live.
-        if !(self.wedges_live && self.nodes_live) {
+        if !(self.wedges_fresh.live() && self.nodes_fresh.live()) {
             return;
         }
         for (policy, nodes) in self.under_recovery() {
@@ -145,6 +205,20 @@ impl State {
 
     fn on_wedge(&mut self, t: Duration, w: GpuWedge) {
         let name = w.metadata.name.clone().unwrap_or_default();
+        self.identities.insert(
+            w.metadata.uid.clone().unwrap_or_default(),
+            (
+                name.clone(),
+                w.spec.node_name.clone(),
+                w.spec.device.pci_address.clone(),
+            ),
+        );
+        let rv = rv_of(&w.metadata);
+        if self.wedges_fresh.stale(&name, rv) {
+            self.replayed_approval(t, &w);
+            return;
+        }
+        self.wedges_fresh.rv.insert(name.clone(), rv);
         let old = self.wedges.get(&name);
         let old_phase = old.map(phase_of);
         let new_phase = phase_of(&w);
@@ -238,6 +312,88 @@ impl State {
         self.check_budget(t, &format!("wedge {name} changed"));
     }
 
+    /// An older version of a wedge than the view holds (delivered by a watch replaying what it
+    /// missed): only its approval counts, as one the operator gave.
+    fn replayed_approval(&mut self, t: Duration, w: &GpuWedge) {
+        let Some(a) = w.status.as_ref().and_then(|s| s.approval.as_ref()) else {
+            return;
+        };
+        let seen = SeenApproval {
+            wedge: w.metadata.name.clone().unwrap_or_default(),
+            uid: w.metadata.uid.clone().unwrap_or_default(),
+            node: w.spec.node_name.clone(),
+            device: w.spec.device.pci_address.clone(),
+            attempt: a.attempt,
+            method: a.method.clone(),
+            by: a.by.clone(),
+        };
+        if !self.approvals.contains(&seen) {
+            self.timeline.push((
+                t,
+                format!(
+                    "wedge {}: approved {} attempt {} by {} (seen late, in a watch's replay)",
+                    seen.wedge, a.method, a.attempt, a.by
+                ),
+            ));
+            self.approvals.insert(seen);
+        }
+    }
+
+    /// Merges a list of every wedge made after a watch error (at collection resourceVersion
+    /// `at`): the view becomes at least as new as the list, and the wedge watch live again.
+    fn merge_wedge_list(&mut self, t: Duration, at: u64, items: Vec<GpuWedge>) {
+        let listed: BTreeSet<String> = items
+            .iter()
+            .map(|w| w.metadata.name.clone().unwrap_or_default())
+            .collect();
+        for w in items {
+            self.on_wedge(t, w);
+        }
+        let gone: Vec<String> = self
+            .wedges
+            .keys()
+            .filter(|n| !listed.contains(*n))
+            .filter(|n| self.wedges_fresh.rv.get(*n).is_none_or(|&rv| rv <= at))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.timeline
+                .push((t, format!("wedge {name} deleted (seen by a list)")));
+            self.wedges.remove(&name);
+            self.wedges_fresh.deleted(&name, at);
+        }
+        self.wedges_fresh.floor = self.wedges_fresh.floor.max(at);
+        self.wedges_fresh.catching_up = false;
+        self.check_budget(t, "the wedges were listed after a watch error");
+    }
+
+    /// Merges a list of every node made after a watch error (see `merge_wedge_list`).
+    fn merge_node_list(&mut self, t: Duration, at: u64, items: Vec<Node>) {
+        let listed: BTreeSet<String> = items
+            .iter()
+            .map(|n| n.metadata.name.clone().unwrap_or_default())
+            .collect();
+        for n in items {
+            self.on_node(t, n);
+        }
+        let gone: Vec<String> = self
+            .nodes
+            .keys()
+            .filter(|n| !listed.contains(*n))
+            .filter(|n| self.nodes_fresh.rv.get(*n).is_none_or(|&rv| rv <= at))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.timeline
+                .push((t, format!("node {name} deleted (seen by a list)")));
+            self.nodes.remove(&name);
+            self.nodes_fresh.deleted(&name, at);
+        }
+        self.nodes_fresh.floor = self.nodes_fresh.floor.max(at);
+        self.nodes_fresh.catching_up = false;
+        self.check_budget(t, "the nodes were listed after a watch error");
+    }
+
     /// After a relist: forgets the wedges it did not name (deleted while the watch was down).
     fn drop_unlisted_wedges(&mut self, t: Duration) {
         let gone: Vec<String> = self
@@ -250,6 +406,7 @@ impl State {
             self.timeline
                 .push((t, format!("wedge {name} deleted (seen by a relist)")));
             self.wedges.remove(&name);
+            self.wedges_fresh.rv.remove(&name);
         }
     }
 
@@ -265,11 +422,17 @@ impl State {
             self.timeline
                 .push((t, format!("node {name} deleted (seen by a relist)")));
             self.nodes.remove(&name);
+            self.nodes_fresh.rv.remove(&name);
         }
     }
 
     fn on_node(&mut self, t: Duration, n: Node) {
         let name = n.metadata.name.clone().unwrap_or_default();
+        let rv = rv_of(&n.metadata);
+        if self.nodes_fresh.stale(&name, rv) {
+            return;
+        }
+        self.nodes_fresh.rv.insert(name.clone(), rv);
         let v = NodeView {
             unschedulable: n
                 .spec
@@ -313,6 +476,25 @@ impl State {
     }
 }
 
+/// Lists every object of a kind (a quorum read), retrying while the API server is down (at
+/// most two minutes); its collection resourceVersion and its items.
+async fn list_after_error<K>(api: &Api<K>) -> Option<(u64, Vec<K>)>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    for _ in 0..480 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Ok(list) = api.list(&kube::api::ListParams::default()).await {
+            let at = rv_of(&kube::api::ObjectMeta {
+                resource_version: list.metadata.resource_version.clone(),
+                ..Default::default()
+            });
+            return Some((at, list.items));
+        }
+    }
+    None
+}
+
 /// The scenario recorder (see the module documentation).
 pub struct Recorder {
     state: Arc<Mutex<State>>,
@@ -334,6 +516,7 @@ impl Recorder {
         let wedges: Api<GpuWedge> = Api::all(client.clone());
         let nodes: Api<Node> = Api::all(client);
         let (s1, c1) = (state.clone(), changed.clone());
+        let list_wedges = wedges.clone();
         let t1 = tokio::spawn(async move {
             let mut stream = watcher(wedges, watcher::Config::default())
                 .default_backoff()
@@ -343,7 +526,7 @@ impl Recorder {
                 let mut s = s1.lock().unwrap_or_else(|e| e.into_inner());
                 match ev {
                     Ok(watcher::Event::Apply(w)) => {
-                        s.wedges_live = true;
+                        s.wedges_fresh.connected = true;
                         s.on_wedge(t, w)
                     }
                     Ok(watcher::Event::InitApply(w)) => {
@@ -353,25 +536,46 @@ impl Recorder {
                     }
                     Ok(watcher::Event::Delete(w)) => {
                         let name = w.metadata.name.clone().unwrap_or_default();
-                        s.timeline.push((t, format!("wedge {name} deleted")));
-                        s.wedges.remove(&name);
-                        s.wedges_live = true;
-                        s.check_budget(t, &format!("wedge {name} deleted"));
+                        let rv = rv_of(&w.metadata);
+                        s.wedges_fresh.connected = true;
+                        if !s.wedges_fresh.stale(&name, rv) {
+                            s.timeline.push((t, format!("wedge {name} deleted")));
+                            s.wedges.remove(&name);
+                            s.wedges_fresh.deleted(&name, rv);
+                            s.check_budget(t, &format!("wedge {name} deleted"));
+                        }
                     }
                     Ok(watcher::Event::InitDone) => {
                         s.ready += 1;
                         s.drop_unlisted_wedges(t);
-                        s.wedges_live = true;
+                        s.wedges_fresh.catching_up = false;
+                        s.wedges_fresh.relisting = false;
+                        s.wedges_fresh.connected = true;
                         s.check_budget(t, "the wedge watch listed");
                     }
                     Ok(watcher::Event::Init) => {
                         s.relisted_wedges.clear();
-                        s.wedges_live = false;
+                        s.wedges_fresh.relisting = true;
                     }
                     Err(e) => {
-                        s.wedges_live = false;
+                        s.wedges_fresh.connected = false;
+                        s.wedges_fresh.catching_up = true;
+                        s.wedges_fresh.epoch += 1;
+                        let epoch = s.wedges_fresh.epoch;
                         s.timeline
-                            .push((t, format!("(recorder: wedge watch error: {e})")))
+                            .push((t, format!("(recorder: wedge watch error: {e})")));
+                        let (api, st, ch) = (list_wedges.clone(), s1.clone(), c1.clone());
+                        tokio::spawn(async move {
+                            let Some((at, items)) = list_after_error(&api).await else {
+                                return;
+                            };
+                            let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+                            if s.wedges_fresh.epoch == epoch {
+                                s.merge_wedge_list(started.elapsed(), at, items);
+                            }
+                            drop(s);
+                            ch.notify_waiters();
+                        });
                     }
                 }
                 drop(s);
@@ -379,6 +583,7 @@ impl Recorder {
             }
         });
         let (s2, c2) = (state.clone(), changed.clone());
+        let list_nodes = nodes.clone();
         let t2 = tokio::spawn(async move {
             let mut stream = watcher(nodes, watcher::Config::default())
                 .default_backoff()
@@ -388,7 +593,7 @@ impl Recorder {
                 let mut s = s2.lock().unwrap_or_else(|e| e.into_inner());
                 match ev {
                     Ok(watcher::Event::Apply(n)) => {
-                        s.nodes_live = true;
+                        s.nodes_fresh.connected = true;
                         s.on_node(t, n)
                     }
                     Ok(watcher::Event::InitApply(n)) => {
@@ -398,24 +603,45 @@ impl Recorder {
                     }
                     Ok(watcher::Event::Delete(n)) => {
                         let name = n.metadata.name.clone().unwrap_or_default();
-                        s.nodes.remove(&name);
-                        s.nodes_live = true;
-                        s.check_budget(t, &format!("node {name} deleted"));
+                        let rv = rv_of(&n.metadata);
+                        s.nodes_fresh.connected = true;
+                        if !s.nodes_fresh.stale(&name, rv) {
+                            s.nodes.remove(&name);
+                            s.nodes_fresh.deleted(&name, rv);
+                            s.check_budget(t, &format!("node {name} deleted"));
+                        }
                     }
                     Ok(watcher::Event::InitDone) => {
                         s.ready += 1;
                         s.drop_unlisted_nodes(t);
-                        s.nodes_live = true;
+                        s.nodes_fresh.catching_up = false;
+                        s.nodes_fresh.relisting = false;
+                        s.nodes_fresh.connected = true;
                         s.check_budget(t, "the node watch listed");
                     }
                     Ok(watcher::Event::Init) => {
                         s.relisted_nodes.clear();
-                        s.nodes_live = false;
+                        s.nodes_fresh.relisting = true;
                     }
                     Err(e) => {
-                        s.nodes_live = false;
+                        s.nodes_fresh.connected = false;
+                        s.nodes_fresh.catching_up = true;
+                        s.nodes_fresh.epoch += 1;
+                        let epoch = s.nodes_fresh.epoch;
                         s.timeline
-                            .push((t, format!("(recorder: node watch error: {e})")))
+                            .push((t, format!("(recorder: node watch error: {e})")));
+                        let (api, st, ch) = (list_nodes.clone(), s2.clone(), c2.clone());
+                        tokio::spawn(async move {
+                            let Some((at, items)) = list_after_error(&api).await else {
+                                return;
+                            };
+                            let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+                            if s.nodes_fresh.epoch == epoch {
+                                s.merge_node_list(started.elapsed(), at, items);
+                            }
+                            drop(s);
+                            ch.notify_waiters();
+                        });
                     }
                 }
                 drop(s);
@@ -580,6 +806,16 @@ impl Recorder {
             .collect()
     }
 
+    /// The name, node and device of the wedge with this uid, if it was ever seen.
+    pub fn identity(&self, uid: &str) -> Option<(String, String, String)> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .identities
+            .get(uid)
+            .cloned()
+    }
+
     /// Invariants 1 and 3 so far: Err lists every violation, with the timeline.
     pub fn check_invariants(&self) -> Result<(), String> {
         let v = self
@@ -713,5 +949,52 @@ impl Drop for Recorder {
         for t in &self.tasks {
             t.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A watch resumed after a cut replays older versions: none rolls the view back, a deleted
+    /// object's replayed versions do not bring it back, and one created again under its name
+    /// (a newer resourceVersion) is taken.
+    #[test]
+    fn a_replayed_version_never_rolls_the_view_back() {
+        let mut f = Fresh::default();
+        f.rv.insert("a".into(), 10);
+        assert!(f.stale("a", 9));
+        assert!(!f.stale("a", 10));
+        assert!(!f.stale("a", 11));
+        f.deleted("a", 12);
+        assert!(f.stale("a", 11));
+        assert!(!f.stale("a", 13), "created again under its name");
+        f.floor = 20;
+        assert!(
+            f.stale("b", 15),
+            "not in the list merged at 20: gone by then"
+        );
+        assert!(!f.stale("b", 21));
+        assert!(!f.stale("c", 0), "no resourceVersion: taken");
+    }
+
+    /// After a watch error the view is live only once the watch delivers again and the list
+    /// made after the error is merged (in either order), and never during a relist.
+    #[test]
+    fn a_view_is_live_only_when_connected_and_caught_up() {
+        let mut f = Fresh {
+            connected: true,
+            ..Fresh::default()
+        };
+        assert!(f.live());
+        f.connected = false;
+        f.catching_up = true;
+        assert!(!f.live(), "cut");
+        f.catching_up = false;
+        assert!(!f.live(), "list merged, watch still down: the list ages");
+        f.connected = true;
+        assert!(f.live());
+        f.relisting = true;
+        assert!(!f.live(), "relisting");
     }
 }

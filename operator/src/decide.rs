@@ -205,6 +205,9 @@ pub enum Step {
     },
     /// Uncordon the node and remove the annotation (only ever for a cordon unwedge made).
     Uncordon,
+    /// Put the operator's finalizer on the wedge: it holds a ledger place or the node's cordon
+    /// without it, so a deletion would take it away with nothing released.
+    Finalize,
     /// Evict these pods through the Eviction API.
     Evict {
         /// The pods.
@@ -658,6 +661,10 @@ pub fn decide(input: &Input) -> Decision {
         d.new.waiting_for = None;
         d.condition(cond::ABANDONED, true, "ByHuman", msg.clone());
         return d.done(Step::Release, note(false, "Abandoned", msg));
+    }
+
+    if unfinalized_hold(input, held.is_some(), ours) {
+        return d.done(Step::Finalize, None);
     }
 
     if input.node_deleted {
@@ -1126,6 +1133,72 @@ fn queued(d: Draft, reason: &QueueReason) -> Decision {
         step: wait(queue_recheck(ahead), reason.0.clone()),
         note,
     }
+}
+
+/// Whether an open wedge without the operator's finalizer holds something: a ledger place
+/// under its name (an earlier incident of the same name — deleted, then created again by the
+/// agent's outbox replay — whose place the cache still shows) or the node's cordon. Admission
+/// puts the finalizer on before the ledger write; a wedge that finds itself holding either
+/// without it gets it before anything else, so deleting it always releases what it holds.
+fn unfinalized_hold(input: &Input, placed: bool, cordon: bool) -> bool {
+    let w = input.wedge;
+    let finalized = w
+        .metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .any(|f| f == unwedge_crds::labels::FINALIZER);
+    (placed || cordon) && !finalized && w.metadata.deletion_timestamp.is_none()
+}
+
+/// The policies a finished (or deleted) wedge gives its places back to: every policy whose
+/// ledger names it, plus the one its status names. A node relabelled mid-recovery can leave
+/// the wedge a place in the policy it moved away from (seen in bench chaos: admitted by
+/// `chaos`, then `chaos-b`, then `chaos` again; Recovered, it released `chaos` only and the
+/// place in `chaos-b` stayed, never repaired since the wedge still exists). Sorted, no repeats.
+pub fn places_to_release(
+    wedge: &str,
+    status_policy: Option<&str>,
+    ledgers: &[(String, Vec<Admission>)],
+) -> Vec<String> {
+    let mut out: Vec<String> = ledgers
+        .iter()
+        .filter(|(_, l)| l.iter().any(|a| a.wedge == wedge))
+        .map(|(p, _)| p.clone())
+        .chain(status_policy.map(str::to_string))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// A wedge of the node that the cordon could be handed to, as read fresh just before the
+/// hand-over (the cache may not show yet that it finished).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Heir {
+    /// Its name.
+    pub name: String,
+    /// Not Recovered or Abandoned, and not being deleted.
+    pub open: bool,
+    /// It carries the operator's finalizer (its deletion releases what it holds).
+    pub finalized: bool,
+    /// It holds a place in a policy's ledger.
+    pub placed: bool,
+}
+
+/// The wedge that takes the node's cordon over, from the candidates read fresh: one that is
+/// open and carries the finalizer, preferably one holding a place (the node stays counted by
+/// the ledger); `None` lifts the cordon. A wedge that finished, or never got the finalizer,
+/// would let the cordon vanish with it: a node stranded cordoned, counted by no ledger.
+pub fn cordon_heir(candidates: &[Heir]) -> Option<String> {
+    let fit: Vec<&Heir> = candidates
+        .iter()
+        .filter(|h| h.open && h.finalized)
+        .collect();
+    fit.iter()
+        .find(|h| h.placed)
+        .or(fit.first())
+        .map(|h| h.name.clone())
 }
 
 /// Lifts the node's cordon for this wedge, or hands it to another open wedge of the node that

@@ -420,6 +420,7 @@ fn step_name(step: &Step) -> &'static str {
         Step::Cordon => "cordon",
         Step::Quarantine => "quarantine",
         Step::Unquarantine => "unquarantine",
+        Step::Finalize => "finalize",
         Step::HandOverCordon { .. } => "hand-over-cordon",
         Step::Uncordon => "uncordon",
         Step::Evict { .. } => "evict",
@@ -685,7 +686,15 @@ async fn perform(
     match d.step.clone() {
         Step::Nothing => {
             if d.status.phase.is_some_and(Phase::is_terminal) && finalize::held(w) {
-                // Terminal with nothing left to release (decide would have said so).
+                // Terminal with nothing left to release in its policy (decide would have said
+                // so); a place left in another policy's ledger (a relabel) goes first.
+                for p in finalize::holding_policies(ctx, w) {
+                    ctx.ensure_leader()?;
+                    match ledger::release(&ctx.policy_api(), &p, &name).await {
+                        Ok(()) | Err(ledger::LedgerError::NoPolicy(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
                 finalize::forget(ctx, written.as_ref().unwrap_or(w)).await?;
             }
             Ok(if changed {
@@ -770,9 +779,17 @@ async fn perform(
                 tracing::debug!(wedge = %name, %holder, "release waits: the node's cordon is held by a finished wedge");
                 return Ok(Action::requeue(Duration::from_secs(1)));
             }
-            match ledger::release(&ctx.policy_api(), &policy, &name).await {
-                Ok(()) | Err(ledger::LedgerError::NoPolicy(_)) => {}
-                Err(e) => return Err(e.into()),
+            // Every ledger that names it, not only its policy's now: a node relabelled
+            // mid-recovery may have given it a place in the policy it moved away from.
+            let mut places = finalize::holding_policies(ctx, w);
+            places.push(policy.clone());
+            places.sort();
+            places.dedup();
+            for p in places.iter().filter(|p| !p.is_empty()) {
+                match ledger::release(&ctx.policy_api(), p, &name).await {
+                    Ok(()) | Err(ledger::LedgerError::NoPolicy(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
             let ours = node.is_some_and(|n| n.annotations().get(ANN_CORDONED_BY) == Some(&name));
             if d.status.phase.is_some_and(Phase::is_terminal) && !ours && !input.quarantine_rule {
@@ -842,11 +859,13 @@ async fn perform(
             if fresh.annotations().get(ANN_CORDONED_BY) != Some(&name) {
                 return Ok(soon);
             }
-            let to = match &d.step {
-                Step::HandOverCordon { to } => Some(to.as_str()),
+            // The heir as read now: the cache that chose it may not show yet that it finished
+            // (and let its finalizer go), and a cordon handed to it would outlive it.
+            let heir = match &d.step {
+                Step::HandOverCordon { .. } => cordon_heir(ctx, &w.spec.node_name, &name).await?,
                 _ => None,
             };
-            let body = cordon_release_patch(fresh.resource_version(), to);
+            let body = cordon_release_patch(fresh.resource_version(), heir.as_deref());
             match api
                 .patch(
                     &w.spec.node_name,
@@ -858,9 +877,9 @@ async fn perform(
                 Err(kube::Error::Api(s)) if s.is_conflict() => return Ok(soon),
                 r => r?,
             };
-            let msg = match &d.step {
-                Step::HandOverCordon { to } => format!("cordon handed from {name} to {to}"),
-                _ => format!("uncordoned by unwedge: {name} recovered"),
+            let msg = match &heir {
+                Some(to) => format!("cordon handed from {name} to {to}"),
+                None => format!("uncordoned by unwedge: {name} recovered"),
             };
             ctx.event(
                 &fresh.object_ref(&()),
@@ -950,6 +969,14 @@ async fn perform(
             }
             Ok(soon)
         }
+        Step::Finalize => {
+            ctx.ensure_leader()?;
+            finalize::ensure(ctx, written.as_ref().unwrap_or(w)).await?;
+            tracing::info!(wedge = %name, "finalizer put on a wedge that held a place or the node's cordon without it");
+            // Decide again at once on a fresh read: the copy decided from may be a cache that
+            // lags (a cut watch), which would ask for the finalizer again every requeue.
+            Err(Error::StatusConflict)
+        }
         Step::Unquarantine => {
             ctx.ensure_leader()?;
             if quarantine::remove(&ctx.client, &name).await? {
@@ -958,6 +985,29 @@ async fn perform(
             Ok(soon)
         }
     }
+}
+
+/// The wedge of `node` (other than `except`) that takes unwedge's cordon over, chosen by
+/// [`decide::cordon_heir`] from the open wedges the cache shows, each read fresh; `None`: lift it.
+async fn cordon_heir(ctx: &Ctx, node: &str, except: &str) -> Result<Option<String>, Error> {
+    let policies = ctx.policies.state();
+    let mut heirs = Vec::new();
+    for name in open_on_node(&ctx.wedges.state(), node, except) {
+        let Some(w) = ctx.wedge_api().get_opt(&name).await? else {
+            continue;
+        };
+        heirs.push(decide::Heir {
+            open: open(&w),
+            finalized: finalize::held(&w),
+            placed: policies.iter().any(|p| {
+                p.status
+                    .as_ref()
+                    .is_some_and(|s| s.admitted.iter().any(|a| a.wedge == name))
+            }),
+            name,
+        });
+    }
+    Ok(decide::cordon_heir(&heirs))
 }
 
 /// The node patch that lets go of unwedge's cordon, guarded by the node's resourceVersion:
@@ -1179,15 +1229,15 @@ pub async fn release_orphan_cordons(ctx: &Ctx) -> Result<(), Error> {
             continue;
         }
         let node = n.name_any();
-        let others = open_on_node(&wedges, &node, holder);
+        let heir = cordon_heir(ctx, &node, holder).await?;
         ctx.ensure_leader()?;
-        let body = cordon_release_patch(n.resource_version(), others.first().map(String::as_str));
+        let body = cordon_release_patch(n.resource_version(), heir.as_deref());
         match Api::<Node>::all(ctx.client.clone())
             .patch(&node, &PatchParams::default(), &Patch::Merge(&body))
             .await
         {
             Ok(_) => {
-                tracing::warn!(%node, %holder, to = ?others.first(), "cordon of a wedge that is gone released")
+                tracing::warn!(%node, %holder, to = ?heir, "cordon of a wedge that is gone released")
             }
             Err(kube::Error::Api(s)) if s.is_conflict() || s.is_not_found() => {}
             Err(e) => return Err(e.into()),

@@ -7,7 +7,12 @@
 //! The figures, summed over the storms:
 //! - `lost wedges`: an injected uevent whose wedge was never seen in a terminal phase
 //!   (Recovered, Abandoned), was not deleted by the chaos and whose node was not deleted by the
-//!   chaos, when its storm ends (every wedge resolved, or the storm's time bound).
+//!   chaos, when its storm ends (every wedge resolved, or the storm's time bound), except
+//!   those counted apart as `needs attention after cut attempts`: a wedge in NeedsAttention
+//!   every attempt of which (every approval the recorder saw for it, and every attempt its
+//!   status lists) the agent reported as cut by its own restart ("agent restarted during the
+//!   attempt; not re-executed": the at-most-once rule), the designed outcome when restarts
+//!   cut `maxAttempts` attempts in a row. Not a loss figure.
 //!   The kernel sends a uevent once, so the agent may legitimately lose one it has not yet
 //!   committed to its outbox: the agent pool is killed only at fair moments, once every uevent
 //!   injected so far is committed (`outbox/<wedge>.json` on disk, or the GpuWedge seen). No
@@ -15,7 +20,9 @@
 //! - `double actions`: per device, the sysfs writes beyond the approved attempts that could
 //!   cause them (the recorder's `check_journal` rule, without its reset-domain slack: the GPUs
 //!   here share no reset domain): max of unbinds and binds over approved rebind + bus-reset
-//!   attempts, and resets + removes over approved bus-reset attempts.
+//!   attempts, and resets + removes over approved bus-reset attempts. Approved: seen on the
+//!   recorder's watch, or announced in the operator's `Approved` Events (an approval whose
+//!   whole life fell inside a watch cut is seen only there).
 //! - `budget overruns`: per policy, the recorder's peak of nodes under recovery above its
 //!   `maxUnavailable` (0 when the budget always held).
 //! - `stranded cordons`: after each storm settled, nodes still unschedulable whose
@@ -41,7 +48,10 @@ use super::Report;
 use super::storm::{Tracker, WedgeTrack};
 use crate::cluster::ControlPlane;
 use crate::fleet::{NodeSpec, SCENARIO_LABEL, Scenario};
+use crate::recorder::SeenApproval;
 
+/// The agent's result message for an attempt its restart cut (executor.rs, at most once).
+const CUT_BY_RESTART: &str = "agent restarted during the attempt; not re-executed";
 /// The policy of the nodes relabelled away from the scenario's own.
 const OTHER_POLICY: &str = "chaos-b";
 /// How long one chaos action (a restart included) may take.
@@ -139,6 +149,7 @@ struct Tally {
     relabels: usize,
     reboots: usize,
     lost: Vec<String>,
+    cut: Vec<String>,
     stranded_cordons: Vec<String>,
     stranded_places: Vec<String>,
 }
@@ -200,7 +211,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     for s in 0..opts.storms {
         soak.storm(s).await.with_context(|| format!("storm {s}"))?;
     }
-    let failures = soak.report(&mut rep, t_run.elapsed());
+    let announced = approvals_announced(&soak.client, &soak.sc).await;
+    let failures = soak.report(&mut rep, t_run.elapsed(), &announced);
     let Soak { sc, tracker, .. } = soak;
     drop(tracker);
     drop(sc);
@@ -273,7 +285,18 @@ impl Soak<'_> {
                 .with_context(|| format!("chaos action {action:?}"))?;
         }
         self.wait_resolved(&injections, t0, deadline).await?;
-        let lost = self.unresolved(&injections, t0);
+        let (cut, lost): (Vec<Injection>, Vec<Injection>) = injections
+            .iter()
+            .filter(|i| !self.dead_nodes.contains(&i.node))
+            .filter(|i| !self.ended_or_deleted(i, t0))
+            .cloned()
+            .partition(|i| self.needs_attention_after_cut_attempts(i));
+        for i in &cut {
+            self.tally
+                .cut
+                .push(format!("storm {s}: {}/{}", i.node, i.device));
+            self.open_devices.insert((i.node.clone(), i.device.clone()));
+        }
         for i in &lost {
             let seen = self.wedge_of(i, t0);
             self.tally.lost.push(format!(
@@ -547,14 +570,52 @@ impl Soak<'_> {
     }
 
     fn resolved(&self, i: &Injection, t0: Instant) -> bool {
-        if self.dead_nodes.contains(&i.node) {
+        // NeedsAttention after cut attempts is where that wedge stays: the storm need not wait
+        // out its time bound for it (counted apart when the storm ends).
+        if self.dead_nodes.contains(&i.node) || self.needs_attention_after_cut_attempts(i) {
             return true;
         }
+        self.ended_or_deleted(i, t0)
+    }
+
+    /// Whether the injection's wedge was seen terminal, or was deleted by the chaos.
+    fn ended_or_deleted(&self, i: &Injection, t0: Instant) -> bool {
         self.tracker
             .wedges_since(t0)
             .iter()
             .filter(|(_, w)| w.node == i.node && w.device == i.device)
             .any(|(n, w)| w.ended || self.deleted_wedges.contains(n))
+    }
+
+    /// Whether the injection's wedge, as the recorder sees it now, is in NeedsAttention after
+    /// attempts every one of which the agent's restart cut (see the module documentation).
+    fn needs_attention_after_cut_attempts(&self, i: &Injection) -> bool {
+        let approvals = self.sc.rec.approvals();
+        self.sc
+            .rec
+            .wedges_of(&i.node)
+            .iter()
+            .filter(|w| w.spec.device.pci_address == i.device)
+            .any(|w| {
+                let Some(st) = w.status.as_ref() else {
+                    return false;
+                };
+                let attempts = st.attempts.clone().unwrap_or_default();
+                let uid = w.metadata.uid.clone().unwrap_or_default();
+                let approved: Vec<u32> = approvals
+                    .iter()
+                    .filter(|a| a.uid == uid)
+                    .map(|a| a.attempt)
+                    .collect();
+                st.phase == Some(unwedge_crds::Phase::NeedsAttention)
+                    && !approved.is_empty()
+                    && attempts.iter().all(|a| a.message == CUT_BY_RESTART)
+                    && approved.iter().all(|n| {
+                        attempts
+                            .iter()
+                            .any(|a| a.attempt == *n && a.message == CUT_BY_RESTART)
+                    })
+            })
     }
 
     fn unresolved(&self, injections: &[Injection], t0: Instant) -> Vec<Injection> {
@@ -623,9 +684,9 @@ impl Soak<'_> {
     }
 
     /// Writes the figures; returns what fails the run.
-    fn report(&self, rep: &mut Report, took: Duration) -> Vec<String> {
+    fn report(&self, rep: &mut Report, took: Duration, announced: &[SeenApproval]) -> Vec<String> {
         let t = &self.tally;
-        let (doubles, double_detail) = double_actions(&self.sc);
+        let (doubles, double_detail) = double_actions(&self.sc, announced);
         let overruns: usize = [self.sc.name.as_str(), OTHER_POLICY]
             .iter()
             .map(|p| self.sc.rec.peak(p).saturating_sub(self.opts.budget))
@@ -683,6 +744,12 @@ impl Soak<'_> {
             "requested by agents after failed attempts, simulated by the bench",
         );
         rep.fig("lost wedges", n(t.lost.len()), "wedges", &first(&t.lost));
+        rep.fig(
+            "needs attention after cut attempts",
+            n(t.cut.len()),
+            "wedges",
+            &first(&t.cut),
+        );
         rep.fig(
             "double actions",
             n(doubles),
@@ -803,8 +870,57 @@ async fn stranded(client: &Client, policy: &str) -> anyhow::Result<(Vec<String>,
 
 /// Per device, the sysfs writes beyond the approved attempts that could cause them; the sum,
 /// and one line per device with any.
-fn double_actions(sc: &Scenario) -> (usize, Vec<String>) {
-    let approvals = sc.rec.approvals();
+/// The approvals the operator announced in its `Approved` Events (events.k8s.io, written after
+/// the approval itself): an approval given, carried out and its wedge deleted while the
+/// recorder's wedge watch was cut (kube-apiserver restarting) is never seen on that watch, and
+/// its writes would read as a double action (seen once in a `--short` run: 3 rebinds of one
+/// device for 3 approvals, one of them given and its wedge deleted within 0.4 s of a cut). The
+/// wedge's node and device are those the recorder saw for its uid; an Event of a wedge the
+/// recorder never saw at all is not used.
+async fn approvals_announced(client: &Client, sc: &Scenario) -> Vec<SeenApproval> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(client.clone());
+    let Ok(list) = events.list(&kube::api::ListParams::default()).await else {
+        return vec![];
+    };
+    list.items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("Approved"))
+        .filter_map(|e| {
+            let r = e.regarding?;
+            if r.kind.as_deref() != Some("GpuWedge") {
+                return None;
+            }
+            let uid = r.uid?;
+            let (wedge, node, device) = sc.rec.identity(&uid)?;
+            let (method, attempt, by) = parse_approved(e.note.as_deref()?)?;
+            Some(SeenApproval {
+                wedge,
+                uid,
+                node,
+                device,
+                attempt,
+                method,
+                by,
+            })
+        })
+        .collect()
+}
+
+/// Method, attempt and approver of the operator's `Approved` note: "approved rebind#2 (by x)".
+fn parse_approved(note: &str) -> Option<(String, u32, String)> {
+    let rest = note.strip_prefix("approved ")?;
+    let (tag, by) = rest.split_once(" (by ")?;
+    let (method, n) = tag.split_once('#')?;
+    Some((
+        method.to_string(),
+        n.parse().ok()?,
+        by.strip_suffix(')')?.to_string(),
+    ))
+}
+
+fn double_actions(sc: &Scenario, announced: &[SeenApproval]) -> (usize, Vec<String>) {
+    let mut approvals = sc.rec.approvals();
+    approvals.extend(announced.iter().cloned());
     let mut total = 0;
     let mut detail = vec![];
     for (name, node) in &sc.fleet.nodes {
@@ -844,6 +960,16 @@ fn double_actions(sc: &Scenario) -> (usize, Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_approved_note_is_read_back() {
+        assert_eq!(
+            parse_approved("approved bus-reset#2 (by operator-1)"),
+            Some(("bus-reset".into(), 2, "operator-1".into()))
+        );
+        assert_eq!(parse_approved("approve rebind#1 (by x)"), None);
+        assert_eq!(parse_approved("approved rebind (by x)"), None);
+    }
 
     #[test]
     fn the_rng_is_reproducible_and_stays_in_range() {

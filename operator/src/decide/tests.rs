@@ -3,6 +3,8 @@
 
 use super::*;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt as _;
+use unwedge_crds::labels::FINALIZER;
 use unwedge_crds::{
     AttemptResult, Blamed, BudgetLimit, Consumer, DeviceRef, DomainDevice, GpuWedgeSpec, WedgeEvent,
 };
@@ -181,6 +183,8 @@ impl World {
         self.wedge.status = Some(st);
         match &d.step {
             Step::Admit { candidate, reclaim } => {
+                // The effect layer puts the finalizer on before the ledger write.
+                self.finalize();
                 if *reclaim {
                     self.ledger = budget::release(&self.ledger, &candidate.wedge);
                     self.ledger.push(Admission {
@@ -234,9 +238,18 @@ impl World {
             Step::ClearVerbs { .. } => self.verbs = Verbs::default(),
             Step::Quarantine => self.rule = true,
             Step::Unquarantine => self.rule = false,
+            Step::Finalize => self.finalize(),
             Step::Nothing | Step::Wait { .. } => {}
         }
         self.log.push(d.step.clone());
+    }
+
+    /// Puts the operator's finalizer on the wedge (as `finalize::ensure` does).
+    fn finalize(&mut self) {
+        let f = self.wedge.metadata.finalizers.get_or_insert_with(Vec::new);
+        if !f.iter().any(|x| x == FINALIZER) {
+            f.push(FINALIZER.into());
+        }
     }
 
     /// Decides and applies until the world stops changing (or `max` rounds).
@@ -1423,6 +1436,114 @@ fn the_cordon_is_handed_to_a_wedge_that_holds_a_place() {
     });
     w.run(10);
     assert_eq!(w.node.cordoned_by.as_deref(), Some(placed));
+}
+
+/// bench chaos, seed 1796501097449694757 (docs/benchmarks.md §6): two wedges of one node
+/// finish together; the first is Recovered, releases its place and lets its finalizer go; the
+/// second, from a cache that still showed the first open, handed the cordon to it; the chaos
+/// then deleted the first, gone at once with nothing released: the node stayed cordoned,
+/// counted by no ledger. Read fresh, a finished wedge, or one without the finalizer, never
+/// takes a cordon over; the cordon goes to an open, finalized wedge, else it is lifted.
+#[test]
+fn a_cordon_is_never_handed_to_a_wedge_that_finished_or_lacks_the_finalizer() {
+    let heir = |name: &str, open: bool, finalized: bool, placed: bool| Heir {
+        name: name.into(),
+        open,
+        finalized,
+        placed,
+    };
+    let recovered = heir("node-a-0000-05-00-0-1", false, false, false);
+    assert_eq!(cordon_heir(std::slice::from_ref(&recovered)), None);
+    let recovered_still_finalized = heir("node-a-0000-05-00-0-1", false, true, true);
+    assert_eq!(cordon_heir(&[recovered_still_finalized]), None);
+    let unfinalized = heir("node-a-0000-04-00-0-2", true, false, false);
+    assert_eq!(cordon_heir(std::slice::from_ref(&unfinalized)), None);
+    let open = heir("node-a-0000-06-00-0-3", true, true, false);
+    let placed = heir("node-a-0000-07-00-0-4", true, true, true);
+    assert_eq!(
+        cordon_heir(&[recovered.clone(), unfinalized.clone(), open.clone()]),
+        Some(open.name.clone())
+    );
+    assert_eq!(
+        cordon_heir(&[recovered, unfinalized, open, placed.clone()]),
+        Some(placed.name),
+        "a wedge holding a place is preferred"
+    );
+    assert_eq!(cordon_heir(&[]), None);
+}
+
+/// bench chaos, seed 1796501097449694757, second run after the fixes: a node relabelled
+/// chaos → chaos-b → chaos mid-recovery; the wedge, Recovered, released its place in `chaos`
+/// only, and `chaos-b` kept one for it (a stranded ledger place after two storms). A finished
+/// wedge gives back the places of every ledger naming it, and its status's policy.
+#[test]
+fn a_finished_wedge_releases_its_places_in_every_policy() {
+    let place = |wedge: &str| Admission {
+        wedge: wedge.into(),
+        node: "node-a".into(),
+        unit: BudgetUnit::Node,
+        reboot: false,
+    };
+    let ledgers = vec![
+        ("chaos".to_string(), vec![place(W)]),
+        ("chaos-b".to_string(), vec![place("other"), place(W)]),
+        ("idle".to_string(), vec![place("other")]),
+    ];
+    assert_eq!(
+        places_to_release(W, Some("chaos"), &ledgers),
+        vec!["chaos".to_string(), "chaos-b".to_string()]
+    );
+    assert_eq!(
+        places_to_release(W, Some("new"), &ledgers[2..]),
+        vec!["new".to_string()],
+        "its status's policy even when the cache shows no place there"
+    );
+    assert!(places_to_release(W, None, &ledgers[2..]).is_empty());
+}
+
+/// An earlier incident of the same name (deleted by a person, created again by the agent's
+/// outbox replay) whose ledger place the cache still shows: the new wedge would proceed as
+/// admitted (cordon, drain, approval) without ever passing the admission that puts the
+/// finalizer on, and a deletion would take it away with nothing released. It gets the
+/// finalizer first, then goes on.
+#[test]
+fn a_wedge_holding_a_place_without_the_finalizer_gets_it_first() {
+    let mut w = World::new("rebind");
+    w.ledger.push(Admission {
+        wedge: W.into(),
+        node: "node-a".into(),
+        unit: BudgetUnit::Node,
+        reboot: false,
+    });
+    assert_eq!(w.decide().step, Step::Finalize);
+    w.run(1);
+    assert!(w.wedge.finalizers().iter().any(|f| f == FINALIZER));
+    w.run(20);
+    assert_eq!(w.node.cordoned_by.as_deref(), Some(W));
+    assert!(w.log.contains(&Step::Cordon));
+    assert_eq!(
+        w.log.iter().filter(|s| **s == Step::Finalize).count(),
+        1,
+        "once: {:?}",
+        w.log
+    );
+}
+
+/// The node's cordon names a wedge without the finalizer (handed to it, or left by an earlier
+/// incident of its name): it gets the finalizer before anything else.
+#[test]
+fn a_wedge_holding_the_cordon_without_the_finalizer_gets_it_first() {
+    let mut w = World::new("rebind");
+    w.node.unschedulable = true;
+    w.node.cordoned_by = Some(W.into());
+    assert_eq!(w.decide().step, Step::Finalize);
+    w.apply(&w.decide());
+    assert_ne!(w.decide().step, Step::Finalize);
+    // Being deleted, it is released by the finalizer's path, never finalized again.
+    let mut gone = World::new("rebind");
+    gone.node.cordoned_by = Some(W.into());
+    gone.wedge.metadata.deletion_timestamp = Some(Time(t(1)));
+    assert_ne!(gone.decide().step, Step::Finalize);
 }
 
 #[test]

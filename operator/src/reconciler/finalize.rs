@@ -142,27 +142,25 @@ pub(super) async fn release_deleted(ctx: &Ctx, w: &GpuWedge) -> Result<(), Error
     super::update_node_condition(ctx, &w.spec.node_name, &name).await
 }
 
-/// The policies whose ledger (as cached) holds `w`, plus the one its status names: a release
-/// that finds nothing is a no-op.
-fn holding_policies(ctx: &Ctx, w: &GpuWedge) -> Vec<String> {
-    let name = w.name_any();
-    let mut out: Vec<String> = ctx
+/// The policies whose ledger (as cached) holds `w`, plus the one its status names (see
+/// [`decide::places_to_release`]): a release that finds nothing is a no-op.
+pub(super) fn holding_policies(ctx: &Ctx, w: &GpuWedge) -> Vec<String> {
+    let ledgers: Vec<(String, Vec<unwedge_crds::Admission>)> = ctx
         .policies
         .state()
         .iter()
-        .filter(|p| {
-            p.status
-                .as_ref()
-                .is_some_and(|s| s.admitted.iter().any(|a| a.wedge == name))
+        .map(|p| {
+            (
+                p.name_any(),
+                p.status
+                    .as_ref()
+                    .map(|s| s.admitted.clone())
+                    .unwrap_or_default(),
+            )
         })
-        .map(|p| p.name_any())
         .collect();
-    if let Some(p) = w.status.as_ref().and_then(|s| s.policy.clone()) {
-        out.push(p);
-    }
-    out.sort();
-    out.dedup();
-    out
+    let status_policy = w.status.as_ref().and_then(|s| s.policy.as_deref());
+    decide::places_to_release(&w.name_any(), status_policy, &ledgers)
 }
 
 /// Lifts (or hands over) the node's cordon if unwedge made it for `w`; says what it did.
@@ -175,9 +173,9 @@ async fn release_cordon(ctx: &Ctx, w: &GpuWedge) -> Result<Option<String>, Error
     if node.annotations().get(ANN_CORDONED_BY) != Some(&name) {
         return Ok(None);
     }
-    let others = super::open_on_node(&ctx.wedges.state(), &w.spec.node_name, &name);
+    let heir = super::cordon_heir(ctx, &w.spec.node_name, &name).await?;
     let rv = node.resource_version();
-    let next = others.first().map(String::as_str);
+    let next = heir.as_deref();
     let body = super::cordon_release_patch(rv, next);
     let said = match next {
         Some(next) => format!("the cordon (handed to {next}, which still needs it)"),
