@@ -82,6 +82,24 @@ pub fn for_wedge(
     }
 }
 
+/// A policy other than `policy` whose ledger holds `wedge`, if any: an admission into `policy`
+/// must not go ahead then (the wedge keeps its place where it was admitted; the cache that
+/// chose `policy` lagged behind that ledger). Judged on a fresh list of the policies.
+pub fn held_elsewhere(policies: &[RecoveryPolicy], wedge: &str, policy: &str) -> Option<String> {
+    let mut holders: Vec<String> = policies
+        .iter()
+        .filter(|p| p.metadata.name.as_deref() != Some(policy))
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .is_some_and(|s| s.admitted.iter().any(|a| a.wedge == wedge))
+        })
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    holders.sort();
+    holders.into_iter().next()
+}
+
 /// For one policy: the other policies it conflicts with on any of `nodes` (name → labels),
 /// so a Conflict condition can be written on each party.
 pub fn conflicts_of(
@@ -213,6 +231,23 @@ mod tests {
             for_wedge(&ps, &labels(&[("pool", "b")]), "other"),
             Governing::Policy("b".into())
         );
+    }
+
+    #[test]
+    fn an_admission_waits_while_another_ledger_holds_the_wedge() {
+        let mut ps = [
+            policy("a", false, &[("pool", "a")]),
+            policy("b", false, &[("pool", "b")]),
+        ];
+        assert_eq!(held_elsewhere(&ps, "w", "b"), None);
+        admit(&mut ps[0], "w");
+        assert_eq!(held_elsewhere(&ps, "w", "b"), Some("a".into()));
+        assert_eq!(
+            held_elsewhere(&ps, "w", "a"),
+            None,
+            "its own ledger is not elsewhere"
+        );
+        assert_eq!(held_elsewhere(&ps, "other", "b"), None);
     }
 
     proptest::proptest! {

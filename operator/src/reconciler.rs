@@ -717,6 +717,19 @@ async fn perform(
                 Governance::Policy(p) => (p.limits, p.waiting_ahead.clone()),
                 _ => return Ok(soon),
             };
+            // A place taken back without the budget's check (reclaim), or by a wedge admitted
+            // before under another policy (a relabelled node): never in a second ledger. The
+            // policy was chosen from the cache, which can lag behind the ledger that holds the
+            // wedge; a fresh list decides, and the wedge waits for the cache to catch up.
+            let admitted_by = w.status.as_ref().and_then(|s| s.policy.as_deref());
+            if reclaim || admitted_by.is_some_and(|a| !a.is_empty() && a != policy) {
+                let fresh = ctx.policy_api().list(&Default::default()).await?;
+                if let Some(holder) = policy_match::held_elsewhere(&fresh.items, &name, &policy) {
+                    tracing::info!(wedge = %name, policy = %policy, %holder,
+                        "not admitted: the ledger of another policy holds this wedge");
+                    return Ok(soon);
+                }
+            }
             match ledger::admit(
                 &ctx.policy_api(),
                 &policy,
