@@ -419,23 +419,14 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     // Let the solo node's uncordon settle before the storm starts.
     super::sleep(Duration::from_secs(2)).await;
 
-    // The floor: how fast one sequential client cordons these nodes on this control plane, now.
-    let floor_nodes: Vec<String> = sc
-        .fleet
-        .nodes
-        .keys()
-        .filter(|name| name.as_str() != "storm-solo")
-        .take(FLOOR_NODES)
-        .cloned()
-        .collect();
-    let (floor_rate, floor_secs) = floor_cordon_rate(&client, &floor_nodes).await?;
+    // The floor: how fast one sequential client cordons nodes on this control plane, now.
+    let (floor_rate, floor_secs) = floor_cordon_rate(&client, FLOOR_NODES).await?;
     rep.fig(
         "floor: sequential cordon rate",
         floor_rate,
         "nodes/s",
         &format!(
-            "one client, one merge patch of spec.unschedulable after another, {} nodes in {floor_secs:.3} s (then uncordoned); what the API server allows here, now",
-            floor_nodes.len()
+            "one client, one merge patch of spec.unschedulable after another, over {FLOOR_NODES} kwok nodes made for it (no GPU, deleted after) in {floor_secs:.3} s; what the API server allows here, now"
         ),
     );
     super::sleep(Duration::from_secs(1)).await;
@@ -775,28 +766,58 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     Ok(rep)
 }
 
-/// Nodes the floor is measured over (at most: the storm's own nodes).
+/// Nodes the floor is measured over.
 const FLOOR_NODES: usize = 200;
 
-/// Cordons `nodes` one after another with one client (a merge patch of `spec.unschedulable`
-/// each, as a cordon is), then uncordons them: cordons per second and the seconds it took.
-async fn floor_cordon_rate(client: &Client, nodes: &[String]) -> anyhow::Result<(f64, f64)> {
+/// Makes `count` kwok nodes (no GPU, no agent), cordons them one after another with one client
+/// (a merge patch of `spec.unschedulable` each, as a cordon is), then deletes them: cordons per
+/// second and the seconds the cordons took. Nodes of their own, so the recorder never sees a
+/// storm node cordoned or uncordoned by anyone but unwedge.
+async fn floor_cordon_rate(client: &Client, count: usize) -> anyhow::Result<(f64, f64)> {
     let api: Api<Node> = Api::all(client.clone());
-    let patch =
-        |on: bool| kube::api::Patch::Merge(serde_json::json!({"spec": {"unschedulable": on}}));
+    let names: Vec<String> = (0..count).map(|i| format!("floor-{i:05}")).collect();
+    futures::stream::iter(names.iter().cloned())
+        .map(|name| {
+            let api = api.clone();
+            async move {
+                let node: Node = serde_json::from_value(serde_json::json!({
+                    "metadata": {
+                        "name": name,
+                        "labels": {"type": "kwok", "kubernetes.io/hostname": name},
+                        "annotations": {crate::cluster::KWOK_NODE_ANNOTATION: "fake"}
+                    }
+                }))?;
+                api.create(&Default::default(), &node)
+                    .await
+                    .with_context(|| format!("floor: create node {name}"))?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let cordon = kube::api::Patch::Merge(serde_json::json!({"spec": {"unschedulable": true}}));
     let t = Instant::now();
-    for n in nodes {
-        api.patch(n, &Default::default(), &patch(true))
+    for n in &names {
+        api.patch(n, &Default::default(), &cordon)
             .await
             .with_context(|| format!("floor: cordon {n}"))?;
     }
     let secs = t.elapsed().as_secs_f64();
-    for n in nodes {
-        api.patch(n, &Default::default(), &patch(false))
-            .await
-            .with_context(|| format!("floor: uncordon {n}"))?;
-    }
-    Ok((nodes.len() as f64 / secs.max(1e-9), secs))
+    futures::stream::iter(names.iter().cloned())
+        .map(|name| {
+            let api = api.clone();
+            async move {
+                api.delete(&name, &Default::default())
+                    .await
+                    .with_context(|| format!("floor: delete node {name}"))?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok((count as f64 / secs.max(1e-9), secs))
 }
 
 /// Grows the cluster to `target` extra kwok nodes (not GPU nodes, not selected by the policy)
