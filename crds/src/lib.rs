@@ -4,6 +4,7 @@
 //! `charts/unwedge/crds/` is generated from these types by the `crdgen` binary.
 
 pub mod budget;
+pub mod duration;
 pub mod gpuwedge;
 pub mod labels;
 pub mod method;

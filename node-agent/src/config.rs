@@ -129,31 +129,17 @@ pub enum LogFormat {
     Json,
 }
 
-/// Parses `10s`, `500ms`, `2m`, `1h` or a bare number of seconds.
+/// Parses a flag's duration: the CRD's syntax (`10s`, `500ms`, `2m`, `1h30m`:
+/// [`unwedge_crds::duration`]), or a bare whole number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration: expected e.g. 10s, 500ms, 2m"))?;
-    let secs = match unit {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {s:?}: use ms, s, m or h"
-            ));
-        }
+    let with_unit = if !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()) {
+        format!("{s}s")
+    } else {
+        s.to_string()
     };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("{s:?} is not a valid duration"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    unwedge_crds::duration::parse(&with_unit)
+        .ok_or_else(|| format!("{s:?} is not a duration: expected e.g. 10s, 500ms, 2m, 1h30m"))
 }
 
 #[cfg(test)]
