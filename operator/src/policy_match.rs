@@ -64,7 +64,17 @@ pub fn for_wedge(
     labels: &BTreeMap<String, String>,
     wedge: &str,
 ) -> Governing {
-    let mut holders: Vec<String> = policies
+    match holders(policies, wedge).into_iter().next() {
+        None => governing(policies, labels),
+        // Two ledgers holding one wedge is a past bug's leftover: the first keeps it, and the
+        // ledger repair drops the other entry once the incident ends.
+        Some(first) => Governing::Policy(first),
+    }
+}
+
+/// The policies whose ledger holds `wedge`, by name.
+fn holders(policies: &[RecoveryPolicy], wedge: &str) -> Vec<String> {
+    let mut names: Vec<String> = policies
         .iter()
         .filter(|p| {
             p.status
@@ -73,31 +83,15 @@ pub fn for_wedge(
         })
         .filter_map(|p| p.metadata.name.clone())
         .collect();
-    holders.sort();
-    match holders.len() {
-        0 => governing(policies, labels),
-        // Two ledgers holding one wedge is a past bug's leftover: the first keeps it, and the
-        // ledger repair drops the other entry once the incident ends.
-        _ => Governing::Policy(holders.remove(0)),
-    }
+    names.sort();
+    names
 }
 
 /// A policy other than `policy` whose ledger holds `wedge`, if any: an admission into `policy`
 /// must not go ahead then (the wedge keeps its place where it was admitted; the cache that
 /// chose `policy` lagged behind that ledger). Judged on a fresh list of the policies.
 pub fn held_elsewhere(policies: &[RecoveryPolicy], wedge: &str, policy: &str) -> Option<String> {
-    let mut holders: Vec<String> = policies
-        .iter()
-        .filter(|p| p.metadata.name.as_deref() != Some(policy))
-        .filter(|p| {
-            p.status
-                .as_ref()
-                .is_some_and(|s| s.admitted.iter().any(|a| a.wedge == wedge))
-        })
-        .filter_map(|p| p.metadata.name.clone())
-        .collect();
-    holders.sort();
-    holders.into_iter().next()
+    holders(policies, wedge).into_iter().find(|p| p != policy)
 }
 
 /// For one policy: the other policies it conflicts with on any of `nodes` (name → labels),
