@@ -709,6 +709,27 @@ async fn perform(
         }
         Step::Admit { candidate, reclaim } => {
             ctx.ensure_leader()?;
+            // A place only for a wedge that is still open, read fresh: after a watch cut the
+            // cache can show a wedge that has finished and given its place back as still
+            // Verifying and cordoned, and a reclaim decided on that would hold a place for a
+            // finished wedge (seen in the default-size chaos run). A first admission (Detected,
+            // Queued) is not read again: its budget check and the ledger's fresh write bound it.
+            let cached = w.status.as_ref().and_then(|s| s.phase).unwrap_or_default();
+            if reclaim || !matches!(cached, Phase::Detected | Phase::Queued) {
+                let open_now = ctx.wedge_api().get_opt(&name).await?.is_some_and(|f| {
+                    f.metadata.deletion_timestamp.is_none()
+                        && !f
+                            .status
+                            .as_ref()
+                            .and_then(|s| s.phase)
+                            .is_some_and(Phase::is_terminal)
+                });
+                if !open_now {
+                    tracing::info!(wedge = %name, policy = %policy,
+                        "not admitted: the wedge has finished or is being deleted (the cache lagged)");
+                    return Ok(soon);
+                }
+            }
             // The finalizer first: a place is never held by a wedge that can vanish unnoticed.
             if let Some(patched) = finalize::ensure(ctx, written.as_ref().unwrap_or(w)).await? {
                 written = Some(patched);
