@@ -641,8 +641,10 @@ impl Soak<'_> {
     }
 
     /// Reboots the hosts whose agent asked for it (the harness's reboot command only records
-    /// the request): a new boot id for each, then the pool restarts, as those hosts come back
-    /// (the other pooled agents restart with them; these restarts are not counted as kills).
+    /// the request): a new boot id for each and its devices enumerated and bound again, as a
+    /// boot does (a device left unbound by a cut attempt would otherwise stay unbound and the
+    /// reboot fail), then the pool restarts, as those hosts come back (the other pooled agents
+    /// restart with them; these restarts are not counted as kills).
     async fn serve_reboots(&mut self, injections: &[Injection], t0: Instant) -> anyhow::Result<()> {
         let due: Vec<(String, usize)> = self
             .live_nodes()
@@ -659,6 +661,7 @@ impl Soak<'_> {
         self.wait_committed(injections, t0).await?;
         self.sc.fleet.kill_agent_pool();
         for (name, asked) in due {
+            self.sc.fleet.sim(&name).sysfs.power_cycle()?;
             self.sc.fleet.node(&name).write_boot_id()?;
             self.reboots_served.insert(name, asked);
             self.tally.reboots += 1;
