@@ -152,7 +152,37 @@ pub fn ensure_binaries(names: &[&str]) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// Whether `UNWEDGE_KEEP_LOGS` asks to keep the working directories and logs (set, and not
+/// empty or `0`).
+pub fn keep_logs() -> bool {
+    std::env::var_os("UNWEDGE_KEEP_LOGS").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// A loopback port that is free now, chosen below the kernel's ephemeral range (32768–60999 by
+/// default). A port the kernel hands out (`bind` to 0) is one that any outgoing connection of a
+/// test running beside this one may take between this check and the server's own bind — seen
+/// once with two e2e lanes: "kube-controller-manager … bind: address already in use".
+pub fn free_port() -> anyhow::Result<u16> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const LOW: u64 = 10_000;
+    const SPAN: u64 = 32_768 - LOW;
+    // One start per process, then a step coprime to the span: no port is handed out twice by
+    // one process (until the span is used up), and two processes start far apart.
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let seed = *SEED.get_or_init(|| {
+        u64::from(std::process::id()).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+    });
+    for _ in 0..1000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (seed % SPAN + n * 7919) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -771,7 +801,7 @@ impl Drop for ControlPlane {
             }
         }
         if panicking
-            && std::env::var_os("UNWEDGE_KEEP_LOGS").is_some()
+            && keep_logs()
             && let Some(dir) = self.dir.take()
         {
             eprintln!("kept {}", dir.keep().display());

@@ -433,7 +433,7 @@ impl Fleet {
             pool: None,
             dir: tempfile::Builder::new()
                 .prefix("unwedge-fleet-")
-                .disable_cleanup(std::env::var_os("UNWEDGE_KEEP_LOGS").is_some())
+                .disable_cleanup(crate::cluster::keep_logs())
                 .tempdir()?,
             client,
             api_port: cp.ports().apiserver,
@@ -667,7 +667,7 @@ impl Fleet {
     }
 
     fn spawn_operator(&self, i: usize) -> anyhow::Result<Proc> {
-        let port = free_port()?;
+        let port = crate::cluster::free_port()?;
         let args: Vec<String> = vec![
             format!("KUBECONFIG={}", self.operator_kubeconfig().display()),
             "RUST_LOG=info,unwedge_operator=debug".into(),
@@ -791,12 +791,6 @@ impl Drop for Fleet {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 async fn create_agent_pod(client: &Client, node: &str) -> anyhow::Result<String> {

@@ -6,7 +6,6 @@
 //! nodes, a policy and an open wedge to sync; both must answer `/readyz` 200 within 30 s, and
 //! one of them must hold the Lease. After both are stopped with SIGTERM, no Lease is left.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -19,10 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use unwedge_crds::{GpuWedge, RecoveryPolicy};
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    e2e::cluster::free_port().expect("a free port")
 }
 
 /// The HTTP status of `GET path` on 127.0.0.1:`port`, or None when it does not answer.

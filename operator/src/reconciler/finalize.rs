@@ -97,15 +97,11 @@ pub(super) async fn release_deleted(ctx: &Ctx, w: &GpuWedge) -> Result<(), Error
         return Ok(());
     }
     let name = w.name_any();
+    // The node and the device first, the budget place last: a place given back while the node
+    // is still cordoned lets the ledger admit another node meanwhile, one node over the budget
+    // for that moment (seen by the `queue` scenario's recorder). A crash in between leaves the
+    // place held, which the retried finalizer releases.
     let mut released = Vec::new();
-    for policy in holding_policies(ctx, w) {
-        ctx.ensure_leader()?;
-        match ledger::release(&ctx.policy_api(), &policy, &name).await {
-            Ok(()) => released.push(format!("its place in RecoveryPolicy {policy}")),
-            Err(ledger::LedgerError::NoPolicy(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
     let had_rule = w
         .status
         .as_ref()
@@ -118,6 +114,14 @@ pub(super) async fn release_deleted(ctx: &Ctx, w: &GpuWedge) -> Result<(), Error
     }
     if let Some(cordon) = release_cordon(ctx, w).await? {
         released.push(cordon);
+    }
+    for policy in holding_policies(ctx, w) {
+        ctx.ensure_leader()?;
+        match ledger::release(&ctx.policy_api(), &policy, &name).await {
+            Ok(()) => released.push(format!("its place in RecoveryPolicy {policy}")),
+            Err(ledger::LedgerError::NoPolicy(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     forget(ctx, w).await?;
     let message = if released.is_empty() {
