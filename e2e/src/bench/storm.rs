@@ -766,6 +766,18 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     Ok(rep)
 }
 
+/// A kwok Node named `name` (no GPU, no agent) with `status`.
+fn kwok_node(name: &str, status: serde_json::Value) -> anyhow::Result<Node> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": name,
+            "labels": {"type": "kwok", "kubernetes.io/hostname": name},
+            "annotations": {crate::cluster::KWOK_NODE_ANNOTATION: "fake"}
+        },
+        "status": status
+    }))?)
+}
+
 /// Nodes the floor is measured over.
 const FLOOR_NODES: usize = 200;
 
@@ -780,13 +792,7 @@ async fn floor_cordon_rate(client: &Client, count: usize) -> anyhow::Result<(f64
         .map(|name| {
             let api = api.clone();
             async move {
-                let node: Node = serde_json::from_value(serde_json::json!({
-                    "metadata": {
-                        "name": name,
-                        "labels": {"type": "kwok", "kubernetes.io/hostname": name},
-                        "annotations": {crate::cluster::KWOK_NODE_ANNOTATION: "fake"}
-                    }
-                }))?;
+                let node = kwok_node(&name, serde_json::json!({}))?;
                 api.create(&Default::default(), &node)
                     .await
                     .with_context(|| format!("floor: create node {name}"))?;
@@ -842,15 +848,11 @@ async fn watched_nodes(
                 if t.elapsed() > limit {
                     anyhow::bail!("stopped: {limit:?} elapsed");
                 }
-                let node: Node = serde_json::from_value(serde_json::json!({
-                    "metadata": {
-                        "name": format!("watched-{i:05}"),
-                        "labels": {"type": "kwok", "kubernetes.io/hostname": format!("watched-{i:05}")},
-                        "annotations": {crate::cluster::KWOK_NODE_ANNOTATION: "fake"}
-                    },
-                    "status": {"capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"},
-                               "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110"}}
-                }))?;
+                let node = kwok_node(
+                    &format!("watched-{i:05}"),
+                    serde_json::json!({"capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+                                       "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110"}}),
+                )?;
                 nodes
                     .create(&Default::default(), &node)
                     .await
