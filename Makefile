@@ -17,9 +17,9 @@ CARGO ?= cargo
 LANES ?= 2
 
 .PHONY: test lint test-unit test-e2e test-bench test-lanes test-kind images demo binaries bins \
-	cluster crds prereqs-demo prereqs-test test-build
+	cluster crds prereqs-demo prereqs-test test-build chart-docs
 
-test: prereqs-test lint test-unit test-lanes test-kind
+test: prereqs-test lint chart-docs test-unit test-lanes test-kind
 
 # What this machine lacks for `make demo` / `make test`, before any build.
 prereqs-demo prereqs-test:
@@ -30,6 +30,11 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) run -q -p unwedge-crds --bin crdgen -- --check
+
+# The chart README's values table is what helm-docs generates from values.yaml (helm-docs built
+# from its Go module once, into ~/.cache/unwedge). `tools/helm-docs/check.sh --write` updates it.
+chart-docs:
+	bash tools/helm-docs/check.sh
 
 # Every crate's own tests (everything except the e2e crate).
 test-unit:

@@ -207,6 +207,9 @@ s_helm_install() {
   echo "  ok: the agent's PID namespace is the kind node's ($node_ns), not this machine's ($own_ns)"
   expect "operator Deployment 2/2 Ready" \
     wait_until 120 sh -c "[ \"\$(kubectl -n $NS get deploy $RELEASE-operator -o jsonpath='{.status.readyReplicas}')\" = 2 ]"
+  # Ready includes the default policy: the operator applied it from the chart's ConfigMap.
+  expect "the operator applied the default RecoveryPolicy (field manager unwedge-default-policy)" \
+    sh -c "kubectl get recoverypolicy default -o jsonpath='{.metadata.managedFields[*].manager}' | grep -q unwedge-default-policy"
   local holder pods
   wait_until 60 sh -c "[ -n \"\$(kubectl -n $NS get lease unwedge-operator -o jsonpath='{.spec.holderIdentity}')\" ]" || true
   holder=$(k -n $NS get lease unwedge-operator -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)

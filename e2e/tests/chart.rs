@@ -95,6 +95,13 @@ fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
         })
 }
 
+/// The default RecoveryPolicy the chart rendered into the operator's ConfigMap.
+fn default_policy(objs: &[Value]) -> Value {
+    let cm = find(objs, "ConfigMap", "unwedge-default-policy");
+    serde_json::from_str(cm["data"]["policy.json"].as_str().expect("policy.json"))
+        .expect("policy.json is JSON")
+}
+
 /// The rules of a ClusterRole as (apiGroup, resource) -> verbs.
 fn grants(role: &Value, group: &str, resource: &str) -> Vec<String> {
     let mut verbs = Vec::new();
@@ -402,11 +409,61 @@ fn template_defaults_render_the_security_contract() {
         json!({"selector": {}, "parameterNotFoundAction": "Allow"})
     );
 
-    // The default policy, and the metrics Services (no Prometheus Operator objects by default).
-    let policy = find(&objs, "RecoveryPolicy", "default");
+    // The default policy: not an object of the release (Helm cannot create a RecoveryPolicy in
+    // the release that creates its CRD) but a ConfigMap the operator mounts and applies, and a
+    // checksum that restarts the operator when it changes.
+    assert!(
+        !objs.iter().any(|o| o["kind"] == "RecoveryPolicy"),
+        "Helm would refuse a RecoveryPolicy next to its CRD's template"
+    );
+    let policy = default_policy(&objs);
+    assert_eq!(policy["metadata"]["name"], "default");
+    assert_eq!(
+        policy["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "unwedge-operator"
+    );
     assert_eq!(policy["spec"]["default"], true);
     assert_eq!(policy["spec"]["approval"], "Automatic");
+    assert_eq!(policy["spec"]["rebootApproval"], "Manual");
     assert_eq!(policy["spec"]["none"]["action"], "EvictBlamed");
+    let op = &find(&objs, "Deployment", "unwedge-operator")["spec"]["template"];
+    assert!(
+        args_of(&op["spec"]["containers"][0])
+            .contains(&"--default-policy=/etc/unwedge/default-policy/policy.json".to_string())
+    );
+    assert_eq!(
+        op["spec"]["containers"][0]["volumeMounts"][0]["mountPath"],
+        "/etc/unwedge/default-policy"
+    );
+    assert_eq!(
+        op["spec"]["volumes"][0]["configMap"]["name"],
+        "unwedge-default-policy"
+    );
+    assert!(
+        op["metadata"]["annotations"]["checksum/default-policy"]
+            .as_str()
+            .is_some_and(|c| c.len() == 64)
+    );
+    let rbac = find(&objs, "ClusterRole", "unwedge-operator");
+    assert!(
+        grants(rbac, "unwedge.io", "recoverypolicies").contains(&"create".to_string()),
+        "the operator creates the default policy"
+    );
+
+    // The CRDs are templates of the release, kept on uninstall.
+    for crd in ["gpuwedges.unwedge.io", "recoverypolicies.unwedge.io"] {
+        let crd = find(&objs, "CustomResourceDefinition", crd);
+        assert_eq!(
+            crd["metadata"]["annotations"]["helm.sh/resource-policy"],
+            "keep"
+        );
+        assert_eq!(
+            crd["metadata"]["labels"]["app.kubernetes.io/instance"],
+            "unwedge"
+        );
+    }
+
+    // The metrics Services (no Prometheus Operator objects by default).
     find(&objs, "Service", "unwedge-operator-metrics");
     find(&objs, "Service", "unwedge-agent-metrics");
     assert!(
@@ -435,7 +492,8 @@ fn template_manual_approval_with_a_reboot_budget() {
             "metrics.prometheusRule.enabled=true",
         ],
     );
-    let spec = &find(&objs, "RecoveryPolicy", "default")["spec"];
+    let policy = default_policy(&objs);
+    let spec = &policy["spec"];
     assert_eq!(spec["approval"], "Manual");
     assert_eq!(spec["maxConcurrentReboots"], 2);
     assert_eq!(spec["maxUnavailable"], "25%");
@@ -451,6 +509,34 @@ fn template_manual_approval_with_a_reboot_budget() {
         .map(|r| r["alert"].as_str().unwrap())
         .collect();
     assert!(alerts.contains(&"UnwedgeOperatorDown"), "{alerts:?}");
+}
+
+#[test]
+fn template_crds_can_be_left_out_or_left_unkept_and_the_default_policy_off() {
+    let kinds = |objs: &[Value], kind: &str| objs.iter().filter(|o| o["kind"] == kind).count();
+    let off = template("helm", &["--set", "crds.enabled=false"]);
+    assert_eq!(kinds(&off, "CustomResourceDefinition"), 0);
+    let unkept = template("helm", &["--set", "crds.keep=false"]);
+    assert_eq!(kinds(&unkept, "CustomResourceDefinition"), 2);
+    for crd in unkept
+        .iter()
+        .filter(|o| o["kind"] == "CustomResourceDefinition")
+    {
+        assert!(crd["metadata"]["annotations"].is_null(), "{crd}");
+    }
+    let no_default = template("helm", &["--set", "defaultPolicy.enabled=false"]);
+    assert!(
+        !no_default
+            .iter()
+            .any(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "unwedge-default-policy")
+    );
+    let op = &find(&no_default, "Deployment", "unwedge-operator")["spec"]["template"];
+    assert!(
+        !args_of(&op["spec"]["containers"][0])
+            .iter()
+            .any(|a| a.starts_with("--default-policy"))
+    );
+    assert!(op["spec"]["volumes"].is_null());
 }
 
 #[test]
@@ -928,8 +1014,9 @@ async fn people_rbac(cp: &ControlPlane, helm_bin: &str) {
     .await;
     assert_eq!(listed.items.len(), 1, "{helm_bin}: viewer sees the wedge");
     let viewer_policies: Api<RecoveryPolicy> = Api::all(client_as(cp, "viewer").await);
+    // (No operator runs here, so there is no default policy to get: listing is the right.)
     assert!(
-        viewer_policies.get("default").await.is_ok(),
+        viewer_policies.list(&ListParams::default()).await.is_ok(),
         "{helm_bin}: viewer reads the RecoveryPolicies"
     );
     forbidden(
@@ -1016,10 +1103,9 @@ async fn install_and_check(helm_bin: &str) {
         out.contains("kubectl get gw"),
         "NOTES.txt tells the user what to run next: {out}"
     );
-    // The CRD step crd_upgrade_applies_server_side_over_an_older_copy proves, word for word.
     assert!(
-        out.contains("kubectl apply --server-side --force-conflicts -f charts/unwedge/crds/"),
-        "NOTES.txt gives the CRD upgrade command that works over Helm's first copy: {out}"
+        out.contains("`helm upgrade` upgrades them, and `helm uninstall` keeps"),
+        "NOTES.txt says the CRDs are part of the release: {out}"
     );
 
     // Every object of the release exists in the API server (helm get manifest lists them).
@@ -1072,14 +1158,15 @@ async fn install_and_check(helm_bin: &str) {
         "Service",
         "ValidatingAdmissionPolicy",
         "ValidatingAdmissionPolicyBinding",
-        "RecoveryPolicy",
+        "CustomResourceDefinition",
+        "ConfigMap",
     ] {
         assert!(
             kinds.iter().any(|k| k == kind),
             "{helm_bin} installed no {kind}: {kinds:?}"
         );
     }
-    // The CRDs from crds/ are installed and established.
+    // The CRDs of the release are established.
     for crd in ["gpuwedges.unwedge.io", "recoverypolicies.unwedge.io"] {
         let cond = cp
             .kubectl_ok(&[
@@ -1217,15 +1304,55 @@ async fn install_and_check(helm_bin: &str) {
         "defaultPolicy.maxConcurrentReboots=2",
     ];
     args.extend(ns_args.iter().filter(|a| **a != "--create-namespace"));
+    let checksum = |d: Deployment| {
+        d.spec
+            .template
+            .metadata
+            .and_then(|m| m.annotations?.remove("checksum/default-policy"))
+    };
+    let before = checksum(deps.get("unwedge-operator").await.unwrap());
     helm(helm_bin, home.path(), &args).unwrap_or_else(|e| panic!("{e:#}"));
-    let policies: Api<RecoveryPolicy> = Api::all(client);
-    let p = policies.get("default").await.unwrap();
+    // The operator (no real pods here: kwok) would apply the ConfigMap's policy at its restart,
+    // which the changed checksum asks for. The policy there is the upgraded one, and the API
+    // server accepts it as it stands (server-side dry run: CRD schema, rules, admission).
+    assert_ne!(
+        checksum(deps.get("unwedge-operator").await.unwrap()),
+        before,
+        "{helm_bin}: a changed default policy restarts the operator"
+    );
+    let cm = cp
+        .kubectl_ok(&[
+            "get",
+            "configmap",
+            "unwedge-default-policy",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.data.policy\\.json}",
+        ])
+        .await
+        .unwrap();
+    let p: RecoveryPolicy = serde_json::from_str(&cm).unwrap_or_else(|e| panic!("{e}: {cm}"));
     assert_eq!(
         p.spec.approval,
         unwedge_crds::ApprovalMode::Manual,
         "{helm_bin} upgrade"
     );
     assert_eq!(p.spec.max_concurrent_reboots, Some(2), "{helm_bin} upgrade");
+    let file = home.path().join("policy.json");
+    std::fs::write(&file, &cm).unwrap();
+    let dry = cp
+        .kubectl_ok(&[
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "--field-manager=unwedge-default-policy",
+            "-f",
+            file.to_str().unwrap(),
+        ])
+        .await
+        .unwrap_or_else(|e| panic!("{helm_bin}: the rendered default policy is refused: {e:#}"));
+    assert!(dry.contains("recoverypolicy.unwedge.io/default"), "{dry}");
 
     // Opting a node out later removes its agent (the chart README says so).
     cp.kubectl_ok(&["label", "node", "gpu-node", "unwedge.io/disabled=true"])
@@ -1266,14 +1393,16 @@ async fn install_with_helm_4_every_object_is_accepted() {
         .expect("test timed out");
 }
 
-/// An older copy of the generated CRDs, as a previous chart release would have shipped them:
-/// without the newest optional status field and its printer column, with older descriptions.
-fn older_crds(dir: &Path) {
+/// An older copy of the generated CRDs (plain YAML, file name -> text), as a previous release
+/// would have shipped them: without the newest optional status field and its printer column,
+/// with older descriptions.
+fn older_crds() -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
     for file in [
         "gpuwedges.unwedge.io.yaml",
         "recoverypolicies.unwedge.io.yaml",
     ] {
-        let text = std::fs::read_to_string(chart_dir().join("crds").join(file)).unwrap();
+        let text = std::fs::read_to_string(repo_root().join("crds").join(file)).unwrap();
         let mut docs = documents(&text);
         assert_eq!(docs.len(), 1, "{file} holds one CRD");
         let crd = &mut docs[0];
@@ -1290,48 +1419,93 @@ fn older_crds(dir: &Path) {
             cols.retain(|c| c["name"] != "POLICY");
         }
         version["schema"]["openAPIV3Schema"]["description"] = json!("an older description");
-        std::fs::write(dir.join(file), serde_yaml::to_string(crd).unwrap()).unwrap();
+        out.push((file, serde_yaml::to_string(crd).unwrap()));
     }
+    out
 }
 
+/// A copy of the current chart in `dir`, with the older CRDs: as templates (`layout_0_1 ==
+/// false`), or in `crds/` as chart 0.1.0 shipped them, with the default policy as an object of
+/// the release (kept on uninstall) as 0.1.0 rendered it.
+fn older_chart(dir: &Path, layout_0_1: bool) -> PathBuf {
+    let copy = Command::new("cp")
+        .arg("-r")
+        .arg(chart_dir())
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    let chart = dir.join("unwedge");
+    let templates = chart.join("templates").join("crds");
+    if layout_0_1 {
+        std::fs::remove_dir_all(&templates).unwrap();
+        std::fs::create_dir(chart.join("crds")).unwrap();
+        std::fs::remove_file(chart.join("templates/default-policy.yaml")).unwrap();
+        std::fs::write(
+            chart.join("templates/default-policy.yaml"),
+            "apiVersion: unwedge.io/v1alpha1\nkind: RecoveryPolicy\nmetadata:\n  name: default\n  annotations:\n    helm.sh/resource-policy: keep\nspec:\n  default: true\n  maxUnavailable: 1\n",
+        )
+        .unwrap();
+    }
+    for (file, yaml) in older_crds() {
+        if layout_0_1 {
+            std::fs::write(chart.join("crds").join(file), yaml).unwrap();
+        } else {
+            std::fs::write(templates.join(file), unwedge_crds::chart_template(&yaml)).unwrap();
+        }
+    }
+    chart
+}
+
+/// Whether the installed GpuWedge CRD is the current one (has status.quarantineRule), and who
+/// owns it (the meta.helm.sh/release-name annotation).
+async fn crd_state(cp: &ControlPlane) -> (bool, Option<String>) {
+    let crd: Value = serde_json::from_str(
+        &cp.kubectl_ok(&["get", "crd", "gpuwedges.unwedge.io", "-o", "json"])
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    (
+        crd.to_string().contains("quarantineRule"),
+        crd["metadata"]["annotations"]["meta.helm.sh/release-name"]
+            .as_str()
+            .map(String::from),
+    )
+}
+
+/// The CRD lifecycle a user goes through, with the real Helm 3: chart 0.1.0's layout (CRDs in
+/// crds/, never upgraded by Helm) to this one (`--take-ownership`, docs/upgrades.md), an upgrade
+/// to a chart whose CRD changed (Helm updates it; an incident recorded under the older CRD stays
+/// readable and takes the new field), an uninstall (the CRDs, the incident and the default
+/// policy stay), and an install again (the kept CRDs are adopted without flags).
 async fn crd_upgrade() {
     let cp = ControlPlane::start().await.expect("control plane");
     let home = tempfile::tempdir().unwrap();
     let kubeconfig = cp.kubeconfig_path().to_str().unwrap().to_string();
+    let run = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--namespace", NS, "--kubeconfig", &kubeconfig]);
+        helm("helm", home.path(), &all)
+    };
+    let old_layout = tempfile::tempdir().unwrap();
+    let old_layout = older_chart(old_layout.path(), true);
+    let old = tempfile::tempdir().unwrap();
+    let old = older_chart(old.path(), false);
+    let current = chart_dir();
 
-    // The previous release: the same chart with the older CRDs in crds/, installed by Helm.
-    let old_chart = tempfile::tempdir().unwrap();
-    let copy = Command::new("cp")
-        .arg("-r")
-        .arg(chart_dir())
-        .arg(old_chart.path())
-        .status()
-        .unwrap();
-    assert!(copy.success());
-    let old_chart = old_chart.path().join("unwedge");
-    older_crds(&old_chart.join("crds"));
-    helm(
-        "helm",
-        home.path(),
-        &[
-            "install",
-            "unwedge",
-            old_chart.to_str().unwrap(),
-            "--namespace",
-            NS,
-            "--create-namespace",
-            "--kubeconfig",
-            &kubeconfig,
-        ],
-    )
+    // Chart 0.1.0: Helm installs crds/ before the templates and never owns them.
+    run(&[
+        "install",
+        "unwedge",
+        old_layout.to_str().unwrap(),
+        "--create-namespace",
+    ])
     .unwrap_or_else(|e| panic!("{e:#}"));
-    let schema = cp
-        .kubectl_ok(&["get", "crd", "gpuwedges.unwedge.io", "-o", "json"])
-        .await
-        .unwrap();
-    assert!(
-        !schema.contains("quarantineRule"),
-        "the older CRD is installed"
+    assert_eq!(
+        crd_state(&cp).await,
+        (false, None),
+        "the older CRD, unowned"
     );
 
     // An incident recorded under the older CRD.
@@ -1355,48 +1529,32 @@ async fn crd_upgrade() {
         .await
         .unwrap();
 
-    // Why the README says --force-conflicts: Helm created the first copy, so Helm's field
-    // manager owns the values the new copy changes, and a plain server-side apply conflicts.
-    let crds = chart_dir().join("crds");
-    let plain = cp
-        .kubectl(&["apply", "--server-side", "-f", crds.to_str().unwrap()])
-        .await
-        .unwrap();
-    let plain_err = String::from_utf8_lossy(&plain.stderr).to_string();
+    // To the templates layout: Helm refuses to adopt CRDs it did not create, unless told to,
+    // exactly as docs/upgrades.md says.
+    let refused = run(&["upgrade", "unwedge", old.to_str().unwrap()])
+        .expect_err("Helm adopts no object it does not own");
     assert!(
-        !plain.status.success() && plain_err.contains("conflict"),
-        "expected a conflict with Helm's field manager (else drop --force-conflicts from the README): {plain_err}"
+        format!("{refused:#}").contains("invalid ownership metadata"),
+        "docs/upgrades.md quotes this refusal: {refused:#}"
     );
-
-    // The upgrade step exactly as charts/unwedge/README.md documents it.
-    let applied = cp
-        .kubectl_ok(&[
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "-f",
-            crds.to_str().unwrap(),
-        ])
-        .await
-        .unwrap_or_else(|e| panic!("the documented CRD upgrade failed: {e:#}"));
-    assert!(
-        applied.contains("gpuwedges.unwedge.io serverside-applied"),
-        "{applied}"
-    );
-    assert!(
-        applied.contains("recoverypolicies.unwedge.io serverside-applied"),
-        "{applied}"
-    );
-    // The next upgrade is the same command: kubectl now owns the fields.
-    cp.kubectl_ok(&[
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        crds.to_str().unwrap(),
+    run(&[
+        "upgrade",
+        "unwedge",
+        old.to_str().unwrap(),
+        "--take-ownership",
     ])
-    .await
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        crd_state(&cp).await,
+        (false, Some("unwedge".into())),
+        "the release owns the CRD now"
+    );
+    // 0.1.0's default policy left the release but was not deleted (resource-policy keep).
+    let policies: Api<RecoveryPolicy> = Api::all(client.clone());
+    assert!(policies.get("default").await.unwrap().spec.default);
+
+    // The upgrade to a chart whose CRD changed updates it.
+    run(&["upgrade", "unwedge", current.to_str().unwrap()]).unwrap_or_else(|e| panic!("{e:#}"));
     cp.kubectl_ok(&[
         "wait",
         "--for=condition=Established",
@@ -1405,13 +1563,10 @@ async fn crd_upgrade() {
     ])
     .await
     .unwrap();
-    let schema = cp
-        .kubectl_ok(&["get", "crd", "gpuwedges.unwedge.io", "-o", "json"])
-        .await
-        .unwrap();
-    assert!(
-        schema.contains("quarantineRule"),
-        "the current CRD is in place"
+    assert_eq!(
+        crd_state(&cp).await,
+        (true, Some("unwedge".into())),
+        "helm upgrade installed the current CRD"
     );
 
     // The old incident stays readable, typed and through kubectl, and takes the new field.
@@ -1440,29 +1595,36 @@ async fn crd_upgrade() {
         Some("unwedge-node-a-0000-03-00-0-7"),
         "the new field is stored, not pruned"
     );
-    let policies: Api<RecoveryPolicy> = Api::all(client);
-    assert!(policies.get("default").await.unwrap().spec.default);
 
-    // And then the release upgrade itself.
-    helm(
-        "helm",
-        home.path(),
-        &[
-            "upgrade",
-            "unwedge",
-            chart_dir().to_str().unwrap(),
-            "--namespace",
-            NS,
-            "--kubeconfig",
-            &kubeconfig,
-        ],
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    // Uninstall keeps the CRDs, and with them the incident and the default policy.
+    run(&["uninstall", "unwedge", "--wait"]).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        crd_state(&cp).await.0,
+        "helm uninstall kept the CRD (crds.keep)"
+    );
+    assert!(
+        wedges
+            .get_opt("node-a-0000-03-00-0-7")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(policies.get_opt("default").await.unwrap().is_some());
+
+    // Installing again adopts the kept CRDs (they name this release) without any flag.
+    run(&["install", "unwedge", current.to_str().unwrap()]).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(crd_state(&cp).await, (true, Some("unwedge".into())));
+    let manifest = run(&["get", "manifest", "unwedge"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let crds = documents(&manifest)
+        .iter()
+        .filter(|o| o["kind"] == "CustomResourceDefinition")
+        .count();
+    assert_eq!(crds, 2, "the reinstalled release manages both CRDs");
     cp.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crd_upgrade_applies_server_side_over_an_older_copy() {
+async fn crd_lifecycle_from_chart_0_1_through_upgrade_uninstall_and_reinstall() {
     tokio::time::timeout(TEST_TIMEOUT, crd_upgrade())
         .await
         .expect("test timed out");
@@ -1598,6 +1760,9 @@ async fn operator_with_chart_rbac() {
         .local_addr()
         .unwrap()
         .port();
+    // The default policy as the ConfigMap mounts it in the pod.
+    let policy_file = home.path().join("policy.json");
+    std::fs::write(&policy_file, default_policy(&objs).to_string()).unwrap();
     let args: Vec<String> = args_of(
         &find(&objs, "Deployment", "unwedge-operator")["spec"]["template"]["spec"]["containers"][0],
     )
@@ -1605,11 +1770,17 @@ async fn operator_with_chart_rbac() {
     .map(|a| {
         if a.starts_with("--metrics-addr=") {
             format!("--metrics-addr=127.0.0.1:{port}")
+        } else if a.starts_with("--default-policy=") {
+            format!("--default-policy={}", policy_file.display())
         } else {
             a
         }
     })
     .collect();
+    assert!(
+        args.iter().any(|a| a.starts_with("--default-policy=")),
+        "{args:?}"
+    );
     let token = cp.create_token(NS, "unwedge-operator", None).await.unwrap();
     let op_kubeconfig = home.path().join("operator.kubeconfig");
     cp.write_kubeconfig(&token, &op_kubeconfig).unwrap();
@@ -1674,6 +1845,30 @@ async fn operator_with_chart_rbac() {
         Ok((http_status(port, "/readyz").await == Some(200)).then_some(()))
     })
     .await;
+    // Ready means the default policy is applied: the operator created it (Helm did not), with
+    // the chart's values, as the field manager the docs name.
+    let policies: Api<RecoveryPolicy> = Api::all(client.clone());
+    let applied = policies
+        .get_opt("default")
+        .await
+        .unwrap()
+        .expect("a ready operator has applied the default policy");
+    assert!(applied.spec.default);
+    assert_eq!(
+        applied.spec.reboot_approval,
+        Some(unwedge_crds::ApprovalMode::Manual)
+    );
+    let managers: Vec<String> = applied
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.manager)
+        .collect();
+    assert!(
+        managers.iter().any(|m| m == "unwedge-default-policy"),
+        "{managers:?}"
+    );
 
     let wedges: Api<GpuWedge> = Api::all(client.clone());
     let wedge: GpuWedge = serde_json::from_value(json!({
@@ -1712,6 +1907,94 @@ async fn operator_with_chart_rbac() {
     );
     // SIGKILL: no release, as when an uninstall removes the Role before the leader stops.
     child.kill().await.unwrap();
+
+    // Later starts of the operator, without leader election, each with its own policy file.
+    let restart = |policy: Value, tag: &'static str| {
+        std::fs::write(&policy_file, policy.to_string()).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log_path = home.path().join(format!("operator-{tag}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = tokio::process::Command::new(&bin)
+            .args(args.iter().map(|a| {
+                if a.starts_with("--metrics-addr=") {
+                    format!("--metrics-addr=127.0.0.1:{port}")
+                } else if a.starts_with("--leader-elect=") {
+                    "--leader-elect=false".to_string()
+                } else {
+                    a.clone()
+                }
+            }))
+            .env("KUBECONFIG", &op_kubeconfig)
+            .env("POD_NAME", format!("unwedge-operator-test-{tag}"))
+            .env("POD_NAMESPACE", NS)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the operator again");
+        (child, port, log_path)
+    };
+
+    // A human pauses the default policy; then the operator restarts with a changed chart value
+    // (a helm upgrade): the change is applied, the human's pause is not undone.
+    policies
+        .patch(
+            "default",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"paused": true}})),
+        )
+        .await
+        .unwrap();
+    let mut upgraded = default_policy(&objs);
+    upgraded["spec"]["maxAttempts"] = json!(4);
+    let (mut second, port2, log2) = restart(upgraded, "upgrade");
+    wait_for(
+        "the restarted operator is ready",
+        Duration::from_secs(60),
+        || async { Ok((http_status(port2, "/readyz").await == Some(200)).then_some(())) },
+    )
+    .await;
+    let p = policies.get("default").await.unwrap();
+    assert_eq!(
+        p.spec.max_attempts,
+        Some(4),
+        "the chart's change is applied"
+    );
+    assert!(
+        p.spec.paused,
+        "a human's pause survives the operator's restart"
+    );
+    let text = std::fs::read_to_string(&log2).unwrap_or_default();
+    assert!(
+        text.contains("except fields someone changed") && text.contains(".spec.paused"),
+        "{text}"
+    );
+    second.kill().await.unwrap();
+
+    // A second default policy is refused by the chart's admission policy: the replica logs
+    // the refusal and turns ready anyway (admission works; there is nothing to wait for).
+    let mut other = default_policy(&objs);
+    other["metadata"]["name"] = json!("default-2");
+    let (mut third, port3, log3) = restart(other, "conflict");
+    wait_for(
+        "the operator is ready after the refusal",
+        Duration::from_secs(60),
+        || async { Ok((http_status(port3, "/readyz").await == Some(200)).then_some(())) },
+    )
+    .await;
+    let text = std::fs::read_to_string(&log3).unwrap_or_default();
+    assert!(
+        text.contains("the default RecoveryPolicy was refused")
+            && text.contains("is already the default"),
+        "{text}"
+    );
+    assert!(policies.get_opt("default-2").await.unwrap().is_none());
+    third.kill().await.unwrap();
     assert!(
         leases.get_opt("unwedge-operator").await.unwrap().is_some(),
         "the killed operator could not delete its Lease"

@@ -6,6 +6,7 @@
 pub mod breaker;
 pub mod budget;
 pub mod decide;
+pub mod default_policy;
 pub mod dra;
 pub mod drain;
 pub mod leader;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use tokio::sync::watch;
-use unwedge_operator::{dra, leader, metrics, reconciler};
+use unwedge_operator::{default_policy, dra, leader, metrics, reconciler};
 
 /// Coordinates GPU recoveries on Kubernetes nodes.
 #[derive(Parser, Debug)]
@@ -36,6 +36,10 @@ struct Cli {
     /// node's ResourceSlice is tainted alone instead of cordoning the node.
     #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
     dra: String,
+    /// The fallback RecoveryPolicy to apply at start (JSON, rendered by the chart into a
+    /// ConfigMap). The replica is ready once it is applied or refused by admission.
+    #[arg(long)]
+    default_policy: Option<String>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -73,6 +77,20 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_from(config)?;
     let metrics = Arc::new(metrics::Metrics::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // A file that is not a default policy stops the start: the chart rendered it, so this is
+    // a broken install, said at once rather than a cluster without its fallback policy.
+    if let Some(path) = &cli.default_policy {
+        let policy = default_policy::load(path)?;
+        metrics.default_policy_pending();
+        let (client, m, rx) = (client.clone(), metrics.clone(), shutdown_rx.clone());
+        tokio::spawn(async move {
+            match default_policy::apply(client, policy, rx).await {
+                default_policy::Outcome::Applied => m.default_policy_settled(true),
+                default_policy::Outcome::Refused => m.default_policy_settled(false),
+                default_policy::Outcome::Retry => {}
+            }
+        });
+    }
 
     let (leader_tx, leader_rx) = watch::channel(false);
     let election = if cli.leader_elect {

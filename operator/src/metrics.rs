@@ -78,8 +78,12 @@ pub struct Metrics {
     pub deleted_released: Counter,
     /// unwedge_ledger_repairs_total: ledger entries dropped because their wedge was gone.
     pub ledger_repairs: Counter,
+    /// unwedge_default_policy_applied: 1 once this replica applied the chart's default
+    /// RecoveryPolicy, 0 while it has not (or admission refused it).
+    pub default_policy_applied: Gauge,
     registry: Registry,
     ready: AtomicBool,
+    default_policy_pending: AtomicBool,
 }
 
 /// `{result}`.
@@ -119,8 +123,10 @@ impl Metrics {
             leader: Gauge::default(),
             deleted_released: Counter::default(),
             ledger_repairs: Counter::default(),
+            default_policy_applied: Gauge::default(),
             registry: Registry::default(),
             ready: AtomicBool::new(false),
+            default_policy_pending: AtomicBool::new(false),
         };
         registry.register(
             "unwedge_wedges",
@@ -182,6 +188,11 @@ impl Metrics {
             "Ledger entries dropped because their wedge was gone",
             m.ledger_repairs.clone(),
         );
+        registry.register(
+            "unwedge_default_policy_applied",
+            "1 once this replica applied the chart's default RecoveryPolicy",
+            m.default_policy_applied.clone(),
+        );
         m.preinitialise();
         Metrics { registry, ..m }
     }
@@ -211,6 +222,29 @@ impl Metrics {
     /// Marks the process ready (stores synced).
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// Holds readiness until [`Metrics::default_policy_settled`]: the replica has a default
+    /// policy to apply.
+    pub fn default_policy_pending(&self) {
+        self.default_policy_pending.store(true, Ordering::Relaxed);
+    }
+
+    /// The default policy was applied (`applied`) or refused for good by admission.
+    pub fn default_policy_settled(&self, applied: bool) {
+        self.default_policy_applied.set(i64::from(applied));
+        self.default_policy_pending.store(false, Ordering::Relaxed);
+    }
+
+    /// Why the replica is not ready, or `None` when it is.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if !self.ready.load(Ordering::Relaxed) {
+            Some("caches not synced")
+        } else if self.default_policy_pending.load(Ordering::Relaxed) {
+            Some("default RecoveryPolicy not applied yet")
+        } else {
+            None
+        }
     }
 
     /// The text exposition.
@@ -259,10 +293,9 @@ pub async fn serve(
             get(move || {
                 let r = r.clone();
                 async move {
-                    if r.ready.load(Ordering::Relaxed) {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+                    match r.not_ready() {
+                        None => (StatusCode::OK, "ready"),
+                        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
                     }
                 }
             }),

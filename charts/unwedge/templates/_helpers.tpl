@@ -119,3 +119,47 @@ resource.k8s.io/v1 DeviceTaintRule (helm template: pass --api-versions resource.
 {{- define "unwedge.draFlag" -}}
 {{- if eq (include "unwedge.draEnabled" .) "true" -}}on{{- else -}}off{{- end -}}
 {{- end -}}
+
+{{/*
+The default RecoveryPolicy (YAML), from .Values.defaultPolicy; default-policy.yaml renders it
+into the ConfigMap the operator applies.
+*/}}
+{{- define "unwedge.defaultPolicy" -}}
+{{- $p := .Values.defaultPolicy -}}
+apiVersion: unwedge.io/v1alpha1
+kind: RecoveryPolicy
+metadata:
+  name: {{ $p.name }}
+  labels:
+    {{- include "unwedge.labels" . | fromYaml | merge (dict "app.kubernetes.io/managed-by" "unwedge-operator") | toYaml | nindent 4 }}
+spec:
+  default: true
+  maxUnavailable: {{ $p.maxUnavailable | toJson }}
+  maxConcurrentReboots: {{ $p.maxConcurrentReboots }}
+  maxUnavailableDevices: {{ $p.maxUnavailableDevices | toJson }}
+  approval: {{ $p.approval }}
+  {{- with $p.rebootApproval }}
+  rebootApproval: {{ . }}
+  {{- end }}
+  allowedMethods: {{ $p.allowedMethods | toJson }}
+  escalation: {{ $p.escalation | toJson }}
+  drain:
+    {{- toYaml $p.drain | nindent 4 }}
+  none:
+    {{- toYaml $p.none | nindent 4 }}
+  verifyTimeout: {{ $p.verifyTimeout | quote }}
+  maxAttempts: {{ $p.maxAttempts }}
+  {{- with $p.repeatOffender }}
+  repeatOffender:
+    count: {{ .count }}
+    window: {{ .window | quote }}
+  {{- end }}
+  {{- with $p.circuitBreaker }}
+  circuitBreaker:
+    count: {{ .count }}
+    window: {{ .window | quote }}
+  {{- end }}
+  paused: {{ $p.paused }}
+  dryRun: {{ $p.dryRun }}
+  historyLimit: {{ $p.historyLimit }}
+{{- end }}

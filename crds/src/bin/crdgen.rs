@@ -1,7 +1,8 @@
 //! Writes the CRD YAML generated from the API types: `crdgen [--check] [repo-root]`.
 //!
-//! Writes `crds/*.yaml` and `charts/unwedge/crds/*.yaml`; with `--check` it writes nothing and
-//! exits 1 when a committed file differs from what the types generate.
+//! Writes `crds/*.yaml` (plain, for `kubectl apply`) and `charts/unwedge/templates/crds/*.yaml`
+//! (the chart's templates); with `--check` it writes nothing and exits 1 when a committed file
+//! differs from what the types generate.
 
 use std::path::PathBuf;
 
@@ -14,10 +15,16 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."));
     let mut stale = Vec::new();
-    for dir in ["crds", "charts/unwedge/crds"] {
+    for (dir, files) in [
+        ("crds", unwedge_crds::crd_yaml()),
+        (
+            "charts/unwedge/templates/crds",
+            unwedge_crds::crd_chart_templates(),
+        ),
+    ] {
         let dir = root.join(dir);
         std::fs::create_dir_all(&dir).expect("create the CRD directory");
-        for (file, yaml) in unwedge_crds::crd_yaml() {
+        for (file, yaml) in files {
             let path = dir.join(file);
             let current = std::fs::read_to_string(&path).unwrap_or_default();
             if current == yaml {
