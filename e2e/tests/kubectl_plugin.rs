@@ -5,15 +5,19 @@
 //! and the operator would, then reads what the plugin prints and what it wrote.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Output, Stdio};
+use std::time::Duration;
 
 use anyhow::Context;
 use e2e::cluster::{ControlPlane, repo_root};
 use k8s_openapi::api::core::v1::{Event, ObjectReference, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use unwedge_crds::{DeviceRef, GpuWedge, GpuWedgeSpec, RecoveryPolicy};
 
 /// Builds the plugin (same profile as this test) and returns the directory that holds it.
@@ -127,6 +131,22 @@ async fn wedge(api: &Api<GpuWedge>, name: &str, node: &str, detected: &str, stat
     )
     .await
     .unwrap_or_else(|e| panic!("status of {name}: {e}"));
+}
+
+/// Sends `signal` to a running `list --watch` (kubectl execs the plugin: same process) and
+/// expects it to end cleanly.
+async fn stop(watch: &mut tokio::process::Child, signal: &str) -> anyhow::Result<()> {
+    let pid = watch.id().context("still running")?;
+    let st = tokio::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .await?;
+    assert!(st.success(), "kill -{signal} {pid}");
+    let st = tokio::time::timeout(Duration::from_secs(10), watch.wait())
+        .await
+        .with_context(|| format!("list --watch still runs 10 s after SIG{signal}"))??;
+    assert!(st.success(), "list --watch after SIG{signal}: {st}");
+    Ok(())
 }
 
 fn line_of<'a>(text: &'a str, name: &str) -> &'a str {
@@ -429,6 +449,280 @@ async fn kubectl_unwedge_lists_describes_and_steers_wedges() -> anyhow::Result<(
         "{b}"
     );
 
+    // list -o json|yaml: a List of the objects as the API returned them.
+    let j: Value = serde_json::from_str(&plugin.ok(&["list", "-o", "json"]).await)?;
+    assert_eq!(
+        (&j["apiVersion"], &j["kind"]),
+        (&json!("v1"), &json!("List"))
+    );
+    let items = j["items"].as_array().context("items")?;
+    let names: Vec<&str> = items
+        .iter()
+        .filter_map(|i| i["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "wa-approve",
+            "wn-attention",
+            "wq-early",
+            "wq-late",
+            "wq-tie-a",
+            "wq-tie-b"
+        ]
+    );
+    let wn = &items[1];
+    assert_eq!(wn["kind"], "GpuWedge");
+    assert_eq!(wn["apiVersion"], "unwedge.io/v1alpha1");
+    assert_eq!(wn["spec"]["device"]["card"], "card0");
+    assert_eq!(wn["status"]["attempts"][0]["result"], "Failed");
+    assert!(wn["metadata"]["resourceVersion"].is_string(), "{wn}");
+    assert!(
+        wn["metadata"].get("managedFields").is_none(),
+        "hidden, as kubectl does"
+    );
+    let y: Value = serde_yaml::from_str(&plugin.ok(&["list", "-o", "yaml"]).await)?;
+    assert_eq!(y, j, "yaml and json print the same List");
+
+    // list -o wide: the policy, card, attempts and approval.
+    let wide = plugin.ok(&["list", "-o", "wide"]).await;
+    let header: Vec<&str> = wide
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header[8..],
+        [
+            "QUEUE",
+            "POLICY",
+            "CARD",
+            "ATTEMPTS",
+            "LAST-ATTEMPT",
+            "APPROVAL"
+        ],
+        "{wide}"
+    );
+    let row = line_of(&wide, "wn-attention");
+    for cell in [
+        "   gpu   ",
+        "   card0   ",
+        "   1   ",
+        "   #1 rebind failed   ",
+        "   rebind by system:serviceaccount:unwedge-system:unwedge-operator",
+    ] {
+        assert!(row.contains(cell), "{cell:?} missing in:\n{wide}");
+    }
+    assert!(
+        line_of(&wide, "wa-approve").ends_with(&format!("requested by {admin}")),
+        "approved above, not yet honoured by an operator:\n{wide}"
+    );
+
+    // describe -o json|yaml: the object itself.
+    let d: Value =
+        serde_json::from_str(&plugin.ok(&["describe", "wn-attention", "-o", "json"]).await)?;
+    assert_eq!(&d, wn, "the same object as in the List");
+    let d: Value =
+        serde_yaml::from_str(&plugin.ok(&["describe", "wn-attention", "-o", "yaml"]).await)?;
+    assert_eq!(&d, wn);
+
+    // budget -o json: the rows, camelCase.
+    let b: Value = serde_json::from_str(&plugin.ok(&["budget", "-o", "json"]).await)?;
+    assert_eq!(
+        b,
+        json!([{"policy": "gpu", "default": false, "nodesSelected": 4, "nodesAllowed": 1,
+                "nodesInUse": 1, "rebootsInUse": 0, "rebootsAllowed": 1, "devicesSelected": 0,
+                "devicesAllowed": 1, "devicesInUse": 0, "queued": 4, "state": "-"}])
+    );
+    let b: Value = serde_yaml::from_str(&plugin.ok(&["budget", "-o", "yaml"]).await)?;
+    assert_eq!(b[0]["nodesInUse"], 1);
+
+    // pause and resume.
+    let paused = |p: &RecoveryPolicy| p.spec.paused;
+    let resume_ann = |p: &RecoveryPolicy| {
+        p.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("unwedge.io/resume").cloned())
+    };
+    let out = plugin.ok(&["pause", "gpu"]).await;
+    assert!(
+        out.contains("recoverypolicy/gpu paused: spec.paused set to true"),
+        "{out}"
+    );
+    assert!(out.contains("Wedges are still recorded"), "{out}");
+    assert!(paused(&policies.get("gpu").await?));
+    let b: Value = serde_json::from_str(&plugin.ok(&["budget", "-o", "json"]).await)?;
+    assert_eq!(b[0]["state"], "paused");
+    let out = plugin.ok(&["resume", "gpu"]).await;
+    assert!(out.contains("spec.paused set to false"), "{out}");
+    assert!(out.contains("circuit breaker is not tripped"), "{out}");
+    let p = policies.get("gpu").await?;
+    assert!(!paused(&p) && resume_ann(&p).is_none(), "{:?}", p.metadata);
+    // The breaker trips (as the operator records it); resume also sets unwedge.io/resume.
+    policies
+        .patch_status(
+            "gpu",
+            &PatchParams::default(),
+            &Patch::Merge(
+                &json!({"status": {"circuitBreakerTrippedAt": "2026-11-25T12:00:00Z",
+                                            "resumed": "an earlier resume"}}),
+            ),
+        )
+        .await?;
+    plugin.ok(&["pause", "gpu"]).await;
+    let out = plugin.ok(&["resume", "gpu"]).await;
+    assert!(out.contains("tripped at 2026-11-25T12:00:00Z"), "{out}");
+    let p = policies.get("gpu").await?;
+    let token = resume_ann(&p).context("unwedge.io/resume set")?;
+    assert!(token.parse::<jiff::Timestamp>().is_ok(), "{token}");
+    assert!(
+        out.contains(&format!("set unwedge.io/resume={token}")),
+        "{out}"
+    );
+    assert!(!paused(&p));
+    let e = plugin.fails(&plugin.kubeconfig, &["pause", "nope"]).await;
+    assert!(
+        e.contains("no RecoveryPolicy named nope; try `kubectl unwedge budget`"),
+        "{e}"
+    );
+
+    // list --watch: the table, then a row for a wedge created while it runs (and nothing the
+    // watcher's own first list replays).
+    let mut watch = tokio::process::Command::new(&plugin.kubectl)
+        .args(["unwedge", "list", "--watch"])
+        .env("PATH", &plugin.path_env)
+        .env("KUBECONFIG", &plugin.kubeconfig)
+        .env("HOME", "/nonexistent")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(watch.stdout.take().context("stdout")?).lines();
+    let mut next_line = async || -> anyhow::Result<String> {
+        tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .context("no line from list --watch within 30 s")??
+            .context("list --watch ended")
+    };
+    let first = next_line().await?;
+    assert!(first.starts_with("NAME "), "{first}");
+    for _ in 0..6 {
+        next_line().await?;
+    }
+    wedge(
+        &wedges,
+        "ww-new",
+        "node-g",
+        "2026-11-25T12:30:00Z",
+        json!({"phase": "Queued", "policy": "gpu"}),
+    )
+    .await;
+    let mut row = next_line().await?;
+    assert!(
+        row.starts_with("ww-new "),
+        "the first change is the new wedge: {row}"
+    );
+    if !row.contains(" Queued ") {
+        // Created, then its status written: two changes unless the watcher listed both at once.
+        row = next_line().await?;
+    }
+    assert!(
+        row.starts_with("ww-new ") && row.contains(" Queued ") && row.contains(" 5/5 (gpu)"),
+        "its status written: {row}"
+    );
+    stop(&mut watch, "INT").await?;
+
+    // list --watch -o json: every object on a line, then each change.
+    let mut watch = tokio::process::Command::new(&plugin.kubectl)
+        .args(["unwedge", "list", "-w", "-o", "json"])
+        .env("PATH", &plugin.path_env)
+        .env("KUBECONFIG", &plugin.kubeconfig)
+        .env("HOME", "/nonexistent")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(watch.stdout.take().context("stdout")?).lines();
+    let mut next_object = async || -> anyhow::Result<Value> {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .context("no line from list -w -o json within 30 s")??
+            .context("list -w -o json ended")?;
+        Ok(serde_json::from_str(&line)?)
+    };
+    for _ in 0..7 {
+        assert_eq!(next_object().await?["kind"], "GpuWedge");
+    }
+    wedges
+        .patch(
+            "ww-new",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {"seen": "yes"}}})),
+        )
+        .await?;
+    let o = next_object().await?;
+    assert_eq!(o["metadata"]["name"], "ww-new");
+    assert_eq!(o["metadata"]["labels"]["seen"], "yes");
+    stop(&mut watch, "TERM").await?;
+
+    // Completion: the scripts for kubectl-unwedge, and `kubectl unwedge <TAB>` through
+    // kubectl's plugin completion (kubectl_complete-unwedge on PATH).
+    let script = plugin.ok(&["completion", "bash"]).await;
+    assert!(script.contains("kubectl-unwedge"), "{script}");
+    let comp_dir = tempfile::tempdir()?;
+    let bash_script = comp_dir.path().join("kubectl-unwedge.bash");
+    std::fs::write(&bash_script, &script)?;
+    let out = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source {}; COMP_WORDS=(kubectl-unwedge list -o ''); COMP_CWORD=3; \
+             _kubectl_unwedge kubectl-unwedge '' -o; echo \"${{COMPREPLY[*]}}\"",
+            bash_script.display()
+        ))
+        .output()
+        .await?;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "table wide json yaml",
+        "bash completes a subcommand's flag values: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        plugin
+            .ok(&["completion", "zsh"])
+            .await
+            .contains("#compdef kubectl-unwedge")
+    );
+    let helper = comp_dir.path().join("kubectl_complete-unwedge");
+    std::fs::write(&helper, plugin.ok(&["completion", "--kubectl"]).await)?;
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755))?;
+    let kubectl_complete = async |words: &[&str]| -> String {
+        let out = tokio::process::Command::new(&plugin.kubectl)
+            .arg("__complete")
+            .arg("unwedge")
+            .args(words)
+            .env(
+                "PATH",
+                format!("{}:{}", comp_dir.path().display(), plugin.path_env),
+            )
+            .env("KUBECONFIG", &plugin.kubeconfig)
+            .env("HOME", "/nonexistent")
+            .output()
+            .await
+            .expect("run kubectl __complete");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let c = kubectl_complete(&["pa"]).await;
+    assert!(c.starts_with("pause\t"), "{c}");
+    let c = kubectl_complete(&["describe", "wn-"]).await;
+    assert!(
+        c.starts_with("wn-attention\tNeedsAttention on node-b\n"),
+        "{c}"
+    );
+    assert!(c.lines().any(|l| l == ":4"), "{c}");
+    let c = kubectl_complete(&["resume", ""]).await;
+    assert!(c.starts_with("gpu\n"), "{c}");
+
     // A user without RBAC: the message names the verb and resource it lacks.
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
     sas.create(
@@ -462,6 +756,58 @@ async fn kubectl_unwedge_lists_describes_and_steers_wedges() -> anyhow::Result<(
     assert!(
         e.contains("you may not list recoverypolicies.unwedge.io"),
         "{e}"
+    );
+
+    // pause and resume need patch on recoverypolicies, which the chart's approver role does
+    // not grant: a user with the approver's reads is told what is missing.
+    sas.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "reader"}}))?,
+    )
+    .await?;
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+    roles
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "unwedge-reader"},
+                "rules": [{"apiGroups": ["unwedge.io"], "resources": ["gpuwedges", "recoverypolicies"],
+                           "verbs": ["get", "list", "watch"]}]}))?,
+        )
+        .await?;
+    let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
+    bindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "unwedge-reader"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                            "name": "unwedge-reader"},
+                "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": "default"}]}))?,
+        )
+        .await?;
+    let token = cp.create_token("default", "reader", None).await?;
+    let reader = dir.path().join("reader.kubeconfig");
+    cp.write_kubeconfig(&token, &reader)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let e = loop {
+        let e = plugin.fails(&reader, &["pause", "gpu"]).await;
+        if !e.contains("you may not get") || tokio::time::Instant::now() > deadline {
+            break e;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        e.contains("missing RBAC: you may not patch recoverypolicies.unwedge.io named gpu"),
+        "{e}"
+    );
+    assert!(
+        e.contains("grants `patch` on `recoverypolicies.unwedge.io`"),
+        "{e}"
+    );
+    assert!(
+        !paused(&policies.get("gpu").await?),
+        "a refused pause changes nothing"
     );
     Ok(())
 }

@@ -59,6 +59,9 @@ pub enum CliError {
         /// Why not.
         why: String,
     },
+    /// An object could not be printed as JSON or YAML.
+    #[error("cannot print the output: {0}")]
+    Encode(String),
     /// Any other API failure.
     #[error("{verb} {resource}: {source}")]
     Api {

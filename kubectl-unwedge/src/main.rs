@@ -1,25 +1,35 @@
 //! `kubectl unwedge`: see and steer GpuWedge incidents (docs/design.md §4).
 //!
-//! Reads GpuWedges, RecoveryPolicies and Events; writes only the human-verb annotations
-//! (`unwedge.io/approve|retry|abandon` with `unwedge.io/by`). The operator does the rest.
+//! Reads GpuWedges, RecoveryPolicies and Events; writes the human-verb annotations
+//! (`unwedge.io/approve|retry|abandon` with `unwedge.io/by`) on wedges, and `spec.paused` (with
+//! `unwedge.io/resume` for a tripped circuit breaker) on policies. The operator does the rest.
 
+mod complete;
 mod error;
 mod present;
 mod verbs;
 
+use std::fmt::Debug;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use k8s_openapi::api::core::v1::Event;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Config, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
 use unwedge_crds::{GpuWedge, RecoveryPolicy};
 
+use complete::Offer;
 use error::{CliError, Target};
+use present::{Change, Columns, DataFormat, ListFormat, Watch};
 use verbs::Verb;
 
 /// See and steer GPU wedge incidents handled by unwedge.
@@ -39,11 +49,22 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Wedges across the fleet, with their queue position when they wait for budget.
-    List,
+    List {
+        /// Output format: table, wide (adds policy, card, attempts, approval), json or yaml
+        /// (a List of the GpuWedges as the API returned them).
+        #[arg(short, long, value_enum, default_value_t)]
+        output: ListFormat,
+        /// After the list, print every change (a row, or the object) until interrupted.
+        #[arg(short, long)]
+        watch: bool,
+    },
     /// A wedge and the timeline of its incident.
     Describe {
         /// The GpuWedge.
         name: String,
+        /// Print the GpuWedge itself as json or yaml instead.
+        #[arg(short, long, value_enum)]
+        output: Option<DataFormat>,
     },
     /// Approve a wedge that waits for a human (AwaitingApproval or NeedsAttention).
     Approve {
@@ -67,7 +88,32 @@ enum Command {
         reason: Option<String>,
     },
     /// Per RecoveryPolicy: nodes selected, allowed, in use, reboots, devices, queued.
-    Budget,
+    Budget {
+        /// Print the rows as json or yaml instead.
+        #[arg(short, long, value_enum)]
+        output: Option<DataFormat>,
+    },
+    /// Pause a RecoveryPolicy: no automatic action on its nodes; wedges are still recorded.
+    Pause {
+        /// The RecoveryPolicy.
+        policy: String,
+    },
+    /// Resume a RecoveryPolicy: unpause it, and close its circuit breaker if it tripped.
+    Resume {
+        /// The RecoveryPolicy.
+        policy: String,
+    },
+    /// Print a shell completion script for kubectl-unwedge, or (--kubectl) the helper that
+    /// completes `kubectl unwedge`.
+    Completion {
+        /// The shell.
+        #[arg(value_enum, required_unless_present = "kubectl")]
+        shell: Option<clap_complete::Shell>,
+        /// Print the `kubectl_complete-unwedge` script that lets `kubectl unwedge <TAB>`
+        /// complete (kubectl 1.26 and later) instead.
+        #[arg(long, conflicts_with = "shell")]
+        kubectl: bool,
+    },
 }
 
 const WEDGES: &str = "gpuwedges.unwedge.io";
@@ -75,6 +121,11 @@ const POLICIES: &str = "recoverypolicies.unwedge.io";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(complete::HIDDEN_VERB) {
+        complete_words(&args[1..]).await;
+        return ExitCode::SUCCESS;
+    }
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -85,19 +136,19 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn client(cli: &Cli) -> Result<Client, CliError> {
+async fn client(kubeconfig: Option<&PathBuf>, context: Option<&str>) -> Result<Client, CliError> {
     let options = KubeConfigOptions {
-        context: cli.context.clone(),
+        context: context.map(String::from),
         ..Default::default()
     };
-    let config = match &cli.kubeconfig {
+    let config = match kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path).map_err(|e| CliError::Config(e.to_string()))?;
             Config::from_custom_kubeconfig(kc, &options)
                 .await
                 .map_err(|e| CliError::Config(e.to_string()))?
         }
-        None if cli.context.is_some() => Config::from_kubeconfig(&options)
+        None if context.is_some() => Config::from_kubeconfig(&options)
             .await
             .map_err(|e| CliError::Config(e.to_string()))?,
         None => Config::infer()
@@ -108,20 +159,34 @@ async fn client(cli: &Cli) -> Result<Client, CliError> {
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
-    let client = client(&cli).await?;
+    if let Command::Completion { shell, kubectl } = cli.command {
+        match shell {
+            Some(shell) if !kubectl => completion_script(shell, &mut std::io::stdout())
+                .map_err(|e| CliError::Encode(e.to_string()))?,
+            _ => print!("{}", complete::KUBECTL_COMPLETE_SCRIPT),
+        }
+        return Ok(());
+    }
+    let client = client(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;
     let wedges: Api<GpuWedge> = Api::all(client.clone());
     let policies: Api<RecoveryPolicy> = Api::all(client.clone());
     match cli.command {
-        Command::List => {
-            let list = list_wedges(&wedges).await?;
-            if list.is_empty() {
-                println!("No GpuWedges: no GPU has wedged (or none was reported).");
-                return Ok(());
-            }
-            let rows = present::list_rows(&list, Timestamp::now());
-            print!("{}", present::render_table(&present::LIST_HEADERS, &rows));
+        Command::List { output, watch } => match output.data() {
+            Some(format) => list_data(&client, format, watch).await?,
+            None => list_table(&wedges, output == ListFormat::Wide, watch).await?,
+        },
+        Command::Describe {
+            name,
+            output: Some(format),
+        } => {
+            let (api, ar) = dynamic_wedges(&client);
+            let w = api
+                .get(&name)
+                .await
+                .map_err(|e| wedge_target("get", Some(&name)).err(e))?;
+            print!("{}", encode(&present::shown(w, &ar), format)?);
         }
-        Command::Describe { name } => {
+        Command::Describe { name, output: None } => {
             let w = get_wedge(&wedges, &name).await?;
             let (events, note) = wedge_events(&client, &name).await;
             print!("{}", describe(&w));
@@ -137,15 +202,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Approve { name, method } => {
             let w = get_wedge(&wedges, &name).await?;
             let policy = match present::policy_of(&w) {
-                Some(p) if method.is_some() => Some(policies.get(p).await.map_err(|e| {
-                    Target {
-                        verb: "get",
-                        resource: POLICIES,
-                        kind: "RecoveryPolicy",
-                        name: Some(p),
-                    }
-                    .err(e)
-                })?),
+                Some(p) if method.is_some() => Some(get_policy(&policies, p).await?),
                 _ => None,
             };
             verbs::check_approve(&w, method.as_deref(), policy.as_ref())?;
@@ -181,20 +238,17 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             println!("{}", verbs::abandon_meaning(&name, &w.spec.node_name));
             println!("gpuwedge/{name} abandoned by {by}.");
         }
-        Command::Budget => {
+        Command::Budget { output } => {
             let ps = policies
                 .list(&ListParams::default())
                 .await
-                .map_err(|e| {
-                    Target {
-                        verb: "list",
-                        resource: POLICIES,
-                        kind: "RecoveryPolicy",
-                        name: None,
-                    }
-                    .err(e)
-                })?
+                .map_err(|e| policy_target("list", None).err(e))?
                 .items;
+            if let Some(format) = output {
+                let ws = list_wedges(&wedges).await?;
+                print!("{}", encode(&present::budget_rows(&ps, &ws), format)?);
+                return Ok(());
+            }
             if ps.is_empty() {
                 println!(
                     "No RecoveryPolicies: the operator admits nothing until one exists (the chart installs a default)."
@@ -208,36 +262,277 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 present::render_table(&present::BUDGET_HEADERS, &present::budget_cells(&rows))
             );
         }
+        Command::Pause { policy } => {
+            let p = get_policy(&policies, &policy).await?;
+            if !p.spec.paused {
+                patch_policy(&policies, &policy, &verbs::paused_patch(true)).await?;
+            }
+            println!("{}", verbs::pause_meaning(&policy, p.spec.paused));
+        }
+        Command::Resume { policy } => {
+            let p = get_policy(&policies, &policy).await?;
+            let plan = verbs::resume_plan(&p, Timestamp::now());
+            if plan.was_paused || plan.token.is_some() {
+                patch_policy(&policies, &policy, &plan.patch).await?;
+            }
+            println!("{}", verbs::resume_meaning(&policy, &plan));
+        }
+        Command::Completion { .. } => unreachable!("handled before connecting"),
     }
     Ok(())
+}
+
+/// The completion script of `shell` for the `kubectl-unwedge` executable (its functions are
+/// named after it, not after the `kubectl unwedge` of the help text).
+///
+/// clap_complete's bash script completes nothing after a subcommand when the executable's name
+/// has a hyphen (clap-rs/clap#6421: its case labels and its state disagree on escaping `-`), so
+/// the bash script is generated for `kubectl_unwedge` and registered for `kubectl-unwedge`.
+fn completion_script(shell: clap_complete::Shell, out: &mut dyn Write) -> std::io::Result<()> {
+    const BIN: &str = "kubectl-unwedge";
+    let name = if shell == clap_complete::Shell::Bash {
+        "kubectl_unwedge"
+    } else {
+        BIN
+    };
+    let mut cmd = Cli::command().name(name).display_name(name);
+    let mut buf = Vec::new();
+    clap_complete::generate(shell, &mut cmd, name, &mut buf);
+    let mut script = String::from_utf8_lossy(&buf).into_owned();
+    if name != BIN {
+        script = script.replace(
+            &format!(" -o default {name}\n"),
+            &format!(" -o default {BIN}\n"),
+        );
+    }
+    out.write_all(script.as_bytes())
+}
+
+/// `list` as a table (`wide`: more columns), then, with `watch`, one row per change.
+async fn list_table(api: &Api<GpuWedge>, wide: bool, watch: bool) -> Result<(), CliError> {
+    let list = list_wedges(api).await?;
+    let headers = present::list_headers(wide);
+    if list.is_empty() && !watch {
+        println!("No GpuWedges: no GPU has wedged (or none was reported).");
+        return Ok(());
+    }
+    let rows = present::rows(&list, Timestamp::now(), wide);
+    let mut cols = Columns::fit(headers, &rows);
+    let mut text = format!("{}\n", cols.line(headers));
+    for row in &rows {
+        text.push_str(&cols.line(row));
+        text.push('\n');
+    }
+    if !emit(&text) || !watch {
+        return Ok(());
+    }
+    watch_changes(api.clone(), list, |state, change| {
+        let (name, mut all): (String, Vec<GpuWedge>) = match change {
+            Change::Applied(w) => (w.name_any(), state.objects().cloned().collect()),
+            Change::Deleted(w) => {
+                let mut all: Vec<GpuWedge> = state.objects().cloned().collect();
+                all.push(w.clone());
+                (w.name_any(), all)
+            }
+        };
+        all.sort_by_key(|w| w.name_any());
+        let rows = present::rows(&all, Timestamp::now(), wide);
+        let row = rows.into_iter().find(|r| r.first() == Some(&name));
+        Ok(row.is_none_or(|r| emit(&format!("{}\n", cols.line(&r)))))
+    })
+    .await
+}
+
+/// `list -o json|yaml`: a `List` of the objects; with `watch`, every object then every change
+/// one by one, as `kubectl get -w -o json|yaml` prints them.
+async fn list_data(client: &Client, format: DataFormat, watch: bool) -> Result<(), CliError> {
+    let (api, ar) = dynamic_wedges(client);
+    let list = api
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| wedge_target("list", None).err(e))?
+        .items;
+    if !watch {
+        let items: Vec<DynamicObject> = list.into_iter().map(|o| present::shown(o, &ar)).collect();
+        print!("{}", encode(&present::list_object(&items), format)?);
+        return Ok(());
+    }
+    let item = |o: &DynamicObject| -> Result<String, CliError> {
+        present::render_watch_item(&present::shown(o.clone(), &ar), format)
+            .map_err(CliError::Encode)
+    };
+    for o in &list {
+        if !emit(&item(o)?) {
+            return Ok(());
+        }
+    }
+    watch_changes(api, list, |_, change| {
+        let (Change::Applied(o) | Change::Deleted(o)) = change;
+        Ok(emit(&item(&o)?))
+    })
+    .await
+}
+
+/// Follows the watcher from the objects already printed and hands each change to `print`
+/// (which says whether to go on), until Ctrl-C or SIGTERM, or stdout is closed. Lost
+/// connections are retried with a backoff and reported on stderr; a refused watch ends it.
+async fn watch_changes<K>(
+    api: Api<K>,
+    printed: Vec<K>,
+    mut print: impl FnMut(&Watch<K>, Change<K>) -> Result<bool, CliError>,
+) -> Result<(), CliError>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    let mut state = Watch::new(printed);
+    let mut stream = Box::pin(watcher(api, watcher::Config::default()).default_backoff());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| CliError::Config(format!("cannot handle SIGTERM: {e}")))?;
+    loop {
+        let event = tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+            event = stream.next() => event,
+        };
+        match event {
+            None => return Ok(()),
+            Some(Ok(event)) => {
+                for change in state.on(event) {
+                    if !print(&state, change)? {
+                        return Ok(());
+                    }
+                }
+            }
+            Some(Err(
+                watcher::Error::InitialListFailed(e)
+                | watcher::Error::WatchStartFailed(e)
+                | watcher::Error::WatchFailed(e),
+            )) if matches!(&e, kube::Error::Api(s) if s.code == 403) => {
+                return Err(wedge_target("watch", None).err(e));
+            }
+            Some(Err(e)) => eprintln!("warning: {e} (retrying)"),
+        }
+    }
+}
+
+/// Writes to stdout; false once stdout is gone (a closed pipe ends a watch quietly).
+fn emit(text: &str) -> bool {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .is_ok()
+}
+
+fn encode<T: serde::Serialize + ?Sized>(v: &T, format: DataFormat) -> Result<String, CliError> {
+    present::render_data(v, format).map_err(CliError::Encode)
+}
+
+/// GpuWedges as the API returns them, every field kept (also those this build does not know).
+fn dynamic_wedges(client: &Client) -> (Api<DynamicObject>, ApiResource) {
+    let ar = ApiResource::erase::<GpuWedge>(&());
+    (Api::all_with(client.clone(), &ar), ar)
+}
+
+fn wedge_target<'a>(verb: &'static str, name: Option<&'a str>) -> Target<'a> {
+    Target {
+        verb,
+        resource: WEDGES,
+        kind: "GpuWedge",
+        name,
+    }
+}
+
+fn policy_target<'a>(verb: &'static str, name: Option<&'a str>) -> Target<'a> {
+    Target {
+        verb,
+        resource: POLICIES,
+        kind: "RecoveryPolicy",
+        name,
+    }
+}
+
+async fn get_policy(api: &Api<RecoveryPolicy>, name: &str) -> Result<RecoveryPolicy, CliError> {
+    api.get(name)
+        .await
+        .map_err(|e| policy_target("get", Some(name)).err(e))
+}
+
+async fn patch_policy(
+    api: &Api<RecoveryPolicy>,
+    name: &str,
+    patch: &serde_json::Value,
+) -> Result<(), CliError> {
+    api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .map_err(|e| policy_target("patch", Some(name)).err(e))?;
+    Ok(())
+}
+
+/// `__complete ARGS... WORD`: the candidates for WORD in Cobra's protocol (complete.rs). Names
+/// come from the cluster (`--kubeconfig` / `--context` as typed, else the defaults) within a
+/// few seconds; when it cannot be reached, nothing is offered.
+async fn complete_words(args: &[String]) {
+    let c = complete::complete(&Cli::command(), args);
+    let word = args.last().map(String::as_str).unwrap_or("");
+    let names = |client: Client, wedges: bool| async move {
+        if wedges {
+            let api: Api<GpuWedge> = Api::all(client);
+            let list = api.list(&ListParams::default()).await.ok()?.items;
+            Some(
+                list.iter()
+                    .map(|w| {
+                        let about = format!("{:?} on {}", present::phase_of(w), w.spec.node_name);
+                        (w.name_any(), about)
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        } else {
+            let api: Api<RecoveryPolicy> = Api::all(client);
+            let list = api.list(&ListParams::default()).await.ok()?.items;
+            Some(
+                list.iter()
+                    .map(|p| {
+                        let about = if p.spec.paused { "paused" } else { "" };
+                        (p.name_any(), about.to_string())
+                    })
+                    .collect(),
+            )
+        }
+    };
+    let text = match c.offer {
+        Offer::Words(words) => complete::render(&words, word, complete::NO_FILES),
+        Offer::Files => format!(":{}\n", complete::FILES),
+        offer @ (Offer::Wedges | Offer::Policies) => {
+            let kubeconfig = c.kubeconfig.map(PathBuf::from);
+            let found = async {
+                let client = client(kubeconfig.as_ref(), c.context.as_deref())
+                    .await
+                    .ok()?;
+                names(client, offer == Offer::Wedges).await
+            };
+            let words = tokio::time::timeout(Duration::from_secs(5), found)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            complete::render(&words, word, complete::NO_FILES)
+        }
+    };
+    emit(&text);
 }
 
 async fn list_wedges(api: &Api<GpuWedge>) -> Result<Vec<GpuWedge>, CliError> {
     Ok(api
         .list(&ListParams::default())
         .await
-        .map_err(|e| {
-            Target {
-                verb: "list",
-                resource: WEDGES,
-                kind: "GpuWedge",
-                name: None,
-            }
-            .err(e)
-        })?
+        .map_err(|e| wedge_target("list", None).err(e))?
         .items)
 }
 
 async fn get_wedge(api: &Api<GpuWedge>, name: &str) -> Result<GpuWedge, CliError> {
-    api.get(name).await.map_err(|e| {
-        Target {
-            verb: "get",
-            resource: WEDGES,
-            kind: "GpuWedge",
-            name: Some(name),
-        }
-        .err(e)
-    })
+    api.get(name)
+        .await
+        .map_err(|e| wedge_target("get", Some(name)).err(e))
 }
 
 /// The Events about the wedge in any namespace (cluster-scoped objects' events land in
@@ -400,4 +695,124 @@ fn describe(w: &GpuWedge) -> String {
         kv("Human verbs:", verbs.join(" "));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kubectl-unwedge").chain(args.iter().copied()))
+            .map(|c| c.command)
+    }
+
+    #[test]
+    fn output_formats_parse_per_verb() {
+        assert!(matches!(
+            parse(&["list"]).unwrap(),
+            Command::List {
+                output: ListFormat::Table,
+                watch: false
+            }
+        ));
+        assert!(matches!(
+            parse(&["list", "-o", "wide", "-w"]).unwrap(),
+            Command::List {
+                output: ListFormat::Wide,
+                watch: true
+            }
+        ));
+        assert!(matches!(
+            parse(&["list", "--output=json", "--watch"]).unwrap(),
+            Command::List {
+                output: ListFormat::Json,
+                watch: true
+            }
+        ));
+        assert!(parse(&["list", "-o", "xml"]).is_err());
+        assert!(matches!(
+            parse(&["describe", "w", "-o", "yaml"]).unwrap(),
+            Command::Describe {
+                output: Some(DataFormat::Yaml),
+                ..
+            }
+        ));
+        assert!(
+            parse(&["describe", "w", "-o", "wide"]).is_err(),
+            "describe prints text or data"
+        );
+        assert!(matches!(
+            parse(&["budget", "-o", "json"]).unwrap(),
+            Command::Budget {
+                output: Some(DataFormat::Json)
+            }
+        ));
+        assert!(matches!(
+            parse(&["budget"]).unwrap(),
+            Command::Budget { output: None }
+        ));
+    }
+
+    #[test]
+    fn policy_verbs_and_completion_parse() {
+        assert!(
+            matches!(parse(&["pause", "gpu"]).unwrap(), Command::Pause { policy } if policy == "gpu")
+        );
+        assert!(
+            matches!(parse(&["resume", "gpu"]).unwrap(), Command::Resume { policy } if policy == "gpu")
+        );
+        assert!(parse(&["pause"]).is_err(), "a policy is required");
+        assert!(matches!(
+            parse(&["completion", "zsh"]).unwrap(),
+            Command::Completion {
+                shell: Some(clap_complete::Shell::Zsh),
+                kubectl: false
+            }
+        ));
+        assert!(matches!(
+            parse(&["completion", "--kubectl"]).unwrap(),
+            Command::Completion {
+                shell: None,
+                kubectl: true
+            }
+        ));
+        assert!(parse(&["completion"]).is_err(), "a shell or --kubectl");
+        assert!(parse(&["completion", "bash", "--kubectl"]).is_err());
+    }
+
+    #[test]
+    fn the_completion_scripts_complete_kubectl_unwedge() {
+        let mut buf = Vec::new();
+        completion_script(clap_complete::Shell::Bash, &mut buf).unwrap();
+        let script = String::from_utf8(buf).unwrap();
+        assert!(
+            script.contains("-o bashdefault -o default kubectl-unwedge\n"),
+            "{script}"
+        );
+        assert!(!script.contains("default kubectl_unwedge"), "{script}");
+        for verb in ["pause", "resume", "completion", "--watch"] {
+            assert!(script.contains(verb), "{verb} missing");
+        }
+        let c = complete::complete(&Cli::command(), &["".into()]);
+        let Offer::Words(verbs) = c.offer else {
+            panic!("{c:?}")
+        };
+        let verbs: Vec<&str> = verbs.iter().map(|(v, _)| v.as_str()).collect();
+        assert_eq!(
+            verbs,
+            [
+                "list",
+                "describe",
+                "approve",
+                "retry",
+                "abandon",
+                "budget",
+                "pause",
+                "resume",
+                "completion"
+            ]
+        );
+        let c = complete::complete(&Cli::command(), &["approve".into(), "wa".into()]);
+        assert_eq!(c.offer, Offer::Wedges);
+    }
 }

@@ -6,34 +6,61 @@ use std::collections::BTreeMap;
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Event;
+use kube::Resource;
+use kube::api::{ApiResource, DynamicObject, TypeMeta};
+use kube::runtime::watcher;
+use serde::Serialize;
+use unwedge_crds::labels::{ANN_APPROVE, ANN_BY};
 use unwedge_crds::{AttemptOutcome, GpuWedge, Phase, RecoveryPolicy, budget};
 
-/// Renders rows under headers as kubectl does: left-aligned columns separated by three spaces.
-pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (i, cell) in row.iter().enumerate() {
-            if i < widths.len() {
-                widths[i] = widths[i].max(cell.chars().count());
+/// Column widths of a kubectl-style table, kept across lines so that the rows a watch prints
+/// later line up under the table printed first (a wider cell widens its column from then on).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Columns {
+    widths: Vec<usize>,
+}
+
+impl Columns {
+    /// Widths that fit the headers and every row.
+    pub fn fit(headers: &[&str], rows: &[Vec<String>]) -> Self {
+        let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+        for row in rows {
+            for (i, cell) in row.iter().enumerate() {
+                if i < widths.len() {
+                    widths[i] = widths[i].max(cell.chars().count());
+                }
             }
         }
+        Columns { widths }
     }
-    let line = |cells: Vec<&str>| -> String {
+
+    /// One line: left-aligned cells separated by three spaces, without trailing blanks.
+    pub fn line<S: AsRef<str>>(&mut self, cells: &[S]) -> String {
         let last = cells.len().saturating_sub(1);
         let mut out = String::new();
-        for (i, cell) in cells.into_iter().enumerate() {
+        for (i, cell) in cells.iter().enumerate() {
+            let cell = cell.as_ref();
+            let n = cell.chars().count();
+            if i >= self.widths.len() {
+                self.widths.push(n);
+            }
+            self.widths[i] = self.widths[i].max(n);
             out.push_str(cell);
             if i < last {
-                let pad = widths[i] - cell.chars().count() + 3;
-                out.extend(std::iter::repeat_n(' ', pad));
+                out.extend(std::iter::repeat_n(' ', self.widths[i] - n + 3));
             }
         }
         out.trim_end().to_string()
-    };
-    let mut out = line(headers.to_vec());
+    }
+}
+
+/// Renders rows under headers as kubectl does: left-aligned columns separated by three spaces.
+pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut cols = Columns::fit(headers, rows);
+    let mut out = cols.line(headers);
     out.push('\n');
     for row in rows {
-        out.push_str(&line(row.iter().map(String::as_str).collect()));
+        out.push_str(&cols.line(row));
         out.push('\n');
     }
     out
@@ -107,46 +134,114 @@ pub const LIST_HEADERS: [&str; 9] = [
     "NAME", "NODE", "DEVICE", "DRIVER", "METHODS", "PHASE", "ACTION", "AGE", "QUEUE",
 ];
 
+/// The headers of `kubectl unwedge list -o wide`: the list's, then the governing policy, the
+/// device's card, the attempts so far, the latest one, and the approval.
+pub const WIDE_HEADERS: [&str; 14] = [
+    "NAME",
+    "NODE",
+    "DEVICE",
+    "DRIVER",
+    "METHODS",
+    "PHASE",
+    "ACTION",
+    "AGE",
+    "QUEUE",
+    "POLICY",
+    "CARD",
+    "ATTEMPTS",
+    "LAST-ATTEMPT",
+    "APPROVAL",
+];
+
+/// The headers for `list` (`wide`: [`WIDE_HEADERS`]).
+pub fn list_headers(wide: bool) -> &'static [&'static str] {
+    if wide { &WIDE_HEADERS } else { &LIST_HEADERS }
+}
+
 /// One row per wedge, sorted by name; QUEUE is `position/length (policy)` for Queued wedges.
-pub fn list_rows(wedges: &[GpuWedge], now: Timestamp) -> Vec<Vec<String>> {
+/// `wide` adds the [`WIDE_HEADERS`] columns after the list's.
+pub fn rows(wedges: &[GpuWedge], now: Timestamp, wide: bool) -> Vec<Vec<String>> {
     let queue = queue_positions(wedges);
     let mut sorted: Vec<&GpuWedge> = wedges.iter().collect();
     sorted.sort_by(|a, b| name_of(a).cmp(name_of(b)));
     sorted
         .into_iter()
         .map(|w| {
-            let status = w.status.as_ref();
-            let methods = status
-                .and_then(|s| s.methods.clone())
-                .unwrap_or_else(|| w.spec.methods.join(","));
-            let age = w
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| human_duration(now.duration_since(t.0)))
-                .unwrap_or_else(|| "<unknown>".into());
-            let q = match queue.get(name_of(w)) {
-                Some((pos, len)) => match policy_of(w) {
-                    Some(p) => format!("{pos}/{len} ({p})"),
-                    None => format!("{pos}/{len}"),
-                },
-                None => "-".into(),
-            };
-            vec![
-                name_of(w).to_string(),
-                w.spec.node_name.clone(),
-                w.spec.device.pci_address.clone(),
-                or_dash(&w.spec.device.driver),
-                methods,
-                format!("{:?}", phase_of(w)),
-                status
-                    .and_then(|s| s.action.clone())
-                    .unwrap_or_else(|| "-".into()),
-                age,
-                q,
-            ]
+            let mut row = list_row(w, &queue, now);
+            if wide {
+                row.extend(wide_cells(w));
+            }
+            row
         })
         .collect()
+}
+
+fn list_row(w: &GpuWedge, queue: &BTreeMap<String, (usize, usize)>, now: Timestamp) -> Vec<String> {
+    let status = w.status.as_ref();
+    let methods = status
+        .and_then(|s| s.methods.clone())
+        .unwrap_or_else(|| w.spec.methods.join(","));
+    let age = w
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| human_duration(now.duration_since(t.0)))
+        .unwrap_or_else(|| "<unknown>".into());
+    let q = match queue.get(name_of(w)) {
+        Some((pos, len)) => match policy_of(w) {
+            Some(p) => format!("{pos}/{len} ({p})"),
+            None => format!("{pos}/{len}"),
+        },
+        None => "-".into(),
+    };
+    vec![
+        name_of(w).to_string(),
+        w.spec.node_name.clone(),
+        w.spec.device.pci_address.clone(),
+        or_dash(&w.spec.device.driver),
+        methods,
+        format!("{:?}", phase_of(w)),
+        status
+            .and_then(|s| s.action.clone())
+            .unwrap_or_else(|| "-".into()),
+        age,
+        q,
+    ]
+}
+
+/// The wide columns: POLICY, CARD (card, else render node), ATTEMPTS (how many were started),
+/// LAST-ATTEMPT (`#n method outcome` of the latest), APPROVAL (`method by user` as the operator
+/// recorded it; `requested by user` while a human's `unwedge.io/approve` waits to be honoured).
+fn wide_cells(w: &GpuWedge) -> Vec<String> {
+    let status = w.status.as_ref();
+    let d = &w.spec.device;
+    let attempts = status.and_then(|s| s.attempts.as_deref()).unwrap_or(&[]);
+    let last = attempts
+        .iter()
+        .max_by_key(|a| a.attempt)
+        .map(|a| format!("#{} {} {}", a.attempt, a.method, outcome_word(a.result)))
+        .unwrap_or_else(|| "-".into());
+    let ann = w.metadata.annotations.as_ref();
+    let approval = match status.and_then(|s| s.approval.as_ref()) {
+        Some(a) => format!("{} by {}", a.method, a.by),
+        None => match ann.filter(|a| a.contains_key(ANN_APPROVE)) {
+            Some(a) => format!(
+                "requested by {}",
+                a.get(ANN_BY).map(String::as_str).unwrap_or("?")
+            ),
+            None => "-".into(),
+        },
+    };
+    vec![
+        policy_of(w).unwrap_or("-").to_string(),
+        d.card
+            .clone()
+            .or_else(|| d.render_node.clone())
+            .unwrap_or_else(|| "-".into()),
+        attempts.len().to_string(),
+        last,
+        approval,
+    ]
 }
 
 fn or_dash(s: &str) -> String {
@@ -350,11 +445,15 @@ pub fn render_timeline(entries: &[TimelineEntry]) -> String {
     render_table(&["TIME", "SINCE", "WHAT", "DETAIL"], &rows)
 }
 
-/// One line of `kubectl unwedge budget`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One line of `kubectl unwedge budget`; `budget -o json|yaml` prints these (camelCase, an
+/// invalid limit as `null`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct BudgetRow {
-    /// Policy name (with ` (default)` for the default policy).
+    /// Policy name.
     pub policy: String,
+    /// Whether it is the default policy (`spec.default`).
+    pub default: bool,
     /// Nodes the policy selects.
     pub nodes_selected: u32,
     /// Nodes that may be under recovery at once (`None`: maxUnavailable is malformed).
@@ -401,11 +500,8 @@ pub fn budget_rows(policies: &[RecoveryPolicy], wedges: &[GpuWedge]) -> Vec<Budg
                 state.push("circuit breaker tripped");
             }
             BudgetRow {
-                policy: if p.spec.default {
-                    format!("{name} (default)")
-                } else {
-                    name
-                },
+                policy: name,
+                default: p.spec.default,
                 nodes_selected: status.nodes_selected,
                 nodes_allowed: budget::resolve_limit(
                     &budget::max_unavailable(&p.spec),
@@ -440,13 +536,18 @@ pub const BUDGET_HEADERS: [&str; 8] = [
     "POLICY", "NODES", "ALLOWED", "IN-USE", "REBOOTS", "DEVICES", "QUEUED", "STATE",
 ];
 
-/// Table cells for budget rows: REBOOTS is `in use/allowed`, DEVICES `in use/allowed of total`.
+/// Table cells for budget rows: POLICY has ` (default)` for the default policy, REBOOTS is
+/// `in use/allowed`, DEVICES `in use/allowed of total`.
 pub fn budget_cells(rows: &[BudgetRow]) -> Vec<Vec<String>> {
     let opt = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_else(|| "invalid".into());
     rows.iter()
         .map(|r| {
             vec![
-                r.policy.clone(),
+                if r.default {
+                    format!("{} (default)", r.policy)
+                } else {
+                    r.policy.clone()
+                },
                 r.nodes_selected.to_string(),
                 opt(r.nodes_allowed),
                 r.nodes_in_use.to_string(),
@@ -462,6 +563,181 @@ pub fn budget_cells(rows: &[BudgetRow]) -> Vec<Vec<String>> {
             ]
         })
         .collect()
+}
+
+/// How `list` prints (`-o`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ListFormat {
+    /// The table.
+    #[default]
+    Table,
+    /// The table with the policy, card, attempts and approval.
+    Wide,
+    /// The GpuWedges as JSON (a `List`).
+    Json,
+    /// The GpuWedges as YAML (a `List`).
+    Yaml,
+}
+
+impl ListFormat {
+    /// The data format when the objects themselves are printed, `None` for a table.
+    pub fn data(self) -> Option<DataFormat> {
+        match self {
+            ListFormat::Table | ListFormat::Wide => None,
+            ListFormat::Json => Some(DataFormat::Json),
+            ListFormat::Yaml => Some(DataFormat::Yaml),
+        }
+    }
+}
+
+/// `-o` of `describe` and `budget`: data instead of text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DataFormat {
+    /// JSON, indented by four spaces as kubectl does.
+    Json,
+    /// YAML.
+    Yaml,
+}
+
+/// Prints data as `kubectl get -o json|yaml` does: JSON indented by four spaces, YAML as one
+/// document without `---`; both end with a newline.
+pub fn render_data<T: Serialize + ?Sized>(v: &T, f: DataFormat) -> Result<String, String> {
+    match f {
+        DataFormat::Json => {
+            let mut buf = Vec::new();
+            let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+            let mut ser = serde_json::Serializer::with_formatter(&mut buf, fmt);
+            v.serialize(&mut ser).map_err(|e| e.to_string())?;
+            let mut out = String::from_utf8(buf).map_err(|e| e.to_string())?;
+            out.push('\n');
+            Ok(out)
+        }
+        DataFormat::Yaml => serde_yaml::to_string(v).map_err(|e| e.to_string()),
+    }
+}
+
+/// One object of a watch stream: JSON on one line, or a YAML document opened by `---`.
+pub fn render_watch_item<T: Serialize + ?Sized>(v: &T, f: DataFormat) -> Result<String, String> {
+    match f {
+        DataFormat::Json => {
+            let mut out = serde_json::to_string(v).map_err(|e| e.to_string())?;
+            out.push('\n');
+            Ok(out)
+        }
+        DataFormat::Yaml => Ok(format!(
+            "---\n{}",
+            serde_yaml::to_string(v).map_err(|e| e.to_string())?
+        )),
+    }
+}
+
+/// The `List` kubectl prints for `get -o json|yaml` of a collection.
+pub fn list_object<T: Serialize>(items: &[T]) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "metadata": {"resourceVersion": ""},
+        "items": items,
+    })
+}
+
+/// An object as kubectl prints it: `apiVersion` and `kind` present (a list's items may lack
+/// them), `metadata.managedFields` hidden as kubectl hides them by default.
+pub fn shown(mut o: DynamicObject, ar: &ApiResource) -> DynamicObject {
+    if o.types.is_none() {
+        o.types = Some(TypeMeta {
+            api_version: ar.api_version.clone(),
+            kind: ar.kind.clone(),
+        });
+    }
+    o.metadata.managed_fields = None;
+    o
+}
+
+/// What a watch saw change, to print.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change<K> {
+    /// Created or changed: its state now.
+    Applied(K),
+    /// Deleted: its last state.
+    Deleted(K),
+}
+
+/// The objects a watch has printed, so that the watcher's own re-lists (at its start and after
+/// a lost connection) print only what changed, as `kubectl get -w` does.
+#[derive(Clone, Debug)]
+pub struct Watch<K> {
+    known: BTreeMap<String, K>,
+    relist: Option<BTreeMap<String, K>>,
+}
+
+impl<K: Resource + Clone> Watch<K> {
+    /// Starts from the objects already printed.
+    pub fn new(printed: Vec<K>) -> Self {
+        let known = printed
+            .into_iter()
+            .map(|o| (o.meta().name.clone().unwrap_or_default(), o))
+            .collect();
+        Watch {
+            known,
+            relist: None,
+        }
+    }
+
+    /// Every object as last seen.
+    pub fn objects(&self) -> impl Iterator<Item = &K> {
+        self.known.values()
+    }
+
+    /// Takes one watcher event; returns the changes to print.
+    pub fn on(&mut self, event: watcher::Event<K>) -> Vec<Change<K>> {
+        match event {
+            watcher::Event::Apply(o) => self.apply(o).into_iter().collect(),
+            watcher::Event::Delete(o) => {
+                let name = o.meta().name.clone().unwrap_or_default();
+                self.known.remove(&name);
+                vec![Change::Deleted(o)]
+            }
+            watcher::Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                Vec::new()
+            }
+            watcher::Event::InitApply(o) => {
+                let name = o.meta().name.clone().unwrap_or_default();
+                self.relist.get_or_insert_default().insert(name, o);
+                Vec::new()
+            }
+            watcher::Event::InitDone => {
+                let listed = self.relist.take().unwrap_or_default();
+                let mut out: Vec<Change<K>> = self
+                    .known
+                    .iter()
+                    .filter(|(name, _)| !listed.contains_key(*name))
+                    .map(|(_, o)| Change::Deleted(o.clone()))
+                    .collect();
+                for name in out.iter().filter_map(|c| match c {
+                    Change::Deleted(o) => o.meta().name.clone(),
+                    Change::Applied(_) => None,
+                }) {
+                    self.known.remove(&name);
+                }
+                for o in listed.into_values() {
+                    out.extend(self.apply(o));
+                }
+                out
+            }
+        }
+    }
+
+    fn apply(&mut self, o: K) -> Option<Change<K>> {
+        let name = o.meta().name.clone().unwrap_or_default();
+        let same = self.known.get(&name).is_some_and(|k| {
+            k.meta().resource_version.is_some()
+                && k.meta().resource_version == o.meta().resource_version
+        });
+        self.known.insert(name, o.clone());
+        (!same).then_some(Change::Applied(o))
+    }
 }
 
 #[cfg(test)]
@@ -536,7 +812,7 @@ mod tests {
             wedge("w2", "2026-01-01T00:00:00Z", Phase::Queued, Some("gpu")),
             wedge("w1", "2026-01-01T00:00:00Z", Phase::Cordoned, Some("gpu")),
         ];
-        let rows = list_rows(&ws, ts("2026-01-01T00:05:30Z"));
+        let rows = rows(&ws, ts("2026-01-01T00:05:30Z"), false);
         assert_eq!(
             rows[0],
             vec![
@@ -770,6 +1046,7 @@ mod tests {
             rows[0],
             BudgetRow {
                 policy: "gpu".into(),
+                default: false,
                 nodes_selected: 10,
                 nodes_allowed: Some(2),
                 nodes_in_use: 1,
@@ -783,5 +1060,175 @@ mod tests {
             }
         );
         assert_eq!(budget_cells(&rows)[0][5], "1/8 of 80");
+    }
+
+    #[test]
+    fn wide_rows_add_policy_card_attempts_and_approval() {
+        let mut w = wedge("w1", "2026-01-01T00:00:00Z", Phase::Verifying, Some("gpu"));
+        w.spec.device.card = Some("card1".into());
+        let s = w.status.as_mut().unwrap();
+        let at = |n, m: &str, r| AttemptResult {
+            attempt: n,
+            method: m.into(),
+            result: r,
+            started_at: Time(ts("2026-01-01T00:01:00Z")),
+            finished_at: None,
+            message: String::new(),
+            boot_id: None,
+            advertised: None,
+        };
+        s.attempts = Some(vec![
+            at(2, "bus-reset", AttemptOutcome::Succeeded),
+            at(1, "rebind", AttemptOutcome::Failed),
+        ]);
+        s.approval = Some(Approval {
+            method: "bus-reset".into(),
+            attempt: 2,
+            at: Time(ts("2026-01-01T00:01:00Z")),
+            by: "alice".into(),
+        });
+        let mut pending = wedge("w2", "2026-01-01T00:00:00Z", Phase::AwaitingApproval, None);
+        pending.metadata.annotations = Some(BTreeMap::from([
+            (ANN_APPROVE.to_string(), String::new()),
+            (ANN_BY.to_string(), "bob".to_string()),
+        ]));
+        let now = ts("2026-01-01T00:05:30Z");
+        let ws = [pending, w];
+        let r = rows(&ws, now, true);
+        assert_eq!(r[0].len(), WIDE_HEADERS.len());
+        assert_eq!(
+            r[0][..9],
+            rows(&ws, now, false)[0],
+            "wide starts with the list's columns"
+        );
+        assert_eq!(
+            r[0][9..],
+            [
+                "gpu",
+                "card1",
+                "2",
+                "#2 bus-reset succeeded",
+                "bus-reset by alice"
+            ]
+        );
+        assert_eq!(r[1][9..], ["-", "-", "0", "-", "requested by bob"]);
+        assert_eq!(
+            list_headers(true)[9..],
+            ["POLICY", "CARD", "ATTEMPTS", "LAST-ATTEMPT", "APPROVAL"]
+        );
+        assert_eq!(list_headers(false), LIST_HEADERS);
+    }
+
+    #[test]
+    fn columns_keep_later_rows_under_the_table_and_widen_for_wider_cells() {
+        let rows = vec![vec!["a".to_string(), "x".to_string(), "1".to_string()]];
+        let mut cols = Columns::fit(&["NAME", "NODE", "AGE"], &rows);
+        assert_eq!(cols.line(&["NAME", "NODE", "AGE"]), "NAME   NODE   AGE");
+        assert_eq!(cols.line(&rows[0]), "a      x      1");
+        assert_eq!(
+            cols.line(&["longer-name", "y", "2"]),
+            "longer-name   y      2"
+        );
+        assert_eq!(cols.line(&["b", "z", "3"]), "b             z      3");
+    }
+
+    fn obj(name: &str, rv: &str) -> DynamicObject {
+        let mut o = DynamicObject::new(name, &ApiResource::erase::<GpuWedge>(&()));
+        o.metadata.resource_version = Some(rv.into());
+        o
+    }
+
+    fn names(changes: &[Change<DynamicObject>]) -> Vec<String> {
+        changes
+            .iter()
+            .map(|c| match c {
+                Change::Applied(o) => format!(
+                    "+{}@{}",
+                    o.metadata.name.as_deref().unwrap(),
+                    o.metadata.resource_version.as_deref().unwrap()
+                ),
+                Change::Deleted(o) => format!("-{}", o.metadata.name.as_deref().unwrap()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_watch_prints_only_what_changed_since_it_printed() {
+        let mut w = Watch::new(vec![obj("a", "1"), obj("b", "1")]);
+        // The watcher's own first list: nothing new.
+        assert!(w.on(watcher::Event::Init).is_empty());
+        assert!(w.on(watcher::Event::InitApply(obj("a", "1"))).is_empty());
+        assert!(w.on(watcher::Event::InitApply(obj("b", "1"))).is_empty());
+        assert!(w.on(watcher::Event::InitDone).is_empty());
+        assert_eq!(names(&w.on(watcher::Event::Apply(obj("c", "2")))), ["+c@2"]);
+        assert!(
+            w.on(watcher::Event::Apply(obj("c", "2"))).is_empty(),
+            "a replayed version"
+        );
+        assert_eq!(names(&w.on(watcher::Event::Apply(obj("a", "3")))), ["+a@3"]);
+        assert_eq!(names(&w.on(watcher::Event::Delete(obj("b", "4")))), ["-b"]);
+        // A re-list after a lost connection: c went away, a changed, d is new.
+        w.on(watcher::Event::Init);
+        w.on(watcher::Event::InitApply(obj("a", "5")));
+        w.on(watcher::Event::InitApply(obj("d", "6")));
+        assert_eq!(
+            names(&w.on(watcher::Event::InitDone)),
+            ["-c", "+a@5", "+d@6"]
+        );
+        let left: Vec<_> = w
+            .objects()
+            .map(|o| o.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(left, ["a", "d"]);
+    }
+
+    #[test]
+    fn data_prints_like_kubectl() {
+        let mut o = obj("w", "7");
+        o.types = None;
+        o.metadata.managed_fields = Some(vec![Default::default()]);
+        o.data = serde_json::json!({"spec": {"nodeName": "node-a"}});
+        let o = shown(o, &ApiResource::erase::<GpuWedge>(&()));
+        assert!(
+            o.metadata.managed_fields.is_none(),
+            "kubectl hides managedFields"
+        );
+        let list = list_object(&[o]);
+        let json = render_data(&list, DataFormat::Json).unwrap();
+        assert!(json.starts_with("{\n    \"apiVersion\": \"v1\""), "{json}");
+        let back: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(back["kind"], "List");
+        assert_eq!(back["items"][0]["kind"], "GpuWedge");
+        assert_eq!(back["items"][0]["apiVersion"], "unwedge.io/v1alpha1");
+        assert_eq!(back["items"][0]["spec"]["nodeName"], "node-a");
+        let yaml = render_data(&list, DataFormat::Yaml).unwrap();
+        let back: serde_json::Value = serde_yaml::from_str(&yaml).unwrap();
+        assert_eq!(back["items"][0]["metadata"]["name"], "w");
+        let line = render_watch_item(&back["items"][0], DataFormat::Json).unwrap();
+        assert_eq!(line.lines().count(), 1);
+        let doc = render_watch_item(&back["items"][0], DataFormat::Yaml).unwrap();
+        assert!(
+            doc.starts_with("---\napiVersion: unwedge.io/v1alpha1\n"),
+            "{doc}"
+        );
+        assert_eq!(ListFormat::Wide.data(), None);
+        assert_eq!(ListFormat::Yaml.data(), Some(DataFormat::Yaml));
+    }
+
+    #[test]
+    fn budget_rows_serialize_in_camel_case_with_null_for_an_invalid_limit() {
+        let mut p = RecoveryPolicy::new(
+            "gpu",
+            serde_json::from_value(serde_json::json!({"default": true})).unwrap(),
+        );
+        p.spec.max_unavailable = Some(IntOrString::String("x%".into()));
+        let rows = budget_rows(&[p], &[]);
+        assert_eq!(budget_cells(&rows)[0][0], "gpu (default)");
+        let v = serde_json::to_value(&rows).unwrap();
+        assert_eq!(v[0]["policy"], "gpu");
+        assert_eq!(v[0]["default"], true);
+        assert_eq!(v[0]["nodesAllowed"], serde_json::Value::Null);
+        assert_eq!(v[0]["rebootsAllowed"], 1);
+        assert_eq!(v[0]["state"], "-");
     }
 }

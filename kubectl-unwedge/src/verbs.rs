@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
-use unwedge_crds::labels::{ANN_ABANDON, ANN_APPROVE, ANN_BY, ANN_RETRY};
+use unwedge_crds::labels::{ANN_ABANDON, ANN_APPROVE, ANN_BY, ANN_RESUME, ANN_RETRY};
 use unwedge_crds::{AttemptOutcome, GpuWedge, Method, Phase, RecoveryPolicy, is_method_token};
 
 use crate::error::CliError;
@@ -154,12 +154,114 @@ pub fn abandon_meaning(name: &str, node: &str) -> String {
     )
 }
 
+/// The merge patch of `pause` (`true`) and of `resume` without a tripped breaker (`false`).
+pub fn paused_patch(paused: bool) -> Value {
+    json!({ "spec": { "paused": paused } })
+}
+
+/// What pausing means, printed with the change.
+pub fn pause_meaning(policy: &str, was_paused: bool) -> String {
+    let change = if was_paused {
+        format!("recoverypolicy/{policy} was already paused (spec.paused: true); nothing changed.")
+    } else {
+        format!("recoverypolicy/{policy} paused: spec.paused set to true.")
+    };
+    format!(
+        "{change}\nWhile it is paused, the operator takes no automatic action on the nodes it \
+         governs: no new cordon, eviction or approval (a human approval waits too).\nWedges are \
+         still recorded and shown, waiting with a condition that says the policy is paused.\n\
+         `kubectl unwedge resume {policy}` resumes it."
+    )
+}
+
+/// What `resume` writes to a policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resume {
+    /// The merge patch.
+    pub patch: Value,
+    /// Whether `spec.paused` was true.
+    pub was_paused: bool,
+    /// When the circuit breaker tripped, if it is tripped: the patch then also sets
+    /// `unwedge.io/resume`.
+    pub tripped_at: Option<jiff::Timestamp>,
+    /// The new `unwedge.io/resume` value, if any.
+    pub token: Option<String>,
+}
+
+/// What `resume` writes: `spec.paused: false`, and when the circuit breaker is tripped
+/// (`status.circuitBreakerTrippedAt`), `unwedge.io/resume` set to the time `now` in RFC 3339.
+/// The operator resumes the breaker when that annotation differs from the value it last
+/// honoured (`status.resumed`), so the token never repeats it nor the annotation in place
+/// (whole seconds, or nanoseconds when the second is taken).
+pub fn resume_plan(p: &RecoveryPolicy, now: jiff::Timestamp) -> Resume {
+    let status = p.status.as_ref();
+    let tripped_at = status
+        .and_then(|s| s.circuit_breaker_tripped_at.as_ref())
+        .map(|t| t.0);
+    let token = tripped_at.map(|_| {
+        let taken: Vec<&str> = [
+            status.and_then(|s| s.resumed.as_deref()),
+            p.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANN_RESUME))
+                .map(String::as_str),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let secs = format!("{now:.0}");
+        if taken.contains(&secs.as_str()) {
+            format!("{now:.9}")
+        } else {
+            secs
+        }
+    });
+    let mut patch = paused_patch(false);
+    if let Some(t) = &token {
+        patch["metadata"] = json!({ "annotations": { ANN_RESUME: t } });
+    }
+    Resume {
+        patch,
+        was_paused: p.spec.paused,
+        tripped_at,
+        token,
+    }
+}
+
+/// What resuming did and means, printed with the change.
+pub fn resume_meaning(policy: &str, r: &Resume) -> String {
+    let mut out = if r.was_paused {
+        format!("recoverypolicy/{policy} resumed: spec.paused set to false.")
+    } else {
+        format!("recoverypolicy/{policy} was not paused (spec.paused: false).")
+    };
+    match (&r.tripped_at, &r.token) {
+        (Some(at), Some(token)) => out.push_str(&format!(
+            "\nIts circuit breaker tripped at {at:.0} (too many wedges in its window): set \
+             {ANN_RESUME}={token}, which tells the operator to close it. Only wedges detected \
+             from now on count towards tripping it again."
+        )),
+        _ => out.push_str("\nIts circuit breaker is not tripped."),
+    }
+    if r.was_paused || r.tripped_at.is_some() {
+        out.push_str(
+            "\nThe operator acts on the policy's wedges again (admission, cordon, drain, \
+             approval, recovery) within its budget.",
+        );
+    } else {
+        out.push_str("\nNothing held the policy's automatic actions; nothing changed.");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use unwedge_crds::{
         AttemptResult, DeviceRef, GpuWedgeSpec, GpuWedgeStatus, RecoveryPolicySpec,
+        RecoveryPolicyStatus,
     };
 
     fn wedge(phase: Phase) -> GpuWedge {
@@ -278,5 +380,73 @@ mod tests {
             "bad board"
         );
         assert!(abandon_meaning("w", "node-a").contains("node node-a stays cordoned"));
+    }
+
+    fn tripped(annotation: Option<&str>, resumed: Option<&str>) -> RecoveryPolicy {
+        let mut p = policy(None);
+        p.spec.paused = true;
+        if let Some(a) = annotation {
+            p.metadata.annotations =
+                Some(BTreeMap::from([(ANN_RESUME.to_string(), a.to_string())]));
+        }
+        p.status = Some(RecoveryPolicyStatus {
+            circuit_breaker_tripped_at: Some(Time("2026-01-01T00:00:00Z".parse().unwrap())),
+            resumed: resumed.map(Into::into),
+            ..Default::default()
+        });
+        p
+    }
+
+    #[test]
+    fn pause_sets_paused_and_says_what_it_means() {
+        assert_eq!(paused_patch(true), json!({"spec": {"paused": true}}));
+        let m = pause_meaning("gpu", false);
+        assert!(
+            m.contains("recoverypolicy/gpu paused: spec.paused set to true"),
+            "{m}"
+        );
+        assert!(m.contains("no new cordon, eviction or approval"), "{m}");
+        assert!(m.contains("still recorded"), "{m}");
+        assert!(pause_meaning("gpu", true).contains("already paused"));
+    }
+
+    #[test]
+    fn resume_without_a_tripped_breaker_only_unpauses() {
+        let mut p = policy(None);
+        p.spec.paused = true;
+        let r = resume_plan(&p, "2026-02-03T04:05:06.5Z".parse().unwrap());
+        assert_eq!(r.patch, json!({"spec": {"paused": false}}));
+        assert!(r.was_paused && r.token.is_none() && r.tripped_at.is_none());
+        let m = resume_meaning("gpu", &r);
+        assert!(m.contains("spec.paused set to false"), "{m}");
+        assert!(m.contains("circuit breaker is not tripped"), "{m}");
+        let r = resume_plan(&policy(None), jiff::Timestamp::UNIX_EPOCH);
+        assert!(!r.was_paused && r.token.is_none());
+        assert!(resume_meaning("gpu", &r).contains("nothing changed"));
+    }
+
+    #[test]
+    fn resume_of_a_tripped_breaker_sets_a_new_resume_token() {
+        let now: jiff::Timestamp = "2026-02-03T04:05:06.5Z".parse().unwrap();
+        let r = resume_plan(
+            &tripped(Some("2026-01-01T00:00:00Z"), Some("2026-01-01T00:00:00Z")),
+            now,
+        );
+        assert_eq!(
+            r.patch,
+            json!({"spec": {"paused": false},
+                   "metadata": {"annotations": {"unwedge.io/resume": "2026-02-03T04:05:06Z"}}})
+        );
+        let m = resume_meaning("gpu", &r);
+        assert!(m.contains("tripped at 2026-01-01T00:00:00Z"), "{m}");
+        assert!(
+            m.contains("set unwedge.io/resume=2026-02-03T04:05:06Z"),
+            "{m}"
+        );
+        // The same second was already used (a resume a moment ago): the token still changes.
+        let r = resume_plan(&tripped(None, Some("2026-02-03T04:05:06Z")), now);
+        assert_eq!(r.token.as_deref(), Some("2026-02-03T04:05:06.500000000Z"));
+        let r = resume_plan(&tripped(Some("2026-02-03T04:05:06Z"), None), now);
+        assert_eq!(r.token.as_deref(), Some("2026-02-03T04:05:06.500000000Z"));
     }
 }
