@@ -251,7 +251,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             }
             if ps.is_empty() {
                 println!(
-                    "No RecoveryPolicies: the operator admits nothing until one exists (the chart installs a default)."
+                    "No RecoveryPolicies: the operator admits nothing until one exists (with the chart, the operator applies a default at start)."
                 );
                 return Ok(());
             }
