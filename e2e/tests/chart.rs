@@ -102,6 +102,19 @@ fn default_policy(objs: &[Value]) -> Value {
         .expect("policy.json is JSON")
 }
 
+/// A wedge of device 0000:03:00.0 (xe, card0) on `node`, as its agent would create it for the
+/// uevent `seq`; its name follows the agent's scheme.
+fn xe_wedge(node: &str, seq: u32) -> GpuWedge {
+    serde_json::from_value(json!({
+        "apiVersion": "unwedge.io/v1alpha1", "kind": "GpuWedge",
+        "metadata": {"name": format!("{node}-0000-03-00-0-{seq}"), "labels": {"unwedge.io/node": node, "unwedge.io/device": "0000-03-00.0"}},
+        "spec": {"nodeName": node, "device": {"pciAddress": "0000:03:00.0", "driver": "xe", "card": "card0"},
+                 "methods": ["rebind", "bus-reset"], "detectedAt": "2026-11-25T10:00:00Z", "bootId": "b1",
+                 "uevent": {"ACTION": "change", "WEDGED": "rebind,bus-reset", "SEQNUM": seq.to_string()}}
+    }))
+    .expect("a GpuWedge")
+}
+
 /// The rules of a ClusterRole as (apiGroup, resource) -> verbs.
 fn grants(role: &Value, group: &str, resource: &str) -> Vec<String> {
     let mut verbs = Vec::new();
@@ -968,14 +981,7 @@ fn forbidden<T: std::fmt::Debug>(what: &str, res: Result<T, kube::Error>) {
 /// bound to neither reads nothing.
 async fn people_rbac(cp: &ControlPlane, helm_bin: &str) {
     let admin = cp.client().await.unwrap();
-    let wedge: GpuWedge = serde_json::from_value(json!({
-        "apiVersion": "unwedge.io/v1alpha1", "kind": "GpuWedge",
-        "metadata": {"name": "gpu-node-0000-03-00-0-1", "labels": {"unwedge.io/node": "gpu-node", "unwedge.io/device": "0000-03-00.0"}},
-        "spec": {"nodeName": "gpu-node", "device": {"pciAddress": "0000:03:00.0", "driver": "xe", "card": "card0"},
-                 "methods": ["rebind", "bus-reset"], "detectedAt": "2026-11-25T10:00:00Z", "bootId": "b1",
-                 "uevent": {"ACTION": "change", "WEDGED": "rebind,bus-reset", "SEQNUM": "1"}}
-    }))
-    .unwrap();
+    let wedge: GpuWedge = xe_wedge("gpu-node", 1);
     let name = "gpu-node-0000-03-00-0-1";
     Api::<GpuWedge>::all(admin.clone())
         .create(&PostParams::default(), &wedge)
@@ -1511,14 +1517,7 @@ async fn crd_upgrade() {
     // An incident recorded under the older CRD.
     let client = cp.client().await.unwrap();
     let wedges: Api<GpuWedge> = Api::all(client.clone());
-    let wedge: GpuWedge = serde_json::from_value(json!({
-        "apiVersion": "unwedge.io/v1alpha1", "kind": "GpuWedge",
-        "metadata": {"name": "node-a-0000-03-00-0-7", "labels": {"unwedge.io/node": "node-a", "unwedge.io/device": "0000-03-00.0"}},
-        "spec": {"nodeName": "node-a", "device": {"pciAddress": "0000:03:00.0", "driver": "xe", "card": "card0"},
-                 "methods": ["rebind", "bus-reset"], "detectedAt": "2026-11-25T10:00:00Z", "bootId": "b1",
-                 "uevent": {"ACTION": "change", "WEDGED": "rebind,bus-reset", "SEQNUM": "7"}}
-    }))
-    .unwrap();
+    let wedge: GpuWedge = xe_wedge("node-a", 7);
     wedges.create(&PostParams::default(), &wedge).await.unwrap();
     wedges
         .patch_status(
@@ -1871,14 +1870,7 @@ async fn operator_with_chart_rbac() {
     );
 
     let wedges: Api<GpuWedge> = Api::all(client.clone());
-    let wedge: GpuWedge = serde_json::from_value(json!({
-        "apiVersion": "unwedge.io/v1alpha1", "kind": "GpuWedge",
-        "metadata": {"name": "node-a-0000-03-00-0-9", "labels": {"unwedge.io/node": "node-a", "unwedge.io/device": "0000-03-00.0"}},
-        "spec": {"nodeName": "node-a", "device": {"pciAddress": "0000:03:00.0", "driver": "xe", "card": "card0"},
-                 "methods": ["rebind", "bus-reset"], "detectedAt": "2026-11-25T10:00:00Z", "bootId": "b1",
-                 "uevent": {"ACTION": "change", "WEDGED": "rebind,bus-reset", "SEQNUM": "9"}}
-    }))
-    .unwrap();
+    let wedge: GpuWedge = xe_wedge("node-a", 9);
     wedges.create(&PostParams::default(), &wedge).await.unwrap();
     let phase = wait_for(
         "the operator writes the wedge's phase",
