@@ -5,8 +5,12 @@
 //!   by tools/promtool/build.sh) on charts/unwedge/files/rules.yaml;
 //! - the PrometheusRule the chart renders is that same file;
 //! - every unwedge series the dashboard and the rules use — metric names, the labels they
-//!   group by, and the label values they select — exists in the live `/metrics` of the
-//!   operator and the agent, started against the real local control plane.
+//!   group by and match on, and the label values they select — exists in the live `/metrics`
+//!   of the operator and the agent, started against the real local control plane (labels
+//!   Prometheus adds, [`EXTERNAL_LABELS`], excepted);
+//! - the dashboard's `cluster` variable: every panel selects on it and uses the `datasource`
+//!   variable, and its All value selects series with and without a `cluster` label (promtool
+//!   evaluates the panels' own expressions).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
@@ -152,14 +156,18 @@ fn the_prometheus_rule_is_the_rules_file_with_the_release_job_names() {
     );
 }
 
-/// Every PromQL expression of the dashboard and the rules.
-fn expressions() -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let dash: Value = serde_json::from_str(
+fn dashboard() -> Value {
+    serde_json::from_str(
         &std::fs::read_to_string(repo_root().join("charts/unwedge/dashboards/unwedge.json"))
             .unwrap(),
     )
-    .expect("the dashboard is JSON");
+    .expect("the dashboard is JSON")
+}
+
+/// Every PromQL expression of the dashboard (panels, then query variables) and the rules.
+fn expressions() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let dash = dashboard();
     fn walk(v: &Value, out: &mut Vec<(String, String)>) {
         match v {
             Value::Object(m) => {
@@ -173,6 +181,21 @@ fn expressions() -> Vec<(String, String)> {
         }
     }
     walk(&dash, &mut out);
+    for v in dash["templating"]["list"].as_array().unwrap() {
+        if v["type"] == "query" {
+            let q = v["query"]
+                .as_str()
+                .or(v["query"]["query"].as_str())
+                .unwrap_or_default();
+            out.push((
+                format!(
+                    "dashboard variable {}",
+                    v["name"].as_str().unwrap_or_default()
+                ),
+                q.into(),
+            ));
+        }
+    }
     let rules: Value =
         serde_yaml::from_str(&std::fs::read_to_string(rules_file()).unwrap()).unwrap();
     for g in rules["groups"].as_array().unwrap() {
@@ -193,7 +216,17 @@ struct Uses {
     metrics: BTreeSet<String>,
     by_labels: BTreeSet<String>,
     matchers: BTreeSet<(String, String, String)>,
+    /// Label names matched on with any operator (`=`, `!=`, `=~`, `!~`), and the label of
+    /// `label_values(metric, label)` in a dashboard variable.
+    labels: BTreeSet<String>,
 }
+
+/// Labels Prometheus puts on every series (an external label, or a target label a
+/// multi-cluster setup adds by relabelling), never unwedge: a bare `/metrics` has none of them
+/// by design. The dashboard selects `cluster=~"$cluster"` and groups by `cluster`; its All
+/// value `.*` also matches series without the label, so a Prometheus that has none needs
+/// nothing (`the_cluster_variable_selects_series_with_and_without_a_cluster_label`).
+const EXTERNAL_LABELS: &[&str] = &["cluster"];
 
 fn ident_end(s: &[u8], mut i: usize) -> usize {
     while i < s.len() && (s[i].is_ascii_alphanumeric() || s[i] == b'_' || s[i] == b':') {
@@ -212,7 +245,12 @@ fn uses(expr: &str) -> Uses {
             i = ident_end(b, i);
             let word = &expr[start..i];
             let rest = expr[i..].trim_start();
-            if (word == "by" || word == "without") && rest.starts_with('(') {
+            if word == "label_values" && rest.starts_with('(') {
+                let close = rest.find(')').unwrap();
+                if let Some((_, label)) = rest[1..close].rsplit_once(',') {
+                    u.labels.insert(label.trim().into());
+                }
+            } else if (word == "by" || word == "without") && rest.starts_with('(') {
                 let close = rest.find(')').unwrap();
                 if word == "by" {
                     for l in rest[1..close]
@@ -229,6 +267,14 @@ fn uses(expr: &str) -> Uses {
                 if let Some(sel) = rest.strip_prefix('{') {
                     let close = sel.find('}').unwrap();
                     for m in sel[..close].split(',') {
+                        let name: String = m
+                            .trim()
+                            .chars()
+                            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                            .collect();
+                        if !name.is_empty() {
+                            u.labels.insert(name);
+                        }
                         if let Some((k, v)) = m.split_once('=') {
                             let (k, v) = (k.trim(), v.trim());
                             if !k.ends_with('!') && !v.starts_with('~') {
@@ -258,7 +304,7 @@ fn uses(expr: &str) -> Uses {
 #[test]
 fn expression_scanner_finds_names_labels_and_matchers() {
     let u = uses(
-        r#"max by (policy, unit) (unwedge_budget_in_use{unit="node"}) and on (policy) sum(rate(unwedge_x_bucket[5m])) > up{job="unwedge_not_a_metric"}"#,
+        r#"max by (policy, unit) (unwedge_budget_in_use{unit="node", cluster=~"$cluster"}) and on (policy) sum(rate(unwedge_x_bucket{le!="+Inf"}[5m])) > up{job="unwedge_not_a_metric"}"#,
     );
     assert_eq!(
         u.metrics,
@@ -279,6 +325,209 @@ fn expression_scanner_finds_names_labels_and_matchers() {
             "node".to_string()
         )])
     );
+    assert_eq!(
+        u.labels,
+        BTreeSet::from(["cluster".to_string(), "le".to_string(), "unit".to_string()])
+    );
+    let v = uses("label_values(unwedge_leader, cluster)");
+    assert_eq!(v.metrics, BTreeSet::from(["unwedge_leader".to_string()]));
+    assert_eq!(v.labels, BTreeSet::from(["cluster".to_string()]));
+}
+
+/// The selectors of `expr` on unwedge series and on `up`: (metric, what is between the braces,
+/// or `None` when the metric has no braces).
+fn selectors(expr: &str) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    let b = expr.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'"' {
+            i += 1 + expr[i + 1..].find('"').map(|n| n + 1).unwrap_or(0);
+        } else if b[i].is_ascii_alphabetic() || b[i] == b'_' {
+            let start = i;
+            i = ident_end(b, i);
+            let word = &expr[start..i];
+            if word.starts_with("unwedge_") || word == "up" {
+                let sel = expr[i..]
+                    .strip_prefix('{')
+                    .map(|r| r[..r.find('}').unwrap()].to_string());
+                if word.starts_with("unwedge_") || sel.is_some() {
+                    out.push((word.to_string(), sel));
+                }
+            }
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+#[test]
+fn every_dashboard_panel_uses_the_datasource_and_cluster_variables() {
+    let dash = dashboard();
+    let vars = dash["templating"]["list"].as_array().unwrap();
+    let var = |name: &str| {
+        vars.iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no dashboard variable {name}"))
+    };
+    assert_eq!(var("datasource")["type"], "datasource");
+    assert_eq!(var("datasource")["query"], "prometheus");
+    let cluster = var("cluster");
+    assert_eq!(cluster["type"], "query");
+    assert_eq!(cluster["query"], "label_values(unwedge_leader, cluster)");
+    assert_eq!(cluster["datasource"]["uid"], "${datasource}");
+    assert_eq!(cluster["includeAll"], true);
+    // All is `.*`, not Grafana's default (a regex of the values found): with no cluster label
+    // anywhere there are no values, and `.*` still matches the series.
+    assert_eq!(cluster["allValue"], ".*");
+    assert_eq!(cluster["current"]["value"], json!(["$__all"]));
+
+    let mut wrong = Vec::new();
+    let mut panels = 0;
+    for p in dash["panels"].as_array().unwrap() {
+        if p["type"] == "row" {
+            continue;
+        }
+        panels += 1;
+        let title = p["title"].as_str().unwrap();
+        if p["datasource"]["uid"] != "${datasource}" {
+            wrong.push(format!("{title}: panel datasource {}", p["datasource"]));
+        }
+        for t in p["targets"].as_array().unwrap() {
+            if t["datasource"]["uid"] != "${datasource}" {
+                wrong.push(format!("{title}: target datasource {}", t["datasource"]));
+            }
+            let expr = t["expr"].as_str().unwrap();
+            for (metric, sel) in selectors(expr) {
+                if !sel.is_some_and(|s| s.contains(r#"cluster=~"$cluster""#)) {
+                    wrong.push(format!(
+                        "{title}: {metric} without cluster=~\"$cluster\" in {expr}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(panels > 10, "{panels} panels");
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// The dashboard's own expressions, with the variables as Grafana substitutes them
+/// (`$cluster` given), evaluated by promtool over two clusters' series: one from a Prometheus
+/// that adds no `cluster` label, one labelled `cluster="east"`, each with two operator
+/// replicas.
+#[test]
+fn the_cluster_variable_selects_series_with_and_without_a_cluster_label() {
+    let dash = dashboard();
+    let expr = |title: &str, cluster: &str| -> String {
+        let p = dash["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["title"] == title)
+            .unwrap_or_else(|| panic!("no panel {title:?}"));
+        p["targets"][0]["expr"]
+            .as_str()
+            .unwrap()
+            .replace("$cluster", cluster)
+    };
+    let info = |cluster: Option<&str>, instance: &str, wedge: &str, node: &str, phase: &str| {
+        let c = cluster
+            .map(|c| format!("cluster=\"{c}\", "))
+            .unwrap_or_default();
+        json!({
+            "series": format!(
+                "unwedge_wedge_info{{{c}instance=\"{instance}\", wedge=\"{wedge}\", node=\"{node}\", device=\"0000:03:00.0\", driver=\"xe\", phase=\"{phase}\", policy=\"gpu\"}}"
+            ),
+            "values": "1x5",
+        })
+    };
+    let gauge = |name: &str, labels: &str, v: u32| json!({"series": format!("{name}{{{labels}}}"), "values": format!("{v}x5")});
+    let mut input = Vec::new();
+    for op in ["op-0", "op-1"] {
+        input.push(info(None, op, "w1", "n1", "Draining"));
+        input.push(info(None, op, "w2", "n1", "NeedsAttention"));
+        input.push(info(Some("east"), op, "w1", "e1", "NeedsAttention"));
+        input.push(gauge(
+            "unwedge_wedges_by_phase",
+            &format!(r#"phase="NeedsAttention", instance="{op}""#),
+            1,
+        ));
+        input.push(gauge(
+            "unwedge_wedges_by_phase",
+            &format!(r#"phase="NeedsAttention", cluster="east", instance="{op}""#),
+            1,
+        ));
+    }
+    input.push(gauge("unwedge_leader", r#"instance="op-0""#, 1));
+    input.push(gauge("unwedge_leader", r#"instance="op-1""#, 0));
+    input.push(gauge(
+        "unwedge_leader",
+        r#"cluster="east", instance="op-0""#,
+        0,
+    ));
+    input.push(gauge(
+        "unwedge_leader",
+        r#"cluster="east", instance="op-1""#,
+        0,
+    ));
+
+    let wedge = |c: &str, wedge: &str, node: &str, phase: &str| {
+        format!(
+            r#"{{{c}wedge="{wedge}", node="{node}", device="0000:03:00.0", driver="xe", phase="{phase}", policy="gpu"}}"#
+        )
+    };
+    let sample = |labels: String, value: u32| json!({"labels": labels, "value": value});
+    let case = |expr: String, samples: Vec<Value>| json!({"expr": expr, "eval_time": "2m", "exp_samples": samples});
+    let cases = vec![
+        // All: both clusters, each wedge once however many replicas export it.
+        case(
+            expr("Open wedges", ".*"),
+            vec![
+                sample(wedge("", "w1", "n1", "Draining"), 1),
+                sample(wedge("", "w2", "n1", "NeedsAttention"), 1),
+                sample(
+                    wedge(r#"cluster="east", "#, "w1", "e1", "NeedsAttention"),
+                    1,
+                ),
+            ],
+        ),
+        case(
+            expr("Open wedges", "east"),
+            vec![sample(
+                wedge(r#"cluster="east", "#, "w1", "e1", "NeedsAttention"),
+                1,
+            )],
+        ),
+        case(
+            expr("Nodes with open wedges", ".*"),
+            vec![
+                sample(r#"{node="n1", phase="Draining"}"#.into(), 1),
+                sample(r#"{node="n1", phase="NeedsAttention"}"#.into(), 1),
+                sample(
+                    r#"{cluster="east", node="e1", phase="NeedsAttention"}"#.into(),
+                    1,
+                ),
+            ],
+        ),
+        // One per cluster, not one per replica.
+        case(expr("Needs attention", ".*"), vec![sample("{}".into(), 2)]),
+        case(
+            expr("Needs attention", "east"),
+            vec![sample("{}".into(), 1)],
+        ),
+        // The cluster with the fewest leaders: east has none.
+        case(expr("Operator leader", ".*"), vec![sample("{}".into(), 0)]),
+    ];
+    let file = json!({
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": input, "promql_expr_test": cases}],
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dashboard_test.yaml");
+    std::fs::write(&path, serde_yaml::to_string(&file).unwrap()).unwrap();
+    let out = run_ok(Command::new(promtool()).arg("test").arg("rules").arg(&path));
+    assert!(out.contains("SUCCESS") && !out.contains("FAILED"), "{out}");
 }
 
 /// Sample name → the label sets seen.
@@ -401,13 +650,20 @@ fn missing(scraped: &Series, declared: &BTreeSet<String>) -> Vec<String> {
             }
         }
         if !u.metrics.is_empty() && u.metrics.iter().all(|m| scraped.contains_key(m)) {
-            for l in &u.by_labels {
-                if l != "le" && !labels_here.contains(l) {
-                    out.push(format!(
-                        "{who}: groups by {l:?}, which no series of {:?} carries",
-                        u.metrics
-                    ));
-                }
+            let absent = |l: &String| {
+                l != "le" && !EXTERNAL_LABELS.contains(&l.as_str()) && !labels_here.contains(l)
+            };
+            for l in u.by_labels.iter().filter(|l| absent(l)) {
+                out.push(format!(
+                    "{who}: groups by {l:?}, which no series of {:?} carries",
+                    u.metrics
+                ));
+            }
+            for l in u.labels.iter().filter(|l| absent(l)) {
+                out.push(format!(
+                    "{who}: matches on {l:?}, which no series of {:?} carries",
+                    u.metrics
+                ));
             }
         }
     }

@@ -1,7 +1,8 @@
 //! Prometheus metrics and the health endpoints (`/metrics`, `/healthz`, `/readyz`).
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -35,6 +36,49 @@ pub struct PhaseLabel {
     pub phase: String,
 }
 
+/// `{wedge, node, device, driver, phase, policy}`: one open GpuWedge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct WedgeInfo {
+    /// GpuWedge name.
+    pub wedge: String,
+    /// `spec.nodeName`.
+    pub node: String,
+    /// PCI address of the wedged device.
+    pub device: String,
+    /// Kernel driver bound when the wedge was seen (empty when none was).
+    pub driver: String,
+    /// Phase, as `unwedge_wedges_by_phase` names it.
+    pub phase: String,
+    /// `status.policy`: the governing RecoveryPolicy, empty until the operator resolved one.
+    pub policy: String,
+}
+
+/// The `unwedge_wedge_info` label sets of `wedges`: one per wedge whose incident is open
+/// (every phase but Recovered and Abandoned), so the family's size is the number of open
+/// incidents, not of wedges ever seen.
+pub fn wedge_info_labels<'a>(
+    wedges: impl IntoIterator<Item = &'a unwedge_crds::GpuWedge>,
+) -> BTreeSet<WedgeInfo> {
+    wedges
+        .into_iter()
+        .filter_map(|w| {
+            let status = w.status.as_ref();
+            let phase = status.and_then(|s| s.phase).unwrap_or_default();
+            if phase.is_terminal() {
+                return None;
+            }
+            Some(WedgeInfo {
+                wedge: w.metadata.name.clone().unwrap_or_default(),
+                node: w.spec.node_name.clone(),
+                device: w.spec.device.pci_address.clone(),
+                driver: w.spec.device.driver.clone(),
+                phase: format!("{phase:?}"),
+                policy: status.and_then(|s| s.policy.clone()).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
 /// `{policy, unit}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyUnit {
@@ -59,6 +103,11 @@ pub struct Metrics {
     pub recovery_duration: Family<MethodResult, Histogram>,
     /// unwedge_wedges_by_phase{phase}
     pub by_phase: Family<PhaseLabel, Gauge>,
+    /// unwedge_wedge_info{wedge,node,device,driver,phase,policy}: 1 for every GpuWedge whose
+    /// incident is open (not Recovered or Abandoned); a finished wedge's series is removed, so
+    /// the family holds one series per open incident. Set with [`Metrics::set_open_wedges`]
+    /// where `unwedge_wedges_by_phase` is refreshed, from the same cache, on every replica.
+    pub wedge_info: Family<WedgeInfo, Gauge>,
     /// unwedge_budget_in_use{policy,unit}
     pub budget_in_use: Family<PolicyUnit, Gauge>,
     /// unwedge_budget_allowed{policy,unit}
@@ -84,6 +133,8 @@ pub struct Metrics {
     registry: Registry,
     ready: AtomicBool,
     default_policy_pending: AtomicBool,
+    /// The label sets `wedge_info` holds now (a `Family` cannot be listed).
+    wedge_info_sets: Mutex<BTreeSet<WedgeInfo>>,
 }
 
 /// `{result}`.
@@ -114,6 +165,7 @@ impl Metrics {
             wedges: Family::default(),
             recovery_duration: Family::new_with_constructor(histogram),
             by_phase: Family::default(),
+            wedge_info: Family::default(),
             budget_in_use: Family::default(),
             budget_allowed: Family::default(),
             queue_length: Family::default(),
@@ -127,6 +179,7 @@ impl Metrics {
             registry: Registry::default(),
             ready: AtomicBool::new(false),
             default_policy_pending: AtomicBool::new(false),
+            wedge_info_sets: Mutex::new(BTreeSet::new()),
         };
         registry.register(
             "unwedge_wedges",
@@ -142,6 +195,11 @@ impl Metrics {
             "unwedge_wedges_by_phase",
             "GpuWedges by phase",
             m.by_phase.clone(),
+        );
+        registry.register(
+            "unwedge_wedge_info",
+            "1 for every open GpuWedge (not Recovered or Abandoned), labelled with its node, device, driver, phase and policy",
+            m.wedge_info.clone(),
         );
         registry.register(
             "unwedge_budget_in_use",
@@ -217,6 +275,23 @@ impl Metrics {
                 });
             }
         }
+    }
+
+    /// Makes `unwedge_wedge_info` hold exactly `open` (see [`wedge_info_labels`]): series of
+    /// wedges no longer open, or whose labels changed, are removed after the new ones exist,
+    /// so a scrape never misses an open wedge (it may see one with both its old and new phase).
+    pub fn set_open_wedges(&self, open: BTreeSet<WedgeInfo>) {
+        let mut current = self
+            .wedge_info_sets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for l in &open {
+            self.wedge_info.get_or_create(l).set(1);
+        }
+        for gone in current.difference(&open) {
+            self.wedge_info.remove(gone);
+        }
+        *current = open;
     }
 
     /// Marks the process ready (stores synced).
@@ -333,5 +408,99 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }
+    }
+
+    fn wedge(name: &str, node: &str, phase: Option<unwedge_crds::Phase>) -> unwedge_crds::GpuWedge {
+        use unwedge_crds::{DeviceRef, GpuWedge, GpuWedgeSpec, GpuWedgeStatus};
+        let mut w = GpuWedge::new(
+            name,
+            GpuWedgeSpec {
+                node_name: node.into(),
+                device: DeviceRef {
+                    pci_address: "0000:03:00.0".into(),
+                    driver: "xe".into(),
+                    ..Default::default()
+                },
+                methods: vec!["rebind".into()],
+                detected_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    jiff::Timestamp::UNIX_EPOCH,
+                ),
+                boot_id: String::new(),
+                uevent: Default::default(),
+                blamed: None,
+            },
+        );
+        w.status = phase.map(|p| GpuWedgeStatus {
+            phase: Some(p),
+            policy: Some("default".into()),
+            ..Default::default()
+        });
+        w
+    }
+
+    /// The `unwedge_wedge_info` samples, sorted (a family prints in hash order).
+    fn info_lines(m: &Metrics) -> Vec<String> {
+        let mut out: Vec<String> = m
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with("unwedge_wedge_info{"))
+            .map(str::to_string)
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn wedge_info_follows_open_wedges_and_drops_finished_ones() {
+        use unwedge_crds::Phase;
+        let m = Metrics::new();
+        // No series before the first refresh (prometheus-client prints nothing, not even
+        // `# TYPE`, for a family without label sets).
+        assert!(info_lines(&m).is_empty());
+
+        let mut wedges = vec![
+            wedge("a", "node-a", None),
+            wedge("b", "node-b", Some(Phase::Draining)),
+            wedge("c", "node-b", Some(Phase::Recovered)),
+            wedge("d", "node-c", Some(Phase::Abandoned)),
+            wedge("e", "node-c", Some(Phase::NeedsAttention)),
+        ];
+        let open = wedge_info_labels(&wedges);
+        let names: Vec<(&str, &str)> = open
+            .iter()
+            .map(|l| (l.wedge.as_str(), l.phase.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("a", "Detected"),
+                ("b", "Draining"),
+                ("e", "NeedsAttention")
+            ]
+        );
+        m.set_open_wedges(open);
+        assert_eq!(
+            info_lines(&m),
+            [
+                r#"unwedge_wedge_info{wedge="a",node="node-a",device="0000:03:00.0",driver="xe",phase="Detected",policy=""} 1"#,
+                r#"unwedge_wedge_info{wedge="b",node="node-b",device="0000:03:00.0",driver="xe",phase="Draining",policy="default"} 1"#,
+                r#"unwedge_wedge_info{wedge="e",node="node-c",device="0000:03:00.0",driver="xe",phase="NeedsAttention",policy="default"} 1"#,
+            ]
+        );
+
+        // b recovers, a moves on, e is deleted: only a, with its new phase, is left.
+        wedges[1].status.as_mut().unwrap().phase = Some(Phase::Recovered);
+        wedges[0] = wedge("a", "node-a", Some(Phase::Queued));
+        wedges.pop();
+        m.set_open_wedges(wedge_info_labels(&wedges));
+        assert_eq!(
+            info_lines(&m),
+            [
+                r#"unwedge_wedge_info{wedge="a",node="node-a",device="0000:03:00.0",driver="xe",phase="Queued",policy="default"} 1"#
+            ]
+        );
+
+        m.set_open_wedges(wedge_info_labels(&[]));
+        assert!(info_lines(&m).is_empty(), "{}", m.encode());
     }
 }

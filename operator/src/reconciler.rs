@@ -1307,6 +1307,8 @@ pub async fn refresh(ctx: &Ctx) -> Result<(), Error> {
             .get_or_create(&metrics::PhaseLabel { phase: p.into() })
             .set(*by_phase.get(p).unwrap_or(&0));
     }
+    ctx.metrics
+        .set_open_wedges(metrics::wedge_info_labels(wedges.iter().map(|w| &**w)));
     ctx.metrics.leader.set(i64::from(*ctx.leader.borrow()));
     let policies: Vec<RecoveryPolicy> =
         ctx.policies.state().iter().map(|p| (**p).clone()).collect();
