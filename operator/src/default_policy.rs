@@ -213,7 +213,7 @@ pub async fn apply(
                 if left_to_humans.is_empty() {
                     tracing::info!(policy = %name, "default RecoveryPolicy applied");
                 } else {
-                    tracing::warn!(policy = %name, fields = ?left_to_humans, "default RecoveryPolicy applied, except fields someone changed on the live policy: they keep their values (delete the policy, or apply these fields yourself, to hand them back to the chart)");
+                    tracing::warn!(policy = %name, fields = ?left_to_humans, "default RecoveryPolicy applied, except fields someone changed on the live policy: they keep their values (to hand them back to the chart, apply them with field manager unwedge-default-policy and --force-conflicts: docs/upgrades.md)");
                 }
                 return Outcome::Applied;
             }
