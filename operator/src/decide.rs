@@ -1187,23 +1187,23 @@ pub struct Heir {
 }
 
 /// The wedge that takes the node's cordon over, from the candidates read fresh: one that is
-/// open and carries the finalizer, preferably one holding a place (the node stays counted by
-/// the ledger); `None` lifts the cordon. A wedge that finished, or never got the finalizer,
-/// would let the cordon vanish with it: a node stranded cordoned, counted by no ledger.
+/// open, carries the finalizer and holds a place in a ledger; `None` lifts the cordon. A
+/// wedge that finished, or never got the finalizer, would let the cordon vanish with it (a
+/// node stranded cordoned); one without a place (a wedge Queued for budget carries the
+/// finalizer from its first admission attempt) would keep the node cordoned while no ledger
+/// counts it, and the ledger would admit another node past the budget. Lifted, the node is
+/// cordoned again by its next wedge once that one is admitted.
 pub fn cordon_heir(candidates: &[Heir]) -> Option<String> {
-    let fit: Vec<&Heir> = candidates
+    candidates
         .iter()
-        .filter(|h| h.open && h.finalized)
-        .collect();
-    fit.iter()
-        .find(|h| h.placed)
-        .or(fit.first())
+        .find(|h| h.open && h.finalized && h.placed)
         .map(|h| h.name.clone())
 }
 
 /// Lifts the node's cordon for this wedge, or hands it to another open wedge of the node that
-/// still needs it — preferably one holding a place in the budget, so the node stays counted by
-/// the ledger while it is cordoned.
+/// still needs it — preferably one holding a place in this policy's ledger. The effect reads
+/// the candidates fresh and hands the cordon only to one holding a place in some ledger
+/// ([`cordon_heir`]), else lifts it: a cordoned node is always counted by a budget.
 fn release_cordon(mut d: Draft, input: &Input) -> Decision {
     let placed = |w: &String| match &input.policy {
         Governance::Policy(p) => p.ledger.iter().any(|a| a.wedge == *w),
