@@ -478,8 +478,39 @@ async fn scenario() {
         as_admin.patch(a, &patch, &merge(json!({"metadata": {"annotations": {"unwedge.io/retry": "1", "unwedge.io/by": admin_name}}}))).await,
     );
 
-    // At most one default RecoveryPolicy (the chart installed one).
+    // At most one default RecoveryPolicy. The chart's default comes from its ConfigMap, applied
+    // as the operator applies it at start (no operator runs here): server-side, as
+    // unwedge-default-policy, retried while the admission policy's parameters sync.
     let policies: Api<RecoveryPolicy> = Api::all(admin.clone());
+    let cm: k8s_openapi::api::core::v1::ConfigMap = Api::namespaced(admin.clone(), NS)
+        .get("unwedge-default-policy")
+        .await
+        .unwrap();
+    let chart_default: Value = serde_json::from_str(
+        cm.data
+            .as_ref()
+            .and_then(|d| d.get("policy.json"))
+            .expect("the chart renders policy.json"),
+    )
+    .unwrap();
+    let deadline = Instant::now() + ENFORCEMENT_TIMEOUT;
+    loop {
+        match policies
+            .patch(
+                "default",
+                &PatchParams::apply("unwedge-default-policy"),
+                &Patch::Apply(&chart_default),
+            )
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("the default policy is not applied yet: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("the chart's default policy is refused: {e}"),
+        }
+    }
     let policy = |name: &str, default: bool| -> RecoveryPolicy {
         serde_json::from_value(
             json!({"apiVersion": "unwedge.io/v1alpha1", "kind": "RecoveryPolicy",
