@@ -52,18 +52,31 @@ struct Plugin {
 }
 
 impl Plugin {
-    /// `kubectl unwedge <args>` with KUBECONFIG set to `kubeconfig`.
-    async fn run_as(&self, kubeconfig: &Path, args: &[&str]) -> Output {
-        tokio::process::Command::new(&self.kubectl)
-            .arg("unwedge")
+    /// The command `kubectl unwedge <args>` with KUBECONFIG set to `kubeconfig`.
+    fn command(&self, kubeconfig: &Path, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.kubectl);
+        cmd.arg("unwedge")
             .args(args)
             .env("PATH", &self.path_env)
             .env("KUBECONFIG", kubeconfig)
             .env("HOME", "/nonexistent")
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// `kubectl unwedge <args>` with KUBECONFIG set to `kubeconfig`.
+    async fn run_as(&self, kubeconfig: &Path, args: &[&str]) -> Output {
+        self.command(kubeconfig, args)
             .output()
             .await
             .expect("run kubectl unwedge")
+    }
+
+    /// `kubectl unwedge <args>` left running (e.g. `list --watch`), its stdout piped.
+    fn spawn(&self, args: &[&str]) -> std::io::Result<tokio::process::Child> {
+        self.command(&self.kubeconfig, args)
+            .stdout(Stdio::piped())
+            .spawn()
     }
 
     async fn run(&self, args: &[&str]) -> Output {
@@ -590,14 +603,7 @@ async fn kubectl_unwedge_lists_describes_and_steers_wedges() -> anyhow::Result<(
 
     // list --watch: the table, then a row for a wedge created while it runs (and nothing the
     // watcher's own first list replays).
-    let mut watch = tokio::process::Command::new(&plugin.kubectl)
-        .args(["unwedge", "list", "--watch"])
-        .env("PATH", &plugin.path_env)
-        .env("KUBECONFIG", &plugin.kubeconfig)
-        .env("HOME", "/nonexistent")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
+    let mut watch = plugin.spawn(&["list", "--watch"])?;
     let mut lines = BufReader::new(watch.stdout.take().context("stdout")?).lines();
     let mut next_line = async || -> anyhow::Result<String> {
         tokio::time::timeout(Duration::from_secs(30), lines.next_line())
@@ -634,14 +640,7 @@ async fn kubectl_unwedge_lists_describes_and_steers_wedges() -> anyhow::Result<(
     stop(&mut watch, "INT").await?;
 
     // list --watch -o json: every object on a line, then each change.
-    let mut watch = tokio::process::Command::new(&plugin.kubectl)
-        .args(["unwedge", "list", "-w", "-o", "json"])
-        .env("PATH", &plugin.path_env)
-        .env("KUBECONFIG", &plugin.kubeconfig)
-        .env("HOME", "/nonexistent")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
+    let mut watch = plugin.spawn(&["list", "-w", "-o", "json"])?;
     let mut lines = BufReader::new(watch.stdout.take().context("stdout")?).lines();
     let mut next_object = async || -> anyhow::Result<Value> {
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
