@@ -1811,6 +1811,7 @@ fn approve(
         attempt: n,
         at: d.now(),
         by: by.clone(),
+        containers: None,
     });
     let rung = d
         .new
