@@ -1,8 +1,18 @@
 //! Every branch of the lifecycle, as scenarios: a small world (wedge, node, pods, ledger) that
 //! applies each decision the way the effect layer would, and an agent stand-in.
 
+use std::time::Duration;
+
 use super::*;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use unwedge_crds::{
+    Admission, ApprovalMode, AttemptOutcome, BudgetUnit, GpuWedge, GpuWedgeStatus, NoneAction,
+    Plan, labels::UEVENT_SURVIVABILITY_MODE,
+};
+
+use crate::budget::{self, Limits, QueueReason};
+use crate::settings::Settings;
 use kube::ResourceExt as _;
 use unwedge_crds::labels::FINALIZER;
 use unwedge_crds::{
