@@ -30,7 +30,7 @@ pub fn none_round_at(s: &GpuWedgeStatus) -> Option<Timestamp> {
     let restarted = s
         .approval
         .as_ref()
-        .filter(|a| Method::from(a.method.as_str()) == Method::Restart)
+        .filter(|a| a.method == Method::Restart.as_str())
         .map(|a| a.at.0);
     evicted.max(restarted)
 }
@@ -197,6 +197,10 @@ pub(super) fn decide_none(
     Continue(recovered(d, done))
 }
 
+/// Where an in-place round stands once the agent is done: the draft, how many containers
+/// restarted in place, and the pods to evict instead, each with the reason.
+type InPlace<'a> = (Draft<'a>, usize, Vec<(PodRef, String)>);
+
 /// The in-place part of a `Restarting` wedge: approve method `restart` for the containers that
 /// can restart in place, wait for the agent's report, and say which pods must be evicted
 /// instead (and why). Continues with the number of containers restarted and those pods.
@@ -206,12 +210,12 @@ fn restart_in_place<'a>(
     pv: &PolicyView,
     containers: &[PodRef],
     verb: &str,
-) -> Flow<(Draft<'a>, usize, Vec<(PodRef, String)>)> {
+) -> Flow<InPlace<'a>> {
     let status = input.wedge.status.clone().unwrap_or_default();
     let approval = status
         .approval
         .clone()
-        .filter(|a| Method::from(a.method.as_str()) == Method::Restart);
+        .filter(|a| a.method == Method::Restart.as_str());
     let approved_pods = pods_of(
         &approval
             .iter()
