@@ -214,22 +214,35 @@ struct MemStore {
     lose_patches: Arc<Mutex<bool>>,
 }
 
+/// What the API server answers for a wedge that is not there.
+fn not_found(name: &str) -> kube::Error {
+    kube::Error::Api(
+        kube::core::Status::failure(&format!("gpuwedges {name:?} not found"), "NotFound")
+            .with_code(404)
+            .boxed(),
+    )
+}
+
 impl WedgeStore for MemStore {
-    async fn get(&self, name: &str) -> Result<Option<GpuWedge>, String> {
+    async fn get(&self, name: &str) -> Result<Option<GpuWedge>, kube::Error> {
         Ok(self.objects.lock().unwrap().get(name).cloned())
     }
-    async fn patch_attempts(&self, name: &str, attempts: &[AttemptResult]) -> Result<(), String> {
+    async fn patch_attempts(
+        &self,
+        name: &str,
+        attempts: &[AttemptResult],
+    ) -> Result<(), kube::Error> {
         if *self.lose_patches.lock().unwrap() {
             return Ok(());
         }
         let mut o = self.objects.lock().unwrap();
-        let w = o.get_mut(name).ok_or("gone")?;
+        let w = o.get_mut(name).ok_or_else(|| not_found(name))?;
         w.status.get_or_insert_with(Default::default).attempts = Some(attempts.to_vec());
         Ok(())
     }
-    async fn patch_agent_message(&self, name: &str, message: &str) -> Result<(), String> {
+    async fn patch_agent_message(&self, name: &str, message: &str) -> Result<(), kube::Error> {
         let mut o = self.objects.lock().unwrap();
-        let w = o.get_mut(name).ok_or("gone")?;
+        let w = o.get_mut(name).ok_or_else(|| not_found(name))?;
         w.status.get_or_insert_with(Default::default).agent_message = Some(message.to_string());
         Ok(())
     }
