@@ -1,6 +1,9 @@
-//! The executor test's stand-ins for the kernel and the API: a fake sysfs whose control files
+//! The executor tests' stand-ins for the kernel and the API: a fake sysfs whose control files
 //! are FIFOs (every write journaled by a reader thread that applies the kernel's effect), the
-//! real `SysfsHost` made as synchronous as sysfs over it, and an in-memory `WedgeStore`.
+//! real `SysfsHost` made as synchronous as sysfs over it, an in-memory `WedgeStore`, and the
+//! standard approved wedge and executor. Shared by two test binaries (`executor`, and
+//! `attempt_span`, which needs a process of its own), so not every item is used by each.
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -13,10 +16,15 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use unwedge_agent::config::RebootMode;
-use unwedge_agent::executor::WedgeStore;
+use unwedge_agent::detections::DetectionRecord;
+use unwedge_agent::executor::{Executor, ExecutorConfig, WedgeClock, WedgeStore};
 use unwedge_agent::host::{HostActions, HostError, SysfsHost};
-use unwedge_crds::{AttemptResult, GpuWedge};
+use unwedge_agent::metrics::Metrics;
+use unwedge_agent::outbox::Outbox;
+use unwedge_crds::{Approval, AttemptResult, DeviceRef, GpuWedge, GpuWedgeSpec, GpuWedgeStatus};
 
 /// The PCI address of the fake sysfs's one device.
 pub const BDF: &str = "0000:03:00.0";
@@ -261,4 +269,104 @@ impl MemStore {
             .attempts
             .unwrap_or_default()
     }
+}
+
+/// The standard wedge (node-a, the fake device, driver xe) with `method`#`attempt` approved.
+pub fn approved(method: &str, attempt: u32) -> GpuWedge {
+    let mut w = GpuWedge::new(
+        "node-a-0000-03-00-0-7",
+        GpuWedgeSpec {
+            node_name: "node-a".into(),
+            device: DeviceRef {
+                pci_address: BDF.into(),
+                card: Some("card0".into()),
+                render_node: Some("renderD128".into()),
+                driver: "xe".into(),
+                ..DeviceRef::default()
+            },
+            methods: vec!["rebind".into(), "bus-reset".into()],
+            detected_at: Time(Timestamp::now()),
+            boot_id: "boot-1".into(),
+            uevent: Default::default(),
+            blamed: None,
+        },
+    );
+    w.metadata.uid = Some("uid-7".into());
+    w.status = Some(GpuWedgeStatus {
+        approval: Some(Approval {
+            method: method.into(),
+            attempt,
+            at: Time(Timestamp::now()),
+            by: "system:serviceaccount:unwedge-system:operator".into(),
+            containers: None,
+        }),
+        ..GpuWedgeStatus::default()
+    });
+    w
+}
+
+/// The agent's record that it detected and reported `w` with `xe` bound (what the outbox
+/// replayer writes when the API accepts a detection).
+pub fn detected(state: &Path, w: &GpuWedge) {
+    detected_with(state, w, "xe");
+}
+
+/// [`detected`] with `driver` bound at detection (empty: none).
+pub fn detected_with(state: &Path, w: &GpuWedge, driver: &str) {
+    let outbox = Outbox::open(state).unwrap();
+    outbox
+        .detections()
+        .record(DetectionRecord {
+            wedge: w.metadata.name.clone().unwrap(),
+            node: w.spec.node_name.clone(),
+            pci_address: w.spec.device.pci_address.clone(),
+            boot_id: w.spec.boot_id.clone(),
+            driver: driver.into(),
+            at: Timestamp::now(),
+        })
+        .unwrap();
+}
+
+/// An executor over `state` whose agent detected the standard wedge ([`approved`]).
+pub fn executor(
+    fake: &FakeSysfs,
+    store: MemStore,
+    state: &Path,
+    reboot_command: &str,
+    dry_run: bool,
+) -> Executor<Synced, MemStore> {
+    detected(state, &approved("rebind", 1));
+    executor_of(fake, store, state, reboot_command, dry_run)
+}
+
+/// An executor over `state` with only the detections already recorded there.
+pub fn executor_of(
+    fake: &FakeSysfs,
+    store: MemStore,
+    state: &Path,
+    reboot_command: &str,
+    dry_run: bool,
+) -> Executor<Synced, MemStore> {
+    let empty_proc = fake.root.path().join("proc");
+    fs::create_dir_all(&empty_proc).unwrap();
+    let cfg = ExecutorConfig {
+        proc_root: empty_proc,
+        dev_root: fake.root.path().join("dev"),
+        dry_run,
+        settle: Duration::from_millis(100),
+        verify_command: None,
+        gate_interval: Duration::from_millis(100),
+        reappear_timeout: Duration::from_secs(5),
+        advertised: None,
+    };
+    Executor::new(
+        cfg,
+        Arc::new(fake.host(reboot_command)),
+        store,
+        state,
+        Outbox::open(state).unwrap(),
+        WedgeClock::default(),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap()
 }

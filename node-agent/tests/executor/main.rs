@@ -10,121 +10,13 @@
 
 use std::fs;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
 
-use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use unwedge_agent::detections::DetectionRecord;
-use unwedge_agent::executor::{Executor, ExecutorConfig, ExecutorStep, WedgeClock, WedgeStore};
-use unwedge_agent::metrics::Metrics;
-use unwedge_agent::outbox::Outbox;
-use unwedge_crds::{
-    Approval, AttemptOutcome, AttemptResult, DeviceRef, GpuWedge, GpuWedgeSpec, GpuWedgeStatus,
-};
+use unwedge_agent::executor::{ExecutorStep, WedgeStore};
+use unwedge_crds::{AttemptOutcome, AttemptResult};
 
 mod fakes;
 
-use fakes::{BDF, FakeSysfs, MemStore, Synced};
-
-fn approved(method: &str, attempt: u32) -> GpuWedge {
-    let mut w = GpuWedge::new(
-        "node-a-0000-03-00-0-7",
-        GpuWedgeSpec {
-            node_name: "node-a".into(),
-            device: DeviceRef {
-                pci_address: BDF.into(),
-                card: Some("card0".into()),
-                render_node: Some("renderD128".into()),
-                driver: "xe".into(),
-                ..DeviceRef::default()
-            },
-            methods: vec!["rebind".into(), "bus-reset".into()],
-            detected_at: Time(Timestamp::now()),
-            boot_id: "boot-1".into(),
-            uevent: Default::default(),
-            blamed: None,
-        },
-    );
-    w.metadata.uid = Some("uid-7".into());
-    w.status = Some(GpuWedgeStatus {
-        approval: Some(Approval {
-            method: method.into(),
-            attempt,
-            at: Time(Timestamp::now()),
-            by: "system:serviceaccount:unwedge-system:operator".into(),
-            containers: None,
-        }),
-        ..GpuWedgeStatus::default()
-    });
-    w
-}
-
-/// The agent's record that it detected and reported `w` with `xe` bound (what the outbox
-/// replayer writes when the API accepts a detection).
-fn detected(state: &Path, w: &GpuWedge) {
-    detected_with(state, w, "xe");
-}
-
-/// [`detected`] with `driver` bound at detection (empty: none).
-fn detected_with(state: &Path, w: &GpuWedge, driver: &str) {
-    let outbox = Outbox::open(state).unwrap();
-    outbox
-        .detections()
-        .record(DetectionRecord {
-            wedge: w.metadata.name.clone().unwrap(),
-            node: w.spec.node_name.clone(),
-            pci_address: w.spec.device.pci_address.clone(),
-            boot_id: w.spec.boot_id.clone(),
-            driver: driver.into(),
-            at: Timestamp::now(),
-        })
-        .unwrap();
-}
-
-/// An executor over `state` whose agent detected the standard wedge ([`approved`]).
-fn executor(
-    fake: &FakeSysfs,
-    store: MemStore,
-    state: &Path,
-    reboot_command: &str,
-    dry_run: bool,
-) -> Executor<Synced, MemStore> {
-    detected(state, &approved("rebind", 1));
-    executor_of(fake, store, state, reboot_command, dry_run)
-}
-
-/// An executor over `state` with only the detections already recorded there.
-fn executor_of(
-    fake: &FakeSysfs,
-    store: MemStore,
-    state: &Path,
-    reboot_command: &str,
-    dry_run: bool,
-) -> Executor<Synced, MemStore> {
-    let empty_proc = fake.root.path().join("proc");
-    fs::create_dir_all(&empty_proc).unwrap();
-    let cfg = ExecutorConfig {
-        proc_root: empty_proc,
-        dev_root: fake.root.path().join("dev"),
-        dry_run,
-        settle: Duration::from_millis(100),
-        verify_command: None,
-        gate_interval: Duration::from_millis(100),
-        reappear_timeout: Duration::from_secs(5),
-        advertised: None,
-    };
-    Executor::new(
-        cfg,
-        Arc::new(fake.host(reboot_command)),
-        store,
-        state,
-        Outbox::open(state).unwrap(),
-        WedgeClock::default(),
-        Arc::new(Metrics::new()),
-    )
-    .unwrap()
-}
+use fakes::{BDF, FakeSysfs, MemStore, approved, detected, detected_with, executor, executor_of};
 
 #[tokio::test]
 async fn rebind_runs_once_across_a_restart_even_when_the_status_was_lost() {
@@ -533,53 +425,4 @@ async fn a_gpu_left_unbound_by_a_failed_rebind_can_still_be_bus_reset() {
     );
     let a = attempt_of(&store, "node-a-0000-03-00-0-7", 2);
     assert_eq!(a.result, AttemptOutcome::Succeeded, "{}", a.message);
-}
-
-/// A log sink the test can read back.
-#[derive(Clone, Default)]
-struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-#[tokio::test]
-async fn every_line_an_attempt_logs_names_its_wedge_method_and_attempt() {
-    let captured = Captured::default();
-    let sink = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || sink.clone())
-        .with_ansi(false)
-        .finish();
-    let _default = tracing::subscriber::set_default(subscriber);
-
-    let fake = FakeSysfs::new();
-    let state = tempfile::tempdir().unwrap();
-    let w = approved("rebind", 1);
-    let store = MemStore::with(&w);
-    executor(&fake, store, state.path(), "false", true)
-        .process(&w)
-        .await;
-
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("unwedge_agent::executor"))
-        .collect();
-    assert!(
-        lines.iter().any(|l| l.contains("attempt finished")),
-        "the dry run logs its end:\n{text}"
-    );
-    for line in lines {
-        assert!(
-            line.contains("attempt{wedge=node-a-0000-03-00-0-7 method=rebind attempt=1}:"),
-            "a line outside the attempt span: {line}"
-        );
-    }
 }
