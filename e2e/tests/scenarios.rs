@@ -22,7 +22,8 @@ use unwedge_crds::gpuwedge::{AttemptOutcome, GpuWedge, Phase};
 const NS: &str = "workloads";
 
 /// rebind happy path: the kernel says `rebind,bus-reset`; the consumer of the wedged GPU (and
-/// only it) is evicted, the node cordoned, rebind approved as attempt 1, exactly one unbind and
+/// only it) is evicted (not restarted in place, though the policy restarts `none` consumers in
+/// place), the node cordoned, rebind approved as attempt 1, exactly one unbind and
 /// one bind reach sysfs, the node is uncordoned and the wedge Recovered.
 async fn rebind_happy_path(cp: &ControlPlane, bins: &Bins) -> Outcome {
     let node = "happy-a";
@@ -89,6 +90,17 @@ async fn rebind_happy_path(cp: &ControlPlane, bins: &Bins) -> Outcome {
     if !s.is_bound(&g0) {
         return Err(sc.fail(&format!(
             "device {g0} expected bound after recovery, seen unbound"
+        )));
+    }
+    // The policy restarts `none` consumers in place (the default), yet a rebind's consumer is
+    // evicted, never stopped through the runtime: the kubelet would start it again at once and
+    // it would reopen the device mid-unbind (docs/design.md §4). The pod is gone and the
+    // runtime saw no stop at all.
+    let stops = sc.fleet.sim(node).podres.runtime().stops();
+    if !stops.is_empty() || sc.pod_exists(NS, "happy-w0").await.unwrap_or(true) {
+        return Err(sc.fail(&format!(
+            "a rebind's consumer must be evicted, not restarted in place: runtime stops {stops:?}, happy-w0 still there: {}",
+            sc.pod_exists(NS, "happy-w0").await.unwrap_or(true)
         )));
     }
     sc.uncordoned(node)?;
