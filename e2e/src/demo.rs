@@ -1,7 +1,8 @@
 //! The one-command demo: a local control plane, three simulated GPU nodes with workloads, the
 //! operator (two replicas) and one agent per node; a `WEDGED=rebind,bus-reset` uevent injected
 //! through the kernel on one node; the recovery printed live as a timeline; `kubectl get gw
-//! -o wide` at the end. With `keep` the cluster stays up until Ctrl-C.
+//! -o wide`; then a `WEDGED=none` blaming a trainer's process on another node, whose container
+//! restarts in place (no eviction, no cordon). With `keep` the cluster stays up until Ctrl-C.
 //!
 //! With `dra` (docs/design.md §5 "On DRA clusters"): one node whose 8 GPUs are published in a
 //! ResourceSlice, a Deployment whose pods get them through ResourceClaims allocated by the real
@@ -175,6 +176,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     );
     outcome?;
     inv.map_err(anyhow::Error::msg)?;
+    restart_in_place(&cp, &mut fleet, &bins, &rec).await?;
     if opts.keep {
         println!();
         println!("The cluster stays up. Explore it with:");
@@ -185,6 +187,89 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     fleet.stop();
     cp.stop().await;
+    Ok(())
+}
+
+/// The second act: `WEDGED=none` on another node, the driver blaming a process of a trainer
+/// pod's container. The default policy restarts that container in place through the node's
+/// container runtime (the simulated node's stand-in CRI server plays the kubelet's part): same
+/// pod, same node, same GPU, restart count + 1, no eviction, no cordon.
+async fn restart_in_place(
+    cp: &ControlPlane,
+    fleet: &mut Fleet,
+    bins: &Bins,
+    rec: &Recorder,
+) -> anyhow::Result<()> {
+    let target = NODES[1];
+    let node = fleet.node(target);
+    let (bdf, pod) = node
+        .podres
+        .holders()
+        .into_iter()
+        .next()
+        .context("no trainer pod holds a GPU on the second node")?;
+    let (ns, name) = pod.split_once('/').context("namespace/name")?;
+    let p = Api::<Pod>::namespaced(cp.client().await?, ns)
+        .get(name)
+        .await?;
+    let uid = p.metadata.uid.clone().unwrap_or_default();
+    let (cid, before) = node
+        .podres
+        .runtime()
+        .running(&uid, "main")
+        .context("the trainer's container is not running in the node's runtime")?;
+    let task = crate::fleet::PodProcess::start(&uid, &cid)?;
+    println!();
+    say(&format!(
+        "injecting WEDGED=none for {target} {bdf}, PID={} (a process of {pod}'s container): the driver recovered by itself and asks for its user to be restarted",
+        task.pid()
+    ));
+    let shown = rec.timeline().len();
+    node.inject(
+        bins,
+        &bdf,
+        "none",
+        &["--pid".into(), task.pid().to_string()],
+    )
+    .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut printed = shown;
+    loop {
+        for l in rec.timeline_since(printed) {
+            println!("{l}");
+            printed += 1;
+        }
+        let done = rec
+            .wedges_of(target)
+            .iter()
+            .any(|w| w.status.as_ref().and_then(|s| s.phase) == Some(Phase::Recovered));
+        if done {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "the none wedge on {target} was not Recovered within 60 s\n{}",
+                rec.report()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = node.podres.runtime().running(&uid, "main");
+    let same = Api::<Pod>::namespaced(cp.client().await?, ns)
+        .get_opt(name)
+        .await?
+        .and_then(|p| p.metadata.uid)
+        == Some(uid.clone());
+    println!();
+    println!(
+        "{pod}: same pod (uid {uid}) still on {target}: {same}; container main restarted in place, attempt {before} -> {}; pods evicted: 0",
+        after.map_or("not running".to_string(), |(_, n)| n.to_string())
+    );
+    show(
+        cp,
+        &["get", "gw", "-l", &format!("unwedge.io/node={target}")],
+    )
+    .await;
     Ok(())
 }
 
