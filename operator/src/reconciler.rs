@@ -160,11 +160,14 @@ fn open_on_node(wedges: &[Arc<GpuWedge>], node: &str, except: &str) -> Vec<Strin
     out
 }
 
+/// The wedge's phase (Detected before the operator wrote one).
 fn phase_of(w: &GpuWedge) -> Phase {
     w.status.as_ref().and_then(|s| s.phase).unwrap_or_default()
 }
 
-/// Reconciles one GpuWedge.
+/// Reconciles one GpuWedge, in a span naming the wedge, its node and the phase it starts from
+/// (every log line of the reconcile carries them).
+#[tracing::instrument(name = "reconcile", skip_all, fields(wedge = %w.name_any(), node = %w.spec.node_name, phase = ?phase_of(&w)))]
 pub async fn reconcile(w: Arc<GpuWedge>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     if !*ctx.leader.borrow() {
         return Ok(Action::await_change());
@@ -195,7 +198,6 @@ pub async fn reconcile(w: Arc<GpuWedge>, ctx: Arc<Ctx>) -> Result<Action, Error>
             continue;
         };
         tracing::debug!(
-            wedge = %name,
             step,
             permit_wait_ms = started.duration_since(asked).as_millis() as u64,
             took_ms = started.elapsed().as_millis() as u64,

@@ -111,7 +111,7 @@ pub(super) async fn perform(
     let action = match d.step {
         Step::Nothing => release::finished(&e, changed).await?,
         Step::Wait { requeue_after, why } => {
-            tracing::debug!(wedge = %e.name, %why, "waiting");
+            tracing::debug!(%why, "waiting");
             Action::requeue(requeue_after)
         }
         Step::Admit { candidate, reclaim } => {
@@ -153,10 +153,10 @@ async fn quarantine_device(e: &Effect<'_>) -> Result<Action, Error> {
     let dev = w.spec.device.dra.clone().unwrap_or_default();
     match quarantine::ensure(&ctx.client, name, w.uid().as_deref(), &dev).await? {
         quarantine::Ensured::Created => {
-            tracing::info!(wedge = %name, rule = %dra::rule_name(name), device = %dev.device, "device quarantined")
+            tracing::info!(rule = %dra::rule_name(name), device = %dev.device, "device quarantined")
         }
         quarantine::Ensured::Existing => {
-            tracing::debug!(wedge = %name, "DeviceTaintRule already there")
+            tracing::debug!("DeviceTaintRule already there")
         }
     }
     Ok(soon())
@@ -166,7 +166,7 @@ async fn quarantine_device(e: &Effect<'_>) -> Result<Action, Error> {
 async fn lift_quarantine(e: &Effect<'_>) -> Result<Action, Error> {
     e.ctx.ensure_leader()?;
     if quarantine::remove(&e.ctx.client, &e.name).await? {
-        tracing::info!(wedge = %e.name, rule = %dra::rule_name(&e.name), "quarantine lifted: DeviceTaintRule deleted");
+        tracing::info!(rule = %dra::rule_name(&e.name), "quarantine lifted: DeviceTaintRule deleted");
     }
     Ok(soon())
 }
@@ -175,7 +175,7 @@ async fn lift_quarantine(e: &Effect<'_>) -> Result<Action, Error> {
 async fn put_finalizer(e: &Effect<'_>) -> Result<Action, Error> {
     e.ctx.ensure_leader()?;
     finalize::ensure(e.ctx, e.latest()).await?;
-    tracing::info!(wedge = %e.name, "finalizer put on a wedge that held a place or the node's cordon without it");
+    tracing::info!("finalizer put on a wedge that held a place or the node's cordon without it");
     // Decide again at once on a fresh read: the copy decided from may be a cache that
     // lags (a cut watch), which would ask for the finalizer again every requeue.
     Err(Error::StatusConflict)

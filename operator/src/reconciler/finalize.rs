@@ -127,7 +127,7 @@ pub(super) async fn release_deleted(ctx: &Ctx, w: &GpuWedge) -> Result<(), Error
     } else {
         format!("GpuWedge {name} deleted: released {}", released.join(", "))
     };
-    tracing::info!(wedge = %name, node = %w.spec.node_name, %message, "deleted wedge released");
+    tracing::info!(%message, "deleted wedge released");
     let note = decide::Note {
         warning: true,
         reason: "GpuWedgeDeleted".into(),

@@ -316,7 +316,7 @@ async fn dra_inputs(
         match quarantine::get(&ctx.client, &name).await {
             Ok(r) => r.is_some(),
             Err(e) => {
-                tracing::warn!(wedge = %name, error = %e, "cannot read the DeviceTaintRule");
+                tracing::warn!(error = %e, "cannot read the DeviceTaintRule");
                 return Err(Error::Quarantine(e));
             }
         }
@@ -338,7 +338,7 @@ async fn dra_inputs(
         // The agent-written DRA device is not published by the wedge's own node: never taint a
         // device this node does not have (a compromised node could name another node's GPU).
         // The wedge is handled like a non-DRA one: its own node is cordoned.
-        tracing::warn!(wedge = %name, node = %w.spec.node_name, driver = %dev.driver, pool = %dev.pool, device = %dev.device,
+        tracing::warn!(driver = %dev.driver, pool = %dev.pool, device = %dev.device,
             "the wedge names a DRA device that no ResourceSlice of its node publishes: not quarantining it, cordoning the node instead");
         return Ok((None, rule, None));
     }

@@ -73,7 +73,7 @@ pub(super) async fn admit(
                     .is_some_and(Phase::is_terminal)
         });
         if !open_now {
-            tracing::info!(wedge = %name, policy = %policy,
+            tracing::info!(policy = %policy,
                 "not admitted: the wedge has finished or is being deleted (the cache lagged)");
             return Ok(Outcome::Requeue(soon()));
         }
@@ -93,7 +93,7 @@ pub(super) async fn admit(
     if reclaim || admitted_by.is_some_and(|a| !a.is_empty() && a != policy) {
         let fresh = ctx.policy_api().list(&Default::default()).await?;
         if let Some(holder) = policy_match::held_elsewhere(&fresh.items, &name, &policy) {
-            tracing::info!(wedge = %name, policy = %policy, %holder,
+            tracing::info!(policy = %policy, %holder,
                 "not admitted: the ledger of another policy holds this wedge");
             return Ok(Outcome::Requeue(soon()));
         }
@@ -109,7 +109,7 @@ pub(super) async fn admit(
     .await?
     {
         Ok(()) => {
-            tracing::info!(wedge = %name, policy = %policy, reboot = candidate.reboot, "admitted");
+            tracing::info!(policy = %policy, reboot = candidate.reboot, "admitted");
             let mut ledger = budget::release(p.ledger, &candidate.wedge);
             ledger.push(candidate.admission());
             Ok(Outcome::Admitted(Box::new(Admitted {

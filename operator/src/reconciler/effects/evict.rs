@@ -59,7 +59,7 @@ pub(super) async fn evict(e: &Effect<'_>, pods: &[PodRef], force: bool) -> Resul
             .await?;
     }
     if !refused.is_empty() {
-        tracing::info!(wedge = %name, refused = ?refused, "evictions refused; backing off");
+        tracing::info!(refused = ?refused, "evictions refused; backing off");
         ctx.event(
             &w.object_ref(&()),
             &decide::Note {

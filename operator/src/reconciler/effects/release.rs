@@ -43,7 +43,7 @@ pub(super) async fn release(e: &Effect<'_>, node: Option<&Node>) -> Result<Actio
     if let Some(holder) = finalize::cordon_without_place(ctx, w).await? {
         // Releasing now would leave the node cordoned with no place counting it (two
         // wedges of one node finishing together): wait until its holder lets go.
-        tracing::debug!(wedge = %name, %holder, "release waits: the node's cordon is held by a finished wedge");
+        tracing::debug!(%holder, "release waits: the node's cordon is held by a finished wedge");
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     // Every ledger that names it, not only its policy's now: a node relabelled
