@@ -385,6 +385,10 @@ pub struct AttemptResult {
     /// device plugin serves the node's GPUs (DRA nodes are checked by the operator).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertised: Option<bool>,
+    /// Method `restart`: each container's in-place restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub restarts: Option<Vec<ContainerRestart>>,
 }
 
 /// The method and attempt the operator plans to carry out next.
@@ -427,6 +431,64 @@ pub struct Approval {
     pub at: Time,
     /// Who approved: the operator's service account, or the human named by `unwedge.io/by`.
     pub by: String,
+    /// Method `restart` only: the containers to restart in place. The agent restarts only those
+    /// it sees holding the wedged device (or running the blamed task), never others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub containers: Option<Vec<ContainerTarget>>,
+}
+
+/// A container approved for an in-place restart.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerTarget {
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Pod UID (the runtime labels every container with it: a replacement pod of the same
+    /// name is never touched).
+    pub uid: String,
+    /// Container name in the pod spec.
+    pub container: String,
+}
+
+/// How one in-place restart ended.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RestartResult {
+    /// Stopped, and running again in the same pod.
+    Restarted,
+    /// Not restarted in place (the message says why); the operator evicts its pod instead.
+    Fallback,
+    /// Refused: the container does not hold the wedged device (nor ran the blamed task), or is
+    /// not on this node. Nothing was done to it and it is not evicted either.
+    Refused,
+}
+
+/// The agent's record of one container restarted in place (method `restart`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerRestart {
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Container name.
+    pub container: String,
+    /// How it ended.
+    pub result: RestartResult,
+    /// The restart count before (the runtime's attempt number of the stopped container).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_restart_count: Option<u32>,
+    /// The restart count of the container running again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_restart_count: Option<u32>,
+    /// Milliseconds from the stop request to the new container running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub millis_to_running: Option<u64>,
+    /// Details (why it fell back, what was refused).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// One eviction the operator made.

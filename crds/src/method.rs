@@ -34,6 +34,9 @@ pub enum Method {
     Unknown,
     /// `reboot`: unwedge's own last rung, never sent by the kernel.
     Reboot,
+    /// `restart`: unwedge's own in-place restart of a `none` wedge's containers (the device is
+    /// not touched), never sent by the kernel and never a rung of the ladder.
+    Restart,
     /// Any other well-formed token (e.g. `cold-reset`), kept verbatim.
     Other(String),
 }
@@ -43,11 +46,12 @@ impl Method {
     pub const DEFAULT_ALLOWED: [Method; 3] = [Method::Rebind, Method::BusReset, Method::Reboot];
     /// The methods the node agent handles (`none` included: it acts on nothing). Metrics
     /// pre-create their series for these.
-    pub const AGENT_KNOWN: [Method; 4] = [
+    pub const AGENT_KNOWN: [Method; 5] = [
         Method::None,
         Method::Rebind,
         Method::BusReset,
         Method::Reboot,
+        Method::Restart,
     ];
 
     /// The token, as the kernel writes it.
@@ -59,6 +63,7 @@ impl Method {
             Method::VendorSpecific => "vendor-specific",
             Method::Unknown => "unknown",
             Method::Reboot => "reboot",
+            Method::Restart => "restart",
             Method::Other(s) => s,
         }
     }
@@ -106,6 +111,7 @@ impl From<&str> for Method {
             "vendor-specific" => Method::VendorSpecific,
             "unknown" => Method::Unknown,
             "reboot" => Method::Reboot,
+            "restart" => Method::Restart,
             other => Method::Other(other.to_string()),
         }
     }

@@ -168,19 +168,37 @@ pub enum NoneAction {
     EvictConsumers,
 }
 
+/// How the pods chosen by `none.action` are restarted (docs/design.md §4, "none").
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RestartMode {
+    /// The node agent stops the chosen containers through the container runtime (CRI
+    /// `StopContainer`) and the kubelet starts them again in the same pod, with the same device
+    /// allocation. A pod with `restartPolicy: Never`, a container that does not come back in
+    /// time, or a node without a runtime socket falls back to eviction, with the reason recorded.
+    #[default]
+    InPlace,
+    /// Evict the chosen pods through the Eviction API (PodDisruptionBudgets honoured).
+    Evict,
+}
+
 /// Handling of `WEDGED=none`.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NoneSpec {
-    /// What to do with pods.
+    /// Which pods to restart: the blamed task's (`EvictBlamed`), every consumer of the device
+    /// (`EvictConsumers`) or none (`Ignore`). `restart` says how.
     #[serde(default)]
     pub action: NoneAction,
-    /// At most one eviction round per device in this interval; later ones are recorded only.
-    /// Default 10m.
+    /// How the chosen pods are restarted: `InPlace` (default: the containers restart in their
+    /// pod) or `Evict`.
+    #[serde(default)]
+    pub restart: RestartMode,
+    /// At most one restart or eviction round per device in this interval; later ones are
+    /// recorded only. Default 10m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
     pub min_interval: Option<String>,
-    /// `none` incidents evicting at once across the policy's nodes. Default 10.
+    /// `none` incidents restarting or evicting at once across the policy's nodes. Default 10.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub max_concurrent: Option<i32>,

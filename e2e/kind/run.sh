@@ -29,7 +29,9 @@ MUSL=x86_64-unknown-linux-musl
 SCENARIOS=(
   helm_install        # defaults: agent Ready, operator 2/2 + one Lease holder, /metrics, get gw, NOTES
   wedge_rebind        # WEDGED=rebind,bus-reset on device 3: consumer listed, only it evicted, rebind once, uncordon, replacement Running
-  none_blamed_pid     # WEDGED=none with a PID in a container: only that pod evicted, no cordon
+  none_restart_in_place  # WEDGED=none with a PID in a container: that container restarts in its pod, no eviction, no cordon
+  none_evict_timing   # the same with none.restart Evict: that pod evicted and replaced (timing beside in place)
+  none_fallbacks      # restartPolicy Never pod evicted instead (reason recorded); a PID of no pod restarts nothing
   admin_cordon_kept   # a node cordoned by an admin beforehand stays cordoned after recovery
   agent_restart       # agent pod deleted between approval and action: one execution in the journal
   leader_failover     # operator leader deleted mid-drain: the other replica finishes
@@ -255,37 +257,128 @@ s_wedge_rebind() {
   gpu_work_down
 }
 
-# WEDGED=none on card1 blaming a process of the pod on card5: EvictBlamed evicts exactly the pod
-# whose container holds the PID (EvictConsumers would have evicted card1's pod instead).
-s_none_blamed_pid() {
+# WEDGED=none on card1 blaming a process of the pod on card5: the default policy (none.action
+# EvictBlamed, none.restart InPlace) restarts exactly the container that holds the PID, in its pod
+# (same UID, restartCount + 1), through the node's real containerd; nothing evicted, no cordon,
+# no sysfs write. Prints the in-place timing (uevent -> container running again).
+s_none_restart_in_place() {
   local card bdf bridge label; dev 5
   local blamed_bdf=$bdf; dev 1
   gpu_work_up
-  local blamed blamed_uid pid before lines_before watchlog=$RUN/none-node-watch.log
+  local blamed blamed_pod blamed_uid pid before lines_before restarts_before watchlog=$RUN/none-node-watch.log
   blamed=$(pod_holding $blamed_bdf)
   expect "the real kubelet reports a consumer of $blamed_bdf ($blamed)" [ -n "$blamed" ]
-  blamed_uid=$(k get pod "${blamed#default/}" -o jsonpath='{.metadata.uid}')
-  pid=$(container_pid default "${blamed#default/}")
+  blamed_pod=${blamed#default/}
+  blamed_uid=$(k get pod "$blamed_pod" -o jsonpath='{.metadata.uid}')
+  restarts_before=$(k get pod "$blamed_pod" -o jsonpath='{.status.containerStatuses[0].restartCount}')
+  pid=$(container_pid default "$blamed_pod")
   expect "PID $pid (node's namespace) is the main process of $blamed's container" grep -qx '[0-9]*[0-9]' <<<"$pid"
   before=$(gpu_uids)
   lines_before=$(journal_lines_of $bdf)
   k get node $NODE -w -o jsonpath='{.spec.unschedulable}/{.metadata.annotations.unwedge\.io/cordoned-by}{"\n"}' >"$watchlog" 2>&1 &
   watcher=$!   # global (this subshell's): the EXIT trap reads it
   trap 'kill ${watcher:-} 2>/dev/null || true' EXIT
+  local t0; t0=$(date +%s.%N)
   expect "WEDGED=none PID=$pid injected for $bdf" inject $card $bdf $bridge none --pid "$pid" --task pause
   local gw; gw=$(gw_of $label)
   expect "a GpuWedge for $bdf exists ($gw)" [ -n "$gw" ]
   expect "it names the blamed pod $blamed" \
     wait_until 60 sh -c "[ \"\$(kubectl get gw $gw -o jsonpath='{.spec.blamed.pod.namespace}/{.spec.blamed.pod.name}')\" = '$blamed' ]"
+  local want="$blamed_uid $((restarts_before + 1)) true"
+  expect "the blamed container runs again in the same pod (restartCount $restarts_before -> $((restarts_before + 1)))" \
+    wait_until 120 sh -c "[ \"\$(kubectl get pod $blamed_pod -o jsonpath='{.metadata.uid} {.status.containerStatuses[0].restartCount} {.status.containerStatuses[0].ready}')\" = '$want' ]"
+  local t1; t1=$(date +%s.%N)
+  echo "timing: none restart in place (uevent -> container running again): $(echo "$t1 - $t0" | bc) s"
   expect "the GpuWedge reaches Recovered" wait_phase $gw Recovered 180
-  only_victim_gone "$blamed_uid" "$before"
+  expect "the attempt is restart=Succeeded" sh -c "kubectl get gw $gw -o jsonpath='{range .status.attempts[*]}{.method}={.result}{\"\\n\"}{end}' | grep -qx 'restart=Succeeded'"
+  local rec="work Restarted $restarts_before $((restarts_before + 1))"
+  expect "the status records the restart ($rec)" \
+    sh -c "[ \"\$(kubectl get gw $gw -o jsonpath='{.status.attempts[0].restarts[0].container} {.status.attempts[0].restarts[0].result} {.status.attempts[0].restarts[0].oldRestartCount} {.status.attempts[0].restarts[0].newRestartCount}')\" = '$rec' ]"
+  expect "no pod was evicted: the same 8 GPU pods (uids) run" [ "$(gpu_uids)" = "$before" ]
+  expect "the pod stayed on $NODE" [ "$(k get pod "$blamed_pod" -o jsonpath='{.spec.nodeName}')" = "$NODE" ]
   kill "$watcher" 2>/dev/null || true; wait "$watcher" 2>/dev/null || true
   expect "the node watch saw the node (got: $(head -c 200 "$watchlog"))" grep -q '^/' "$watchlog"
   expect "the node was never cordoned (watched: $(sort -u "$watchlog" | tr '\n' ' '))" \
     sh -c "! grep -q -e '^true' -e '/.' '$watchlog'"
   expect "nothing was written to $bdf's sysfs" [ "$(journal_lines_of $bdf)" = "$lines_before" ]
-  expect "no attempt was approved" [ -z "$(attempts $gw)" ]
-  expect "the Deployment is 8/8 again" sh -c "kubectl rollout status deploy/gpu-work --timeout=120s >/dev/null"
+  gpu_work_down
+}
+
+# The same with eviction (none.restart: Evict set on the default policy): the blamed pod is
+# evicted and its Deployment schedules a replacement. Prints the evict-and-reschedule timing
+# (uevent -> replacement pod Ready) beside the in-place one above.
+s_none_evict_timing() {
+  local card bdf bridge label; dev 6
+  local blamed_bdf=$bdf; dev 0
+  gpu_work_up
+  k patch recoverypolicy default --type merge -p '{"spec":{"none":{"restart":"Evict"}}}' >/dev/null
+  local blamed blamed_pod blamed_uid pid before
+  blamed=$(pod_holding $blamed_bdf)
+  expect "the real kubelet reports a consumer of $blamed_bdf ($blamed)" [ -n "$blamed" ]
+  blamed_pod=${blamed#default/}
+  blamed_uid=$(k get pod "$blamed_pod" -o jsonpath='{.metadata.uid}')
+  pid=$(container_pid default "$blamed_pod")
+  before=$(gpu_uids)
+  local t0; t0=$(date +%s.%N)
+  expect "WEDGED=none PID=$pid injected for $bdf" inject $card $bdf $bridge none --pid "$pid" --task pause
+  local gw; gw=$(gw_of $label)
+  expect "a GpuWedge for $bdf exists ($gw)" [ -n "$gw" ]
+  expect "the blamed pod is evicted and the Deployment is 8/8 Ready again with a replacement" \
+    wait_until 180 sh -c "! kubectl get pods -l app=gpu-work -o jsonpath='{.items[*].metadata.uid}' | grep -qw '$blamed_uid' && [ \"\$(kubectl get deploy gpu-work -o jsonpath='{.status.readyReplicas}')\" = 8 ]"
+  local t1; t1=$(date +%s.%N)
+  echo "timing: none evict and reschedule (uevent -> replacement pod Ready): $(echo "$t1 - $t0" | bc) s"
+  only_victim_gone "$blamed_uid" "$before"
+  expect "the GpuWedge reaches Recovered" wait_phase $gw Recovered 180
+  expect "no attempt was approved (eviction only)" [ -z "$(attempts $gw)" ]
+  k patch recoverypolicy default --type json -p '[{"op":"remove","path":"/spec/none/restart"}]' >/dev/null
+  gpu_work_down
+}
+
+# A pod with restartPolicy Never cannot restart in place: the operator evicts it instead and says
+# why; a blamed PID of no pod (the node's containerd) restarts nothing and evicts nothing.
+s_none_fallbacks() {
+  local card bdf bridge label; dev 7
+  k apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: gpu-once, namespace: default, labels: {app: gpu-once}}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: once
+    image: registry.k8s.io/pause:$PAUSE_VERSION
+    imagePullPolicy: Never
+    resources: {limits: {unwedge.io/fake-gpu: 1}}
+EOF
+  expect "the restartPolicy Never pod is Ready" sh -c "kubectl wait pod/gpu-once --for=condition=Ready --timeout=120s >/dev/null"
+  local held pid; held=$(ne podresources-list | awk '$1 == "default/gpu-once" && $3 == "unwedge.io/fake-gpu" { print $4 }')
+  expect "the real kubelet reports the device of gpu-once ($held)" [ -n "$held" ]
+  pid=$(container_pid default gpu-once)
+  expect "WEDGED=none PID=$pid (a Never pod) injected for $bdf" inject $card $bdf $bridge none --pid "$pid" --task pause
+  local gw; gw=$(gw_of $label)
+  expect "a GpuWedge for $bdf exists ($gw)" [ -n "$gw" ]
+  expect "the GpuWedge reaches Recovered" wait_phase $gw Recovered 180
+  expect "gpu-once was evicted, not restarted" wait_until 60 sh -c "! kubectl get pod gpu-once -o name"
+  expect "the reason is recorded (restartPolicy Never)" \
+    sh -c "kubectl get gw $gw -o jsonpath='{.status.action} {.status.conditions[*].message}' | grep -q 'restartPolicy Never'"
+  expect "no restart was approved" [ -z "$(attempts $gw)" ]
+  # A blamed PID that belongs to no pod: containerd's own process on the node (on card3: a device
+  # without an earlier none round, so none.minInterval cannot be why nothing happens).
+  dev 3
+  local cpid; cpid=$(ne pidof containerd | awk '{print $1}')
+  expect "containerd's PID on the node ($cpid)" grep -qx '[0-9]*[0-9]' <<<"$cpid"
+  gpu_work_up
+  local before; before=$(k get pods -l app=gpu-work -o jsonpath='{range .items[*]}{.metadata.uid}={.status.containerStatuses[0].restartCount}{"\n"}{end}' | sort)
+  local known; known=$(k get gw -l unwedge.io/device=$label -o name)   # full names, one a line
+  expect "WEDGED=none PID=$cpid (no pod) injected for $bdf" inject $card $bdf $bridge none --pid "$cpid" --task containerd
+  gw=$(gw_of $label "$known")
+  expect "a new GpuWedge for $bdf exists ($gw)" [ -n "$gw" ]
+  expect "it is Recovered, recorded only because the driver blamed no pod" wait_phase $gw Recovered 180
+  expect "its action says the driver blamed no pod" sh -c "kubectl get gw $gw -o jsonpath='{.status.action}' | grep -q 'blamed no pod'"
+  expect "it restarted nothing (no attempt)" [ -z "$(attempts $gw)" ]
+  expect "every GPU pod is the same pod with the same restart count" \
+    [ "$(k get pods -l app=gpu-work -o jsonpath='{range .items[*]}{.metadata.uid}={.status.containerStatuses[0].restartCount}{"\n"}{end}' | sort)" = "$before" ]
   gpu_work_down
 }
 

@@ -470,13 +470,14 @@ impl Fleet {
         let dir = self.dir.path().join(&spec.name);
         std::fs::create_dir_all(dir.join("state"))?;
         let sysfs = FakeSysfs::new(&dir, spec.gpus.clone())?;
-        let podres = PodResourcesServer::start(
+        let mut podres = PodResourcesServer::start(
             self.client.clone(),
             &spec.name,
             spec.gpus.iter().map(|g| g.bdf.clone()).collect(),
             &dir.join("kubelet.sock"),
         )
         .await?;
+        podres.serve_runtime(&dir.join("containerd.sock"))?;
         let netns = NetNs::new(self.api_port).await?;
         let reboot = dir.join("reboot.sh");
         std::fs::write(

@@ -1,5 +1,6 @@
 //! Test harness: the local control plane.
 pub mod cluster;
+pub mod cri_server;
 pub mod fakesysfs;
 pub mod fleet;
 pub use uevent_inject as inject;

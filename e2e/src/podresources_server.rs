@@ -18,6 +18,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
 use unwedge_agent::podresources::proto;
+
+use crate::cri_server::{CriServer, RuntimeState};
 use unwedge_agent::podresources::proto::pod_resources_lister_server::{
     PodResourcesLister, PodResourcesListerServer,
 };
@@ -42,6 +44,8 @@ pub struct PodView {
     pub containers: Vec<(String, u32)>,
     /// Pinned device ids, from the annotation.
     pub pinned: Option<Vec<String>>,
+    /// The pod's `restartPolicy` (`Always` when unset).
+    pub restart_policy: String,
 }
 
 impl PodView {
@@ -88,6 +92,10 @@ impl PodView {
                         .filter(|s| !s.is_empty())
                         .collect()
                 }),
+            restart_policy: spec
+                .restart_policy
+                .clone()
+                .unwrap_or_else(|| "Always".into()),
         })
     }
 }
@@ -258,6 +266,8 @@ impl PodResourcesLister for Service {
 pub struct PodResourcesServer {
     socket: PathBuf,
     state: Arc<Mutex<Assigner>>,
+    runtime: Arc<Mutex<RuntimeState>>,
+    cri: Option<CriServer>,
     stop: Option<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -272,6 +282,8 @@ impl PodResourcesServer {
     ) -> anyhow::Result<PodResourcesServer> {
         let _ = std::fs::remove_file(socket);
         let state = Arc::new(Mutex::new(Assigner::new(devices.clone())));
+        let runtime = Arc::new(Mutex::new(RuntimeState::default()));
+        let rt = runtime.clone();
         let pods: Api<Pod> = Api::all(client);
         let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
         let st = state.clone();
@@ -306,6 +318,7 @@ impl PodResourcesServer {
                 if init.is_none() {
                     let views: Vec<PodView> = current.values().cloned().collect();
                     st.lock().unwrap_or_else(|e| e.into_inner()).update(&views);
+                    rt.lock().unwrap_or_else(|e| e.into_inner()).sync(&views);
                 }
             }
         });
@@ -329,7 +342,21 @@ impl PodResourcesServer {
             state,
             stop: Some(tx),
             tasks: vec![watch, serve],
+            runtime,
+            cri: None,
         })
+    }
+
+    /// Also serves the node's container runtime (CRI) on `socket` (the agent's `--cri-socket`),
+    /// its containers those of the pods this server sees.
+    pub fn serve_runtime(&mut self, socket: &Path) -> anyhow::Result<()> {
+        self.cri = Some(CriServer::start(self.runtime.clone(), socket)?);
+        Ok(())
+    }
+
+    /// The node's container runtime, as the CRI stand-in keeps it.
+    pub fn runtime(&self) -> std::sync::MutexGuard<'_, RuntimeState> {
+        self.runtime.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The unix socket (the agent's `--pod-resources-socket`).
@@ -380,6 +407,7 @@ mod tests {
             created: created.into(),
             containers: vec![("main".into(), gpus), ("side".into(), 0)],
             pinned: pinned.map(|p| p.split(',').map(String::from).collect()),
+            restart_policy: "Always".into(),
         }
     }
 

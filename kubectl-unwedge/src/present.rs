@@ -879,6 +879,7 @@ mod tests {
             attempt: 1,
             at: Time(ts("2026-01-01T00:00:30Z")),
             by: "system:serviceaccount:unwedge-system:unwedge-operator".into(),
+            containers: None,
         });
         s.attempts = Some(vec![AttemptResult {
             attempt: 1,
@@ -889,6 +890,7 @@ mod tests {
             message: "device back as card1".into(),
             boot_id: None,
             advertised: None,
+            restarts: None,
         }]);
         s.finished_at = Some(Time(ts("2026-01-01T00:01:00Z")));
         let ev = Event {
@@ -939,6 +941,7 @@ mod tests {
             message: "pid 42 (python) holds /dev/dri/renderD128".into(),
             boot_id: None,
             advertised: None,
+            restarts: None,
         }]);
         let t = timeline(&w, &[]);
         assert_eq!(t.len(), 2);
@@ -1076,6 +1079,7 @@ mod tests {
             message: String::new(),
             boot_id: None,
             advertised: None,
+            restarts: None,
         };
         s.attempts = Some(vec![
             at(2, "bus-reset", AttemptOutcome::Succeeded),
@@ -1086,6 +1090,7 @@ mod tests {
             attempt: 2,
             at: Time(ts("2026-01-01T00:01:00Z")),
             by: "alice".into(),
+            containers: None,
         });
         let mut pending = wedge("w2", "2026-01-01T00:00:00Z", Phase::AwaitingApproval, None);
         pending.metadata.annotations = Some(BTreeMap::from([

@@ -345,6 +345,7 @@ mod tests {
             message: String::new(),
             boot_id: None,
             advertised: None,
+            restarts: None,
         };
         w.status.as_mut().unwrap().attempts = Some(vec![
             at(2, AttemptOutcome::Failed),

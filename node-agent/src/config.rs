@@ -47,6 +47,22 @@ pub struct Args {
         default_value = "/var/lib/kubelet/pod-resources/kubelet.sock"
     )]
     pub pod_resources_socket: PathBuf,
+    /// The container runtime's CRI socket (the one the kubelet uses), for in-place restarts of
+    /// a `none` wedge's containers. Absent: such restarts fall back to eviction.
+    #[arg(
+        long,
+        env = "CRI_SOCKET",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub cri_socket: PathBuf,
+    /// How long a stopped container may take to exit before the runtime kills it (CRI
+    /// `StopContainer` timeout), e.g. `30s`.
+    #[arg(long, env = "RESTART_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub restart_grace: Duration,
+    /// How long, after it exited, the kubelet has to run a restarted container again before the
+    /// restart falls back to eviction, e.g. `60s`.
+    #[arg(long, env = "RESTART_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub restart_timeout: Duration,
     /// How device plugin ids are matched to PCI devices.
     #[arg(long, env = "DEVICE_ID_MATCH", value_enum, default_value_t = DeviceIdMatchArg::Auto)]
     pub device_id_match: DeviceIdMatchArg,

@@ -638,6 +638,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
             message,
             boot_id: Some(boot_id.to_string()),
             advertised,
+            restarts: None,
         }
     }
 
@@ -1228,6 +1229,7 @@ mod tests {
                 attempt: a,
                 at: Time(Timestamp::UNIX_EPOCH),
                 by: "op".into(),
+                containers: None,
             }),
             attempts: Some(attempts),
             ..GpuWedgeStatus::default()
@@ -1271,6 +1273,7 @@ mod tests {
             message: String::new(),
             boot_id: None,
             advertised: None,
+            restarts: None,
         }
     }
 

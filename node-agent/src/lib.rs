@@ -17,6 +17,7 @@ pub mod node_events;
 pub mod outbox;
 pub mod podresources;
 pub mod reporter;
+pub mod restart;
 pub mod run;
 pub mod startup;
 pub mod sysfs;

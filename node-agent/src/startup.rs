@@ -238,6 +238,7 @@ mod tests {
                     message: String::new(),
                     boot_id: None,
                     advertised: None,
+                    restarts: None,
                 }]
             }),
             ..GpuWedgeStatus::default()

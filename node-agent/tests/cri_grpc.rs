@@ -15,6 +15,8 @@ use unwedge_agent::cri::{
     CriClient, CriError, LABEL_CONTAINER_NAME, LABEL_POD_NAME, LABEL_POD_NAMESPACE, LABEL_POD_UID,
     Selector, State,
 };
+use unwedge_agent::restart::{Allowed, restart_all};
+use unwedge_crds::{ContainerTarget, RestartResult};
 
 #[derive(Default)]
 struct Runtime {
@@ -26,6 +28,11 @@ struct Runtime {
     /// Fail every call with this code.
     fail: Option<Code>,
     delay: Duration,
+    /// Act as the kubelet: this long after a stop, run a new container of the same pod and
+    /// name with the next attempt number, unless the pod's uid is in `never`.
+    restart_after: Option<Duration>,
+    /// Pod uids whose containers the "kubelet" never restarts (`restartPolicy: Never`).
+    never: Vec<String>,
 }
 
 fn selected(f: &ContainerFilter, c: &Container) -> bool {
@@ -76,7 +83,24 @@ impl RuntimeService for Served {
             )));
         };
         c.state = ContainerState::ContainerExited as i32;
+        let stopped = c.clone();
+        drop(cs);
         self.stops.lock().unwrap().push((r.container_id, r.timeout));
+        let uid = stopped.labels[LABEL_POD_UID].clone();
+        if let Some(after) = self.restart_after
+            && !self.never.contains(&uid)
+        {
+            let rt = self.0.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let mut next = stopped;
+                let meta = next.metadata.get_or_insert_with(Default::default);
+                meta.attempt += 1;
+                next.id = format!("{}-{}", meta.name, meta.attempt);
+                next.state = ContainerState::ContainerRunning as i32;
+                rt.containers.lock().unwrap().push(next);
+            });
+        }
         Ok(Response::new(StopContainerResponse {}))
     }
 
@@ -395,4 +419,114 @@ async fn a_missing_socket_a_failing_and_a_stalled_runtime_are_errors() {
     );
     assert!(started.elapsed() >= Duration::from_millis(1300));
     stalled.server.abort();
+}
+
+fn target(pod: &str, uid: &str, container: &str) -> ContainerTarget {
+    ContainerTarget {
+        namespace: "ml".into(),
+        pod: pod.into(),
+        uid: uid.into(),
+        container: container.into(),
+    }
+}
+
+#[tokio::test]
+async fn restarts_allowed_containers_in_place_refuses_others_and_falls_back_when_none_comes_back() {
+    let mut containers = node_containers();
+    containers.push(container(
+        "c-batch",
+        "batch",
+        "u-batch",
+        "main",
+        ContainerState::ContainerRunning,
+    ));
+    let t = runtime(Runtime {
+        containers: Mutex::new(containers),
+        restart_after: Some(Duration::from_millis(300)),
+        never: vec!["u-batch".into()],
+        ..Runtime::default()
+    });
+    let cri = CriClient::connect(&t.sock, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let allowed = Allowed {
+        consumers: vec![
+            ("ml".into(), "train-0".into(), "main".into()),
+            ("ml".into(), "batch".into(), "main".into()),
+        ],
+        blamed_container_id: None,
+    };
+    let targets = [
+        target("train-0", "u-train", "main"),
+        // Not a consumer of the device: refused, never stopped.
+        target("train-0", "u-train", "sidecar"),
+        // The "kubelet" never restarts it: a fallback after the timeout.
+        target("batch", "u-batch", "main"),
+        // Gone from the node.
+        target("gone", "u-gone", "main"),
+    ];
+    let out = restart_all(
+        &cri,
+        &targets,
+        &allowed,
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+    )
+    .await;
+    let results: Vec<RestartResult> = out.iter().map(|r| r.result).collect();
+    assert_eq!(
+        results,
+        [
+            RestartResult::Restarted,
+            RestartResult::Refused,
+            RestartResult::Fallback,
+            RestartResult::Fallback
+        ],
+        "{out:#?}"
+    );
+    let main = &out[0];
+    assert_eq!(
+        (main.old_restart_count, main.new_restart_count),
+        (Some(0), Some(1))
+    );
+    assert!(
+        main.millis_to_running.is_some_and(|ms| ms >= 300),
+        "{main:?}"
+    );
+    assert!(
+        out[2].message.contains("no new container ran"),
+        "{:?}",
+        out[2]
+    );
+    assert!(
+        out[3].message.contains("no running container"),
+        "{:?}",
+        out[3]
+    );
+    let stopped: Vec<String> =
+        t.rt.stops
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.0.clone())
+            .collect();
+    assert_eq!(
+        {
+            let mut s = stopped;
+            s.sort();
+            s
+        },
+        ["c-batch", "c-main"],
+        "only the allowed containers were stopped"
+    );
+    let now_running = cri
+        .list_containers(&Selector::running("u-train", "main"))
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&now_running),
+        ["main-1"],
+        "the same pod runs a new main"
+    );
+    t.server.abort();
 }

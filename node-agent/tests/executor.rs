@@ -280,6 +280,7 @@ fn approved(method: &str, attempt: u32) -> GpuWedge {
             attempt,
             at: Time(Timestamp::now()),
             by: "system:serviceaccount:unwedge-system:operator".into(),
+            containers: None,
         }),
         ..GpuWedgeStatus::default()
     });

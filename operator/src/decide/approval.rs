@@ -238,6 +238,7 @@ fn approve(
         attempt: n,
         at: d.now(),
         by: by.clone(),
+        containers: None,
     });
     let rung = d
         .new

@@ -302,6 +302,7 @@ impl World {
             message: msg.into(),
             boot_id: Some("boot-1".into()),
             advertised: None,
+            restarts: None,
         });
         self.wedge.status = Some(st);
     }
