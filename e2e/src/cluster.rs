@@ -38,6 +38,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+use crate::wait::Check;
+
 pub use pki::Pki;
 pub use process::Proc;
 
@@ -225,30 +227,26 @@ async fn client_from_kubeconfig_text(text: &str) -> anyhow::Result<kube::Client>
     Ok(kube::Client::try_from(config)?)
 }
 
+/// [`crate::wait::poll`] every 100 ms for the control plane's start: an error or a try
+/// without an answer within 10 s is one more state seen, except a component that exited, which
+/// ends the wait at once.
 async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let last;
-        match tokio::time::timeout(Duration::from_secs(10), f()).await {
-            Ok(Ok(Some(v))) => return Ok(v),
-            Ok(Ok(None)) => last = "not yet".to_string(),
-            Ok(Err(e)) => {
-                last = format!("{e:#}");
-                if e.downcast_ref::<ComponentExited>().is_some() {
-                    bail!("{e}");
-                }
-            }
-            Err(_) => last = "no answer within 10s".to_string(),
+    crate::wait::poll(what, timeout, Duration::from_millis(100), || {
+        let answer = tokio::time::timeout(Duration::from_secs(10), f());
+        async move {
+            Ok(match answer.await {
+                Ok(Ok(o)) => Check::from(o),
+                Ok(Err(e)) if e.downcast_ref::<ComponentExited>().is_some() => return Err(e),
+                Ok(Err(e)) => Check::Seen(format!("{e:#}")),
+                Err(_) => Check::Seen("no answer within 10s".to_string()),
+            })
         }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what} (last: {last})");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await?
 }
 
 impl ControlPlane {
@@ -706,22 +704,18 @@ impl ControlPlane {
             .create(&PostParams::default(), &node)
             .await
             .with_context(|| format!("create node {name}"))?;
-        poll(&format!("node {name} Ready"), READY_TIMEOUT, || {
-            let nodes = nodes.clone();
-            async move {
-                let n = nodes.get(name).await?;
-                let ready = n
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-                let tainted = n
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.taints.as_ref())
-                    .is_some_and(|t| !t.is_empty());
-                Ok((ready && !tainted).then_some(n))
-            }
+        crate::wait::object(&nodes, name, "Ready and untainted", READY_TIMEOUT, |n| {
+            let ready = n
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let tainted = n
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|t| !t.is_empty());
+            ready && !tainted
         })
         .await
     }

@@ -65,9 +65,16 @@ impl RuntimeState {
 
     fn new_container(&mut self, p: &PodView, name: &str, attempt: u32) -> Container {
         self.created += 1;
-        let short: String = p.uid.chars().take(8).collect();
+        // 64 hex digits, as containerd's ids (and what `/proc/<pid>/cgroup` names).
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&(&p.uid, name, attempt), &mut h);
+        let id = format!(
+            "{:016x}{:048x}",
+            std::hash::Hasher::finish(&h),
+            self.created
+        );
         Container {
-            id: format!("{short}-{name}-{attempt}"),
+            id,
             pod_sandbox_id: format!("sandbox-{}", p.uid),
             metadata: Some(ContainerMetadata {
                 name: name.to_string(),
@@ -254,10 +261,8 @@ mod tests {
     fn pods_bring_running_containers_and_take_them_away() {
         let mut st = RuntimeState::default();
         st.sync(&[pod("aaaaaaaa-1", "Always"), pod("bbbbbbbb-2", "Never")]);
-        assert_eq!(
-            st.running("aaaaaaaa-1", "main"),
-            Some(("aaaaaaaa-main-0".into(), 0))
-        );
+        let (id, attempt) = st.running("aaaaaaaa-1", "main").unwrap();
+        assert_eq!((id.len(), attempt), (64, 0));
         assert!(st.running("bbbbbbbb-2", "side").is_some());
         st.sync(&[pod("bbbbbbbb-2", "Never")]);
         assert_eq!(st.running("aaaaaaaa-1", "main"), None);

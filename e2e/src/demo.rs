@@ -17,13 +17,14 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, PostParams};
-use unwedge_crds::gpuwedge::Phase;
+use unwedge_crds::gpuwedge::{GpuWedge, Phase};
 use unwedge_crds::policy::RecoveryPolicy;
 
 use crate::cluster::ControlPlane;
 use crate::dra_fixture as dra;
 use crate::fleet::{Bins, Fleet, NodeSpec};
 use crate::recorder::Recorder;
+use crate::wait::{self, Check};
 
 /// Demo options.
 #[derive(Clone, Debug, Default)]
@@ -142,28 +143,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let node = fleet.node(target);
     node.inject(&bins, &bdf, "rebind,bus-reset", &[]).await?;
     let mut shown = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    let outcome = loop {
-        for l in rec.timeline_since(shown) {
-            println!("{l}");
-            shown += 1;
-        }
-        let done = rec
-            .wedges_of(target)
-            .iter()
-            .any(|w| w.status.as_ref().and_then(|s| s.phase) == Some(Phase::Recovered));
-        if done {
-            break Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            break Err(anyhow::anyhow!(
-                "the wedge on {target} was not Recovered within 3 minutes\n{}\n{}",
-                rec.report(),
-                fleet.operator_logs(30)
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let outcome = follow(&rec, &mut shown, target, Phase::Recovered, &fleet)
+        .await
+        .map(drop);
     tokio::time::sleep(Duration::from_millis(500)).await;
     for l in rec.timeline_since(shown) {
         println!("{l}");
@@ -302,7 +284,7 @@ fn print_allocations(rows: &[(String, Option<String>)], pci: &BTreeMap<String, S
 
 /// Waits until `n` workload pods run with a device.
 async fn wait_allocated(client: &kube::Client, n: usize) -> anyhow::Result<()> {
-    dra::until(
+    wait::until(
         &format!("{n} workload pods running with a device"),
         Duration::from_secs(120),
         || async {
@@ -353,7 +335,7 @@ async fn run_dra(opts: Options) -> anyhow::Result<()> {
     fleet.start_operators(&cp, 2).await?;
     fleet.wait_agents_ready(Duration::from_secs(60)).await?;
     wait_allocated(&client, 6).await?;
-    let condition = dra::until(
+    let condition = wait::until(
         "the policy's DeviceQuarantine condition",
         Duration::from_secs(60),
         || async {
@@ -395,7 +377,7 @@ async fn run_dra(opts: Options) -> anyhow::Result<()> {
         .inject(&bins, &bdf, "rebind,bus-reset", &[])
         .await?;
     let mut shown = 0;
-    let wedge = follow(&rec, &mut shown, Phase::AwaitingApproval, &fleet).await?;
+    let wedge = follow(&rec, &mut shown, DRA_NODE, Phase::AwaitingApproval, &fleet).await?;
 
     // Extra GPU pods while the wedge is open: the free GPUs are allocated, the quarantined one
     // never is.
@@ -455,8 +437,8 @@ async fn run_dra(opts: Options) -> anyhow::Result<()> {
     ));
     cp.kubectl_ok(&["annotate", "gw", &wedge, "unwedge.io/approve=", &by])
         .await?;
-    follow(&rec, &mut shown, Phase::Recovered, &fleet).await?;
-    dra::until(
+    follow(&rec, &mut shown, DRA_NODE, Phase::Recovered, &fleet).await?;
+    wait::until(
         "the DeviceTaintRule deleted",
         Duration::from_secs(60),
         || async {
@@ -515,55 +497,62 @@ async fn run_dra(opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints the recorder's timeline until the wedge on the DRA node reaches `phase` (3 min at
-/// most); returns the wedge's name.
+/// Prints the recorder's timeline until a wedge on `node` reaches `phase` (3 min at most);
+/// returns the wedge's name.
 async fn follow(
     rec: &Recorder,
     shown: &mut usize,
+    node: &str,
     phase: Phase,
     fleet: &Fleet,
 ) -> anyhow::Result<String> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    loop {
-        for l in rec.timeline_since(*shown) {
-            println!("{l}");
-            *shown += 1;
-        }
-        if let Some(w) = rec
-            .wedges_of(DRA_NODE)
-            .into_iter()
-            .find(|w| w.status.as_ref().and_then(|s| s.phase) == Some(phase))
-        {
-            return Ok(w.name_any());
-        }
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!(
-                "no wedge on {DRA_NODE} reached {phase:?} within 3 minutes\n{}\n{}",
-                rec.report(),
-                fleet.operator_logs(30)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait::until(
+        &format!("a wedge on {node} in {phase:?}"),
+        Duration::from_secs(180),
+        || {
+            for l in rec.timeline_since(*shown) {
+                println!("{l}");
+                *shown += 1;
+            }
+            let wedges = rec.wedges_of(node);
+            let phase_of = |w: &GpuWedge| w.status.as_ref().and_then(|s| s.phase);
+            let found = match wedges.iter().find(|w| phase_of(w) == Some(phase)) {
+                Some(w) => Check::Done(w.name_any()),
+                None => Check::Seen(format!(
+                    "phases {:?}",
+                    wedges.iter().map(phase_of).collect::<Vec<_>>()
+                )),
+            };
+            async move { Ok(found) }
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}\n{}", rec.report(), fleet.operator_logs(30)))
 }
 
 async fn wait_running(cp: &ControlPlane, n: usize) -> anyhow::Result<()> {
-    for _ in 0..300 {
-        let out = cp
-            .kubectl_ok(&[
-                "get",
-                "pods",
-                "-n",
-                WORKLOAD_NS,
-                "--field-selector=status.phase=Running",
-                "-o",
-                "name",
-            ])
-            .await?;
-        if out.lines().count() >= n {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    anyhow::bail!("fewer than {n} workload pods Running after 60s")
+    wait::until(
+        &format!("{n} workload pods Running"),
+        Duration::from_secs(60),
+        || async {
+            let out = cp
+                .kubectl_ok(&[
+                    "get",
+                    "pods",
+                    "-n",
+                    WORKLOAD_NS,
+                    "--field-selector=status.phase=Running",
+                    "-o",
+                    "name",
+                ])
+                .await?;
+            let running = out.lines().count();
+            Ok(if running >= n {
+                Check::Done(())
+            } else {
+                Check::Seen(format!("{running} Running"))
+            })
+        },
+    )
+    .await
 }

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
@@ -17,6 +17,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use crate::cluster::ControlPlane;
+use crate::wait::until;
 
 /// The test DRA driver (also the DeviceClass name).
 pub const DRIVER: &str = "gpu.e2e.unwedge.io";
@@ -36,25 +37,6 @@ pub async fn apply_yaml(cp: &ControlPlane, name: &str, yaml: &str) -> anyhow::Re
     std::fs::write(&f, yaml)?;
     cp.apply_yaml_file(&f).await?;
     Ok(())
-}
-
-/// Polls `f` every 250 ms until it returns `Some`, or fails naming `what`.
-pub async fn until<F, Fut, R>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<R>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<R>>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(r) = f().await? {
-            return Ok(r);
-        }
-        anyhow::ensure!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// Creates a namespaced object from JSON in `ns`.

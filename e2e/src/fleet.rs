@@ -21,6 +21,7 @@ use crate::cluster::{ControlPlane, Proc, repo_root};
 use crate::fakesysfs::{FakeSysfs, Gpu};
 use crate::netns::NetNs;
 use crate::podresources_server::{PodResourcesServer, RESOURCE};
+use crate::wait::{self, Check};
 
 /// The namespace of the agents' and the operator's identities.
 pub const SYSTEM_NS: &str = "unwedge-system";
@@ -240,6 +241,12 @@ impl SimNode {
             self.state_dir().display().to_string(),
             "--pod-resources-socket".into(),
             self.podres.socket().display().to_string(),
+            "--cri-socket".into(),
+            self.dir.join("containerd.sock").display().to_string(),
+            "--restart-grace".into(),
+            "1s".into(),
+            "--restart-timeout".into(),
+            "5s".into(),
             "--metrics-addr".into(),
             "127.0.0.1:9101".into(),
             "--reboot-mode".into(),
@@ -1150,17 +1157,26 @@ impl Scenario {
         )
         .await
         .with_context(|| format!("create pod {ns}/{name}"))?;
-        let key = format!("{ns}/{name}");
-        for _ in 0..300 {
-            let p = pods.get(name).await?;
-            let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-            let listed = self.fleet.node(node).podres.has_devices(ns, name);
-            if running && (gpus == 0 || listed) {
-                return Ok(p);
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        anyhow::bail!("pod {key} did not run on {node} with its GPUs within 60s")
+        let podres = &self.fleet.node(node).podres;
+        wait::until(
+            &format!("pod {ns}/{name} running on {node} with its GPUs"),
+            Duration::from_secs(60),
+            || async {
+                let p = pods.get(name).await?;
+                let phase = p.status.as_ref().and_then(|s| s.phase.clone());
+                let listed = podres.has_devices(ns, name);
+                Ok(
+                    if phase.as_deref() == Some("Running") && (gpus == 0 || listed) {
+                        Check::Done(p)
+                    } else {
+                        Check::Seen(format!(
+                            "phase {phase:?}, its devices listed by PodResources: {listed}"
+                        ))
+                    },
+                )
+            },
+        )
+        .await
     }
 
     /// Whether the pod still exists (not evicted).

@@ -11,4 +11,5 @@ pub mod netns;
 pub mod podresources_server;
 pub mod recorder;
 pub mod scenario_ops;
+pub mod wait;
 pub mod wedge_view;

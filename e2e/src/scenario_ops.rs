@@ -1,6 +1,8 @@
 //! What scenarios do to the cluster and check beyond the fleet itself: PodDisruptionBudgets
-//! that hold a drain, Events, human verbs written as the admin, and watching a held wedge.
+//! that hold a drain, Events, human verbs written as the admin, watching a held wedge, and
+//! waiting for a state with the scenario's report on failure ([`Scenario::eventually`]).
 
+use std::future::Future;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Event;
@@ -11,6 +13,7 @@ use unwedge_crds::gpuwedge::{GpuWedge, Phase};
 
 use crate::cluster::ControlPlane;
 use crate::fleet::{Bins, Scenario};
+use crate::wait::{self, Check};
 use crate::wedge_view::{Outcome, phase};
 
 /// How long a held wedge is watched to prove nothing moves.
@@ -49,18 +52,28 @@ impl Scenario {
         api.create(&PostParams::default(), &pdb)
             .await
             .map_err(self.ctx(&format!("create PodDisruptionBudget {name}")))?;
-        for _ in 0..150 {
-            let p = api.get(name).await.map_err(self.ctx("get PDB"))?;
-            let st = p.status.unwrap_or_default();
-            if st.current_healthy == Some(apps.len() as i32) && st.disruptions_allowed == Some(0) {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        Err(self.fail(&format!(
-            "PodDisruptionBudget {name}: expected {} healthy pods and 0 disruptions allowed within 30s",
-            apps.len()
-        )))
+        let want = apps.len() as i32;
+        self.eventually(
+            &format!(
+                "PodDisruptionBudget {name} to count {want} healthy pods and allow 0 disruptions"
+            ),
+            Duration::from_secs(30),
+            || async {
+                let p = api.get(name).await.map_err(self.ctx("get PDB"))?;
+                let st = p.status.unwrap_or_default();
+                Ok(
+                    if st.current_healthy == Some(want) && st.disruptions_allowed == Some(0) {
+                        Check::Done(())
+                    } else {
+                        Check::Seen(format!(
+                            "{:?} healthy, {:?} disruptions allowed",
+                            st.current_healthy, st.disruptions_allowed
+                        ))
+                    },
+                )
+            },
+        )
+        .await
     }
 
     /// Relaxes a PodDisruptionBudget made by [`pdb_blocking`] to allow every disruption.
@@ -74,6 +87,57 @@ impl Scenario {
             .await
             .map(|_| ())
             .map_err(self.ctx(&format!("relax PodDisruptionBudget {name}")))
+    }
+
+    /// Asks `check` every [`wait::EVERY`] until it reports the awaited state (returned), for
+    /// at most `timeout`. The failure names `what` and the last state seen, with the scenario's
+    /// report ([`Scenario::fail`]); an error of the check (a failure message already) ends the
+    /// wait at once.
+    pub async fn eventually<T, F, Fut>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        check: F,
+    ) -> Result<T, String>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Check<T>, String>>,
+    {
+        wait::poll(what, timeout, wait::EVERY, check)
+            .await
+            .map_err(|t| self.fail(&t.to_string()))?
+    }
+
+    /// Waits up to 60 s for the first Event with `reason` about the object `name`; `why` says
+    /// what the Event shows (e.g. "a PDB holds the drain").
+    pub async fn wait_event(&self, name: &str, reason: &str, why: &str) -> Outcome {
+        self.eventually(
+            &format!("an Event {reason} about {name} ({why})"),
+            Duration::from_secs(60),
+            || async {
+                Ok(match self.events(name, reason).await?.len() {
+                    0 => Check::Seen("none".to_string()),
+                    _ => Check::Done(()),
+                })
+            },
+        )
+        .await
+    }
+
+    /// Waits up to `timeout` until the agent of `node` has asked its host to reboot; `why`
+    /// says why it should.
+    pub async fn wait_reboot_request(&self, node: &str, why: &str, timeout: Duration) -> Outcome {
+        self.eventually(
+            &format!("the agent of {node} to request a reboot ({why})"),
+            timeout,
+            || async {
+                Ok(match self.fleet.sim(node).reboot_requests() {
+                    0 => Check::Seen("no reboot request".to_string()),
+                    _ => Check::Done(()),
+                })
+            },
+        )
+        .await
     }
 
     /// Events with `reason` about the object named `name`, in any namespace.

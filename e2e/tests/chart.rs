@@ -7,10 +7,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use e2e::cluster::{ControlPlane, ensure_binaries, repo_root};
+use e2e::wait;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
@@ -912,26 +913,15 @@ fn values_schema_refuses_bad_values_with_a_clear_error() {
     }
 }
 
-/// Polls `f` every 250 ms until it returns `Some`, or fails after `timeout` with `what`.
-async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+/// [`wait::until_through_errors`], failing the test when it times out.
+async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
 {
-    let deadline = Instant::now() + timeout;
-    let mut last;
-    loop {
-        match f().await {
-            Ok(Some(v)) => return v,
-            Ok(None) => last = "not yet".into(),
-            Err(e) => last = format!("{e:#}"),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what} (last: {last})"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait::until_through_errors(what, timeout, f)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The namespace as each Helm gets it labeled for the privileged agent (chart README): Helm 4

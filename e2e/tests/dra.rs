@@ -29,8 +29,9 @@ use unwedge_agent::reporter::{DetectedWedge, agent_status_patch, build_wedge};
 use unwedge_crds::{DeviceRef, DraDeviceRef, GpuWedge, Phase, RecoveryPolicy};
 
 use e2e::cluster::ControlPlane;
-use e2e::dra_fixture::{self as dra, DRIVER, apply_yaml, cordon_watch, create, until};
+use e2e::dra_fixture::{self as dra, DRIVER, apply_yaml, cordon_watch, create};
 use e2e::fleet::{Bins, Fleet};
+use e2e::wait::until;
 
 const NS: &str = "ml";
 const T: Duration = Duration::from_secs(90);

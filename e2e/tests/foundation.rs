@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use e2e::cluster::ControlPlane;
+use e2e::wait;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
@@ -429,15 +430,33 @@ async fn kwok_nodes_scheduler_controllers_tokens_and_apiserver_restart() {
     }))
     .unwrap();
     pods.create(&PostParams::default(), &pod).await.unwrap();
-    let running = wait_for(&pods, "gpu-user", |p| {
+    let running = wait::object(&pods, "gpu-user", "Running", Duration::from_secs(60), |p| {
         p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
     })
-    .await;
+    .await
+    .unwrap();
     assert_eq!(
         running.spec.as_ref().unwrap().node_name.as_deref(),
         Some("kwok-a")
     );
     let uid = running.metadata.uid.clone().unwrap();
+    // A wait that times out says what it awaited and what it saw last.
+    let never = wait::object(
+        &pods,
+        "gpu-user",
+        "Succeeded",
+        Duration::from_secs(2),
+        |p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        never.starts_with(
+            "timed out after 2s waiting for Pod gpu-user Succeeded; last seen: status "
+        ) && never.contains(r#""phase":"Running""#),
+        "{never}"
+    );
 
     // The controller manager runs: a Deployment gets a ReplicaSet and running pods.
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), "default");
@@ -449,10 +468,15 @@ async fn kwok_nodes_scheduler_controllers_tokens_and_apiserver_restart() {
     }))
     .unwrap();
     deploys.create(&PostParams::default(), &d).await.unwrap();
-    wait_for(&deploys, "web", |d| {
-        d.status.as_ref().and_then(|s| s.ready_replicas) == Some(2)
-    })
-    .await;
+    wait::object(
+        &deploys,
+        "web",
+        "with 2 ready replicas",
+        Duration::from_secs(60),
+        |d| d.status.as_ref().and_then(|s| s.ready_replicas) == Some(2),
+    )
+    .await
+    .unwrap();
 
     // A token bound to the pod carries the node's name; an unbound one does not.
     let bound = cp
@@ -523,25 +547,6 @@ async fn kwok_nodes_scheduler_controllers_tokens_and_apiserver_restart() {
         .unwrap();
     assert_eq!(node.metadata.name.as_deref(), Some("kwok-a"));
     cp.stop().await;
-}
-
-async fn wait_for<K>(api: &Api<K>, name: &str, ok: impl Fn(&K) -> bool) -> K
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let last = api.get_opt(name).await;
-        if let Ok(Some(k)) = &last
-            && ok(k)
-        {
-            return k.clone();
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out waiting for {name}: {last:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 fn alive(pid: u32) -> bool {

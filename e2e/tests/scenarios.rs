@@ -339,15 +339,12 @@ async fn rebind_during_open_none(cp: &ControlPlane, bins: &Bins) -> Outcome {
         .map_err(sc.ctx("inject none"))?;
     let w = sc.wait_phase(node, Phase::Restarting).await?;
     let name = w.metadata.name.clone().unwrap_or_default();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while sc.events(&name, "EvictionRefused").await?.is_empty() {
-        if tokio::time::Instant::now() > deadline {
-            return Err(sc.fail(&format!(
-                "wedge {name}: expected the PDB to refuse the eviction of nr-blamed (Event EvictionRefused) within 60s"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    sc.wait_event(
+        &name,
+        "EvictionRefused",
+        "the PDB refuses the eviction of nr-blamed",
+    )
+    .await?;
     sc.inject(bins, node, &g, "rebind,bus-reset").await?;
     sc.rec
         .wait_node_wedges(
@@ -529,15 +526,12 @@ async fn escalation(cp: &ControlPlane, bins: &Bins) -> Outcome {
     for (n, g) in [(bus, &gb), (boot, &gr)] {
         sc.inject(bins, n, g, "rebind,bus-reset").await?;
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-    while sc.fleet.sim(boot).reboot_requests() == 0 {
-        if tokio::time::Instant::now() > deadline {
-            return Err(sc.fail(&format!(
-                "node {boot}: expected the agent to request a reboot after rebind and bus-reset failed, seen none within 300s"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    sc.wait_reboot_request(
+        boot,
+        "rebind and bus-reset failed",
+        Duration::from_secs(300),
+    )
+    .await?;
     let boot_before = sc.fleet.sim(boot).boot_id();
     sc.fleet
         .sim(boot)

@@ -6,8 +6,6 @@
 //!
 //! Needs root. `UNWEDGE_SCENARIOS=pdb,manual,paused,breaker,repeat` runs a subset.
 
-use std::time::Duration;
-
 use e2e::cluster::ControlPlane;
 use e2e::fleet::{Bins, NodeSpec, Scenario};
 use e2e::scenario_ops::{HOLD, PHASE_WAIT, binaries_and_plane};
@@ -66,15 +64,8 @@ async fn pdb_then_relaxed(cp: &ControlPlane, bins: &Bins) -> Outcome {
     }
     let w = sc.wait_phase(a, Phase::Draining).await?;
     let name = w.metadata.name.clone().unwrap_or_default();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while sc.events(&name, "EvictionRefused").await?.is_empty() {
-        if tokio::time::Instant::now() > deadline {
-            return Err(sc.fail(&format!(
-                "wedge {name}: expected an EvictionRefused Event (the PDB refuses pdb-guarded) within 60s, seen none"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    sc.wait_event(&name, "EvictionRefused", "the PDB refuses pdb-guarded")
+        .await?;
     sc.stays(a, Phase::Draining, "PDB blocks the drain").await?;
     if !sc
         .pod_exists(NS, "pdb-guarded")

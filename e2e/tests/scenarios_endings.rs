@@ -16,6 +16,7 @@ use std::time::Duration;
 use e2e::cluster::ControlPlane;
 use e2e::fleet::{Bins, NodeSpec, SCENARIO_LABEL, Scenario};
 use e2e::scenario_ops::{PHASE_WAIT, binaries_and_plane};
+use e2e::wait::Check;
 use e2e::wedge_view::{Outcome, Runner, attempt_seq, condition, conditions_line, phase};
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
@@ -41,25 +42,18 @@ async fn ledger(sc: &Scenario, policy: &str) -> Result<Vec<String>, String> {
         .unwrap_or_default())
 }
 
-/// Polls until `check` holds (it returns what it saw when it does not), or fails with `what`.
-async fn eventually<F, Fut>(sc: &Scenario, what: &str, check: F) -> Outcome
+/// [`Scenario::eventually`] for [`RELEASE_WAIT`] with a check that returns what it saw when
+/// the awaited state does not hold, and nothing when it does.
+async fn eventually<F, Fut>(sc: &Scenario, what: &str, mut check: F) -> Outcome
 where
-    F: Fn() -> Fut,
+    F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Option<String>, String>>,
 {
-    let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
-    loop {
-        let seen = check().await?;
-        let Some(seen) = seen else {
-            return Ok(());
-        };
-        if tokio::time::Instant::now() > deadline {
-            return Err(sc.fail(&format!(
-                "{what} within {RELEASE_WAIT:?}; last seen: {seen}"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    sc.eventually(what, RELEASE_WAIT, || {
+        let seen = check();
+        async move { Ok(Check::unless(seen.await?)) }
+    })
+    .await
 }
 
 /// Node `a`'s wedge held in Draining by a PodDisruptionBudget (so it holds the only budget
@@ -347,21 +341,19 @@ async fn hand_made(
 /// Waits until `wedge` is in `want` and returns it.
 async fn wedge_in(sc: &Scenario, wedge: &str, want: Phase) -> Result<GpuWedge, String> {
     let api = Api::<GpuWedge>::all(sc.fleet.client());
-    let deadline = tokio::time::Instant::now() + PHASE_WAIT;
-    loop {
-        let w = api.get(wedge).await.map_err(sc.ctx("get"))?;
-        if phase(&w) == Some(want) {
-            return Ok(w);
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(sc.fail(&format!(
-                "wedge {wedge}: expected {want:?} within {PHASE_WAIT:?}, seen {:?}: {}",
-                phase(&w),
-                conditions_line(&w)
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    sc.eventually(
+        &format!("wedge {wedge} in {want:?}"),
+        PHASE_WAIT,
+        || async {
+            let w = api.get(wedge).await.map_err(sc.ctx("get"))?;
+            Ok(if phase(&w) == Some(want) {
+                Check::Done(w)
+            } else {
+                Check::Seen(format!("{:?}: {}", phase(&w), conditions_line(&w)))
+            })
+        },
+    )
+    .await
 }
 
 /// Hand-made GpuWedges the agent never detected: one naming an address that is no DRM device
@@ -524,13 +516,8 @@ async fn no_driver(cp: &ControlPlane, bins: &Bins) -> Outcome {
     let g = sc.fleet.sim(a).sysfs.gpus()[0].bdf.clone();
     sc.fleet.sim(a).sysfs.drop_driver_link(&g);
     sc.inject(bins, a, &g, "rebind,bus-reset").await?;
-    let deadline = tokio::time::Instant::now() + PHASE_WAIT;
-    while sc.fleet.sim(a).reboot_requests() == 0 {
-        if tokio::time::Instant::now() > deadline {
-            return Err(sc.fail(&format!("node {a}: expected a reboot request for the driverless device within {PHASE_WAIT:?}, seen none")));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    sc.wait_reboot_request(a, "its device has no driver bound", PHASE_WAIT)
+        .await?;
     let w = sc.only_wedge(a)?;
     let msg = w
         .status

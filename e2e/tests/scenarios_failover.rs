@@ -11,24 +11,11 @@ use std::time::Duration;
 use e2e::cluster::ControlPlane;
 use e2e::fleet::{Bins, NodeSpec, Scenario};
 use e2e::scenario_ops::binaries_and_plane;
+use e2e::wait::Check;
 use e2e::wedge_view::{Outcome, Runner, evicted, eviction_records};
 use unwedge_crds::gpuwedge::Phase;
 
 const NS: &str = "workloads";
-
-/// Waits for `wedge`'s first EvictionRefused Event: the drain is open, held by a PDB.
-async fn drain_held(sc: &Scenario, wedge: &str) -> Outcome {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while sc.events(wedge, "EvictionRefused").await?.is_empty() {
-        if tokio::time::Instant::now() > deadline {
-            return Err(sc.fail(&format!(
-                "wedge {wedge}: expected an EvictionRefused Event (a PDB holds the drain) within 60s, seen none"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    Ok(())
-}
 
 /// Fails unless the node's wedges evicted exactly `pods` (namespace `NS`), each once.
 fn evicted_once(sc: &Scenario, node: &str, pods: &[&str]) -> Outcome {
@@ -86,7 +73,12 @@ async fn leader_killed_mid_drain(cp: &ControlPlane, bins: &Bins) -> Outcome {
     for (n, g) in nodes.iter().zip(&gpus).skip(1) {
         sc.inject(bins, n, g, "rebind,bus-reset").await?;
     }
-    drain_held(&sc, &w.metadata.name.clone().unwrap_or_default()).await?;
+    sc.wait_event(
+        &w.metadata.name.clone().unwrap_or_default(),
+        "EvictionRefused",
+        "a PDB holds the drain",
+    )
+    .await?;
     let leader = sc
         .fleet
         .leader()
@@ -97,18 +89,17 @@ async fn leader_killed_mid_drain(cp: &ControlPlane, bins: &Bins) -> Outcome {
         .and_then(|i| i.parse().ok())
         .ok_or_else(|| sc.fail(&format!("unexpected leader identity {leader:?}")))?;
     sc.fleet.kill_operator(i);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        match sc.fleet.leader().await {
-            Some(l) if l != leader => break,
-            _ if tokio::time::Instant::now() > deadline => {
-                return Err(sc.fail(&format!(
-                    "after {leader} was killed, expected the other replica to take the Lease within 60s"
-                )));
-            }
-            _ => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
+    sc.eventually(
+        &format!("the other replica to take the Lease after {leader} was killed"),
+        Duration::from_secs(60),
+        || async {
+            Ok(match sc.fleet.leader().await {
+                Some(l) if l != leader => Check::Done(()),
+                holder => Check::Seen(format!("holder {holder:?}")),
+            })
+        },
+    )
+    .await?;
     sc.pdb_relax(NS, "ldr-guard").await?;
     for n in nodes {
         sc.wait_phase(n, Phase::Recovered).await?;
@@ -147,7 +138,12 @@ async fn apiserver_restarted_mid_recovery(cp: &mut ControlPlane, bins: &Bins) ->
     sc.pdb_blocking(NS, "api-guard", &["api-guarded"]).await?;
     sc.inject(bins, node, &g, "rebind,bus-reset").await?;
     let w = sc.wait_phase(node, Phase::Draining).await?;
-    drain_held(&sc, &w.metadata.name.clone().unwrap_or_default()).await?;
+    sc.wait_event(
+        &w.metadata.name.clone().unwrap_or_default(),
+        "EvictionRefused",
+        "a PDB holds the drain",
+    )
+    .await?;
     cp.restart_apiserver()
         .await
         .map_err(sc.ctx("restart kube-apiserver"))?;

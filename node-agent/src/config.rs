@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::builder::TypedValueParser;
 use clap::{Parser, ValueEnum};
+pub use unwedge_telemetry::LogFormat;
 
 /// Command-line arguments of `unwedge-agent`.
 #[derive(Parser, Debug, Clone)]
@@ -134,15 +135,6 @@ pub enum RebootMode {
     Syscall,
     /// Run `--reboot-command` (through the host's init, e.g. systemd).
     Command,
-}
-
-/// `--log-format`.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// Parses a flag's duration: the CRD's syntax (`10s`, `500ms`, `2m`, `1h30m`:

@@ -56,29 +56,52 @@ pub struct Allowed {
     pub blamed_container_id: Option<String>,
 }
 
-/// Why a target may not be touched, if it may not: the pure check before any runtime call.
-/// `running` is the running container the runtime lists for the target's pod UID and name.
+/// Which running container a target means: by pod UID and container name, or — for the
+/// blamed task's container, whose name the approval may not know — by the blamed container id
+/// the agent recorded at detection. `None`: neither is known.
+pub fn selector(target: &ContainerTarget, allowed: &Allowed) -> Option<Selector> {
+    if !target.container.is_empty() {
+        return Some(Selector::running(&target.uid, &target.container));
+    }
+    allowed
+        .blamed_container_id
+        .as_deref()
+        .map(Selector::running_id)
+}
+
+/// Why a target may not be touched, if it may not: the pure check before the stop. `running`
+/// is the running container the runtime lists for the target ([`selector`]).
 pub fn refusal(
     target: &ContainerTarget,
     running: &RuntimeContainer,
     allowed: &Allowed,
 ) -> Option<String> {
-    if running.pod_namespace != target.namespace || running.pod_name != target.pod {
+    if running.pod_uid != target.uid
+        || running.pod_namespace != target.namespace
+        || running.pod_name != target.pod
+    {
         return Some(format!(
-            "the runtime's container {} belongs to {}/{}, not {}/{}",
-            running.id, running.pod_namespace, running.pod_name, target.namespace, target.pod
+            "the runtime's container {} belongs to {}/{} (uid {}), not {}/{} (uid {})",
+            running.id,
+            running.pod_namespace,
+            running.pod_name,
+            running.pod_uid,
+            target.namespace,
+            target.pod,
+            target.uid
         ));
     }
-    let consumer = allowed.consumers.iter().any(|(ns, pod, c)| {
-        *ns == target.namespace && *pod == target.pod && *c == target.container
-    });
+    let consumer = allowed
+        .consumers
+        .iter()
+        .any(|(ns, pod, c)| *ns == target.namespace && *pod == target.pod && *c == running.name);
     let blamed = allowed.blamed_container_id.as_deref() == Some(running.id.as_str());
     if consumer || blamed {
         None
     } else {
         Some(format!(
             "{}/{} container {} neither holds the wedged device (PodResources) nor ran the blamed task",
-            target.namespace, target.pod, target.container
+            target.namespace, target.pod, running.name
         ))
     }
 }
@@ -121,7 +144,13 @@ pub async fn restart_one<R: Runtime>(
     grace: Duration,
     timeout: Duration,
 ) -> ContainerRestart {
-    let sel = Selector::running(&t.uid, &t.container);
+    let Some(sel) = selector(t, allowed) else {
+        return record(
+            t,
+            RestartResult::Refused,
+            "the approval names no container and the agent recorded no blamed container".into(),
+        );
+    };
     let running = match rt.list(&sel).await {
         Ok(list) => list,
         Err(e) => return record(t, RestartResult::Fallback, e.to_string()),
@@ -142,6 +171,11 @@ pub async fn restart_one<R: Runtime>(
     if let Some(why) = refusal(t, &old, allowed) {
         return record(t, RestartResult::Refused, why);
     }
+    let t = &ContainerTarget {
+        container: old.name.clone(),
+        ..t.clone()
+    };
+    let sel = Selector::running(&t.uid, &old.name);
     let started = Instant::now();
     if let Err(e) = rt.stop(&old.id, grace).await {
         let mut r = record(
@@ -262,6 +296,33 @@ mod tests {
                 .contains("belongs to ml/impostor")
         );
         assert!(refusal(&t, &running("c1", "train-0", "main"), &Allowed::default()).is_some());
+    }
+
+    #[test]
+    fn a_nameless_target_is_the_blamed_container_by_id() {
+        let allowed = Allowed {
+            consumers: vec![],
+            blamed_container_id: Some("c-blamed".into()),
+        };
+        let mut t = target("train-0", "");
+        assert_eq!(
+            selector(&t, &allowed),
+            Some(Selector::running_id("c-blamed"))
+        );
+        assert_eq!(selector(&t, &Allowed::default()), None);
+        t.container = "main".into();
+        assert_eq!(
+            selector(&t, &allowed),
+            Some(Selector::running("u-train-0", "main"))
+        );
+        // The blamed container must still belong to the approved pod UID.
+        let mut other = running("c-blamed", "train-0", "main");
+        other.pod_uid = "u-replacement".into();
+        assert!(
+            refusal(&t, &other, &allowed)
+                .unwrap()
+                .contains("uid u-replacement")
+        );
     }
 
     #[test]

@@ -32,6 +32,7 @@ mod views;
 
 pub use attempt::next_attempt;
 pub use ladder::{ladder, plan_methods, plans_none, with_vendor_hint, without_driver};
+pub use none::none_round_at;
 pub use queue::{queue_recheck, queued_status};
 pub use release::{Heir, cordon_heir, places_to_release};
 pub use views::{

@@ -57,16 +57,7 @@ fn identity(cli: &Cli) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,kube=warn".into());
-    if cli.log_format == "json" {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    unwedge_telemetry::init("info,kube=warn", cli.log_format.parse()?);
     let id = identity(&cli);
     tracing::info!(identity = %id, leader_elect = cli.leader_elect, dra = %cli.dra, "starting unwedge-operator");
     // No client-side retries: an eviction refused by a PodDisruptionBudget answers 429, and

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use unwedge_crds::{ApprovalMode, Method, NoneAction, RecoveryPolicySpec, budget};
+use unwedge_crds::{ApprovalMode, Method, NoneAction, RecoveryPolicySpec, RestartMode, budget};
 
 /// A policy field that cannot be used as written.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -73,8 +73,10 @@ pub struct Settings {
     pub delete_empty_dir_data: bool,
     /// Delete at the drain timeout instead of NeedsAttention.
     pub force: bool,
-    /// What `none` does to pods.
+    /// Which containers `none` restarts.
     pub none_action: NoneAction,
+    /// How `none` restarts them: in place or by eviction.
+    pub none_restart: RestartMode,
     /// One `none` eviction round per device per this interval.
     pub none_min_interval: Duration,
     /// `none` eviction rounds at once across the policy's nodes.
@@ -131,6 +133,7 @@ impl Settings {
             delete_empty_dir_data: spec.drain.delete_empty_dir_data,
             force: spec.drain.force,
             none_action: spec.none.action,
+            none_restart: spec.none.restart,
             none_min_interval: duration(
                 "none.minInterval",
                 spec.none.min_interval.as_ref(),
@@ -168,6 +171,7 @@ mod tests {
         assert_eq!(s.verify_timeout, Duration::from_secs(300));
         assert_eq!(s.max_attempts, 3);
         assert_eq!(s.none_action, NoneAction::EvictBlamed);
+        assert_eq!(s.none_restart, RestartMode::InPlace);
         assert_eq!(s.none_max_concurrent, 10);
         assert_eq!(s.history_limit, 5);
     }

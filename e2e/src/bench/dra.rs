@@ -26,6 +26,7 @@ use super::Report;
 use crate::dra_fixture as dra;
 use crate::fleet::{Fleet, NodeSpec};
 use crate::recorder::Recorder;
+use crate::wait;
 
 const NS: &str = "dra-bench";
 const PROBES: usize = 8;
@@ -221,7 +222,7 @@ async fn one(
         dra::plain_pod(client, NS, &p, node).await?;
         others.push(p);
     }
-    dra::until("the pods without a GPU running", t, || async {
+    wait::until("the pods without a GPU running", t, || async {
         let mut n = 0;
         for p in others.iter().filter(|p| p.contains("-cpu-")) {
             let pod = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), NS)
@@ -237,7 +238,7 @@ async fn one(
     fleet.start_operators(cp, 1).await?;
     fleet.wait_agents_ready(Duration::from_secs(60)).await?;
     // The operator of this mode is up once the policy carries its DeviceQuarantine condition.
-    dra::until("the operator's DeviceQuarantine condition", t, || async {
+    wait::until("the operator's DeviceQuarantine condition", t, || async {
         let p = Api::<RecoveryPolicy>::all(client.clone())
             .get("default")
             .await?;
@@ -262,11 +263,11 @@ async fn one(
         &[],
     ))?;
     drop(inj);
-    let wedge = dra::until("the wedge", t, || async {
+    let wedge = wait::until("the wedge", t, || async {
         Ok(rec.wedges_of(node).first().map(kube::ResourceExt::name_any))
     })
     .await?;
-    let isolated_in = dra::until("the device isolated (rule or cordon)", t, || async {
+    let isolated_in = wait::until("the device isolated (rule or cordon)", t, || async {
         let rule = !dra::rules_of(client, &wedge).await?.is_empty();
         let cordoned = nodes
             .get(node)

@@ -17,6 +17,7 @@ use unwedge_crds::gpuwedge::Phase;
 
 use super::Report;
 use crate::fleet::{NodeSpec, Scenario, gpu_pod};
+use crate::wait::{self, Check};
 
 const NS: &str = "drain-bench";
 const NODE: &str = "drain-a";
@@ -80,27 +81,28 @@ impl Drop for Disruptions {
 
 async fn wait_running(client: &Client, want: usize) -> anyhow::Result<()> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let running = pods
-            .list(&ListParams::default().fields(&format!("spec.nodeName={NODE}")))
-            .await?
-            .items
-            .iter()
-            .filter(|p| {
-                p.metadata.deletion_timestamp.is_none()
-                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+    wait::until(
+        &format!("{want} pods Running on {NODE}"),
+        Duration::from_secs(180),
+        || async {
+            let running = pods
+                .list(&ListParams::default().fields(&format!("spec.nodeName={NODE}")))
+                .await?
+                .items
+                .iter()
+                .filter(|p| {
+                    p.metadata.deletion_timestamp.is_none()
+                        && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                })
+                .count();
+            Ok(if running >= want {
+                Check::Done(())
+            } else {
+                Check::Seen(format!("{running} Running"))
             })
-            .count();
-        if running >= want {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "only {running} of {want} pods Running on {NODE} after 180 s"
-        );
-        super::sleep(Duration::from_millis(300)).await;
-    }
+        },
+    )
+    .await
 }
 
 /// Runs the comparison with `pods` pods on the node (8 of them hold a GPU).

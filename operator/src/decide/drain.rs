@@ -83,7 +83,7 @@ pub(super) fn drain_targets(
 }
 
 /// The node's pod `r` names, if it is still there.
-fn node_pod<'a>(input: &'a Input, r: &PodRef) -> Option<&'a PodView> {
+pub(super) fn node_pod<'a>(input: &'a Input, r: &PodRef) -> Option<&'a PodView> {
     input
         .pods
         .iter()

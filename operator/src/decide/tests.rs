@@ -31,6 +31,7 @@ fn pod(ns: &str, name: &str) -> PodView {
     PodView {
         namespace: ns.into(),
         name: name.into(),
+        uid: format!("uid-{name}"),
         ..Default::default()
     }
 }
@@ -94,8 +95,12 @@ impl World {
             ]),
             ..Default::default()
         });
-        let settings =
-            Settings::from_spec(&serde_json::from_value(serde_json::json!({})).unwrap()).unwrap();
+        // `none` by eviction: most tests of the none path predate in-place restarts (the
+        // default); tests of in-place restarts set `RestartMode::InPlace` themselves.
+        let settings = Settings::from_spec(
+            &serde_json::from_value(serde_json::json!({"none": {"restart": "Evict"}})).unwrap(),
+        )
+        .unwrap();
         World {
             wedge,
             node: NodeView {

@@ -44,6 +44,10 @@ pub struct PodView {
     pub namespace: String,
     /// Name.
     pub name: String,
+    /// UID (an in-place restart names the pod by it, so a replacement is never touched).
+    pub uid: String,
+    /// `restartPolicy: Never`: its containers cannot be restarted in place.
+    pub restart_never: bool,
     /// A static (mirror) pod: never evicted.
     pub mirror: bool,
     /// Owned by a DaemonSet: stays, like `kubectl drain --ignore-daemonsets`.

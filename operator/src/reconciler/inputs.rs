@@ -231,11 +231,7 @@ fn history(all: &[Arc<GpuWedge>], w: &GpuWedge) -> Vec<PastWedge> {
         .map(|o| PastWedge {
             name: o.name_any(),
             detected_at: decide::arrived(o),
-            evicted_at: o
-                .status
-                .as_ref()
-                .and_then(|s| s.evictions.as_ref())
-                .and_then(|e| e.iter().map(|e| e.at.0).max()),
+            evicted_at: o.status.as_ref().and_then(decide::none_round_at),
         })
         .collect()
 }
@@ -276,6 +272,11 @@ fn pod_view(p: &Pod) -> PodView {
     PodView {
         namespace: p.namespace().unwrap_or_default(),
         name: p.name_any(),
+        uid: p.metadata.uid.clone().unwrap_or_default(),
+        restart_never: p
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.restart_policy.as_deref() == Some("Never")),
         mirror: p.annotations().contains_key("kubernetes.io/config.mirror"),
         daemon_set: owners.iter().any(|o| o.kind == "DaemonSet"),
         terminating: p.metadata.deletion_timestamp.is_some(),

@@ -1,173 +1,17 @@
-//! From a detected wedge to a `GpuWedge` in the API: the deterministic name and labels, the
-//! object, the agent part of its status, and the "one open incident per device" rule.
-//!
-//! The decisions (`plan`, `build_wedge`, `is_open`, ...) are pure functions over values; the
-//! `Reporter` only lists, creates and merge-patches. It never writes operator fields.
+//! How a detection becomes API writes, decided from values only: whether a wedge is an open
+//! incident, the GpuWedge to create, the merge patches of the agent part of its status, and
+//! [`plan`], which picks create, complete, append an event, or nothing ("one open incident per
+//! device"). Nothing here calls the API.
 
-use std::collections::BTreeMap;
-
-use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::{Api, Client, ResourceExt};
-use serde::{Deserialize, Serialize};
+use kube::ResourceExt;
+use kube::api::ObjectMeta;
 use serde_json::{Value, json};
-use unwedge_crds::labels::{LABEL_DEVICE, LABEL_NODE, device_label};
 use unwedge_crds::{
-    Blamed, Consumer, DeviceRef, DomainDevice, GpuWedge, GpuWedgeSpec, MAX_EVENTS, PodRef,
-    WedgeEvent, is_method_token,
+    Blamed, DeviceRef, GpuWedge, GpuWedgeSpec, MAX_EVENTS, PodRef, WedgeEvent, is_method_token,
 };
 
-/// Where a detected wedge came from.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
-#[serde(rename_all = "camelCase")]
-pub enum Source {
-    /// A `WEDGED=` uevent from the kernel.
-    #[default]
-    Uevent,
-    /// Start-up reconciliation found the device in a wedged state (see `startup`).
-    Startup,
-}
-
-/// The task the driver blamed, as far as the agent could map it on the host.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-#[serde(rename_all = "camelCase")]
-pub struct BlamedTask {
-    /// Host PID from `PID=`.
-    pub pid: i64,
-    /// Task name from `TASK=`.
-    #[serde(default)]
-    pub task: Option<String>,
-    /// Container id from `/proc/<PID>/cgroup`.
-    #[serde(default)]
-    pub container_id: Option<String>,
-    /// Pod UID from the same cgroup path; the pod's name is looked up when reporting.
-    #[serde(default)]
-    pub pod_uid: Option<String>,
-}
-
-/// Everything the agent knew about one wedge when it saw it: what the outbox stores and what
-/// the reporter turns into a `GpuWedge` (so a replay does not depend on sysfs any more).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct DetectedWedge {
-    /// This node.
-    pub node: String,
-    /// The device, resolved best-effort.
-    pub device: DeviceRef,
-    /// The kernel's methods, verbatim and in order.
-    pub methods: Vec<String>,
-    /// When the agent received it.
-    pub detected_at: Timestamp,
-    /// The boot id at detection.
-    pub boot_id: String,
-    /// Every raw key of the uevent.
-    pub uevent: BTreeMap<String, String>,
-    /// The kernel's SEQNUM, if any.
-    #[serde(default)]
-    pub seqnum: Option<u64>,
-    /// The blamed task, if the driver named one.
-    #[serde(default)]
-    pub blamed: Option<BlamedTask>,
-    /// Containers holding a device of the reset domain at detection.
-    #[serde(default)]
-    pub consumers: Vec<Consumer>,
-    /// The devices the methods would disturb.
-    #[serde(default)]
-    pub reset_domain: Vec<DomainDevice>,
-    /// What went wrong while resolving (missing sysfs entries, ...), for a human.
-    #[serde(default)]
-    pub agent_message: Option<String>,
-    /// Where the detection came from.
-    #[serde(default)]
-    pub source: Source,
-    /// Whether the agent has asked the kubelet for `consumers` (and the API for the DRA
-    /// device). A detection stored before that (or by an older agent) is enriched when it is
-    /// replayed, never reported with an empty consumer list that only means "not asked".
-    #[serde(default)]
-    pub enriched: bool,
-}
-
-impl DetectedWedge {
-    /// The wedge of a plain `WEDGED=<methods>` uevent (with `SEQNUM` when `seqnum` is set) on
-    /// `node`, before the agent has looked for consumers, a reset domain or a blamed task.
-    pub fn from_uevent(
-        node: &str,
-        device: DeviceRef,
-        methods: &str,
-        seqnum: Option<u64>,
-        detected_at: Timestamp,
-        boot_id: &str,
-    ) -> DetectedWedge {
-        let mut uevent = BTreeMap::from([("WEDGED".to_string(), methods.to_string())]);
-        if let Some(n) = seqnum {
-            uevent.insert("SEQNUM".into(), n.to_string());
-        }
-        DetectedWedge {
-            node: node.into(),
-            device,
-            methods: methods.split(',').map(str::to_string).collect(),
-            detected_at,
-            boot_id: boot_id.into(),
-            uevent,
-            seqnum,
-            blamed: None,
-            consumers: vec![],
-            reset_domain: vec![],
-            agent_message: None,
-            source: Source::Uevent,
-            enriched: false,
-        }
-    }
-
-    /// The deterministic name: `<node>-<bdf>-<seqnum or detection unix time>`.
-    pub fn name(&self) -> String {
-        let n = self
-            .seqnum
-            .unwrap_or(self.detected_at.as_second().max(0) as u64);
-        wedge_name(&self.node, &self.device.pci_address, n)
-    }
-
-    /// The name used when the seqnum-based one is taken by an incident of another boot (the
-    /// kernel's SEQNUM restarts at every boot): the detection unix time instead.
-    pub fn fallback_name(&self) -> String {
-        wedge_name(
-            &self.node,
-            &self.device.pci_address,
-            self.detected_at.as_second().max(0) as u64,
-        )
-    }
-
-    /// This detection as a later event of an open incident.
-    pub fn as_event(&self) -> WedgeEvent {
-        WedgeEvent {
-            seqnum: self.seqnum,
-            methods: self.methods.clone(),
-            at: Time(self.detected_at),
-            pid: self.blamed.as_ref().map(|b| b.pid),
-        }
-    }
-}
-
-/// `<node>-<bdf>-<n>` with the PCI address's `:` and `.` turned into `-`, lower-cased.
-pub fn wedge_name(node: &str, pci: &str, n: u64) -> String {
-    let bdf = pci.replace([':', '.'], "-");
-    format!("{node}-{bdf}-{n}").to_ascii_lowercase()
-}
-
-/// The labels every GpuWedge carries: node and device (for "open incident" selectors).
-pub fn wedge_labels(node: &str, pci: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (LABEL_NODE.to_string(), node.to_string()),
-        (LABEL_DEVICE.to_string(), device_label(pci)),
-    ])
-}
-
-/// The label selector of all wedges of one device of one node.
-pub fn device_selector(node: &str, pci: &str) -> String {
-    format!("{LABEL_NODE}={node},{LABEL_DEVICE}={}", device_label(pci))
-}
+use super::detection::{DetectedWedge, Source, wedge_labels};
 
 /// Whether a wedge is an open incident: its phase is not Recovered or Abandoned (no phase yet
 /// means Detected, which is open).
@@ -176,25 +20,6 @@ pub fn is_open(w: &GpuWedge) -> bool {
         .as_ref()
         .and_then(|s| s.phase)
         .is_some_and(|p| p.is_terminal())
-}
-
-/// The PCI address named in a DEVPATH (`/devices/pci0000:00/0000:00:01.0/0000:03:00.0/drm/card0`
-/// → `0000:03:00.0`): the last component before `/drm/` that looks like a BDF.
-pub fn bdf_from_devpath(devpath: &str) -> Option<String> {
-    let head = devpath.split("/drm/").next()?;
-    head.rsplit('/').find(|c| is_bdf(c)).map(str::to_string)
-}
-
-/// Whether `s` is `dddd:bb:dd.f` in lower-case hex.
-pub fn is_bdf(s: &str) -> bool {
-    let b = s.as_bytes();
-    let hex = |c: &u8| c.is_ascii_digit() || (b'a'..=b'f').contains(c);
-    b.len() == 12
-        && b[4] == b':'
-        && b[7] == b':'
-        && b[10] == b'.'
-        && (b'0'..=b'7').contains(&b[11])
-        && b[..4].iter().chain(&b[5..7]).chain(&b[8..10]).all(hex)
 }
 
 /// The methods as the API accepts them: tokens that fail the syntax (or overflow the list) are
@@ -411,175 +236,11 @@ pub fn plan(d: &DetectedWedge, existing: &[GpuWedge]) -> ReportPlan {
     ReportPlan::Create { name }
 }
 
-/// Errors while reporting. The outbox retries the transient ones and sets the others aside.
-#[derive(Debug, thiserror::Error)]
-pub enum ReportError {
-    /// The API server refused or could not be reached.
-    #[error("API request for GpuWedge {name}: {source}")]
-    Api {
-        /// The wedge concerned.
-        name: String,
-        /// The cause.
-        #[source]
-        source: kube::Error,
-    },
-    /// The detection cannot be expressed as a GpuWedge (e.g. no PCI address); retrying won't help.
-    #[error("cannot report wedge: {0}")]
-    Unreportable(String),
-}
-
-/// HTTP statuses with which the API server refuses a request for good: the same request
-/// fails the same way however often it is sent (400 Bad Request, 413 Request Entity Too
-/// Large, 415, 422 Invalid). Everything else (no connection, 401/403 while RBAC is fixed,
-/// 404/409 races, 429, 5xx) may pass later.
-pub const PERMANENT_STATUSES: [u16; 4] = [400, 413, 415, 422];
-
-impl ReportError {
-    /// Whether retrying later can help.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            ReportError::Api { source, .. } => {
-                !matches!(source, kube::Error::Api(s) if PERMANENT_STATUSES.contains(&s.code))
-            }
-            ReportError::Unreportable(_) => false,
-        }
-    }
-}
-
-/// How a report ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reported {
-    /// A new GpuWedge.
-    Created(String),
-    /// A new event on an open incident.
-    Appended(String),
-    /// Nothing new: the API already had it.
-    AlreadyRecorded(String),
-}
-
-/// Writes detections to the API as this node.
-#[derive(Clone)]
-pub struct Reporter {
-    client: Client,
-    node: String,
-    dry_run: bool,
-}
-
-impl Reporter {
-    /// A reporter for `node` of an agent that acts (not `--dry-run`).
-    pub fn new(client: Client, node: impl Into<String>) -> Self {
-        Self {
-            client,
-            node: node.into(),
-            dry_run: false,
-        }
-    }
-
-    /// This reporter, saying in each new wedge's `status.agentDryRun` whether the agent runs
-    /// with `--dry-run`.
-    pub fn dry_run(mut self, dry_run: bool) -> Self {
-        self.dry_run = dry_run;
-        self
-    }
-
-    /// Reports one detection: creates the wedge or appends to the open incident.
-    pub async fn report(&self, d: &DetectedWedge) -> Result<Reported, ReportError> {
-        if !is_bdf(&d.device.pci_address) {
-            return Err(ReportError::Unreportable(format!(
-                "no PCI address for the device (got {:?}); uevent {:?}",
-                d.device.pci_address, d.uevent
-            )));
-        }
-        let api: Api<GpuWedge> = Api::all(self.client.clone());
-        let api_err = |name: &str| {
-            let name = name.to_string();
-            move |source| ReportError::Api { name, source }
-        };
-        let lp = ListParams::default().labels(&device_selector(&self.node, &d.device.pci_address));
-        let existing = api.list(&lp).await.map_err(api_err(&d.name()))?.items;
-        match plan(d, &existing) {
-            ReportPlan::AlreadyRecorded { name } => Ok(Reported::AlreadyRecorded(name)),
-            ReportPlan::AppendEvent {
-                name,
-                events,
-                dropped,
-            } => {
-                api.patch_status(
-                    &name,
-                    &PatchParams::default(),
-                    &Patch::Merge(events_patch(&events, dropped)),
-                )
-                .await
-                .map_err(api_err(&name))?;
-                Ok(Reported::Appended(name))
-            }
-            ReportPlan::PatchStatus { name } => {
-                self.patch_agent_status(&api, &name, d).await?;
-                Ok(Reported::Created(name))
-            }
-            ReportPlan::Create { name } => {
-                let pod = match d.blamed.as_ref().and_then(|b| b.pod_uid.as_deref()) {
-                    Some(uid) => self.pod_by_uid(uid).await,
-                    None => None,
-                };
-                let wedge = build_wedge(d, &name, pod);
-                match api.create(&PostParams::default(), &wedge).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(s)) if s.is_already_exists() => {
-                        tracing::info!(wedge = %name, "GpuWedge already exists (replay); completing its status");
-                    }
-                    Err(e) => return Err(api_err(&name)(e)),
-                }
-                self.patch_agent_status(&api, &name, d).await?;
-                Ok(Reported::Created(name))
-            }
-        }
-    }
-
-    async fn patch_agent_status(
-        &self,
-        api: &Api<GpuWedge>,
-        name: &str,
-        d: &DetectedWedge,
-    ) -> Result<(), ReportError> {
-        api.patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(agent_status_patch_as(d, self.dry_run)),
-        )
-        .await
-        .map_err(|source| ReportError::Api {
-            name: name.to_string(),
-            source,
-        })?;
-        Ok(())
-    }
-
-    /// The pod on this node with metadata.uid == `uid`, if the agent may list pods.
-    async fn pod_by_uid(&self, uid: &str) -> Option<PodRef> {
-        let pods: Api<Pod> = Api::all(self.client.clone());
-        let lp = ListParams::default().fields(&format!("spec.nodeName={}", self.node));
-        match pods.list(&lp).await {
-            Ok(list) => list
-                .items
-                .into_iter()
-                .find(|p| p.metadata.uid.as_deref() == Some(uid))
-                .map(|p| PodRef {
-                    namespace: p.namespace().unwrap_or_default(),
-                    name: p.name_any(),
-                    container: None,
-                }),
-            Err(e) => {
-                tracing::warn!(error = %e, pod_uid = uid, "cannot list this node's pods to name the blamed pod; reporting without it");
-                None
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use jiff::Timestamp;
+    use unwedge_crds::labels::{LABEL_DEVICE, LABEL_NODE};
     use unwedge_crds::{GpuWedgeStatus, Phase};
 
     fn detected(seq: Option<u64>) -> DetectedWedge {
@@ -748,15 +409,6 @@ mod tests {
         let (m, note) = api_methods(&[]);
         assert_eq!(m, vec!["unknown"]);
         assert!(note.is_none());
-    }
-
-    #[test]
-    fn bdf_comes_from_the_devpath_when_sysfs_is_missing() {
-        assert_eq!(
-            bdf_from_devpath("/devices/pci0000:00/0000:00:01.0/0000:03:00.0/drm/card0").as_deref(),
-            Some("0000:03:00.0")
-        );
-        assert_eq!(bdf_from_devpath("/devices/platform/gpu/drm/card0"), None);
     }
 
     #[test]
