@@ -117,10 +117,8 @@ pub(super) async fn release_deleted(ctx: &Ctx, w: &GpuWedge) -> Result<(), Error
     }
     for policy in holding_policies(ctx, w) {
         ctx.ensure_leader()?;
-        match ledger::release(&ctx.policy_api(), &policy, &name).await {
-            Ok(()) => released.push(format!("its place in RecoveryPolicy {policy}")),
-            Err(ledger::LedgerError::NoPolicy(_)) => {}
-            Err(e) => return Err(e.into()),
+        if release_place(ctx, &policy, &name).await? {
+            released.push(format!("its place in RecoveryPolicy {policy}"));
         }
     }
     forget(ctx, w).await?;
@@ -129,7 +127,7 @@ pub(super) async fn release_deleted(ctx: &Ctx, w: &GpuWedge) -> Result<(), Error
     } else {
         format!("GpuWedge {name} deleted: released {}", released.join(", "))
     };
-    tracing::info!(wedge = %name, node = %w.spec.node_name, %message, "deleted wedge released");
+    tracing::info!(%message, "deleted wedge released");
     let note = decide::Note {
         warning: true,
         reason: "GpuWedgeDeleted".into(),
@@ -143,7 +141,17 @@ pub(super) async fn release_deleted(ctx: &Ctx, w: &GpuWedge) -> Result<(), Error
     };
     ctx.event(&node_ref, &note).await;
     ctx.metrics.deleted_released.inc();
-    super::update_node_condition(ctx, &w.spec.node_name, &name).await
+    super::persist::update_node_condition(ctx, &w.spec.node_name, &name).await
+}
+
+/// Gives back `wedge`'s place in `policy`'s ledger (a no-op when it holds none); false when
+/// the policy is gone.
+pub(super) async fn release_place(ctx: &Ctx, policy: &str, wedge: &str) -> Result<bool, Error> {
+    match ledger::release(&ctx.policy_api(), policy, wedge).await {
+        Ok(()) => Ok(true),
+        Err(ledger::LedgerError::NoPolicy(_)) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The policies whose ledger (as cached) holds `w`, plus the one its status names (see
@@ -177,10 +185,10 @@ async fn release_cordon(ctx: &Ctx, w: &GpuWedge) -> Result<Option<String>, Error
     if node.annotations().get(ANN_CORDONED_BY) != Some(&name) {
         return Ok(None);
     }
-    let heir = super::cordon_heir(ctx, &w.spec.node_name, &name).await?;
+    let heir = super::effects::cordon_heir(ctx, &w.spec.node_name, &name).await?;
     let rv = node.resource_version();
     let next = heir.as_deref();
-    let body = super::cordon_release_patch(rv, next);
+    let body = super::effects::cordon_release_patch(rv, next);
     let said = match next {
         Some(next) => format!("the cordon (handed to {next}, which still needs it)"),
         None => "the cordon (node uncordoned)".to_string(),

@@ -1,0 +1,161 @@
+//! The node's cordon: made for the wedge (`unwedge.io/cordoned-by` names it), and let go of —
+//! lifted, or handed to another wedge of the node that holds a place (docs/design.md §4).
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use unwedge_crds::labels::ANN_CORDONED_BY;
+
+use super::{Effect, soon};
+use crate::decide;
+use crate::dra;
+use crate::reconciler::{Ctx, Error, finalize, open, open_on_node};
+
+/// Cordons the node and names the wedge on it; says on the wedge when a DRA device could not
+/// be quarantined instead.
+pub(super) async fn cordon(e: &Effect<'_>, node: Option<&Node>) -> Result<Action, Error> {
+    let (ctx, w, name, input) = (e.ctx, e.w, &e.name, e.input);
+    ctx.ensure_leader()?;
+    let body = json!({
+        "metadata": {"annotations": {ANN_CORDONED_BY: name}},
+        "spec": {"unschedulable": true}
+    });
+    Api::<Node>::all(ctx.client.clone())
+        .patch(
+            &w.spec.node_name,
+            &PatchParams::default(),
+            &Patch::Merge(&body),
+        )
+        .await?;
+    if let Some(n) = node {
+        ctx.event(
+            &n.object_ref(&()),
+            &decide::Note {
+                warning: false,
+                reason: "GpuWedgeCordon".into(),
+                message: format!("cordoned by unwedge for {name}"),
+            },
+        )
+        .await;
+    }
+    if let Some(dev) = w
+        .spec
+        .device
+        .dra
+        .as_ref()
+        .filter(|_| ctx.dra.on && input.dra.is_none())
+    {
+        let note = decide::Note {
+            warning: true,
+            reason: "DraDeviceNotOnNode".into(),
+            message: format!(
+                "no ResourceSlice of node {} publishes DRA device {}/{}/{}: the node is cordoned instead of quarantining a device it does not have",
+                w.spec.node_name, dev.driver, dev.pool, dev.device
+            ),
+        };
+        ctx.event(&w.object_ref(&()), &note).await;
+    }
+    if let Some(dev) = w.spec.device.dra.as_ref().filter(|_| !ctx.dra.on) {
+        let message = dra::cordoned_instead(dev, &w.spec.node_name, &ctx.dra);
+        let note = decide::Note {
+            warning: true,
+            reason: "QuarantineUnavailable".into(),
+            message,
+        };
+        ctx.event(&w.object_ref(&()), &note).await;
+    }
+    Ok(soon())
+}
+
+/// Lets go of the node's cordon if it is (still) this wedge's: hands it over (`hand_over`) to
+/// the heir read fresh, or lifts it; guarded by the node's resourceVersion.
+pub(super) async fn let_go(e: &Effect<'_>, hand_over: bool) -> Result<Action, Error> {
+    let (ctx, w, name) = (e.ctx, e.w, &e.name);
+    ctx.ensure_leader()?;
+    // Re-read the node and guard with its resourceVersion: never uncordon a cordon
+    // that is not (or no longer) ours.
+    let api = Api::<Node>::all(ctx.client.clone());
+    let fresh = api.get(&w.spec.node_name).await?;
+    if fresh.annotations().get(ANN_CORDONED_BY) != Some(name) {
+        return Ok(soon());
+    }
+    // The heir as read now: the cache that chose it may not show yet that it finished
+    // (and let its finalizer go), and a cordon handed to it would outlive it.
+    let heir = if hand_over {
+        cordon_heir(ctx, &w.spec.node_name, name).await?
+    } else {
+        None
+    };
+    let body = cordon_release_patch(fresh.resource_version(), heir.as_deref());
+    match api
+        .patch(
+            &w.spec.node_name,
+            &PatchParams::default(),
+            &Patch::Merge(&body),
+        )
+        .await
+    {
+        Err(kube::Error::Api(s)) if s.is_conflict() => return Ok(soon()),
+        r => r?,
+    };
+    let msg = match &heir {
+        Some(to) => format!("cordon handed from {name} to {to}"),
+        None => format!("uncordoned by unwedge: {name} recovered"),
+    };
+    ctx.event(
+        &fresh.object_ref(&()),
+        &decide::Note {
+            warning: false,
+            reason: "GpuWedgeUncordon".into(),
+            message: msg,
+        },
+    )
+    .await;
+    Ok(soon())
+}
+
+/// The wedge of `node` (other than `except`) that takes unwedge's cordon over, chosen by
+/// [`decide::cordon_heir`] from the open wedges the cache shows, each read fresh; `None`: lift it.
+pub(in crate::reconciler) async fn cordon_heir(
+    ctx: &Ctx,
+    node: &str,
+    except: &str,
+) -> Result<Option<String>, Error> {
+    let policies = ctx.policies.state();
+    let mut heirs = Vec::new();
+    for name in open_on_node(&ctx.wedges.state(), node, except) {
+        let Some(w) = ctx.wedge_api().get_opt(&name).await? else {
+            continue;
+        };
+        heirs.push(decide::Heir {
+            open: open(&w),
+            finalized: finalize::held(&w),
+            placed: policies.iter().any(|p| {
+                p.status
+                    .as_ref()
+                    .is_some_and(|s| s.admitted.iter().any(|a| a.wedge == name))
+            }),
+            name,
+        });
+    }
+    Ok(decide::cordon_heir(&heirs))
+}
+
+/// The node patch that lets go of unwedge's cordon, guarded by the node's resourceVersion:
+/// hands it to the wedge `to` (the annotation names it, the node stays unschedulable), or lifts
+/// it (annotation removed, node schedulable).
+pub(in crate::reconciler) fn cordon_release_patch(
+    resource_version: Option<String>,
+    to: Option<&str>,
+) -> serde_json::Value {
+    match to {
+        Some(to) => {
+            json!({"metadata": {"resourceVersion": resource_version, "annotations": {ANN_CORDONED_BY: to}}})
+        }
+        None => {
+            json!({"metadata": {"resourceVersion": resource_version, "annotations": {ANN_CORDONED_BY: null}}, "spec": {"unschedulable": false}})
+        }
+    }
+}
