@@ -1140,6 +1140,22 @@ impl Scenario {
         gpus: u32,
         pinned: Option<&str>,
     ) -> anyhow::Result<Pod> {
+        self.pod_from(gpu_pod(ns, name, node, gpus, pinned), gpus)
+            .await
+    }
+
+    /// Creates `pod` (a [`gpu_pod`], perhaps changed: e.g. its restartPolicy) and waits as
+    /// [`Scenario::pod`] does.
+    pub async fn pod_from(&mut self, pod: Pod, gpus: u32) -> anyhow::Result<Pod> {
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_selector.as_ref())
+            .and_then(|n| n.get("kubernetes.io/hostname").cloned())
+            .unwrap_or_default();
+        let (ns, name, node) = (ns.as_str(), name.as_str(), node.as_str());
         let client = self.fleet.client();
         let nss: Api<Namespace> = Api::all(client.clone());
         if nss.get_opt(ns).await?.is_none() {
@@ -1151,12 +1167,9 @@ impl Scenario {
                 .await;
         }
         let pods: Api<Pod> = Api::namespaced(client, ns);
-        pods.create(
-            &PostParams::default(),
-            &gpu_pod(ns, name, node, gpus, pinned),
-        )
-        .await
-        .with_context(|| format!("create pod {ns}/{name}"))?;
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .with_context(|| format!("create pod {ns}/{name}"))?;
         let podres = &self.fleet.node(node).podres;
         wait::until(
             &format!("pod {ns}/{name} running on {node} with its GPUs"),
@@ -1177,6 +1190,20 @@ impl Scenario {
             },
         )
         .await
+    }
+
+    /// Sets fields of the scenario's RecoveryPolicy (a merge patch of `body`, e.g. `{"spec":
+    /// {"paused": true}}`).
+    pub async fn patch_policy(&self, body: serde_json::Value) -> anyhow::Result<()> {
+        Api::<unwedge_crds::policy::RecoveryPolicy>::all(self.fleet.client())
+            .patch(
+                &self.name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(body),
+            )
+            .await
+            .with_context(|| format!("patch the RecoveryPolicy {}", self.name))?;
+        Ok(())
     }
 
     /// Whether the pod still exists (not evicted).

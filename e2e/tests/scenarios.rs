@@ -8,7 +8,7 @@
 //! cannot run cargo while cargo holds the lock), then run:
 //! `cargo build -p unwedge-agent -p unwedge-operator -p uevent-inject && cargo test -p e2e --test
 //! scenarios -- --nocapture`. `UNWEDGE_SCENARIOS=happy,storm,…` runs a subset (happy, xgmi,
-//! storm, att, flood, killed, none, nonerebind, esc, outbox); `UNWEDGE_STORM_NODES` sizes the storm (default 30).
+//! storm, att, flood, killed, none, inplace, nonerebind, esc, outbox); `UNWEDGE_STORM_NODES` sizes the storm (default 30).
 
 use std::time::Duration;
 
@@ -22,7 +22,8 @@ use unwedge_crds::gpuwedge::{AttemptOutcome, GpuWedge, Phase};
 const NS: &str = "workloads";
 
 /// rebind happy path: the kernel says `rebind,bus-reset`; the consumer of the wedged GPU (and
-/// only it) is evicted, the node cordoned, rebind approved as attempt 1, exactly one unbind and
+/// only it) is evicted (not restarted in place, though the policy restarts `none` consumers in
+/// place), the node cordoned, rebind approved as attempt 1, exactly one unbind and
 /// one bind reach sysfs, the node is uncordoned and the wedge Recovered.
 async fn rebind_happy_path(cp: &ControlPlane, bins: &Bins) -> Outcome {
     let node = "happy-a";
@@ -89,6 +90,17 @@ async fn rebind_happy_path(cp: &ControlPlane, bins: &Bins) -> Outcome {
     if !s.is_bound(&g0) {
         return Err(sc.fail(&format!(
             "device {g0} expected bound after recovery, seen unbound"
+        )));
+    }
+    // The policy restarts `none` consumers in place (the default), yet a rebind's consumer is
+    // evicted, never stopped through the runtime: the kubelet would start it again at once and
+    // it would reopen the device mid-unbind (docs/design.md §4). The pod is gone and the
+    // runtime saw no stop at all.
+    let stops = sc.fleet.sim(node).podres.runtime().stops();
+    if !stops.is_empty() || sc.pod_exists(NS, "happy-w0").await.unwrap_or(true) {
+        return Err(sc.fail(&format!(
+            "a rebind's consumer must be evicted, not restarted in place: runtime stops {stops:?}, happy-w0 still there: {}",
+            sc.pod_exists(NS, "happy-w0").await.unwrap_or(true)
         )));
     }
     sc.uncordoned(node)?;
@@ -318,7 +330,7 @@ async fn rebind_during_open_none(cp: &ControlPlane, bins: &Bins) -> Outcome {
         "nr",
         vec![NodeSpec::new(node, 1, "xe")],
         1,
-        serde_json::json!({"none": {"action": "EvictBlamed"}}),
+        serde_json::json!({"none": {"action": "EvictBlamed", "restart": "Evict"}}),
         2,
     )
     .await
@@ -414,9 +426,10 @@ fn outbox_holds(state: &std::path::Path, needle: &str) -> bool {
         })
 }
 
-/// `none` with each none.action: two pods share the device (pinned), the driver blames a PID
-/// placed in a kubepods cgroup of the first. EvictBlamed evicts exactly that pod,
-/// EvictConsumers both, Ignore none; the node is never cordoned and sysfs never written.
+/// `none` with each none.action, restarting by eviction (`none.restart: Evict`): two pods share
+/// the device (pinned), the driver blames a PID placed in a kubepods cgroup of the first.
+/// EvictBlamed evicts exactly that pod, EvictConsumers both, Ignore none; the node is never
+/// cordoned and sysfs never written.
 async fn none_actions(cp: &ControlPlane, bins: &Bins) -> Outcome {
     for (i, action) in ["EvictBlamed", "EvictConsumers", "Ignore"]
         .iter()
@@ -430,7 +443,7 @@ async fn none_actions(cp: &ControlPlane, bins: &Bins) -> Outcome {
             &sname,
             vec![NodeSpec::new(&node, 2, "amdgpu")],
             1,
-            serde_json::json!({"none": {"action": action}}),
+            serde_json::json!({"none": {"action": action, "restart": "Evict"}}),
             2,
         )
         .await
@@ -499,6 +512,172 @@ async fn none_actions(cp: &ControlPlane, bins: &Bins) -> Outcome {
         sc.check_invariants()?;
     }
     Ok(())
+}
+
+/// `none` restarted in place, the default (docs/design.md §4 "none"), against the node's
+/// stand-in container runtime (CRI over gRPC, restarting a stopped container as the kubelet
+/// does). EvictBlamed: the driver blames a PID in the cgroup of `ip0-blamed`'s running
+/// container; exactly that container is stopped and runs again in the same pod (same UID,
+/// attempt 0 -> 1), the status records it, nothing is evicted, the node is never cordoned and
+/// sysfs never written; an innocent pod on the same device keeps its container. Then
+/// EvictConsumers on a device held by a restartPolicy Always pod and a restartPolicy Never pod:
+/// the first restarts in place, the second is evicted with the reason recorded.
+async fn none_in_place(cp: &ControlPlane, bins: &Bins) -> Outcome {
+    let node = "ip-a";
+    let mut sc = Scenario::new(
+        cp,
+        bins,
+        "ip",
+        vec![NodeSpec::new(node, 4, "amdgpu")],
+        1,
+        serde_json::json!({"none": {"action": "EvictBlamed"}}),
+        2,
+    )
+    .await
+    .map_err(|x| format!("scenario ip: setup: {x:#}"))?;
+    let gpus: Vec<String> = sc
+        .fleet
+        .sim(node)
+        .sysfs
+        .gpus()
+        .iter()
+        .map(|g| g.bdf.clone())
+        .collect();
+    let blamed = sc
+        .pod(NS, "ip-blamed", node, 1, Some(&gpus[0]))
+        .await
+        .map_err(sc.ctx("pod blamed"))?;
+    let innocent = sc
+        .pod(NS, "ip-innocent", node, 1, Some(&gpus[0]))
+        .await
+        .map_err(sc.ctx("pod innocent"))?;
+    let uid = |p: &k8s_openapi::api::core::v1::Pod| p.metadata.uid.clone().unwrap_or_default();
+    let running =
+        |sc: &Scenario, uid: &str| sc.fleet.sim(node).podres.runtime().running(uid, "main");
+    let (blamed_cid, _) = running(&sc, &uid(&blamed))
+        .ok_or_else(|| sc.fail("no running container of ip-blamed in the runtime"))?;
+    let (innocent_cid, _) = running(&sc, &uid(&innocent))
+        .ok_or_else(|| sc.fail("no running container of ip-innocent in the runtime"))?;
+    let task = PodProcess::start(&uid(&blamed), &blamed_cid).map_err(sc.ctx("blamed process"))?;
+    sc.fleet
+        .sim(node)
+        .inject(
+            bins,
+            &gpus[0],
+            "none",
+            &["--pid".into(), task.pid().to_string()],
+        )
+        .await
+        .map_err(sc.ctx("inject"))?;
+    let w = sc.wait_phase(node, Phase::Recovered).await?;
+    let seq = attempt_seq(&w);
+    let restarts = w
+        .status
+        .as_ref()
+        .and_then(|s| s.attempts.as_ref())
+        .and_then(|a| a.first())
+        .and_then(|a| a.restarts.clone())
+        .unwrap_or_default();
+    let stops = sc.fleet.sim(node).podres.runtime().stops();
+    let now_running = running(&sc, &uid(&blamed));
+    if seq != vec![("restart".to_string(), AttemptOutcome::Succeeded)]
+        || restarts.len() != 1
+        || restarts[0].pod != "ip-blamed"
+        || restarts[0].container != "main"
+        || (restarts[0].old_restart_count, restarts[0].new_restart_count) != (Some(0), Some(1))
+        || restarts[0].millis_to_running.is_none()
+        || stops != vec![blamed_cid.clone()]
+        || now_running
+            .as_ref()
+            .is_none_or(|(id, n)| *id == blamed_cid || *n != 1)
+    {
+        return Err(sc.fail(&format!(
+            "expected restart#1 Succeeded restarting ip-blamed/main 0 -> 1 and only its container stopped; attempts {seq:?}, restarts {restarts:?}, runtime stops {stops:?} (blamed {blamed_cid}, innocent {innocent_cid}), blamed now running {now_running:?}"
+        )));
+    }
+    if !evicted(&w).is_empty()
+        || !sc
+            .pod_exists(NS, "ip-blamed")
+            .await
+            .map_err(sc.ctx("get"))?
+        || !sc
+            .pod_exists(NS, "ip-innocent")
+            .await
+            .map_err(sc.ctx("get"))?
+    {
+        return Err(sc.fail(&format!(
+            "nothing may be evicted in place; evictions {:?}",
+            evicted(&w)
+        )));
+    }
+    if sc
+        .rec
+        .timeline()
+        .iter()
+        .any(|l| l.contains(&format!("node {node}: cordoned")))
+        || !sc.fleet.sim(node).sysfs.journal().is_empty()
+    {
+        return Err(sc.fail("none must never cordon or write sysfs"));
+    }
+
+    // EvictConsumers on the second device: an Always and a Never pod hold it.
+    sc.patch_policy(serde_json::json!({"spec": {"none": {"action": "EvictConsumers"}}}))
+        .await
+        .map_err(sc.ctx("policy"))?;
+    let always = sc
+        .pod(NS, "ip-always", node, 1, Some(&gpus[1]))
+        .await
+        .map_err(sc.ctx("pod always"))?;
+    let mut never = e2e::fleet::gpu_pod(NS, "ip-never", node, 1, Some(&gpus[1]));
+    never.spec.as_mut().expect("a spec").restart_policy = Some("Never".into());
+    sc.pod_from(never, 1).await.map_err(sc.ctx("pod never"))?;
+    let first = w.metadata.name.clone().unwrap_or_default();
+    sc.inject(bins, node, &gpus[1], "none").await?;
+    sc.rec
+        .wait_node_wedges(node, "the second none wedge Recovered", PHASE_WAIT, |ws| {
+            ws.iter().any(|w| {
+                w.metadata.name.as_deref() != Some(first.as_str())
+                    && phase(w) == Some(Phase::Recovered)
+            })
+        })
+        .await
+        .map_err(|x| sc.fail(&x))?;
+    let w = sc
+        .rec
+        .wedges_of(node)
+        .into_iter()
+        .find(|w| w.metadata.name.as_deref() != Some(first.as_str()))
+        .ok_or_else(|| sc.fail("the second wedge is gone"))?;
+    let action = w
+        .status
+        .as_ref()
+        .and_then(|s| s.action.clone())
+        .unwrap_or_default();
+    let restarted: Vec<String> = w
+        .status
+        .as_ref()
+        .and_then(|s| s.attempts.as_ref())
+        .and_then(|a| a.first())
+        .and_then(|a| a.restarts.clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|r| format!("{}/{:?}", r.pod, r.result))
+        .collect();
+    if evicted(&w) != [format!("{NS}/ip-never")]
+        || restarted != ["ip-always/Restarted"]
+        || !action.contains("restartPolicy Never")
+        || !sc
+            .pod_exists(NS, "ip-always")
+            .await
+            .map_err(sc.ctx("get"))?
+        || running(&sc, &uid(&always)).is_none_or(|(_, n)| n != 1)
+    {
+        return Err(sc.fail(&format!(
+            "EvictConsumers in place: expected ip-always restarted in place and ip-never evicted (restartPolicy Never); evictions {:?}, restarts {restarted:?}, action {action:?}",
+            evicted(&w)
+        )));
+    }
+    sc.check_invariants()
 }
 
 /// Escalation, two nodes side by side under one policy (ladder rebind → bus-reset → reboot):
@@ -893,6 +1072,13 @@ async fn recovery_scenarios() {
     if run.wants("none") {
         let r = none_actions(&cp, &bins).await;
         run.record("none with each none.action", r);
+    }
+    if run.wants("inplace") {
+        let r = none_in_place(&cp, &bins).await;
+        run.record(
+            "none restarted in place (none.restart InPlace, the default)",
+            r,
+        );
     }
     if run.wants("nonerebind") {
         let r = rebind_during_open_none(&cp, &bins).await;

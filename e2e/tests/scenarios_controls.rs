@@ -171,11 +171,7 @@ async fn manual_approval(cp: &ControlPlane, bins: &Bins) -> Outcome {
 
 /// Sets fields of the scenario's RecoveryPolicy (a merge patch of `body`).
 async fn patch_policy(sc: &Scenario, body: serde_json::Value) -> Outcome {
-    Api::<RecoveryPolicy>::all(sc.fleet.client())
-        .patch(&sc.name, &PatchParams::default(), &Patch::Merge(body))
-        .await
-        .map(|_| ())
-        .map_err(sc.ctx("patch the RecoveryPolicy"))
+    sc.patch_policy(body).await.map_err(sc.ctx("patch"))
 }
 
 /// Fails unless the node's only wedge is held with condition Paused=True (reason `reason`),

@@ -2,8 +2,8 @@
 //! on the runtime's unix socket (containerd: `/run/containerd/containerd.sock`): list the
 //! containers of a pod, by the labels the kubelet puts on every container it creates, and stop
 //! one so that the kubelet restarts it in the same pod, with the same device allocation
-//! (issue 23, in-place restart). This module is the client only: nothing in the agent calls it
-//! yet.
+//! (in-place restarts of a `none` wedge's containers, [`crate::restart`]). This module is the
+//! client only.
 //!
 //! Every listed container is checked against the selector again on this side, so a runtime
 //! that ignores part of a filter can never make the agent stop a container of another pod.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use jiff::Timestamp;
 use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
-use unwedge_crds::{AttemptOutcome, GpuWedge};
+use unwedge_crds::{AttemptOutcome, ContainerRestart, GpuWedge};
 
 /// The uid the journal keys a wedge by (its name when the object has no uid, e.g. in tests).
 pub fn wedge_key(w: &GpuWedge) -> String {
@@ -58,6 +58,9 @@ pub struct JournalRecord {
     /// which verification expects bound again, also after a reboot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
+    /// Method `restart`, stage Finished: each container's in-place restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarts: Option<Vec<ContainerRestart>>,
 }
 
 impl JournalRecord {
@@ -76,6 +79,7 @@ impl JournalRecord {
             message: None,
             advertised: None,
             driver: None,
+            restarts: None,
         }
     }
 }
@@ -164,6 +168,7 @@ pub(super) mod tests {
             advertised: None,
             message: None,
             driver: None,
+            restarts: None,
         }
     }
 

@@ -25,10 +25,15 @@
 //! the end to a reboot approval. `DryRun` is final: the operator holds the wedge for a human
 //! and never escalates past it (the agent also reports `status.agentDryRun`, so the operator
 //! disrupts nothing in the first place). `none` needs no host action, so it succeeds.
+//!
+//! `restart` (a `none` wedge's containers restarted in place, `in_place`) touches no device
+//! and passes no fd gate: it stops the approved containers through the container runtime and
+//! waits for the kubelet to run them again.
 
 mod clearance;
 mod effects;
 pub mod error;
+mod in_place;
 pub mod journal;
 pub mod plan;
 pub mod store;
@@ -45,6 +50,7 @@ use kube::ResourceExt;
 use unwedge_crds::{AttemptOutcome, AttemptResult, GpuWedge, Method};
 
 pub use error::{ActError, ExecutorError, VerifyError};
+pub use in_place::{ConsumersAnswer, ConsumersCheck, RestartConfig};
 pub use journal::{AttemptLog, Journal, JournalRecord, Stage, wedge_key};
 pub use plan::{ExecutorStep, gate_targets, next_action, plan_text, upsert_attempt, with_note};
 pub use store::{KubeStore, WedgeStore};
@@ -97,6 +103,9 @@ pub struct ExecutorConfig {
     pub reappear_timeout: Duration,
     /// Asks whether the device plugin advertises a GPU again (None in the config: not asked).
     pub advertised: Option<AdvertisedCheck>,
+    /// In-place restarts through the container runtime (None: not configured; every restart
+    /// falls back to eviction).
+    pub restarts: Option<in_place::RestartConfig>,
 }
 
 /// Asks, for a PCI address, whether the node's device plugin advertises that GPU as
@@ -360,7 +369,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                     record.result.unwrap_or(AttemptOutcome::Failed),
                     record.message.clone().unwrap_or_default(),
                 );
-                let entry = Self::entry(
+                let mut entry = Self::entry(
                     record.attempt,
                     &record.method,
                     outcome.0,
@@ -369,6 +378,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                     outcome.1,
                     record.advertised,
                 );
+                entry.restarts = record.restarts.clone();
                 self.report(&name, entry).await
             }
             ExecutorStep::ReportInterrupted { attempt, method } => {
@@ -464,6 +474,11 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
             );
             return self
                 .finish(wedge, attempt, method, boot_id, outcome, None)
+                .await;
+        }
+        if method == Method::Restart.as_str() {
+            return self
+                .restart_in_place(wedge, attempt, boot_id, started_at)
                 .await;
         }
         if method == "none" {

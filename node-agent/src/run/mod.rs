@@ -24,7 +24,9 @@ use unwedge_crds::labels::LABEL_NODE;
 
 use crate::config::{Args, DeviceIdMatchArg};
 use crate::dra::AttributeMap;
-use crate::executor::{AdvertisedCheck, Executor, ExecutorConfig, KubeStore, WedgeClock};
+use crate::executor::{
+    AdvertisedCheck, ConsumersCheck, Executor, ExecutorConfig, KubeStore, RestartConfig, WedgeClock,
+};
 use crate::host::SysfsHost;
 use crate::listener::UeventListener;
 use crate::metrics::{self, Metrics};
@@ -237,6 +239,12 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
                 gate_interval: Duration::from_secs(2),
                 reappear_timeout: agent.args.reappear_timeout,
                 advertised: Some(advertised_check(&agent)),
+                restarts: Some(RestartConfig {
+                    socket: agent.args.cri_socket.clone(),
+                    grace: agent.args.restart_grace,
+                    timeout: agent.args.restart_timeout,
+                    consumers: consumers_check(&agent),
+                }),
             },
             host,
             KubeStore::new(client.clone()),
@@ -295,6 +303,31 @@ fn advertised_check(agent: &Agent) -> AdvertisedCheck {
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot ask the kubelet whether {bdf} is advertised again");
                     None
+                }
+            }
+        })
+    }))
+}
+
+/// Asks the kubelet (PodResources `List`) which containers hold a GPU now, for an in-place
+/// restart; an unreachable kubelet vouches for none (logged), so only the blamed container
+/// can be restarted.
+fn consumers_check(agent: &Agent) -> ConsumersCheck {
+    let socket = agent.args.pod_resources_socket.clone();
+    let (matcher, sysfs) = (agent.matcher.clone(), agent.sysfs.clone());
+    ConsumersCheck(Arc::new(move |bdf: String| {
+        let (socket, matcher, sysfs) = (socket.clone(), matcher.clone(), sysfs.clone());
+        Box::pin(async move {
+            match podresources::list(&socket).await {
+                Ok(list) => {
+                    podresources::consumers(&list, std::slice::from_ref(&bdf), &matcher, &sysfs)
+                        .into_iter()
+                        .map(|c| (c.namespace, c.pod, c.container))
+                        .collect()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot ask the kubelet which containers hold {bdf}");
+                    Vec::new()
                 }
             }
         })

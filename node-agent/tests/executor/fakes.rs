@@ -358,6 +358,7 @@ pub fn executor_of(
         gate_interval: Duration::from_millis(100),
         reappear_timeout: Duration::from_secs(5),
         advertised: None,
+        restarts: None,
     };
     Executor::new(
         cfg,
