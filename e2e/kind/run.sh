@@ -94,6 +94,10 @@ wait_until() { # wait_until <seconds> cmd...
   local end=$(( $(date +%s) + $1 )); shift
   until "$@" >/dev/null 2>&1; do [ "$(date +%s)" -lt $end ] || return 1; sleep 1; done
 }
+wait_fine() { # wait_fine <seconds> cmd...: wait_until, checking every 0.1 s (for timing lines)
+  local end=$(( $(date +%s) + $1 )); shift
+  until "$@" >/dev/null 2>&1; do [ "$(date +%s)" -lt $end ] || return 1; sleep 0.1; done
+}
 # The helm flags of the kind install: local images, the fake sysfs and /dev trees as the agent's
 # host paths, and no reboot rung (see Safety above).
 HELM_SET=(
@@ -172,6 +176,11 @@ spec:
         resources: {limits: {unwedge.io/fake-gpu: 1}}
 EOF
   expect "8 GPU pods Ready" sh -c "kubectl rollout status deploy/gpu-work --timeout=180s >/dev/null"
+}
+replaced_and_ready() { # replaced_and_ready <uid>: that pod is gone and 8 gpu-work pods are Ready
+  local rows
+  rows=$(kubectl get pods -l app=gpu-work -o jsonpath='{range .items[*]}{.metadata.uid} {.status.containerStatuses[0].ready}{"\n"}{end}')
+  ! grep -qw "$1" <<<"$rows" && [ "$(grep -c ' true$' <<<"$rows")" = 8 ]
 }
 gpu_work_down() {
   k delete deploy gpu-work --ignore-not-found --wait=true >/dev/null
@@ -286,7 +295,7 @@ s_none_restart_in_place() {
     wait_until 60 sh -c "[ \"\$(kubectl get gw $gw -o jsonpath='{.spec.blamed.pod.namespace}/{.spec.blamed.pod.name}')\" = '$blamed' ]"
   local want="$blamed_uid $((restarts_before + 1)) true"
   expect "the blamed container runs again in the same pod (restartCount $restarts_before -> $((restarts_before + 1)))" \
-    wait_until 120 sh -c "[ \"\$(kubectl get pod $blamed_pod -o jsonpath='{.metadata.uid} {.status.containerStatuses[0].restartCount} {.status.containerStatuses[0].ready}')\" = '$want' ]"
+    wait_fine 120 sh -c "[ \"\$(kubectl get pod $blamed_pod -o jsonpath='{.metadata.uid} {.status.containerStatuses[0].restartCount} {.status.containerStatuses[0].ready}')\" = '$want' ]"
   local t1; t1=$(date +%s.%N)
   echo "timing: none restart in place (uevent -> container running again): $(echo "$t1 - $t0" | bc) s"
   expect "the GpuWedge reaches Recovered" wait_phase $gw Recovered 180
@@ -324,7 +333,7 @@ s_none_evict_timing() {
   local gw; gw=$(gw_of $label)
   expect "a GpuWedge for $bdf exists ($gw)" [ -n "$gw" ]
   expect "the blamed pod is evicted and the Deployment is 8/8 Ready again with a replacement" \
-    wait_until 180 sh -c "! kubectl get pods -l app=gpu-work -o jsonpath='{.items[*].metadata.uid}' | grep -qw '$blamed_uid' && [ \"\$(kubectl get deploy gpu-work -o jsonpath='{.status.readyReplicas}')\" = 8 ]"
+    wait_fine 180 replaced_and_ready "$blamed_uid"
   local t1; t1=$(date +%s.%N)
   echo "timing: none evict and reschedule (uevent -> replacement pod Ready): $(echo "$t1 - $t0" | bc) s"
   only_victim_gone "$blamed_uid" "$before"
