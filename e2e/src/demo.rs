@@ -144,9 +144,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let node = fleet.node(target);
     node.inject(&bins, &bdf, "rebind,bus-reset", &[]).await?;
     let mut shown = 0;
-    let outcome = follow(&rec, &mut shown, target, Phase::Recovered, &fleet)
-        .await
-        .map(drop);
+    let outcome = follow(
+        &rec,
+        &mut shown,
+        target,
+        Phase::Recovered,
+        &fleet,
+        THREE_MINUTES,
+    )
+    .await
+    .map(drop);
     tokio::time::sleep(Duration::from_millis(500)).await;
     for l in rec.timeline_since(shown) {
         println!("{l}");
@@ -232,29 +239,17 @@ async fn restart_in_place(
         &["--pid".into(), task.pid().to_string()],
     )
     .await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut printed = shown;
-    loop {
-        for l in rec.timeline_since(printed) {
-            println!("{l}");
-            printed += 1;
-        }
-        let done = rec
-            .wedges_of(target)
-            .iter()
-            .any(|w| w.status.as_ref().and_then(|s| s.phase) == Some(Phase::Recovered));
-        if done {
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!(
-                "the none wedge on {target} was not Recovered within 60 s\n{}",
-                rec.report()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let after = node.podres.runtime().running(&uid, "main");
+    follow(
+        rec,
+        &mut printed,
+        target,
+        Phase::Recovered,
+        fleet,
+        Duration::from_secs(60),
+    )
+    .await?;
+    let after = fleet.node(target).podres.runtime().running(&uid, "main");
     let same = Api::<Pod>::namespaced(cp.client().await?, ns)
         .get_opt(name)
         .await?
@@ -462,7 +457,15 @@ async fn run_dra(opts: Options) -> anyhow::Result<()> {
         .inject(&bins, &bdf, "rebind,bus-reset", &[])
         .await?;
     let mut shown = 0;
-    let wedge = follow(&rec, &mut shown, DRA_NODE, Phase::AwaitingApproval, &fleet).await?;
+    let wedge = follow(
+        &rec,
+        &mut shown,
+        DRA_NODE,
+        Phase::AwaitingApproval,
+        &fleet,
+        THREE_MINUTES,
+    )
+    .await?;
 
     // Extra GPU pods while the wedge is open: the free GPUs are allocated, the quarantined one
     // never is.
@@ -522,7 +525,15 @@ async fn run_dra(opts: Options) -> anyhow::Result<()> {
     ));
     cp.kubectl_ok(&["annotate", "gw", &wedge, "unwedge.io/approve=", &by])
         .await?;
-    follow(&rec, &mut shown, DRA_NODE, Phase::Recovered, &fleet).await?;
+    follow(
+        &rec,
+        &mut shown,
+        DRA_NODE,
+        Phase::Recovered,
+        &fleet,
+        THREE_MINUTES,
+    )
+    .await?;
     wait::until(
         "the DeviceTaintRule deleted",
         Duration::from_secs(60),
@@ -582,7 +593,10 @@ async fn run_dra(opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints the recorder's timeline until a wedge on `node` reaches `phase` (3 min at most);
+/// How long the demo follows a recovery before it gives up.
+const THREE_MINUTES: Duration = Duration::from_secs(180);
+
+/// Prints the recorder's timeline until a wedge on `node` reaches `phase` (`timeout` at most);
 /// returns the wedge's name.
 async fn follow(
     rec: &Recorder,
@@ -590,27 +604,24 @@ async fn follow(
     node: &str,
     phase: Phase,
     fleet: &Fleet,
+    timeout: Duration,
 ) -> anyhow::Result<String> {
-    wait::until(
-        &format!("a wedge on {node} in {phase:?}"),
-        Duration::from_secs(180),
-        || {
-            for l in rec.timeline_since(*shown) {
-                println!("{l}");
-                *shown += 1;
-            }
-            let wedges = rec.wedges_of(node);
-            let phase_of = |w: &GpuWedge| w.status.as_ref().and_then(|s| s.phase);
-            let found = match wedges.iter().find(|w| phase_of(w) == Some(phase)) {
-                Some(w) => Check::Done(w.name_any()),
-                None => Check::Seen(format!(
-                    "phases {:?}",
-                    wedges.iter().map(phase_of).collect::<Vec<_>>()
-                )),
-            };
-            async move { Ok(found) }
-        },
-    )
+    wait::until(&format!("a wedge on {node} in {phase:?}"), timeout, || {
+        for l in rec.timeline_since(*shown) {
+            println!("{l}");
+            *shown += 1;
+        }
+        let wedges = rec.wedges_of(node);
+        let phase_of = |w: &GpuWedge| w.status.as_ref().and_then(|s| s.phase);
+        let found = match wedges.iter().find(|w| phase_of(w) == Some(phase)) {
+            Some(w) => Check::Done(w.name_any()),
+            None => Check::Seen(format!(
+                "phases {:?}",
+                wedges.iter().map(phase_of).collect::<Vec<_>>()
+            )),
+        };
+        async move { Ok(found) }
+    })
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}\n{}", rec.report(), fleet.operator_logs(30)))
 }

@@ -50,8 +50,8 @@ use crate::cluster::ControlPlane;
 use crate::fleet::{NodeSpec, SCENARIO_LABEL, Scenario};
 use crate::recorder::SeenApproval;
 
-/// The agent's result message for an attempt its restart cut (executor.rs, at most once).
-const CUT_BY_RESTART: &str = "agent restarted during the attempt; not re-executed";
+/// The agent's result message for an attempt its restart cut (at most once).
+const CUT_BY_RESTART: &str = unwedge_agent::executor::INTERRUPTED;
 /// The policy of the nodes relabelled away from the scenario's own.
 const OTHER_POLICY: &str = "chaos-b";
 /// How long one chaos action (a restart included) may take.

@@ -59,6 +59,10 @@ use crate::host::HostActions;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 
+/// The message of an attempt an agent restart cut while acting: reported `Failed`, never run
+/// again (at most once). The chaos benchmark counts these by it.
+pub const INTERRUPTED: &str = "agent restarted during the attempt; not re-executed";
+
 /// When each device (by PCI address) last sent a WEDGED uevent; the listener writes it, the
 /// verifier reads it for the settle window.
 #[derive(Debug, Default, Clone)]
@@ -385,10 +389,7 @@ impl<H: HostActions + 'static, S: WedgeStore> Executor<H, S> {
                 tracing::warn!(
                     "attempt interrupted by an agent restart; reporting it, not re-executing"
                 );
-                let outcome = (
-                    AttemptOutcome::Failed,
-                    "agent restarted during the attempt; not re-executed".to_string(),
-                );
+                let outcome = (AttemptOutcome::Failed, INTERRUPTED.to_string());
                 self.finish(wedge, *attempt, method, boot_id, outcome, None)
                     .await
             }
