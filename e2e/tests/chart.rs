@@ -254,6 +254,8 @@ fn template_defaults_render_the_security_contract() {
         ("/sys", false),
         ("/dev", false),
         ("/var/lib/kubelet/pod-resources", true),
+        // The container runtime socket's directory, read-only (in-place restarts).
+        ("/run/containerd", true),
         ("/var/lib/unwedge", false),
     ] {
         assert!(
@@ -273,6 +275,7 @@ fn template_defaults_render_the_security_contract() {
             "/sys",
             "/dev",
             "/var/lib/kubelet/pod-resources",
+            "/run/containerd",
             "/var/lib/unwedge"
         ]
     );
@@ -282,6 +285,10 @@ fn template_defaults_render_the_security_contract() {
     }
     assert_eq!(c["ports"][0]["containerPort"], 9101);
     let args = args_of(c);
+    assert!(
+        args.contains(&"--cri-socket=/run/containerd/containerd.sock".to_string()),
+        "the agent is told where the runtime socket is: {args:?}"
+    );
     assert!(
         args.contains(&"--reboot-mode=syscall".to_string()),
         "the scratch image has no shell: {args:?}"
