@@ -184,6 +184,43 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, in lifecycle order (gauges pre-create a series for each).
+    pub const ALL: [Phase; 13] = [
+        Phase::Detected,
+        Phase::Queued,
+        Phase::Cordoned,
+        Phase::Quarantined,
+        Phase::Draining,
+        Phase::AwaitingApproval,
+        Phase::Approved,
+        Phase::Recovering,
+        Phase::Verifying,
+        Phase::Restarting,
+        Phase::Recovered,
+        Phase::NeedsAttention,
+        Phase::Abandoned,
+    ];
+
+    /// The position of `self` in [`Phase::ALL`]. An exhaustive match: a new variant does not
+    /// compile until it is placed here, and the test below checks `ALL` agrees.
+    pub const fn index(self) -> usize {
+        match self {
+            Phase::Detected => 0,
+            Phase::Queued => 1,
+            Phase::Cordoned => 2,
+            Phase::Quarantined => 3,
+            Phase::Draining => 4,
+            Phase::AwaitingApproval => 5,
+            Phase::Approved => 6,
+            Phase::Recovering => 7,
+            Phase::Verifying => 8,
+            Phase::Restarting => 9,
+            Phase::Recovered => 10,
+            Phase::NeedsAttention => 11,
+            Phase::Abandoned => 12,
+        }
+    }
+
     /// Whether the incident is over (nothing more will happen to it).
     pub fn is_terminal(self) -> bool {
         matches!(self, Phase::Recovered | Phase::Abandoned)
@@ -503,4 +540,19 @@ pub struct Eviction {
     pub at: Time,
     /// `Evicted`, `Deleted` (force), or `Gone`.
     pub result: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_lists_every_phase_once_in_index_order() {
+        for (i, p) in Phase::ALL.iter().enumerate() {
+            assert_eq!(p.index(), i, "{p:?}");
+        }
+        let names: std::collections::BTreeSet<String> =
+            Phase::ALL.iter().map(|p| format!("{p:?}")).collect();
+        assert_eq!(names.len(), Phase::ALL.len());
+    }
 }

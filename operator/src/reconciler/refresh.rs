@@ -29,25 +29,12 @@ pub async fn refresh(ctx: &Ctx) -> Result<(), Error> {
     for w in &wedges {
         *by_phase.entry(format!("{:?}", phase_of(w))).or_default() += 1;
     }
-    for p in [
-        "Detected",
-        "Queued",
-        "Cordoned",
-        "Draining",
-        "AwaitingApproval",
-        "Approved",
-        "Recovering",
-        "Verifying",
-        "Restarting",
-        "Quarantined",
-        "Recovered",
-        "NeedsAttention",
-        "Abandoned",
-    ] {
+    for p in unwedge_crds::Phase::ALL.map(|p| format!("{p:?}")) {
+        let n = *by_phase.get(&p).unwrap_or(&0);
         ctx.metrics
             .by_phase
-            .get_or_create(&metrics::PhaseLabel { phase: p.into() })
-            .set(*by_phase.get(p).unwrap_or(&0));
+            .get_or_create(&metrics::PhaseLabel { phase: p })
+            .set(n);
     }
     ctx.metrics
         .set_open_wedges(metrics::wedge_info_labels(wedges.iter().map(|w| &**w)));
