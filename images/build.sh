@@ -11,7 +11,7 @@
 # Binaries: unwedge-agent, unwedge-operator, kubectl-unwedge, cargo profile `dist` (Cargo.toml),
 # in $CARGO_TARGET_DIR/<x86_64|aarch64>-unknown-linux-musl/dist/. amd64 builds with musl-gcc;
 # arm64 cross-compiles with cargo-zigbuild and zig (tools/zigbuild.sh: PyPI, cached). Each binary
-# must be what `file` calls a statically linked executable of its architecture (the line is
+# must be what `file` calls a statically linked (or static-pie) executable of its architecture (the line is
 # printed); the host's own binaries must answer --version.
 #
 # Images: each layout holds one image index over the platforms; each platform's image is one
@@ -20,8 +20,8 @@
 # reboot the host (the chart makes it privileged with hostPID, never hostNetwork). The operator
 # runs as user 65532 (the chart adds a read-only root filesystem and drops every capability).
 # Layers, configs and manifests are written byte for byte the same from the same binaries (file
-# times and `created` from SOURCE_DATE_EPOCH, default the commit's time), so their digests
-# change only when a binary does. The index digest is written to $OUT/oci/unwedge-<c>/digest;
+# times and `created` from SOURCE_DATE_EPOCH, default the commit's time), so one commit's
+# binaries always give the same digests. The index digest is written to $OUT/oci/unwedge-<c>/digest;
 # tools/release.sh pushes the layouts (crane) and prints the digests.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -69,7 +69,7 @@ check_binaries() {
   for b in unwedge-agent unwedge-operator kubectl-unwedge; do
     desc=$(file -b "$(bin_dir "$arch")/$b")
     log "file $(triple "$arch")/$profile/$b: $desc"
-    if [[ $desc != ELF*"$(file_arch "$arch")"*"statically linked"* ]]; then
+    if [[ $desc != ELF*"$(file_arch "$arch")"*static*linked* ]]; then
       log "$b is not a static $(file_arch "$arch") executable"
       status=1
     fi

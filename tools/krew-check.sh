@@ -31,6 +31,6 @@ while read -r os arch uri sha; do
   rm -rf "$tmp/x" && mkdir "$tmp/x" && tar -xzf "$archive" -C "$tmp/x"
   case $arch in amd64) want='x86-64' ;; arm64) want='ARM aarch64' ;; *) fail "unknown arch $arch" ;; esac
   desc=$(file -b "$tmp/x/kubectl-unwedge")
-  [[ $desc == ELF*"$want"*"statically linked"* ]] || fail "$os/$arch: kubectl-unwedge is '$desc'"
+  [[ $desc == ELF*"$want"*static*linked* ]] || fail "$os/$arch: kubectl-unwedge is '$desc'"
   echo "krew-check: $os/$arch ${archive##*/} sha256 $sha: ok ($desc)"
 done <<<"$platforms"

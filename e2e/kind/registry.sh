@@ -37,6 +37,7 @@ storage:
     enabled: true
 http:
   addr: $gw:$port
+  secret: $(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
 EOF
     # No telemetry exporters: nothing to send traces or metrics to.
     OTEL_TRACES_EXPORTER=none OTEL_METRICS_EXPORTER=none OTEL_LOGS_EXPORTER=none \
