@@ -5,8 +5,10 @@
 #   images/build.sh [TAG]        (default TAG: dev) binaries + $OUT/oci/unwedge-{agent,operator}
 #   images/build.sh --binaries   only the binaries (.ci/run builds them while Go builds)
 #
-#   UNWEDGE_ARCHES  the platforms, default "amd64 arm64" (UNWEDGE_ARCHES=amd64: one, faster)
-#   UNWEDGE_OUT     output directory, default $CARGO_TARGET_DIR/unwedge-release (or target/…)
+#   UNWEDGE_ARCHES        the platforms, default "amd64 arm64" (UNWEDGE_ARCHES=amd64: one, faster)
+#   UNWEDGE_IMAGE_ARCHES  the images' platforms, default UNWEDGE_ARCHES; on the others only the
+#                         plugin is built (.ci/run: images amd64, the plugin on both; see there)
+#   UNWEDGE_OUT           output directory, default $CARGO_TARGET_DIR/unwedge-release (or target/…)
 #
 # Binaries: unwedge-agent, unwedge-operator, kubectl-unwedge, cargo profile `dist` (Cargo.toml),
 # in $CARGO_TARGET_DIR/<x86_64|aarch64>-unknown-linux-musl/dist/. amd64 builds with musl-gcc;
@@ -28,10 +30,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 tag=${1:-dev}
 arches=${UNWEDGE_ARCHES:-amd64 arm64}
+image_arches=${UNWEDGE_IMAGE_ARCHES:-$arches}
 target_dir=${CARGO_TARGET_DIR:-$root/target}
 out=${UNWEDGE_OUT:-$target_dir/unwedge-release}
 profile=dist
-packages=(-p unwedge-agent -p unwedge-operator -p kubectl-unwedge)
 log() { echo "images/build.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
 
@@ -40,6 +42,14 @@ triple() { case $1 in amd64) echo x86_64-unknown-linux-musl ;; arm64) echo aarch
 file_arch() { case $1 in amd64) echo 'x86-64' ;; arm64) echo 'ARM aarch64' ;; esac; }
 host_arch() { case $(uname -m) in x86_64) echo amd64 ;; aarch64) echo arm64 ;; *) uname -m ;; esac; }
 bin_dir() { echo "$target_dir/$(triple "$1")/$profile"; }
+# The binaries built for the arch: the plugin, and the images' two where the arch has images.
+binaries() {
+  echo kubectl-unwedge
+  [[ " $image_arches " != *" $1 "* ]] || echo unwedge-agent unwedge-operator
+}
+for arch in $image_arches; do
+  [[ " $arches " == *" $arch "* ]] || die "UNWEDGE_IMAGE_ARCHES ($image_arches) must be among UNWEDGE_ARCHES ($arches)"
+done
 
 ensure_target() {
   rustup target list --installed | grep -qx "$1" && return
@@ -48,7 +58,8 @@ ensure_target() {
 }
 
 build_arch() {
-  local arch=$1 t; t=$(triple "$arch")
+  local arch=$1 t b packages=(); t=$(triple "$arch")
+  for b in $(binaries "$arch"); do packages+=(-p "$b"); done
   ensure_target "$t"
   if [ "$arch" = amd64 ]; then
     command -v musl-gcc >/dev/null 2>&1 || die "musl-gcc is missing: apt-get install musl-tools"
@@ -66,7 +77,7 @@ build_arch() {
 check_binaries() {
   local arch=$1 b desc status=0
   command -v file >/dev/null 2>&1 || die "file is missing: apt-get install file"
-  for b in unwedge-agent unwedge-operator kubectl-unwedge; do
+  for b in $(binaries "$arch"); do
     desc=$(file -b "$(bin_dir "$arch")/$b")
     log "file $(triple "$arch")/$profile/$b: $desc"
     if [[ $desc != ELF*"$(file_arch "$arch")"*static*linked* ]]; then
@@ -112,7 +123,7 @@ for component in agent operator; do
   rm -rf "$layout"
   mkdir -p "$layout/blobs/sha256"
   entries=()
-  for arch in $arches; do
+  for arch in $image_arches; do
     w=$tmp/$component-$arch
     mkdir -p "$w/rootfs"
     install -m0755 "$(bin_dir "$arch")/$binary" "$w/rootfs/$binary"
@@ -149,6 +160,6 @@ for component in agent operator; do
       manifests: [$i | .annotations = {"org.opencontainers.image.ref.name": $tag}]}' >"$layout/index.json"
   echo '{"imageLayoutVersion":"1.0.0"}' >"$layout/oci-layout"
   echo "${index%% *}" >"$layout/digest"
-  log "$layout: $binary:$tag index ${index%% *} ($(du -sh "$layout/blobs" | cut -f1); platforms: $arches)"
+  log "$layout: $binary:$tag index ${index%% *} ($(du -sh "$layout/blobs" | cut -f1); platforms: $image_arches)"
 done
 exit $status

@@ -12,7 +12,8 @@
 #   --plain-http    the registry speaks plain HTTP (a local or test registry)
 #   --download-url  where the plugin archives will be published, for the krew manifest's URIs
 #                   (default: the GitHub release v<appVersion> of Chart.yaml's `home`)
-#   UNWEDGE_ARCHES  default "amd64 arm64"; UNWEDGE_OUT: the output directory (images/build.sh)
+#   UNWEDGE_ARCHES, UNWEDGE_IMAGE_ARCHES, UNWEDGE_OUT: the platforms and output directory
+#                   (images/build.sh; default: everything for linux/amd64 and linux/arm64)
 #
 # Versions: the chart's `version` and `appVersion` (charts/unwedge/Chart.yaml); appVersion must
 # be the workspace's version (what the binaries report) and is the image tag.
@@ -37,7 +38,8 @@ done
 log() { echo "release: $*" >&2; }
 die() { log "$*"; exit 1; }
 arches=${UNWEDGE_ARCHES:-amd64 arm64}
-export UNWEDGE_ARCHES=$arches
+image_arches=${UNWEDGE_IMAGE_ARCHES:-$arches}
+export UNWEDGE_ARCHES=$arches UNWEDGE_IMAGE_ARCHES=$image_arches
 out=${UNWEDGE_OUT:-${CARGO_TARGET_DIR:-$root/target}/unwedge-release}
 export UNWEDGE_OUT=$out
 chart_yaml=$root/charts/unwedge/Chart.yaml
@@ -51,7 +53,7 @@ t0=$SECONDS
 lap() { log "timing: $1 $((SECONDS - t0))s"; t0=$SECONDS; }
 
 bash "$root/images/build.sh" "$version"
-lap "binaries and images ($arches)"
+lap "binaries and images (images: $image_arches; plugin: $arches)"
 
 # The plugin's archives: the same bytes from the same binary (sorted names, fixed owner and times).
 epoch=${SOURCE_DATE_EPOCH:-$(git -C "$root" log -1 --format=%ct 2>/dev/null || echo 0)}
@@ -127,7 +129,7 @@ if [ -n "$registry" ]; then
     "$crane" push ${plain_http:+--insecure} "$out/oci/unwedge-$component" "$ref" >/dev/null
     got=$("$crane" digest ${plain_http:+--insecure} "$ref")
     [ "$got" = "$want" ] || die "$ref has digest $got after the push, the layout's index is $want"
-    for arch in $arches; do
+    for arch in $image_arches; do
       "$crane" manifest ${plain_http:+--insecure} --platform "linux/$arch" "$ref" >/dev/null \
         || die "$ref has no linux/$arch image"
     done
@@ -147,7 +149,7 @@ AGENT_DIGEST=$agent_digest
 OPERATOR_DIGEST=$operator_digest
 CHART_DIGEST=$chart_digest
 EOF
-echo "unwedge $version (chart $chart_version), linux/${arches// /, linux/}, in $out:"
+echo "unwedge $version (chart $chart_version; images linux/${image_arches// /, linux/}; plugin linux/${arches// /, linux/}) in $out:"
 if [ -n "$registry" ]; then
   echo "  $registry/unwedge/agent:$version@$agent_digest"
   echo "  $registry/unwedge/operator:$version@$operator_digest"
