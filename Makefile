@@ -16,8 +16,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 LANES ?= 2
 
-.PHONY: test lint test-unit test-e2e test-bench test-lanes test-kind images demo binaries bins \
-	cluster crds prereqs-demo prereqs-test test-build chart-docs
+.PHONY: test lint test-unit test-e2e test-bench test-lanes test-kind images release demo binaries \
+	bins cluster crds prereqs-demo prereqs-test test-build chart-docs
 
 test: prereqs-test lint chart-docs test-unit test-lanes test-kind
 
@@ -72,12 +72,20 @@ test-bench: binaries bins
 test-lanes: binaries bins
 	LANES=$(LANES) CARGO=$(CARGO) bash tools/lanes.sh e2e bench
 
-# The FROM-scratch images (static musl builds); starts dockerd when it is not running.
+# The FROM-scratch images as OCI layouts, linux/amd64 and linux/arm64 (static musl builds; no
+# Docker daemon). UNWEDGE_ARCHES=amd64 builds one platform.
 images:
 	bash images/build.sh
 
-# kind with real kubelets: offline node image, fake GPU device plugin, the chart, scenarios.
-test-kind: images
+# The release: images, chart, kubectl plugin archives and krew manifest for linux/amd64 and
+# linux/arm64; with REGISTRY=host[:port][/path] pushed there (images with crane, the chart with
+# helm push), digests printed. PLAIN_HTTP=1 for a registry without TLS.
+release:
+	bash tools/release.sh $(if $(REGISTRY),--registry $(REGISTRY)) $(if $(PLAIN_HTTP),--plain-http)
+
+# kind with real kubelets: offline node image, fake GPU device plugin, a local OCI registry that
+# the release is pushed to, helm install from it by digest, scenarios.
+test-kind:
 	bash e2e/kind/run.sh
 
 # unwedge on a local control plane with simulated GPU nodes: injects a wedge and shows the

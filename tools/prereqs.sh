@@ -31,6 +31,8 @@ docker.io dockerd
 debootstrap debootstrap
 libseccomp-dev /usr/include/seccomp.h
 containernetworking-plugins /usr/lib/cni/bridge
+file file
+python3-pip pip3
 "
 
 problems=()

@@ -3,7 +3,8 @@
 #
 #   e2e/kind/cluster.sh create            # build/confirm the offline node image, create the cluster
 #   e2e/kind/cluster.sh load IMAGE...     # kind load docker-image into the node
-#   e2e/kind/cluster.sh delete            # always succeeds; removes the cluster and its host dirs
+#   e2e/kind/cluster.sh trust-registry HOST:PORT  # the node's containerd pulls from it over plain HTTP
+#   e2e/kind/cluster.sh delete            # always succeeds; stops the registry, removes the cluster and its host dirs
 #   e2e/kind/cluster.sh kubeconfig        # prints the kubeconfig path
 #
 # KIND_NODE_IMAGE=kindest/node:v1.37.2 uses kind's stock node image (needs registry access)
@@ -48,6 +49,10 @@ kubeadmConfigPatches:
 - |
   kind: KubeletConfiguration
   failCgroupV1: false
+containerdConfigPatches:
+- |-
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "/etc/containerd/certs.d"
 EOF
   if needs_privileged_shim; then
     log "capability bounding set lacks CAP_SYS_RESOURCE: kind runs through the --privileged shim"
@@ -64,6 +69,7 @@ EOF
 }
 
 delete() {
+  "$KIND_DIR/registry.sh" stop
   kind_path 2>/dev/null || true
   if command -v kind >/dev/null 2>&1; then
     kind delete cluster --name "$CLUSTER_NAME" --kubeconfig "$KUBECONFIG_PATH" >&2 || true
@@ -81,10 +87,22 @@ load() {
   kind load docker-image --name "$CLUSTER_NAME" "$@" >&2
 }
 
+# containerd reads /etc/containerd/certs.d/<host:port>/hosts.toml (config_path above) on each
+# pull: this one sends HOST:PORT's pulls to it over plain HTTP, as `helm install` from a
+# registry with --plain-http needs; no restart.
+trust_registry() {
+  [ $# = 1 ] || die "usage: cluster.sh trust-registry HOST:PORT"
+  local node; node=$(node_container)
+  docker exec "$node" mkdir -p "/etc/containerd/certs.d/$1"
+  printf 'server = "http://%s"\n\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$1" "$1" |
+    docker exec -i "$node" sh -c "cat > '/etc/containerd/certs.d/$1/hosts.toml'"
+}
+
 case "${1:-}" in
   create) create ;;
   delete) delete ;;
   load) shift; load "$@" ;;
+  trust-registry) shift; trust_registry "$@" ;;
   kubeconfig) echo "$KUBECONFIG_PATH" ;;
-  *) die "usage: $0 create|delete|load IMAGE...|kubeconfig" ;;
+  *) die "usage: $0 create|delete|load IMAGE...|trust-registry HOST:PORT|kubeconfig" ;;
 esac

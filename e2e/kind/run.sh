@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The kind suite (CI's entry point): build the offline node image (cached) -> build the images ->
-# create the cluster -> load the images -> fake device plugin -> helm install -> scenarios ->
-# delete the cluster (trap: always, also on failure; KEEP=1 keeps it).
+# The kind suite (CI's entry point): build the offline node image (cached) -> create the cluster
+# -> start an OCI registry (CNCF distribution) -> `make release` into it (multi-arch images and
+# the chart, pushed; digests) -> fake device plugin -> helm install from oci:// with the images
+# pinned by digest, pulled by the node's containerd from the registry -> scenarios -> delete the
+# cluster and stop the registry (trap: always, also on failure; KEEP=1 keeps both).
 #
 #   e2e/kind/run.sh                     # every scenario
 #   e2e/kind/run.sh helm_install wedge_rebind   # only these (helm_install always runs first)
 #   KIND_NODE_IMAGE=kindest/node:v1.37.2 e2e/kind/run.sh   # stock node image, registry access
+#   UNWEDGE_ARCHES=amd64 e2e/kind/run.sh   # images for linux/amd64 only (default: amd64 and arm64)
 #
 # Output: "timing:" lines per step, `kubectl get pods -A` of the running cluster, then one line
 # per scenario: PASS or FAIL. Exit status: 0 only when every selected scenario passed; 1 otherwise
@@ -24,6 +27,8 @@ NODE=$(node_container)
 NS=unwedge-system
 RELEASE=unwedge
 MUSL=x86_64-unknown-linux-musl
+# Set by the release step (tools/release.sh's release.env): where the chart and images are.
+REGISTRY="" CHART_VERSION="" AGENT_DIGEST="" OPERATOR_DIGEST=""
 
 # The scenarios, in order. Each is a function s_<name>; it returns non-zero on failure.
 SCENARIOS=(
@@ -54,7 +59,7 @@ cleanup() {
     echo "--- fake sysfs journal"; cat "$RUN/fake/journal.log" 2>/dev/null || true
   fi
   if [ "${KEEP:-}" = 1 ]; then
-    echo "KEEP=1: cluster $CLUSTER_NAME kept (KUBECONFIG=$RUN/kubeconfig; delete: e2e/kind/cluster.sh delete)"
+    echo "KEEP=1: cluster $CLUSTER_NAME and registry ${REGISTRY:-(none)} kept (KUBECONFIG=$RUN/kubeconfig; delete both: e2e/kind/cluster.sh delete)"
   else
     "$KIND_DIR/cluster.sh" delete
     lap "delete cluster"
@@ -98,15 +103,19 @@ wait_fine() { # wait_fine <seconds> cmd...: wait_until, checking every 0.1 s (fo
   local end=$(( $(date +%s) + $1 )); shift
   until "$@" >/dev/null 2>&1; do [ "$(date +%s)" -lt $end ] || return 1; sleep 0.1; done
 }
-# The helm flags of the kind install: local images, the fake sysfs and /dev trees as the agent's
-# host paths, and no reboot rung (see Safety above).
-HELM_SET=(
-  --set agent.image.tag=dev --set agent.image.pullPolicy=Never
-  --set operator.image.tag=dev --set operator.image.pullPolicy=Never
+# The helm flags of the kind install (after the release step): the chart from the registry, the
+# images from the registry pinned by digest (as the README's install does), the fake sysfs and
+# /dev trees as the agent's host paths, and no reboot rung (see Safety above).
+chart_flags() {
+  CHART=(oci://$REGISTRY/charts/unwedge --version "$CHART_VERSION" --plain-http)
+  HELM_SET=(
+  --set global.imageRegistry=$REGISTRY
+  --set agent.image.digest=$AGENT_DIGEST --set operator.image.digest=$OPERATOR_DIGEST
   --set agent.sysfsHostPath=/var/lib/unwedge-fake/sysfs --set agent.devHostPath=/var/lib/unwedge-fake/dev
   --set agent.reboot.mode=command --set-string agent.reboot.command=false
   --set "defaultPolicy.allowedMethods={rebind,bus-reset}" --set "defaultPolicy.escalation={rebind,bus-reset}"
-)
+  )
+}
 dev() { # dev N: sets card, bdf, bridge and label of fake GPU N (card0 = 0000:03:00.0 behind 0000:00:01.0)
   card=card$1
   printf -v bdf '0000:%02x:00.0' $((3 + $1))
@@ -145,6 +154,12 @@ gw_of() { # the GpuWedge of device label $1 created after the scenario began (wa
   local known=${2:-}
   wait_until 60 sh -c "kubectl get gw -l unwedge.io/device=$1 -o name | grep -v -x -F -e '${known:-none}' | grep -q ." || true
   k get gw -l unwedge.io/device="$1" -o name | grep -v -x -F -e "${known:-none}" | head -1 | sed 's#.*/##'
+}
+pods_run_image() { # pods_run_image <component> <ref>: its pods' image is ref, and so is the imageID the node's containerd reports
+  local lines
+  lines=$(k -n $NS get pod -l app.kubernetes.io/component="$1" -o jsonpath='{range .items[*]}{.spec.containers[0].image} {.status.containerStatuses[0].imageID}{"\n"}{end}')
+  echo "    $lines" | head -3
+  [ -n "$lines" ] && ! grep -v -x -F "$2 $2" <<<"$lines" | grep -q .
 }
 gw_phase() { k get gw "$1" -o jsonpath='{.status.phase}'; }
 wait_phase() { # wait_phase <gw> <phase> <seconds>
@@ -199,7 +214,7 @@ only_victim_gone() { # only_victim_gone <victim uid> <uids before>: the victim v
 # --- scenarios -----------------------------------------------------------------------------
 s_helm_install() {
   local out
-  out=$("$HELM" install $RELEASE "$ROOT/charts/unwedge" -n $NS --create-namespace "${HELM_SET[@]}" \
+  out=$("$HELM" install $RELEASE "${CHART[@]}" -n $NS --create-namespace "${HELM_SET[@]}" \
     --wait --timeout 3m 2>&1) || { echo "$out"; return 1; }
   echo "$out" | sed 's/^/  helm: /'
   expect "helm printed NOTES" grep -q '^NOTES:' <<<"$out"
@@ -218,6 +233,10 @@ s_helm_install() {
   echo "  ok: the agent's PID namespace is the kind node's ($node_ns), not this machine's ($own_ns)"
   expect "operator Deployment 2/2 Ready" \
     wait_until 120 sh -c "[ \"\$(kubectl -n $NS get deploy $RELEASE-operator -o jsonpath='{.status.readyReplicas}')\" = 2 ]"
+  expect "the agent pod runs $REGISTRY/unwedge/agent@$AGENT_DIGEST, pulled from the registry" \
+    pods_run_image agent "$REGISTRY/unwedge/agent@$AGENT_DIGEST"
+  expect "both operator pods run $REGISTRY/unwedge/operator@$OPERATOR_DIGEST, pulled from the registry" \
+    pods_run_image operator "$REGISTRY/unwedge/operator@$OPERATOR_DIGEST"
   # Ready includes the default policy: the operator applied it from the chart's ConfigMap.
   expect "the operator applied the default RecoveryPolicy (field manager unwedge-default-policy)" \
     sh -c "kubectl get recoverypolicy default -o jsonpath='{.metadata.managedFields[*].manager}' | grep -q unwedge-default-policy"
@@ -538,7 +557,7 @@ no_leftovers() { [ -z "$(leftovers)" ]; }
 # unwedge's but the CRDs (and the GpuWedge records they hold), and no node cordoned.
 s_helm_upgrade_uninstall() {
   local out
-  out=$("$HELM" upgrade $RELEASE "$ROOT/charts/unwedge" -n $NS "${HELM_SET[@]}" \
+  out=$("$HELM" upgrade $RELEASE "${CHART[@]}" -n $NS "${HELM_SET[@]}" \
     --set agent.settle=5s --set operator.logFormat=text --wait --timeout 3m 2>&1) || { echo "$out"; return 1; }
   expect "helm reports revision 2 deployed" sh -c "'$HELM' status $RELEASE -n $NS | grep -q '^REVISION: 2'"
   expect "the agent DaemonSet runs with --settle=5s, 1 pod Ready" \
@@ -574,25 +593,38 @@ HELM=$CP_BIN/helm
 kind_path
 "$KIND_DIR/fake-device-plugin/build.sh" >/dev/null
 lap "fake device plugin image"
-[ -x "$ROOT/images/build.sh" ] || die "images/build.sh is missing: the unwedge images cannot be built"
-"$ROOT/images/build.sh" dev >&2
-lap "unwedge images"
-# Built every run (cargo rebuilds what changed), like the images above: never a stale binary.
-( cd "$ROOT" && cargo build -q -p uevent-inject --release --target $MUSL --bin uevent-inject ) >&2 \
+# Built every run (cargo rebuilds what changed), like the release below: never a stale binary.
+( cd "$ROOT" && cargo build -q -p uevent-inject --profile dist --target $MUSL --bin uevent-inject ) >&2 \
   || die "uevent-inject could not be built"
 lap "uevent-inject"
 
 export KUBECONFIG
 KUBECONFIG=$("$KIND_DIR/cluster.sh" create)
 lap "create cluster"
-"$KIND_DIR/cluster.sh" load "$PLUGIN_IMAGE" unwedge/agent:dev unwedge/operator:dev
-lap "load images"
+# The test scaffolding's image only; unwedge's come from the registry.
+"$KIND_DIR/cluster.sh" load "$PLUGIN_IMAGE"
+lap "load the fake device plugin image"
+REGISTRY=$("$KIND_DIR/registry.sh" start)
+"$KIND_DIR/cluster.sh" trust-registry "$REGISTRY"
+lap "registry"
+# What `make release` does, into this registry: binaries (cargo rebuilds what changed), images,
+# plugin archives and krew manifest, chart; pushed, digests checked.
+UNWEDGE_OUT=$RUN/release "$ROOT/tools/release.sh" --registry "$REGISTRY" --plain-http | sed 's/^/  release| /'
+. "$RUN/release/release.env"
+[ -n "$AGENT_DIGEST" ] && [ -n "$OPERATOR_DIGEST" ] && [ -n "$CHART_DIGEST" ] || die "the release step printed no digests"
+# The manifest check must be able to fail: a manifest naming a wrong sha256 is refused.
+sed 's/^\(    sha256: \).*/\1'"$(printf '0%.0s' $(seq 64))"'/' "$RUN/release/krew/unwedge.yaml" >"$RUN/release/krew/wrong.yaml"
+if bash "$ROOT/tools/krew-check.sh" "$RUN/release/krew/wrong.yaml" "$RUN/release" >/dev/null 2>&1; then
+  die "tools/krew-check.sh accepted a krew manifest with a wrong sha256"
+fi
+chart_flags
+lap "release pushed to the registry"
 k apply -f "$KIND_DIR/manifests/fake-device-plugin.yaml" >/dev/null
 k -n kube-system rollout status ds/fake-device-plugin --timeout=120s >/dev/null
 wait_until 60 sh -c "[ \"\$(kubectl get node $NODE -o jsonpath='{.status.allocatable.unwedge\\.io/fake-gpu}')\" = 8 ]" \
   || die "the node does not offer 8 unwedge.io/fake-gpu"
 docker cp "$KIND_WORK/fake-device-plugin/podresources-list" "$NODE:/usr/local/bin/podresources-list"
-docker cp "${CARGO_TARGET_DIR:-$ROOT/target}/$MUSL/release/uevent-inject" "$NODE:/usr/local/bin/uevent-inject"
+docker cp "${CARGO_TARGET_DIR:-$ROOT/target}/$MUSL/dist/uevent-inject" "$NODE:/usr/local/bin/uevent-inject"
 k label node "$NODE" unwedge.io/gpu=true >/dev/null
 lap "fake device plugin ready"
 
