@@ -139,17 +139,18 @@ async fn write(ctx: &Ctx, w: &GpuWedge, ops: serde_json::Value) -> Result<GpuWed
         .await
     {
         Ok(written) => Ok(written),
-        // The API server answers a failed `test` with a 422 that says so.
-        Err(kube::Error::Api(s))
-            if s.is_conflict()
-                || (s.code == 422
-                    && (s.message.contains("testing value")
-                        || s.message.contains("test operation"))) =>
-        {
+        Err(kube::Error::Api(s)) if s.is_conflict() || failed_test(&s) => {
+            tracing::debug!(code = s.code, "status write refused: the wedge changed");
             Err(Error::StatusConflict)
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Whether the API server refused a JSON patch because one of its `test`s failed: a 422 with
+/// its generic message, unlike a validation error, which names the object and the field.
+fn failed_test(s: &kube::core::Status) -> bool {
+    s.code == 422 && s.message.starts_with("the server rejected our request")
 }
 
 /// Seconds since the wedge arrived (its recovery's duration so far).
