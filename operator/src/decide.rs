@@ -31,6 +31,7 @@ mod release;
 mod views;
 
 pub use attempt::next_attempt;
+pub use drain::reads_pods;
 pub use ladder::{ladder, plan_methods, plans_none, with_vendor_hint, without_driver};
 pub use none::none_round_at;
 pub use queue::{queue_recheck, queued_status};

@@ -2,8 +2,9 @@
 //! performs the one effect, and requeues.
 //!
 //! Nodes and RecoveryPolicies are watched into stores (and trigger the wedges they concern);
-//! pods trigger the wedges of their node and are listed fresh per reconcile. Only the leader
-//! acts: every API write first checks that leadership still holds.
+//! pods trigger the wedges of their node and are listed fresh by the reconciles whose decision
+//! reads them (`decide::reads_pods`). Only the leader acts: every API write first checks that
+//! leadership still holds.
 //!
 //! This file is the reconcile of one wedge; `inputs` loads what `decide` reads, `persist`
 //! writes the status (and the node's condition), `effects` performs the step (one function per
@@ -184,12 +185,18 @@ pub async fn reconcile(w: Arc<GpuWedge>, ctx: Arc<Ctx>) -> Result<Action, Error>
         .expect("the reconcile semaphores are never closed");
     let started = std::time::Instant::now();
     let name = w.name_any();
-    let mut w = w;
+    // The wait for a permit can be long in a storm: decide on the newest copy the cache holds
+    // (typically with the agent's first report, written right after the create).
+    let mut w = match ctx.wedges.get(&ObjectRef::from_obj(&*w)) {
+        Some(newer) if newer.uid() == w.uid() => newer,
+        _ => w,
+    };
     for _ in 0..STATUS_CONFLICT_RETRIES {
         let Some((action, step)) = reconcile_once(w, &ctx).await? else {
             // The wedge changed since the cache showed it (typically the agent's own status
             // write right after the create): decide again on a fresh read while this reconcile
             // holds its permit, instead of queueing behind every other wedge.
+            tracing::debug!("status write lost to a concurrent change: deciding again");
             ctx.ensure_leader()?;
             match ctx.wedge_api().get_opt(&name).await? {
                 Some(fresh) => w = Arc::new(fresh),

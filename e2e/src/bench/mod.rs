@@ -337,7 +337,8 @@ pub async fn control_plane(short: bool) -> anyhow::Result<(ControlPlane, crate::
     Ok((cp, bins))
 }
 
-/// Sum of `apiserver_request_total` over every label set, and per `resource` label, from
+/// Sum of `apiserver_request_total` over every label set (`_total`), per `resource` label, and
+/// per call as `=VERB resource[/subresource] CODE` (e.g. `=PATCH gpuwedges/status 409`), from
 /// the API server's `/metrics` (admin client).
 pub async fn apiserver_requests(
     client: &kube::Client,
@@ -353,13 +354,24 @@ pub async fn apiserver_requests(
             continue;
         };
         let v: f64 = value.trim().parse().unwrap_or(0.0);
-        let resource = labels
-            .split(',')
-            .find_map(|kv| kv.strip_prefix("resource=\""))
-            .map(|r| r.trim_end_matches('"').to_string())
-            .unwrap_or_default();
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
+                .map(|r| r.trim_end_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        let resource = label("resource");
+        let sub = label("subresource");
+        let call = format!(
+            "={} {resource}{}{sub} {}",
+            label("verb"),
+            if sub.is_empty() { "" } else { "/" },
+            label("code")
+        );
         *out.entry("_total".to_string()).or_insert(0.0) += v;
         *out.entry(resource).or_insert(0.0) += v;
+        *out.entry(call).or_insert(0.0) += v;
     }
     Ok(out)
 }

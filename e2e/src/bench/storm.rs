@@ -671,7 +671,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let delta = |k: &str| req_after.get(k).unwrap_or(&0.0) - req_before.get(k).unwrap_or(&0.0);
     let mut by: Vec<(String, f64)> = req_after
         .keys()
-        .filter(|k| k.as_str() != "_total")
+        .filter(|k| k.as_str() != "_total" && !k.starts_with('='))
         .map(|k| (k.clone(), delta(k)))
         .filter(|(_, d)| *d > 0.0)
         .collect();
@@ -688,6 +688,29 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
+    );
+
+    let calls = |verb: &str, path: &str, codes: &[&str]| -> f64 {
+        codes
+            .iter()
+            .map(|c| delta(&format!("={verb} {path} {c}")))
+            .sum()
+    };
+    let lost = calls("PATCH", "gpuwedges/status", &["409", "422"]);
+    rep.fig(
+        "GpuWedge status writes that lost",
+        lost,
+        "writes",
+        &format!(
+            "PATCHes of gpuwedges/status answered 409 (resourceVersion) or 422 (a failed JSON patch test), every client; {:.0} status PATCHes in all",
+            calls("PATCH", "gpuwedges/status", &["200", "409", "422"])
+        ),
+    );
+    rep.fig(
+        "pod LISTs per wedge",
+        calls("LIST", "pods", &["200"]) / n as f64,
+        "requests",
+        "LIST pods answered 200 during the storm / wedges (the operator lists a node's pods for a decision that reads them)",
     );
 
     // Invariants: peak ≤ budget, exactly one wedge per node reaching Recovered exactly once,

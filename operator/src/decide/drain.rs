@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::ops::ControlFlow::{Break, Continue};
 
-use unwedge_crds::{GpuWedge, Method, PodRef};
+use unwedge_crds::{GpuWedge, Method, Phase, PodRef};
 
 use super::draft::{Draft, Flow, attention, note, pods_text, wait};
 use super::hold::gate;
@@ -21,6 +21,22 @@ pub(super) fn agent_reported(w: &GpuWedge) -> bool {
     w.status
         .as_ref()
         .is_some_and(|s| s.consumers.is_some() || s.reset_domain.is_some())
+}
+
+/// Whether deciding on `w` reads its node's pods, so the caller lists them only then: a
+/// recovery reads them while Draining (its consumers still running, or a reboot's whole-node
+/// drain) and the `none` path in every open phase (its evictions and in-place restarts). A
+/// first look, the queue, the cordon, the approval's wait and the attempt read none.
+pub fn reads_pods(w: &GpuWedge) -> bool {
+    let status = w.status.as_ref();
+    let phase = status.and_then(|s| s.phase).unwrap_or_default();
+    if phase.is_terminal() {
+        return false;
+    }
+    let stored_none = status
+        .and_then(|s| s.methods.as_deref())
+        .is_some_and(|m| Method::parse_list(m).first() == Some(&Method::None));
+    phase == Phase::Draining || stored_none || super::plans_none(w)
 }
 
 /// The pods to drain for `method`: the node's (but DaemonSet, mirror and finished pods) for a

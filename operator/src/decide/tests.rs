@@ -175,7 +175,18 @@ impl World {
             quarantine_rule: self.rule,
             node_deleted: self.node_deleted,
         };
-        decide(&input)
+        let d = decide(&input);
+        if !super::reads_pods(&self.wedge) {
+            // The loader lists no pods for such a wedge: every scenario checks that the
+            // decision is the same without them.
+            let without = Input { pods: &[], ..input };
+            assert_eq!(
+                decide(&without),
+                d,
+                "decided differently without the node's pods"
+            );
+        }
+        d
     }
 
     /// Persists the status, then performs the step the way the effect layer does.

@@ -61,7 +61,7 @@ pub(super) struct Loaded {
     history: Vec<PastWedge>,
     /// Other open wedges of the node.
     others: Vec<String>,
-    /// The node's pods.
+    /// The node's pods, when the decision reads them ([`decide::reads_pods`]); else empty.
     pods: Vec<PodView>,
     /// The DRA view, whether our DeviceTaintRule exists, whether the device is published again.
     dra: (Option<DraView>, bool, Option<bool>),
@@ -92,13 +92,18 @@ impl Loaded {
         let waiting_ahead = waiting_ahead(&all, w, governed.as_ref());
         let history = history(&all, w);
         let others = open_on_node(&all, &node_name, &name);
-        let pods: Vec<PodView> = Api::<Pod>::all(ctx.client.clone())
-            .list(&ListParams::default().fields(&format!("spec.nodeName={node_name}")))
-            .await?
-            .items
-            .iter()
-            .map(pod_view)
-            .collect();
+        // Listed only when the decision reads them (no LIST for a first look or the queue).
+        let pods: Vec<PodView> = if decide::reads_pods(w) {
+            Api::<Pod>::all(ctx.client.clone())
+                .list(&ListParams::default().fields(&format!("spec.nodeName={node_name}")))
+                .await?
+                .items
+                .iter()
+                .map(pod_view)
+                .collect()
+        } else {
+            Vec::new()
+        };
         let node_view = node.as_deref().map(NodeView::of);
         let dra = dra_inputs(ctx, w).await?;
         Ok(Loaded {

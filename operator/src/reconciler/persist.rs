@@ -1,5 +1,5 @@
 //! What a reconcile writes besides its effect: the operator's part of the wedge's status (a
-//! compare-and-swap on the copy decided on), with its Event and the metrics of the transition,
+//! compare-and-swap of that part against the copy decided on), with its Event and the metrics of the transition,
 //! and the node's `GpuWedged` condition.
 
 use jiff::Timestamp;
@@ -29,12 +29,7 @@ pub(super) async fn status(
     if d.status == *current {
         return Ok(None);
     }
-    let written = match patch_status(ctx, w, &d.status).await {
-        Err(Error::Kube(kube::Error::Api(s))) if s.is_conflict() => {
-            return Err(Error::StatusConflict);
-        }
-        r => r?,
-    };
+    let written = patch_status(ctx, w, &d.status).await?;
     if current.phase.is_none() && d.status.phase.is_some() {
         // Counted once, by the write that gave the wedge its first phase (a reconcile that
         // lost that write to a concurrent change counts nothing).
@@ -85,15 +80,77 @@ pub(super) async fn status(
 }
 
 /// Writes the operator's part of the status; returns the wedge as the API server stored it.
+///
+/// A compare-and-swap of the operator's part against `w`, the copy decided on
+/// ([`OperatorStatus::json_patch`]): the agent's writes of its own fields in between do not
+/// make it lose; one that changes the approval is guarded by `w`'s resourceVersion.
 async fn patch_status(ctx: &Ctx, w: &GpuWedge, status: &OperatorStatus) -> Result<GpuWedge, Error> {
     ctx.ensure_leader()?;
-    // The resourceVersion makes the write a compare-and-swap against the object we decided on.
-    let mut body = status.merge_patch();
-    body["metadata"] = json!({ "resourceVersion": w.resource_version() });
-    Ok(ctx
+    let stored = w.status.as_ref();
+    // A decision that drains was made on the agent's consumers and reset domain: guarded by them.
+    let drains = decide::reads_pods(w);
+    let rv = w
+        .resource_version()
+        .filter(|_| status.needs_version(stored, drains));
+    match write(ctx, w, status.json_patch(stored, drains, rv.as_deref())).await {
+        Err(Error::StatusConflict) if rv.is_none() => {}
+        r => return r,
+    }
+    // A test failed. Mostly the wedge changed; but if what was tested reads the same on a fresh
+    // copy, a value was stored in another spelling (the test compares text): write over that
+    // copy, guarded by its resourceVersion.
+    let Some(fresh) = ctx.wedge_api().get_opt(&w.name_any()).await? else {
+        return Err(Error::StatusConflict);
+    };
+    let fs = fresh.status.as_ref();
+    let same = |s: Option<&unwedge_crds::GpuWedgeStatus>| {
+        s.map(|s| {
+            let drained = drains.then(|| (s.consumers.clone(), s.reset_domain.clone()));
+            (
+                OperatorStatus::of(s),
+                s.agent_dry_run,
+                s.attempts.clone(),
+                drained,
+            )
+        })
+    };
+    if stored.is_none() || same(fs) != same(stored) {
+        return Err(Error::StatusConflict);
+    }
+    ctx.ensure_leader()?;
+    write(
+        ctx,
+        &fresh,
+        status.json_patch(fs, drains, fresh.resource_version().as_deref()),
+    )
+    .await
+}
+
+/// Sends the JSON patch `ops` to `w`'s status; a failed `test` is [`Error::StatusConflict`].
+async fn write(ctx: &Ctx, w: &GpuWedge, ops: serde_json::Value) -> Result<GpuWedge, Error> {
+    let ops: json_patch::Patch = serde_json::from_value(ops).expect("a well-formed JSON patch");
+    match ctx
         .wedge_api()
-        .patch_status(&w.name_any(), &PatchParams::default(), &Patch::Merge(&body))
-        .await?)
+        .patch_status(
+            &w.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(ops),
+        )
+        .await
+    {
+        Ok(written) => Ok(written),
+        Err(kube::Error::Api(s)) if s.is_conflict() || failed_test(&s) => {
+            tracing::debug!(code = s.code, "status write refused: the wedge changed");
+            Err(Error::StatusConflict)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether the API server refused a JSON patch because one of its `test`s failed: a 422 with
+/// its generic message, unlike a validation error, which names the object and the field.
+fn failed_test(s: &kube::core::Status) -> bool {
+    s.code == 422 && s.message.starts_with("the server rejected our request")
 }
 
 /// Seconds since the wedge arrived (its recovery's duration so far).

@@ -19,6 +19,7 @@ use unwedge_crds::{GpuWedge, RecoveryPolicy};
 
 use super::refresh::{refresh, release_orphan_cordons, repair_from_store, repair_ledgers};
 use super::{Ctx, Error, open, reconcile};
+use crate::decide;
 use crate::dra;
 use crate::metrics::Metrics;
 use crate::wake;
@@ -96,7 +97,17 @@ pub async fn run(
                 .collect()
         }
     };
-    let by_node_p = by_node.clone();
+    // A pod's change matters only to the wedges of its node whose decision reads pods.
+    let by_node_p = {
+        let s = wedge_store.clone();
+        move |node: String| -> Vec<ObjectRef<GpuWedge>> {
+            s.state()
+                .iter()
+                .filter(|w| w.spec.node_name == node && open(w) && decide::reads_pods(w))
+                .map(|w| ObjectRef::from_obj(&**w))
+                .collect()
+        }
+    };
     // Nodes and policies are reflected by their own tasks, so their stores sync (and readiness
     // follows) whatever the controller is doing; each change is handed to the controller as
     // reconcile requests for the wedges it concerns.
