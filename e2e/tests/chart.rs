@@ -598,7 +598,7 @@ fn template_dra_on_grants_device_taint_rights_and_passes_the_attribute_map() {
         let agent = find(objs, "ClusterRole", "unwedge-agent");
         assert_eq!(
             grants(agent, "resource.k8s.io", "resourceslices"),
-            sorted(&["get", "list"]),
+            sorted(&["get", "list", "watch"]),
             "{what}"
         );
         let c = &find(objs, "Deployment", "unwedge-operator")["spec"]["template"]["spec"]["containers"]

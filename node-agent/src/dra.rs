@@ -2,13 +2,19 @@
 //! (resource.k8s.io/v1), find the device whose PCI attribute equals the wedged card's PCI
 //! address, so the operator can quarantine that one device instead of cordoning the node.
 //!
-//! `find` is pure; `lookup` only lists this node's slices. No match is not an error: the wedge
-//! is then handled like one on a device-plugin node, and the agent message says why.
+//! `find` is pure; `lookup` only lists this node's slices; [`SliceView`] keeps them from a
+//! watch so a detection asks no API server. No match is not an error: the wedge is then
+//! handled like one on a device-plugin node, and the agent message says why.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::resource::v1::ResourceSlice;
 use kube::api::{Api, ListParams};
+use kube::runtime::reflector::Store;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use unwedge_crds::DraDeviceRef;
 
 /// The standard attribute that holds a device's PCI address.
@@ -163,6 +169,148 @@ pub async fn lookup(
     let lp = ListParams::default().fields(&format!("spec.nodeName={node}"));
     let slices = Api::<ResourceSlice>::all(client.clone()).list(&lp).await?;
     Ok(find(&slices.items, node, pci, map))
+}
+
+/// How long after the API server refused the slice watch (no right to read ResourceSlices: DRA
+/// off in the chart; or no DRA API) a detection starts it again. No timer: the next detection
+/// after that does.
+const RETRY_REFUSED: Duration = Duration::from_secs(300);
+
+enum SliceState {
+    /// The watch runs; its store is ready after the first list.
+    Watching {
+        store: Store<ResourceSlice>,
+        task: tokio::task::AbortHandle,
+    },
+    /// The API server refused the watch's list at this instant (403 or 404).
+    Refused(Instant),
+    /// Stopped with the agent.
+    Stopped,
+}
+
+struct SliceInner {
+    client: kube::Client,
+    node: String,
+    state: Mutex<SliceState>,
+}
+
+impl SliceInner {
+    fn state(&self) -> std::sync::MutexGuard<'_, SliceState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for SliceInner {
+    fn drop(&mut self) {
+        if let SliceState::Watching { task, .. } = &*self.state() {
+            task.abort();
+        }
+    }
+}
+
+/// This node's ResourceSlices from a watch (field selector `spec.nodeName`): a detection finds
+/// its DRA device in memory. Until the watch's first list it LISTs as before; while the API
+/// server refuses the watch it asks nothing (as a refused LIST would answer: not a DRA node).
+#[derive(Clone)]
+pub struct SliceView {
+    inner: Arc<SliceInner>,
+}
+
+impl SliceView {
+    /// Starts the watch of `node`'s slices (inside a Tokio runtime).
+    pub fn start(client: kube::Client, node: &str) -> Self {
+        let inner = Arc::new(SliceInner {
+            client,
+            node: node.to_string(),
+            state: Mutex::new(SliceState::Stopped),
+        });
+        *inner.state() = spawn_watch(&inner);
+        SliceView { inner }
+    }
+
+    /// Stops the watch.
+    pub fn stop(&self) {
+        let mut st = self.inner.state();
+        if let SliceState::Watching { task, .. } = &*st {
+            task.abort();
+        }
+        *st = SliceState::Stopped;
+    }
+
+    /// Finds the wedged device `pci` in this node's slices: from the watch's store once it
+    /// has synced (a device it does not find is confirmed by a LIST), else from a LIST.
+    pub async fn lookup(&self, pci: &str, map: &AttributeMap) -> Result<Lookup, kube::Error> {
+        let store = {
+            let mut st = self.inner.state();
+            match &*st {
+                SliceState::Watching { store, .. } => {
+                    matches!(store.wait_until_ready().now_or_never(), Some(Ok(())))
+                        .then(|| store.clone())
+                }
+                SliceState::Refused(at) if at.elapsed() < RETRY_REFUSED => {
+                    return Ok(Lookup::NoSlices);
+                }
+                SliceState::Refused(_) => {
+                    *st = spawn_watch(&self.inner);
+                    None
+                }
+                SliceState::Stopped => None,
+            }
+        };
+        let node = &self.inner.node;
+        if let Some(store) = store {
+            let slices: Vec<ResourceSlice> = store.state().iter().map(|s| (**s).clone()).collect();
+            match find(&slices, node, pci, map) {
+                Lookup::NoMatch(_) => {}
+                found => return Ok(found),
+            }
+        }
+        lookup(&self.inner.client, node, pci, map).await
+    }
+}
+
+/// Spawns the watch task; it marks the view `Refused` and ends when the API server refuses it.
+fn spawn_watch(inner: &Arc<SliceInner>) -> SliceState {
+    let (store, writer) = reflector::store();
+    let api = Api::<ResourceSlice>::all(inner.client.clone());
+    let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", inner.node));
+    let task = tokio::spawn(watch_slices(Arc::downgrade(inner), api, cfg, writer));
+    SliceState::Watching {
+        store,
+        task: task.abort_handle(),
+    }
+}
+
+async fn watch_slices(
+    inner: Weak<SliceInner>,
+    api: Api<ResourceSlice>,
+    cfg: watcher::Config,
+    writer: reflector::store::Writer<ResourceSlice>,
+) {
+    let stream = reflector(writer, watcher(api, cfg)).default_backoff();
+    futures::pin_mut!(stream);
+    while let Some(ev) = stream.next().await {
+        let Err(e) = ev else { continue };
+        if refused(&e) {
+            tracing::debug!(error = %e, "ResourceSlices not readable: not a DRA node for unwedge; not watching them");
+            if let Some(inner) = inner.upgrade() {
+                *inner.state() = SliceState::Refused(Instant::now());
+            }
+            return;
+        }
+        tracing::warn!(error = %e, "ResourceSlice watch error; retrying");
+    }
+}
+
+/// Whether the API server refused the watch for good: no right (403) or no such API (404).
+fn refused(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => {
+            s.is_forbidden() || s.is_not_found()
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]

@@ -2,11 +2,14 @@
 //! object, the agent part of its status, and the "one open incident per device" rule.
 //!
 //! The decisions ([`plan()`], [`build_wedge`], [`is_open`], ...) are pure functions over values
-//! (`reporter/plan.rs`); the detection and its names are in `reporter/detection.rs`. The
-//! `Reporter` here only lists, creates and merge-patches. It never writes operator fields.
+//! (`reporter/plan.rs`); the detection and its names are in `reporter/detection.rs`; the
+//! wedges it decides from come from the agent's watch ([`WedgeView`], `reporter/view.rs`) or,
+//! without one or when a write finds the watch behind, from a LIST. The `Reporter` here only
+//! lists, creates and merge-patches. It never writes operator fields.
 
 mod detection;
 mod plan;
+mod view;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -21,6 +24,7 @@ pub use plan::{
     ReportPlan, agent_status_patch, agent_status_patch_as, api_methods, build_wedge, events_patch,
     is_open, no_driver_note, plan, push_event,
 };
+pub use view::{Known, WedgeView};
 
 /// Errors while reporting. The outbox retries the transient ones and sets the others aside.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +78,17 @@ pub struct Reporter {
     client: Client,
     node: String,
     dry_run: bool,
+    view: Option<WedgeView>,
+}
+
+/// How many times one report decides again from a fresh LIST after a write found that what it
+/// decided from was out of date; then the outbox retries it later.
+const FRESH_ATTEMPTS: usize = 3;
+
+/// A write refused because the wedges it was decided from were out of date.
+enum Outcome {
+    Done(Reported),
+    Stale(ReportError),
 }
 
 impl Reporter {
@@ -83,7 +98,15 @@ impl Reporter {
             client,
             node: node.into(),
             dry_run: false,
+            view: None,
         }
+    }
+
+    /// This reporter, deciding from `view` (the agent's watch of its node's wedges) instead of
+    /// a LIST per report, as long as its writes find it current.
+    pub fn watching(mut self, view: WedgeView) -> Self {
+        self.view = Some(view);
+        self
     }
 
     /// This reporter, saying in each new wedge's `status.agentDryRun` whether the agent runs
@@ -102,31 +125,118 @@ impl Reporter {
             )));
         }
         let api: Api<GpuWedge> = Api::all(self.client.clone());
+        let pci = &d.device.pci_address;
+        let cached = self.view.as_ref().and_then(|v| v.device(&self.node, pci));
+        if let Some(existing) = cached {
+            match self.apply(&api, d, &existing, true).await? {
+                Outcome::Done(r) => return Ok(r),
+                Outcome::Stale(e) => {
+                    tracing::debug!(error = %e, "the watch of this node's wedges was behind; deciding from a LIST")
+                }
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let existing = self.list_device(&api, d).await?;
+            match self.apply(&api, d, &existing, false).await? {
+                Outcome::Done(r) => return Ok(r),
+                Outcome::Stale(e) if attempt >= FRESH_ATTEMPTS => return Err(e),
+                Outcome::Stale(_) => {}
+            }
+        }
+    }
+
+    /// The wedges of the detection's device, fresh from the API (recorded in the view).
+    async fn list_device(
+        &self,
+        api: &Api<GpuWedge>,
+        d: &DetectedWedge,
+    ) -> Result<Vec<GpuWedge>, ReportError> {
+        let pci = &d.device.pci_address;
+        let lp = ListParams::default().labels(&device_selector(&self.node, pci));
+        let list = api.list(&lp).await.map_err(|source| ReportError::Api {
+            name: d.name(),
+            source,
+        })?;
+        if let Some(v) = &self.view {
+            let rv = list.metadata.resource_version.as_deref();
+            v.listed(
+                &self.node,
+                pci,
+                &list.items,
+                rv.and_then(|r| r.parse().ok()),
+            );
+        }
+        Ok(list.items)
+    }
+
+    /// Carries out the plan for `d` over `existing`. With `cached` (wedges from the watch),
+    /// every outcome the watch could have got wrong comes back `Stale`: a create that finds
+    /// the name taken, an append whose resourceVersion moved on (409) or whose wedge is gone
+    /// (404), a completion of a wedge that is gone, and "already recorded" (nothing is written
+    /// that could tell).
+    async fn apply(
+        &self,
+        api: &Api<GpuWedge>,
+        d: &DetectedWedge,
+        existing: &[GpuWedge],
+        cached: bool,
+    ) -> Result<Outcome, ReportError> {
         let api_err = |name: &str| {
             let name = name.to_string();
             move |source| ReportError::Api { name, source }
         };
-        let lp = ListParams::default().labels(&device_selector(&self.node, &d.device.pci_address));
-        let existing = api.list(&lp).await.map_err(api_err(&d.name()))?.items;
-        match plan(d, &existing) {
-            ReportPlan::AlreadyRecorded { name } => Ok(Reported::AlreadyRecorded(name)),
+        let stale = |name: &str, source: kube::Error| {
+            Ok(Outcome::Stale(ReportError::Api {
+                name: name.to_string(),
+                source,
+            }))
+        };
+        match plan(d, existing) {
+            ReportPlan::AlreadyRecorded { name } if cached => stale(
+                &name,
+                kube::Error::Service("already recorded, by the watch: confirming".into()),
+            ),
+            ReportPlan::AlreadyRecorded { name } => {
+                Ok(Outcome::Done(Reported::AlreadyRecorded(name)))
+            }
             ReportPlan::AppendEvent {
                 name,
                 events,
                 dropped,
             } => {
-                api.patch_status(
-                    &name,
-                    &PatchParams::default(),
-                    &Patch::Merge(events_patch(&events, dropped)),
-                )
-                .await
-                .map_err(api_err(&name))?;
-                Ok(Reported::Appended(name))
+                let mut patch = events_patch(&events, dropped);
+                let read = existing
+                    .iter()
+                    .find(|w| w.name_any() == name)
+                    .and_then(|w| w.metadata.resource_version.clone());
+                if let Some(rv) = read {
+                    patch["metadata"] = serde_json::json!({ "resourceVersion": rv });
+                }
+                match api
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await
+                {
+                    Ok(w) => {
+                        self.saw(&w);
+                        Ok(Outcome::Done(Reported::Appended(name)))
+                    }
+                    Err(kube::Error::Api(s)) if s.is_conflict() || s.is_not_found() => {
+                        stale(&name, kube::Error::Api(s))
+                    }
+                    Err(e) => Err(api_err(&name)(e)),
+                }
             }
             ReportPlan::PatchStatus { name } => {
-                self.patch_agent_status(&api, &name, d).await?;
-                Ok(Reported::Created(name))
+                match self.patch_agent_status(api, &name, d).await {
+                    Ok(()) => Ok(Outcome::Done(Reported::Created(name))),
+                    Err(ReportError::Api {
+                        source: kube::Error::Api(s),
+                        ..
+                    }) if s.is_not_found() => stale(&name, kube::Error::Api(s)),
+                    Err(e) => Err(e),
+                }
             }
             ReportPlan::Create { name } => {
                 let pod = match d.blamed.as_ref().and_then(|b| b.pod_uid.as_deref()) {
@@ -135,15 +245,24 @@ impl Reporter {
                 };
                 let wedge = build_wedge(d, &name, pod);
                 match api.create(&PostParams::default(), &wedge).await {
-                    Ok(_) => {}
+                    Ok(w) => self.saw(&w),
+                    Err(kube::Error::Api(s)) if s.is_already_exists() && cached => {
+                        return stale(&name, kube::Error::Api(s));
+                    }
                     Err(kube::Error::Api(s)) if s.is_already_exists() => {
                         tracing::info!(wedge = %name, "GpuWedge already exists (replay); completing its status");
                     }
                     Err(e) => return Err(api_err(&name)(e)),
                 }
-                self.patch_agent_status(&api, &name, d).await?;
-                Ok(Reported::Created(name))
+                self.patch_agent_status(api, &name, d).await?;
+                Ok(Outcome::Done(Reported::Created(name)))
             }
+        }
+    }
+
+    fn saw(&self, w: &GpuWedge) {
+        if let Some(v) = &self.view {
+            v.saw(w);
         }
     }
 
@@ -153,16 +272,18 @@ impl Reporter {
         name: &str,
         d: &DetectedWedge,
     ) -> Result<(), ReportError> {
-        api.patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(agent_status_patch_as(d, self.dry_run)),
-        )
-        .await
-        .map_err(|source| ReportError::Api {
-            name: name.to_string(),
-            source,
-        })?;
+        let w = api
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(agent_status_patch_as(d, self.dry_run)),
+            )
+            .await
+            .map_err(|source| ReportError::Api {
+                name: name.to_string(),
+                source,
+            })?;
+        self.saw(&w);
         Ok(())
     }
 

@@ -23,7 +23,7 @@ use unwedge_crds::GpuWedge;
 use unwedge_crds::labels::LABEL_NODE;
 
 use crate::config::{Args, DeviceIdMatchArg};
-use crate::dra::AttributeMap;
+use crate::dra::{AttributeMap, SliceView};
 use crate::executor::{
     AdvertisedCheck, ConsumersCheck, Executor, ExecutorConfig, KubeStore, RestartConfig, WedgeClock,
 };
@@ -33,7 +33,7 @@ use crate::metrics::{self, Metrics};
 use crate::node_events;
 use crate::outbox::{self, Outbox};
 use crate::podresources::{self, DeviceIdMatch};
-use crate::reporter::Reporter;
+use crate::reporter::{Reporter, WedgeView};
 use crate::sysfs::Sysfs;
 
 type AgentExecutor = Executor<SysfsHost, KubeStore>;
@@ -114,6 +114,10 @@ struct Agent {
     client: Client,
     /// Which ResourceSlice attribute holds a DRA device's PCI address.
     dra_attributes: AttributeMap,
+    /// This node's ResourceSlices, from a watch.
+    slices: SliceView,
+    /// This node's GpuWedges, from the executor's watch.
+    wedges: WedgeView,
 }
 
 /// Runs one agent instance until its shutdown signal; returns early only when its outbox,
@@ -161,6 +165,10 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
         reboot_command: args.reboot_command.clone(),
         boot_id_path: args.boot_id_path.clone(),
     });
+    // One watch of this node's wedges: the executor's events, the reporter's and the rescan's
+    // view (driven once the executor's watch task runs; until its first list, they LIST).
+    let (wedge_store, wedge_writer) = reflector::store();
+    let slices = SliceView::start(client.clone(), &args.node_name);
     let agent = Arc::new(Agent {
         sysfs: Sysfs::new(&args.sysfs_root),
         host: host.clone(),
@@ -171,6 +179,8 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         client: client.clone(),
         dra_attributes,
+        slices,
+        wedges: WedgeView::new(wedge_store.clone()),
         args,
     });
 
@@ -194,7 +204,8 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
         uevents::EnrichingReporter {
             agent: agent.clone(),
             reporter: Reporter::new(client.clone(), agent.args.node_name.clone())
-                .dry_run(agent.args.dry_run),
+                .dry_run(agent.args.dry_run)
+                .watching(agent.wedges.clone()),
         },
         agent.wake.clone(),
         Duration::from_secs(2),
@@ -258,6 +269,7 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
     let watch = tokio::spawn(run_executor(
         client,
         agent.args.node_name.clone(),
+        (wedge_store, wedge_writer),
         executor,
         metrics.clone(),
     ));
@@ -266,6 +278,7 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     replayer.abort();
     watch.abort();
+    agent.slices.stop();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     tracing::info!(
         pending = agent.outbox.len(),
@@ -351,11 +364,14 @@ fn device_id_match(args: &Args) -> DeviceIdMatch {
 async fn run_executor(
     client: Client,
     node: String,
+    (reader, writer): (
+        reflector::Store<GpuWedge>,
+        reflector::store::Writer<GpuWedge>,
+    ),
     executor: Arc<AgentExecutor>,
     metrics: Arc<Metrics>,
 ) {
     let api: Api<GpuWedge> = Api::all(client);
-    let (reader, writer) = reflector::store();
     let cfg = watcher::Config::default().labels(&format!("{LABEL_NODE}={node}"));
     let stream = reflector(writer, watcher(api, cfg))
         .default_backoff()

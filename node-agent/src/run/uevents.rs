@@ -284,8 +284,7 @@ impl outbox::Sink for EnrichingReporter {
 /// right to read them: DRA is off in the chart) leaves the wedge a device-plugin one; slices
 /// without the device give a note saying why, for the agent message.
 async fn dra_device(agent: &Agent, pci: &str) -> (Option<DraDeviceRef>, Option<String>) {
-    let node = &agent.args.node_name;
-    let lookup = dra::lookup(&agent.client, node, pci, &agent.dra_attributes);
+    let lookup = agent.slices.lookup(pci, &agent.dra_attributes);
     let note = match tokio::time::timeout(Duration::from_secs(5), lookup).await {
         Ok(Ok(dra::Lookup::Found(dev))) => {
             tracing::info!(driver = %dev.driver, pool = %dev.pool, device = %dev.device, "wedged GPU is a DRA device");
@@ -325,23 +324,12 @@ async fn uevents_lost(agent: &Arc<Agent>, event: bool) {
     }
 }
 
+/// The rescan (at start, after lost uevents): sysfs against this node's wedges, from the watch
+/// once it has synced; what it finds goes to the outbox, whose report checks again.
 pub(super) async fn reconcile(agent: &Arc<Agent>, why: &str) -> Vec<startup::Finding> {
-    let api: Api<GpuWedge> = Api::all(agent.client.clone());
-    let lp = ListParams::default().labels(&format!("{LABEL_NODE}={}", agent.args.node_name));
-    let wedges = match tokio::time::timeout(Duration::from_secs(5), api.list(&lp)).await {
-        Ok(Ok(l)) => l.items,
-        Ok(Err(e)) => {
-            agent.metrics.api_errors.inc();
-            tracing::warn!(error = %e, "reconciliation without the API's view of open incidents");
-            Vec::new()
-        }
-        Err(_) => {
-            agent.metrics.api_errors.inc();
-            tracing::warn!(
-                "API did not answer within 5s; reconciliation without its view of open incidents"
-            );
-            Vec::new()
-        }
+    let wedges = match agent.wedges.all() {
+        Some(w) => w,
+        None => list_node_wedges(agent).await,
     };
     let boot_id = agent.host.boot_id().unwrap_or_default();
     let (findings, detections) =
@@ -357,6 +345,28 @@ pub(super) async fn reconcile(agent: &Arc<Agent>, why: &str) -> Vec<startup::Fin
     }
     agent.wake.notify_one();
     findings
+}
+
+/// This node's wedges from a LIST (before the watch has synced); none when the API does not
+/// answer within 5 s (the reporter's own check still guards every create).
+async fn list_node_wedges(agent: &Agent) -> Vec<GpuWedge> {
+    let api: Api<GpuWedge> = Api::all(agent.client.clone());
+    let lp = ListParams::default().labels(&format!("{LABEL_NODE}={}", agent.args.node_name));
+    match tokio::time::timeout(Duration::from_secs(5), api.list(&lp)).await {
+        Ok(Ok(l)) => l.items,
+        Ok(Err(e)) => {
+            agent.metrics.api_errors.inc();
+            tracing::warn!(error = %e, "reconciliation without the API's view of open incidents");
+            Vec::new()
+        }
+        Err(_) => {
+            agent.metrics.api_errors.inc();
+            tracing::warn!(
+                "API did not answer within 5s; reconciliation without its view of open incidents"
+            );
+            Vec::new()
+        }
+    }
 }
 
 #[cfg(test)]
