@@ -24,7 +24,7 @@ pub use plan::{
     ReportPlan, agent_status_patch, agent_status_patch_as, api_methods, build_wedge, events_patch,
     is_open, no_driver_note, plan, push_event,
 };
-pub use view::{Known, WedgeView};
+pub use view::{Known, WedgeView, revision};
 
 /// Errors while reporting. The outbox retries the transient ones and sets the others aside.
 #[derive(Debug, thiserror::Error)]

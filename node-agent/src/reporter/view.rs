@@ -13,6 +13,7 @@
 //! [`merge`] and [`prune`] are pure; [`WedgeView`] only holds the store and the overlay.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
@@ -74,13 +75,17 @@ pub fn merge(store: &[GpuWedge], own: &BTreeMap<String, Known>) -> Option<Vec<Gp
     Some(out.into_values().collect())
 }
 
-/// Drops the overlay entries the store has caught up with: an object the store holds at the
-/// same or a newer resourceVersion, a deletion the store has seen (or that a newer object of
-/// the same name replaced).
-pub fn prune(store: &[GpuWedge], own: &mut BTreeMap<String, Known>) {
+/// Drops the overlay entries the store has caught up with: everything at or below `progress`
+/// (the newest resourceVersion the watch has delivered, deletions included: the store then
+/// holds that state, or the object is gone), an object the store holds at the same or a newer
+/// resourceVersion, a deletion the store has seen (or that a newer object of the same name
+/// replaced).
+pub fn prune(store: &[GpuWedge], own: &mut BTreeMap<String, Known>, progress: u64) {
     let stored: BTreeMap<String, Option<u64>> =
         store.iter().map(|w| (w.name_any(), revision(w))).collect();
     own.retain(|name, k| match (k, stored.get(name)) {
+        (Known::Present(w), _) if revision(w).is_some_and(|rv| rv <= progress) => false,
+        (Known::Gone(rv), _) if *rv <= progress => false,
         (Known::Present(w), Some(Some(s))) => revision(w).is_none_or(|rv| *s < rv),
         (Known::Present(_), _) => true,
         (Known::Gone(_), None) => false,
@@ -131,6 +136,7 @@ pub fn listed(
 pub struct WedgeView {
     store: Store<GpuWedge>,
     own: Arc<Mutex<BTreeMap<String, Known>>>,
+    progress: Arc<AtomicU64>,
 }
 
 impl WedgeView {
@@ -139,6 +145,15 @@ impl WedgeView {
         Self {
             store,
             own: Arc::default(),
+            progress: Arc::default(),
+        }
+    }
+
+    /// Records that the store holds what the watch delivered up to resourceVersion `rv` (an
+    /// object added, changed or deleted, or a whole list, once applied to the store).
+    pub fn delivered(&self, rv: Option<u64>) {
+        if let Some(rv) = rv {
+            self.progress.fetch_max(rv, Ordering::Relaxed);
         }
     }
 
@@ -159,7 +174,7 @@ impl WedgeView {
         }
         let store: Vec<GpuWedge> = self.store.state().iter().map(|w| (**w).clone()).collect();
         let mut own = self.own();
-        prune(&store, &mut own);
+        prune(&store, &mut own, self.progress.load(Ordering::Relaxed));
         let all = merge(&store, &own)?;
         Some(
             all.into_iter()
@@ -175,7 +190,7 @@ impl WedgeView {
         }
         let store: Vec<GpuWedge> = self.store.state().iter().map(|w| (**w).clone()).collect();
         let mut own = self.own();
-        prune(&store, &mut own);
+        prune(&store, &mut own, self.progress.load(Ordering::Relaxed));
         merge(&store, &own)
     }
 
@@ -304,12 +319,16 @@ mod tests {
             wedge("b", PCI, 11, None),
             wedge("d", PCI, 11, None),
         ];
-        prune(&store, &mut own);
+        let mut later = own.clone();
+        prune(&store, &mut own, 11);
         assert_eq!(
             own.keys().cloned().collect::<Vec<_>>(),
             ["b", "d", "e"],
             "a caught up, c's deletion seen; b, d and e not yet"
         );
+        // Once the watch has delivered revision 12, e (absent from the store) was deleted.
+        prune(&store, &mut later, 12);
+        assert!(later.is_empty(), "{later:?}");
     }
 
     #[test]

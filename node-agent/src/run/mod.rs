@@ -33,7 +33,7 @@ use crate::metrics::{self, Metrics};
 use crate::node_events;
 use crate::outbox::{self, Outbox};
 use crate::podresources::{self, DeviceIdMatch};
-use crate::reporter::{Reporter, WedgeView};
+use crate::reporter::{Reporter, WedgeView, revision};
 use crate::sysfs::Sysfs;
 
 type AgentExecutor = Executor<SysfsHost, KubeStore>;
@@ -270,6 +270,7 @@ pub async fn run(args: Args, instance: Instance) -> anyhow::Result<()> {
         client,
         agent.args.node_name.clone(),
         (wedge_store, wedge_writer),
+        agent.wedges.clone(),
         executor,
         metrics.clone(),
     ));
@@ -368,16 +369,16 @@ async fn run_executor(
         reflector::Store<GpuWedge>,
         reflector::store::Writer<GpuWedge>,
     ),
+    view: WedgeView,
     executor: Arc<AgentExecutor>,
     metrics: Arc<Metrics>,
 ) {
     let api: Api<GpuWedge> = Api::all(client);
     let cfg = watcher::Config::default().labels(&format!("{LABEL_NODE}={node}"));
-    let stream = reflector(writer, watcher(api, cfg))
-        .default_backoff()
-        .applied_objects();
+    let stream = reflector(writer, watcher(api, cfg)).default_backoff();
     futures::pin_mut!(stream);
     let mut resync = tokio::time::interval(Duration::from_secs(30));
+    let mut listing = 0;
     let spawn = |w: GpuWedge| {
         let ex = executor.clone();
         tokio::spawn(async move {
@@ -387,7 +388,18 @@ async fn run_executor(
     loop {
         tokio::select! {
             ev = stream.next() => match ev {
-                Some(Ok(w)) => spawn(w),
+                Some(Ok(watcher::Event::Apply(w))) => {
+                    view.delivered(revision(&w));
+                    spawn(w)
+                }
+                Some(Ok(watcher::Event::Delete(w))) => view.delivered(revision(&w)),
+                // A (re)list reaches the store only at its end.
+                Some(Ok(watcher::Event::Init)) => listing = 0,
+                Some(Ok(watcher::Event::InitApply(w))) => {
+                    listing = listing.max(revision(&w).unwrap_or(0));
+                    spawn(w)
+                }
+                Some(Ok(watcher::Event::InitDone)) => view.delivered(Some(listing)),
                 Some(Err(e)) => {
                     metrics.api_errors.inc();
                     tracing::warn!(error = %e, "GpuWedge watch error; retrying");
