@@ -10,8 +10,10 @@
 #                         plugin is built (.ci/run: images amd64, the plugin on both; see there)
 #   UNWEDGE_OUT           output directory, default $CARGO_TARGET_DIR/unwedge-release (or target/…)
 #
-# Binaries: unwedge-agent, unwedge-operator, kubectl-unwedge, cargo profile `dist` (Cargo.toml),
-# in $CARGO_TARGET_DIR/<x86_64|aarch64>-unknown-linux-musl/dist/. amd64 builds with musl-gcc;
+# Binaries: unwedge-operator and kubectl-unwedge with cargo profile `dist` (Cargo.toml), in
+# $CARGO_TARGET_DIR/<x86_64|aarch64>-unknown-linux-musl/dist/; unwedge-agent alone with profile
+# `dist-agent` (built for size: its idle RSS is mostly its mapped executable), in
+# .../dist-agent/. amd64 builds with musl-gcc;
 # arm64 cross-compiles with cargo-zigbuild and zig (tools/zigbuild.sh: PyPI, cached). Each binary
 # must be what `file` calls a statically linked (or static-pie) executable of its architecture (the line is
 # printed); the host's own binaries must answer --version.
@@ -41,7 +43,9 @@ triple() { case $1 in amd64) echo x86_64-unknown-linux-musl ;; arm64) echo aarch
 # What `file` says about a static executable of the arch.
 file_arch() { case $1 in amd64) echo 'x86-64' ;; arm64) echo 'ARM aarch64' ;; esac; }
 host_arch() { case $(uname -m) in x86_64) echo amd64 ;; aarch64) echo arm64 ;; *) uname -m ;; esac; }
-bin_dir() { echo "$target_dir/$(triple "$1")/$profile"; }
+# The cargo profile of a binary: the agent's is built for size (Cargo.toml).
+profile_of() { if [ "$1" = unwedge-agent ]; then echo dist-agent; else echo "$profile"; fi; }
+bin_path() { echo "$target_dir/$(triple "$1")/$(profile_of "$2")/$2"; }
 # The binaries built for the arch: the plugin, and the images' two where the arch has images.
 binaries() {
   echo kubectl-unwedge
@@ -57,20 +61,31 @@ ensure_target() {
   rustup target add "$1"
 }
 
-build_arch() {
-  local arch=$1 t b packages=(); t=$(triple "$arch")
-  for b in $(binaries "$arch"); do packages+=(-p "$b"); done
-  ensure_target "$t"
+# cargo_for ARCH PROFILE PACKAGE-ARGS...: one cargo build (zigbuild off amd64).
+cargo_for() {
+  local arch=$1 p=$2 t; t=$(triple "$arch"); shift 2
   if [ "$arch" = amd64 ]; then
     command -v musl-gcc >/dev/null 2>&1 || die "musl-gcc is missing: apt-get install musl-tools"
-    log "cargo build --profile $profile --target $t"
-    ( cd "$root" && cargo build --profile "$profile" --target "$t" "${packages[@]}" )
+    log "cargo build --profile $p --target $t $*"
+    ( cd "$root" && cargo build --profile "$p" --target "$t" "$@" )
   else
     local zb; zb=$(bash "$root/tools/zigbuild.sh")
-    log "cargo zigbuild --profile $profile --target $t"
+    log "cargo zigbuild --profile $p --target $t $*"
     ( cd "$root" && PATH=$zb/bin:$PATH CARGO_ZIGBUILD_ZIG_PATH=$zb/ziglang/zig \
-        cargo zigbuild --profile "$profile" --target "$t" "${packages[@]}" )
+        cargo zigbuild --profile "$p" --target "$t" "$@" )
   fi
+}
+
+# The agent is built in a cargo run of its own: its profile differs, and its dependencies then
+# carry only the features the agent uses.
+build_arch() {
+  local arch=$1 b packages=() agent=0
+  for b in $(binaries "$arch"); do
+    if [ "$b" = unwedge-agent ]; then agent=1; else packages+=(-p "$b"); fi
+  done
+  ensure_target "$(triple "$arch")"
+  cargo_for "$arch" "$profile" "${packages[@]}"
+  [ "$agent" = 0 ] || cargo_for "$arch" "$(profile_of unwedge-agent)" -p unwedge-agent --bin unwedge-agent
 }
 
 # Fails unless every binary of the arch is a static executable of that arch (prints `file`).
@@ -78,8 +93,8 @@ check_binaries() {
   local arch=$1 b desc status=0
   command -v file >/dev/null 2>&1 || die "file is missing: apt-get install file"
   for b in $(binaries "$arch"); do
-    desc=$(file -b "$(bin_dir "$arch")/$b")
-    log "file $(triple "$arch")/$profile/$b: $desc"
+    desc=$(file -b "$(bin_path "$arch" "$b")")
+    log "file $(triple "$arch")/$(profile_of "$b")/$b: $desc"
     if [[ $desc != ELF*"$(file_arch "$arch")"*static*linked* ]]; then
       log "$b is not a static $(file_arch "$arch") executable"
       status=1
@@ -126,7 +141,7 @@ for component in agent operator; do
   for arch in $image_arches; do
     w=$tmp/$component-$arch
     mkdir -p "$w/rootfs"
-    install -m0755 "$(bin_dir "$arch")/$binary" "$w/rootfs/$binary"
+    install -m0755 "$(bin_path "$arch" "$binary")" "$w/rootfs/$binary"
     touch -d "@$epoch" "$w/rootfs/$binary"
     tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="@$epoch" --format=gnu \
       -C "$w/rootfs" -cf "$w/layer.tar" "$binary"
