@@ -274,9 +274,9 @@ as_user() {
   [ -s "$f" ] || k config view --raw --minify -o json | jq --arg u "$1" '.users[0].user.as = $u' >"$f"
   echo "$f"
 }
-plugin() { # plugin <user> args...: the released kubectl-unwedge, through kubectl, as <user>
+plugin() { # plugin <user> args...: the released kubectl-unwedge (krew-installed), through kubectl, as <user>
   local user=$1; shift
-  KUBECONFIG=$(as_user "$user") PATH="$RUN/plugin:$PATH" kubectl unwedge "$@"
+  KUBECONFIG=$(as_user "$user") PATH="$RUN/krew/bin:$PATH" kubectl unwedge "$@"
 }
 cond_status() { # cond_status <gw> <type>: that condition's status (True/False/empty)
   k get gw "$1" -o jsonpath="{.status.conditions[?(@.type==\"$2\")].status}"
@@ -292,8 +292,15 @@ dry_run_recorded() { # dry_run_recorded <gw>: DryRun=True and the action says wh
 # switches to automatic and the held wedge recovers. Then a policy with `approval: Manual`: the
 # wedge waits drained, `view` cannot approve it, `unwedge-approver` can, and it recovers.
 s_first_run() {
-  mkdir -p "$RUN/plugin"
-  tar -xzf "$RUN"/release/kubectl-unwedge_v*_linux_amd64.tar.gz -C "$RUN/plugin" kubectl-unwedge
+  # The plugin as a user installs it: krew, from the release's manifest and archive (its sha256
+  # checked by krew), no index and no network.
+  local krew_out
+  rm -rf "$RUN/krew"
+  krew_out=$(KREW_ROOT=$RUN/krew "$KREW" install --manifest="$RUN/release/krew/unwedge.yaml" \
+    --archive="$(ls "$RUN"/release/kubectl-unwedge_v*_linux_amd64.tar.gz)" 2>&1) || { echo "$krew_out"; return 1; }
+  expect "krew installed the plugin from the release's manifest" grep -q 'Installed plugin: unwedge' <<<"$krew_out"
+  expect "kubectl finds it as a plugin (kubectl plugin list)" \
+    sh -c "PATH='$RUN/krew/bin:$PATH' kubectl plugin list 2>/dev/null | grep -q '$RUN/krew/bin/kubectl-unwedge'"
   k create clusterrolebinding readme-alice-view --clusterrole=view --user=alice >/dev/null
   k create clusterrolebinding readme-bob-approver --clusterrole=$RELEASE-approver --user=bob >/dev/null
   local card bdf bridge label; dev 2
@@ -701,6 +708,7 @@ done
 lap "node image (cached or built)"
 "$E2E_DIR/cluster/build-binaries.sh" helm >/dev/null
 HELM=$CP_BIN/helm
+KREW=$(bash "$ROOT/tools/krew/build.sh" | tail -1)
 kind_path
 "$KIND_DIR/fake-device-plugin/build.sh" >/dev/null
 lap "fake device plugin image"
