@@ -13,6 +13,7 @@ pub mod footprint;
 pub mod latency;
 pub mod plot;
 pub mod storm;
+pub mod time_to_cordon;
 
 use std::fs::File;
 use std::io;
