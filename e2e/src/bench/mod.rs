@@ -298,6 +298,17 @@ impl NsInjector {
         })
     }
 
+    /// Sends the benches' usual wedge of `gpu` (`WEDGED=rebind,bus-reset`, no blamed task); the
+    /// instant it was handed to the kernel.
+    pub fn send_wedge(&self, gpu: &crate::fakesysfs::Gpu) -> io::Result<Instant> {
+        self.send(crate::inject::wedge_payload(
+            &gpu.card_devpath(),
+            &gpu.card_name(),
+            &["rebind", "bus-reset"],
+            &[],
+        ))
+    }
+
     /// Sends one uevent; the instant it was handed to the kernel.
     pub fn send(&self, payload: Vec<u8>) -> io::Result<Instant> {
         let (rtx, rrx) = mpsc::channel();

@@ -51,12 +51,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         let sim = sc.fleet.sim(node);
         let g = sim.sysfs.gpus()[0].clone();
         let inj = NsInjector::new(&sim.netns.path())?;
-        let t0 = inj.send(crate::inject::wedge_payload(
-            &g.card_devpath(),
-            &g.card_name(),
-            &["rebind", "bus-reset"],
-            &[],
-        ))?;
+        let t0 = inj.send_wedge(&g)?;
         drop(inj);
         let what = format!("wedge {i} on {node} Recovered");
         tracker
