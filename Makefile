@@ -63,7 +63,7 @@ test-build: bins
 test-e2e: binaries bins
 	LANES=$(LANES) CARGO=$(CARGO) bash tools/lanes.sh e2e
 
-# The benchmarks in their short mode (bench storm and chaos --short): proves they still run and
+# The benchmarks in their short mode (bench storm, chaos and time-to-cordon --short): proves they still run and
 # still assert the invariants.
 test-bench: binaries bins
 	LANES=$(LANES) CARGO=$(CARGO) bash tools/lanes.sh bench

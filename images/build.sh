@@ -16,7 +16,8 @@
 # .../dist-agent/. amd64 builds with musl-gcc;
 # arm64 cross-compiles with cargo-zigbuild and zig (tools/zigbuild.sh: PyPI, cached). Each binary
 # must be what `file` calls a statically linked (or static-pie) executable of its architecture (the line is
-# printed); the host's own binaries must answer --version.
+# printed), and each must answer --version: the host's natively, the other arch's under qemu-user
+# when installed (required with UNWEDGE_QEMU=required, as in CI).
 #
 # Images: each layout holds one image index over the platforms; each platform's image is one
 # gzip layer with the binary at /, and the config of images/<component>/config.json (user,
@@ -103,16 +104,46 @@ check_binaries() {
   return $status
 }
 
+# How to run a binary of the arch here: nothing on the host's arch, qemu-user's qemu-<machine>
+# (Debian's qemu-user) on another. Prints the command; fails when qemu is missing (then the
+# binaries are identified by `file` only, said in the log; an error when UNWEDGE_QEMU=required, as
+# in CI).
+runner_of() {
+  [ "$1" != "$(host_arch)" ] || return 0
+  local q; q=qemu-$(case $1 in amd64) echo x86_64 ;; arm64) echo aarch64 ;; esac)
+  command -v "$q" >/dev/null 2>&1 && { echo "$q"; return 0; }
+  log "$q is missing (apt-get install qemu-user): the $1 binaries are identified, not run${UNWEDGE_QEMU:+ (UNWEDGE_QEMU=$UNWEDGE_QEMU)}"
+  return 1
+}
+qemu_required() { [ "${UNWEDGE_QEMU:-}" = required ]; }
+
+# Runs every binary of the arch with --version (another arch's under qemu): a binary that `file`
+# identifies but that cannot start fails here.
+run_binaries() {
+  local arch=$1 b runner out status=0
+  if ! runner=$(runner_of "$arch"); then ! qemu_required; return; fi
+  for b in $(binaries "$arch"); do
+    if out=$($runner "$(bin_dir "$arch")/$b" --version 2>&1) && [[ $out == *" $version" ]]; then
+      log "ran $(triple "$arch")/$profile/$b${runner:+ under $runner}: $out"
+    else
+      log "$(triple "$arch")/$profile/$b --version${runner:+ under $runner} did not print its version $version: $out"
+      status=1
+    fi
+  done
+  return $status
+}
+
+version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)
 for arch in $arches; do
   build_arch "$arch"
   check_binaries "$arch"
+  run_binaries "$arch"
 done
 [ "$tag" != --binaries ] || exit 0
 
 command -v jq >/dev/null 2>&1 || die "jq is missing: apt-get install jq"
 epoch=${SOURCE_DATE_EPOCH:-$(git -C "$root" log -1 --format=%ct 2>/dev/null || echo 0)}
 created=$(date -u -d "@$epoch" +%Y-%m-%dT%H:%M:%SZ)
-version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -162,10 +193,12 @@ for component in agent operator; do
       >"$w/manifest.json"
     platform=$(jq -cn --arg a "$arch" '{architecture: $a, os: "linux"} + (if $a == "arm64" then {variant: "v8"} else {} end)')
     entries+=("$(descriptor application/vnd.oci.image.manifest.v1+json "$(put_blob "$layout" "$w/manifest.json")" "$platform")")
-    if [ "$arch" = "$(host_arch)" ]; then
+    if runner=$(runner_of "$arch"); then
       # The image's own binary runs: extracted from the layer just written.
       mkdir -p "$w/x" && tar -xzf "$w/layer.tar.gz" -C "$w/x"
-      if v=$("$w/x/$binary" --version 2>&1); then log "$binary ($arch layer) --version: $v"; else log "$binary ($arch layer) --version FAILED: $v"; status=1; fi
+      if v=$($runner "$w/x/$binary" --version 2>&1); then log "$binary ($arch layer${runner:+, $runner}) --version: $v"; else log "$binary ($arch layer${runner:+, $runner}) --version FAILED: $v"; status=1; fi
+    elif qemu_required; then
+      status=1
     fi
   done
   printf '%s\n' "${entries[@]}" | jq -cjs '{schemaVersion: 2, mediaType: "application/vnd.oci.image.index.v1+json", manifests: .}' >"$tmp/index.json"

@@ -8,7 +8,7 @@
 # that passed into that file.
 #
 #   tools/lanes.sh e2e            every file in e2e/tests/
-#   tools/lanes.sh bench          the benches' short modes (storm, chaos)
+#   tools/lanes.sh bench          the benches' short modes (storm, chaos, time-to-cordon)
 #   tools/lanes.sh e2e bench      both, in one pool
 #
 # LANES (default 2: the reference machine's cores; most of a job's time is spent waiting on the
@@ -45,6 +45,7 @@ for group in "$@"; do
     bench)
       jobs+=("bench/storm	$target_dir/debug/bench storm --short")
       jobs+=("bench/chaos	$target_dir/debug/bench chaos --short")
+      jobs+=("bench/time-to-cordon	$target_dir/debug/bench time-to-cordon --short")
       ;;
     *) echo "lanes.sh: unknown group '$group' (e2e, bench)" >&2; exit 2 ;;
   esac

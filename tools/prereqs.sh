@@ -33,6 +33,7 @@ libseccomp-dev /usr/include/seccomp.h
 containernetworking-plugins /usr/lib/cni/bridge
 file file
 python3-pip pip3
+qemu-user qemu-aarch64
 "
 
 problems=()

@@ -32,7 +32,8 @@ REGISTRY="" CHART_VERSION="" AGENT_DIGEST="" OPERATOR_DIGEST=""
 
 # The scenarios, in order. Each is a function s_<name>; it returns non-zero on failure.
 SCENARIOS=(
-  helm_install        # defaults: agent Ready, operator 2/2 + one Lease holder, /metrics, get gw, NOTES
+  helm_install        # the README's install: labeled namespace, observe only; agent Ready, operator 2/2 + one Lease holder, /metrics, get gw, NOTES
+  first_run           # the README's first run: a wedge recorded, nothing touched; view reads, cannot approve; switch to automatic; approver approves
   wedge_rebind        # WEDGED=rebind,bus-reset on device 3: consumer listed, only it evicted, rebind once, uncordon, replacement Running
   none_restart_in_place  # WEDGED=none with a PID in a container: that container restarts in its pod, no eviction, no cordon
   none_evict_timing   # the same with none.restart Evict: that pod evicted and replaced (timing beside in place)
@@ -114,6 +115,9 @@ chart_flags() {
   --set agent.sysfsHostPath=/var/lib/unwedge-fake/sysfs --set agent.devHostPath=/var/lib/unwedge-fake/dev
   --set agent.reboot.mode=command --set-string agent.reboot.command=false
   --set "defaultPolicy.allowedMethods={rebind,bus-reset}" --set "defaultPolicy.escalation={rebind,bus-reset}"
+  # The suite wedges one node's GPUs 10 times within minutes; the default breaker (more than 10
+  # within 1h) would trip on an 11th.
+  --set defaultPolicy.circuitBreaker.count=20
   )
 }
 dev() { # dev N: sets card, bdf, bridge and label of fake GPU N (card0 = 0000:03:00.0 behind 0000:00:01.0)
@@ -214,7 +218,11 @@ only_victim_gone() { # only_victim_gone <victim uid> <uids before>: the victim v
 # --- scenarios -----------------------------------------------------------------------------
 s_helm_install() {
   local out
-  out=$("$HELM" install $RELEASE "${CHART[@]}" -n $NS --create-namespace "${HELM_SET[@]}" \
+  # The README's install, step by step: the namespace labeled for the privileged agent, then the
+  # observe-only first run (defaultPolicy.dryRun=true; s_first_run switches to automatic).
+  k create namespace $NS >/dev/null
+  k label namespace $NS pod-security.kubernetes.io/enforce=privileged >/dev/null
+  out=$("$HELM" install $RELEASE "${CHART[@]}" -n $NS "${HELM_SET[@]}" --set defaultPolicy.dryRun=true \
     --wait --timeout 3m 2>&1) || { echo "$out"; return 1; }
   echo "$out" | sed 's/^/  helm: /'
   expect "helm printed NOTES" grep -q '^NOTES:' <<<"$out"
@@ -255,6 +263,112 @@ s_helm_install() {
   metrics=$(k get --raw "/api/v1/namespaces/$NS/pods/$opod:9100/proxy/metrics" 2>&1 || true)
   expect "operator /metrics answers with Prometheus text" grep -q '^# \(HELP\|TYPE\) ' <<<"$metrics"
   expect "kubectl get gw works" k get gw
+  expect "the default RecoveryPolicy observes only (spec.dryRun: true)" \
+    sh -c "[ \"\$(kubectl get recoverypolicy default -o jsonpath='{.spec.dryRun}')\" = true ]"
+}
+
+# as_user <user>: a kubeconfig that acts as <user> (impersonated by the admin, no groups but
+# system:authenticated), for kubectl and for the plugin alike (kubeconfig `as:`).
+as_user() {
+  local f=$RUN/as-$1.kubeconfig
+  [ -s "$f" ] || k config view --raw --minify -o json | jq --arg u "$1" '.users[0].user.as = $u' >"$f"
+  echo "$f"
+}
+plugin() { # plugin <user> args...: the released kubectl-unwedge (krew-installed), through kubectl, as <user>
+  local user=$1; shift
+  KUBECONFIG=$(as_user "$user") PATH="$RUN/krew/bin:$PATH" kubectl unwedge "$@"
+}
+cond_status() { # cond_status <gw> <type>: that condition's status (True/False/empty)
+  k get gw "$1" -o jsonpath="{.status.conditions[?(@.type==\"$2\")].status}"
+}
+dry_run_recorded() { # dry_run_recorded <gw>: DryRun=True and the action says what would be done
+  [ "$(cond_status "$1" DryRun)" = True ] && k get gw "$1" -o jsonpath='{.status.action}' | grep -q '^dry-run: would '
+}
+
+# The README's first run, as a person following it takes it, after helm_install's observe-only
+# install: a wedge is recorded with what unwedge would do and nothing is touched; someone bound to
+# `view` reads it (kubectl and the released plugin) and cannot approve; a user bound to nothing
+# cannot read; the README's `helm upgrade --reuse-values --set defaultPolicy.dryRun=false`
+# switches to automatic and the held wedge recovers. Then a policy with `approval: Manual`: the
+# wedge waits drained, `view` cannot approve it, `unwedge-approver` can, and it recovers.
+s_first_run() {
+  # The plugin as a user installs it: krew, from the release's manifest and archive (its sha256
+  # checked by krew), no index and no network.
+  local krew_out
+  rm -rf "$RUN/krew"
+  krew_out=$(KREW_ROOT=$RUN/krew "$KREW" install --manifest="$RUN/release/krew/unwedge.yaml" \
+    --archive="$(ls "$RUN"/release/kubectl-unwedge_v*_linux_amd64.tar.gz)" 2>&1) || { echo "$krew_out"; return 1; }
+  expect "krew installed the plugin from the release's manifest" grep -q 'Installed plugin: unwedge' <<<"$krew_out"
+  expect "kubectl finds it as a plugin (kubectl plugin list)" \
+    sh -c "PATH='$RUN/krew/bin:$PATH' kubectl plugin list 2>/dev/null | grep -q '$RUN/krew/bin/kubectl-unwedge'"
+  k create clusterrolebinding readme-alice-view --clusterrole=view --user=alice >/dev/null
+  k create clusterrolebinding readme-bob-approver --clusterrole=$RELEASE-approver --user=bob >/dev/null
+  local card bdf bridge label; dev 2
+  gpu_work_up
+  local before victim victim_uid journal0
+  before=$(gpu_uids)
+  victim=$(pod_holding $bdf)
+  victim_uid=$(k get pod "${victim#default/}" -o jsonpath='{.metadata.uid}')
+  journal0=$(journal_lines_of $bdf | grep -c . || true)
+
+  expect "uevent injected (observe-only install)" inject $card $bdf $bridge rebind,bus-reset
+  local gw; gw=$(gw_of $label)
+  expect "a GpuWedge for $bdf exists ($gw)" [ -n "$gw" ]
+  expect "it records what unwedge would do: DryRun=True, action 'dry-run: would …'" wait_until 60 dry_run_recorded $gw
+  echo "  action: $(k get gw $gw -o jsonpath='{.status.action}')"
+  sleep 5 # the operator had its look: nothing may follow it
+  expect "the node is not cordoned and carries no cordoned-by annotation" node_clean
+  expect "no GPU pod was evicted" [ "$(gpu_uids)" = "$before" ]
+  expect "no sysfs write for $bdf" [ "$(journal_lines_of $bdf | grep -c . || true)" = "$journal0" ]
+  expect "no approval was written" [ -z "$(k get gw $gw -o jsonpath='{.status.approval}')" ]
+
+  expect "view (alice) lists it with kubectl get gw" sh -c "kubectl --as=alice get gw $gw -o name | grep -qx 'gpuwedge.unwedge.io/$gw'"
+  local out
+  out=$(plugin alice list 2>&1 || true)
+  echo "$out" | sed 's/^/  alice$ kubectl unwedge list: /'
+  expect "view (alice) lists it with the released plugin (kubectl unwedge list)" grep -q "$gw" <<<"$out"
+  out=$(plugin alice describe $gw 2>&1 || true)
+  expect "view (alice) reads it with kubectl unwedge describe (names $bdf)" grep -q "$bdf" <<<"$out"
+  expect "view (alice) may not patch GpuWedges (kubectl auth can-i)" sh -c "! kubectl auth can-i patch gpuwedges.unwedge.io --as=alice | grep -qx yes"
+  expect "view (alice) cannot write an approval with kubectl annotate" \
+    sh -c "! kubectl --as=alice annotate gw $gw unwedge.io/approve= unwedge.io/by=alice >/dev/null 2>&1"
+  expect "a user bound to nothing (carol) cannot read GpuWedges" sh -c "! kubectl --as=carol get gw >/dev/null 2>&1"
+  expect "the wedge carries no approve annotation after alice's attempt" \
+    [ -z "$(k get gw $gw -o jsonpath='{.metadata.annotations.unwedge\.io/approve}')" ]
+
+  # The README's switch to automatic recovery.
+  out=$("$HELM" upgrade $RELEASE "${CHART[@]}" -n $NS --reuse-values --set defaultPolicy.dryRun=false \
+    --wait --timeout 3m 2>&1) || { echo "$out"; return 1; }
+  expect "helm upgrade --reuse-values --set defaultPolicy.dryRun=false: revision 2" sh -c "'$HELM' status $RELEASE -n $NS | grep -q '^REVISION: 2'"
+  expect "the default RecoveryPolicy recovers (spec.dryRun: false)" \
+    wait_until 120 sh -c "[ \"\$(kubectl get recoverypolicy default -o jsonpath='{.spec.dryRun}')\" = false ]"
+  expect "the held wedge is recovered automatically" wait_phase $gw Recovered 300
+  expect "its attempt is rebind=Succeeded" sh -c "kubectl get gw $gw -o jsonpath='{range .status.attempts[*]}{.method}={.result}{\"\\n\"}{end}' | grep -qx 'rebind=Succeeded'"
+  expect "the DryRun condition is no longer True" [ "$(cond_status $gw DryRun)" != True ]
+  only_victim_gone "$victim_uid" "$before"
+  expect "the node is schedulable again" wait_until 60 node_clean
+  expect "8/8 GPU pods ready again" sh -c "kubectl rollout status deploy/gpu-work --timeout=120s >/dev/null"
+
+  # Approval by a person: a policy that asks before every recovery (the default one asks before a
+  # reboot, a rung this suite leaves out: Safety above).
+  k patch recoverypolicy default --type merge -p '{"spec":{"approval":"Manual"}}' >/dev/null
+  dev 5
+  expect "uevent injected under approval: Manual" inject $card $bdf $bridge rebind,bus-reset
+  gw=$(gw_of $label)
+  expect "a GpuWedge for $bdf exists ($gw)" [ -n "$gw" ]
+  expect "it waits in AwaitingApproval, drained" wait_phase $gw AwaitingApproval 180
+  out=$(plugin alice approve $gw 2>&1) && { echo "$out"; expect "view (alice) cannot approve" false; }
+  echo "$out" | head -1 | sed 's/^/  alice$ kubectl unwedge approve: /'
+  expect "view (alice) cannot approve it: the plugin says which right is missing" grep -q 'missing RBAC: you may not patch' <<<"$out"
+  out=$(plugin bob approve $gw 2>&1) || { echo "$out"; expect "the approver (bob) approves with kubectl unwedge approve" false; }
+  echo "$out" | sed 's/^/  bob$ kubectl unwedge approve: /'
+  expect "bob's wedge is recovered" wait_phase $gw Recovered 300
+  expect "its approval names bob, the proven requester" [ "$(k get gw $gw -o jsonpath='{.status.approval.by}')" = bob ]
+  expect "the node is schedulable again" wait_until 60 node_clean
+
+  k patch recoverypolicy default --type merge -p '{"spec":{"approval":"Automatic"}}' >/dev/null
+  k delete clusterrolebinding readme-alice-view readme-bob-approver >/dev/null
+  gpu_work_down
 }
 
 s_wedge_rebind() {
@@ -556,10 +670,11 @@ no_leftovers() { [ -z "$(leftovers)" ]; }
 # helm upgrade with changed values rolls the agent and operator; helm uninstall leaves nothing of
 # unwedge's but the CRDs (and the GpuWedge records they hold), and no node cordoned.
 s_helm_upgrade_uninstall() {
-  local out
+  local out rev
+  rev=$("$HELM" status $RELEASE -n $NS | sed -n 's/^REVISION: //p')
   out=$("$HELM" upgrade $RELEASE "${CHART[@]}" -n $NS "${HELM_SET[@]}" \
     --set agent.settle=5s --set operator.logFormat=text --wait --timeout 3m 2>&1) || { echo "$out"; return 1; }
-  expect "helm reports revision 2 deployed" sh -c "'$HELM' status $RELEASE -n $NS | grep -q '^REVISION: 2'"
+  expect "helm reports revision $((rev + 1)) deployed" sh -c "'$HELM' status $RELEASE -n $NS | grep -q '^REVISION: $((rev + 1))$'"
   expect "the agent DaemonSet runs with --settle=5s, 1 pod Ready" \
     wait_until 120 sh -c "kubectl -n $NS get pod -l app.kubernetes.io/component=agent -o jsonpath='{.items[*].spec.containers[0].args}' | grep -q -e '--settle=5s' && [ \"\$(kubectl -n $NS get ds $RELEASE-agent -o jsonpath='{.status.updatedNumberScheduled}/{.status.numberReady}')\" = 1/1 ]"
   expect "the operator runs with --log-format=text, 2/2 Ready" \
@@ -584,12 +699,16 @@ s_helm_upgrade_uninstall() {
 # --- prerequisites ------------------------------------------------------------------------
 selected=("$@")
 [ ${#selected[@]} -gt 0 ] || selected=("${SCENARIOS[@]}")
-[[ " ${selected[*]} " == *" helm_install "* ]] || selected=(helm_install "${selected[@]}")
+# Every other scenario runs after the README's install and first run (which ends in automatic mode).
+for s in first_run helm_install; do
+  [[ " ${selected[*]} " == *" $s "* ]] || selected=("$s" "${selected[@]}")
+done
 
 "$KIND_DIR/build-node-image.sh" >&2
 lap "node image (cached or built)"
 "$E2E_DIR/cluster/build-binaries.sh" helm >/dev/null
 HELM=$CP_BIN/helm
+KREW=$(bash "$ROOT/tools/krew/build.sh" | tail -1)
 kind_path
 "$KIND_DIR/fake-device-plugin/build.sh" >/dev/null
 lap "fake device plugin image"
@@ -633,6 +752,9 @@ for s in "${selected[@]}"; do
   if ! declare -F "s_$s" >/dev/null; then echo "  no such scenario: $s"; RESULT[$s]=FAIL; failed=1; continue; fi
   if [ "$s" != helm_install ] && [ "${RESULT[helm_install]:-}" != PASS ]; then
     echo "  skipped: helm_install did not pass"; RESULT[$s]="FAIL (helm_install failed)"; failed=1; continue
+  fi
+  if [ "$s" != helm_install ] && [ "$s" != first_run ] && [ "${RESULT[first_run]:-}" != PASS ]; then
+    echo "  skipped: first_run did not pass"; RESULT[$s]="FAIL (first_run failed)"; failed=1; continue
   fi
   if [ "$s" = helm_upgrade_uninstall ]; then echo "--- kubectl get pods -A (before the uninstall)"; k get pods -A -o wide; fi
   if ( "s_$s" ); then RESULT[$s]=PASS; else RESULT[$s]=FAIL; failed=1; fi

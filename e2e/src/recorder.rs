@@ -339,91 +339,104 @@ impl State {
         }
     }
 
-    /// Merges a list of every wedge made after a watch error (at collection resourceVersion
-    /// `at`): the view becomes at least as new as the list, and the wedge watch live again.
-    fn merge_wedge_list(&mut self, t: Duration, at: u64, items: Vec<GpuWedge>) {
-        let listed: BTreeSet<String> = items
-            .iter()
-            .map(|w| w.metadata.name.clone().unwrap_or_default())
-            .collect();
-        for w in items {
-            self.on_wedge(t, w);
+    /// Merges a list of every object of kind `K` made after a watch error (at collection
+    /// resourceVersion `at`): the view becomes at least as new as the list, and that watch live
+    /// again.
+    fn merge_list<K: Watched>(&mut self, t: Duration, at: u64, items: Vec<K>) {
+        let listed: BTreeSet<String> = items.iter().map(name_of).collect();
+        for obj in items {
+            K::apply(self, t, obj);
         }
-        let gone: Vec<String> = self
-            .wedges
-            .keys()
-            .filter(|n| !listed.contains(*n))
-            .filter(|n| self.wedges_fresh.rv.get(*n).is_none_or(|&rv| rv <= at))
-            .cloned()
+        let gone: Vec<String> = K::names(self)
+            .into_iter()
+            .filter(|n| !listed.contains(n))
+            .filter(|n| K::fresh(self).rv.get(n).is_none_or(|&rv| rv <= at))
             .collect();
         for name in gone {
             self.timeline
-                .push((t, format!("wedge {name} deleted (seen by a list)")));
-            self.wedges.remove(&name);
-            self.wedges_fresh.deleted(&name, at);
+                .push((t, format!("{} {name} deleted (seen by a list)", K::WHAT)));
+            K::forget(self, &name);
+            K::fresh(self).deleted(&name, at);
         }
-        self.wedges_fresh.floor = self.wedges_fresh.floor.max(at);
-        self.wedges_fresh.catching_up = false;
-        self.check_budget(t, "the wedges were listed after a watch error");
+        let fresh = K::fresh(self);
+        fresh.floor = fresh.floor.max(at);
+        fresh.catching_up = false;
+        self.check_budget(
+            t,
+            &format!("the {}s were listed after a watch error", K::WHAT),
+        );
     }
 
-    /// Merges a list of every node made after a watch error (see `merge_wedge_list`).
-    fn merge_node_list(&mut self, t: Duration, at: u64, items: Vec<Node>) {
-        let listed: BTreeSet<String> = items
-            .iter()
-            .map(|n| n.metadata.name.clone().unwrap_or_default())
+    /// After a relist: forgets the objects of kind `K` it did not name (deleted while the watch
+    /// was down).
+    fn drop_unlisted<K: Watched>(&mut self, t: Duration) {
+        let relisted = std::mem::take(K::relisted(self));
+        let gone: Vec<String> = K::names(self)
+            .into_iter()
+            .filter(|n| !relisted.contains(n))
             .collect();
-        for n in items {
-            self.on_node(t, n);
-        }
-        let gone: Vec<String> = self
-            .nodes
-            .keys()
-            .filter(|n| !listed.contains(*n))
-            .filter(|n| self.nodes_fresh.rv.get(*n).is_none_or(|&rv| rv <= at))
-            .cloned()
-            .collect();
+        *K::relisted(self) = relisted;
         for name in gone {
             self.timeline
-                .push((t, format!("node {name} deleted (seen by a list)")));
-            self.nodes.remove(&name);
-            self.nodes_fresh.deleted(&name, at);
-        }
-        self.nodes_fresh.floor = self.nodes_fresh.floor.max(at);
-        self.nodes_fresh.catching_up = false;
-        self.check_budget(t, "the nodes were listed after a watch error");
-    }
-
-    /// After a relist: forgets the wedges it did not name (deleted while the watch was down).
-    fn drop_unlisted_wedges(&mut self, t: Duration) {
-        let gone: Vec<String> = self
-            .wedges
-            .keys()
-            .filter(|n| !self.relisted_wedges.contains(*n))
-            .cloned()
-            .collect();
-        for name in gone {
-            self.timeline
-                .push((t, format!("wedge {name} deleted (seen by a relist)")));
-            self.wedges.remove(&name);
-            self.wedges_fresh.rv.remove(&name);
+                .push((t, format!("{} {name} deleted (seen by a relist)", K::WHAT)));
+            K::forget(self, &name);
+            K::fresh(self).rv.remove(&name);
         }
     }
 
-    /// After a relist: forgets the nodes it did not name (deleted while the watch was down).
-    fn drop_unlisted_nodes(&mut self, t: Duration) {
-        let gone: Vec<String> = self
-            .nodes
-            .keys()
-            .filter(|n| !self.relisted_nodes.contains(*n))
-            .cloned()
-            .collect();
-        for name in gone {
-            self.timeline
-                .push((t, format!("node {name} deleted (seen by a relist)")));
-            self.nodes.remove(&name);
-            self.nodes_fresh.rv.remove(&name);
+    /// Takes one event of the watch of kind `K`. After a watch error, returns the epoch of
+    /// the catch-up list to make (see the module documentation).
+    fn on_event<K: Watched>(
+        &mut self,
+        t: Duration,
+        ev: Result<watcher::Event<K>, watcher::Error>,
+    ) -> Option<u64> {
+        match ev {
+            Ok(watcher::Event::Apply(obj)) => {
+                K::fresh(self).connected = true;
+                K::apply(self, t, obj);
+            }
+            Ok(watcher::Event::InitApply(obj)) => {
+                K::relisted(self).insert(name_of(&obj));
+                K::apply(self, t, obj);
+            }
+            Ok(watcher::Event::Delete(obj)) => {
+                let name = name_of(&obj);
+                let rv = rv_of(obj.meta());
+                K::fresh(self).connected = true;
+                if !K::fresh(self).stale(&name, rv) {
+                    self.timeline
+                        .push((t, format!("{} {name} deleted", K::WHAT)));
+                    K::forget(self, &name);
+                    K::fresh(self).deleted(&name, rv);
+                    self.check_budget(t, &format!("{} {name} deleted", K::WHAT));
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                self.ready += 1;
+                self.drop_unlisted::<K>(t);
+                let fresh = K::fresh(self);
+                fresh.catching_up = false;
+                fresh.relisting = false;
+                fresh.connected = true;
+                self.check_budget(t, &format!("the {} watch listed", K::WHAT));
+            }
+            Ok(watcher::Event::Init) => {
+                K::relisted(self).clear();
+                K::fresh(self).relisting = true;
+            }
+            Err(e) => {
+                let fresh = K::fresh(self);
+                fresh.connected = false;
+                fresh.catching_up = true;
+                fresh.epoch += 1;
+                let epoch = fresh.epoch;
+                self.timeline
+                    .push((t, format!("(recorder: {} watch error: {e})", K::WHAT)));
+                return Some(epoch);
+            }
         }
+        None
     }
 
     fn on_node(&mut self, t: Duration, n: Node) {
@@ -495,6 +508,110 @@ where
     None
 }
 
+fn name_of<K: kube::Resource>(obj: &K) -> String {
+    obj.meta().name.clone().unwrap_or_default()
+}
+
+/// One of the two kinds the recorder watches: where its view and its watch's state live in
+/// [`State`].
+trait Watched:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    /// The kind as the timeline names it.
+    const WHAT: &'static str;
+    /// Its watch's freshness.
+    fn fresh(s: &mut State) -> &mut Fresh;
+    /// The names the relist in progress named.
+    fn relisted(s: &mut State) -> &mut BTreeSet<String>;
+    /// The names in the view.
+    fn names(s: &State) -> Vec<String>;
+    /// Takes one version into the view (checking the invariants).
+    fn apply(s: &mut State, t: Duration, obj: Self);
+    /// Drops one from the view.
+    fn forget(s: &mut State, name: &str);
+}
+
+impl Watched for GpuWedge {
+    const WHAT: &'static str = "wedge";
+    fn fresh(s: &mut State) -> &mut Fresh {
+        &mut s.wedges_fresh
+    }
+    fn relisted(s: &mut State) -> &mut BTreeSet<String> {
+        &mut s.relisted_wedges
+    }
+    fn names(s: &State) -> Vec<String> {
+        s.wedges.keys().cloned().collect()
+    }
+    fn apply(s: &mut State, t: Duration, obj: Self) {
+        s.on_wedge(t, obj)
+    }
+    fn forget(s: &mut State, name: &str) {
+        s.wedges.remove(name);
+    }
+}
+
+impl Watched for Node {
+    const WHAT: &'static str = "node";
+    fn fresh(s: &mut State) -> &mut Fresh {
+        &mut s.nodes_fresh
+    }
+    fn relisted(s: &mut State) -> &mut BTreeSet<String> {
+        &mut s.relisted_nodes
+    }
+    fn names(s: &State) -> Vec<String> {
+        s.nodes.keys().cloned().collect()
+    }
+    fn apply(s: &mut State, t: Duration, obj: Self) {
+        s.on_node(t, obj)
+    }
+    fn forget(s: &mut State, name: &str) {
+        s.nodes.remove(name);
+    }
+}
+
+/// Watches every object of kind `K` into the state, waking waiters after each event; after a
+/// watch error, lists them afresh and merges the list (unless another error came since).
+fn watch_into<K: Watched>(
+    api: Api<K>,
+    state: Arc<Mutex<State>>,
+    changed: Arc<Notify>,
+    started: Instant,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut stream = watcher(api.clone(), watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        while let Some(ev) = stream.next().await {
+            let t = started.elapsed();
+            let catch_up = state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .on_event(t, ev);
+            if let Some(epoch) = catch_up {
+                let (api, st, ch) = (api.clone(), state.clone(), changed.clone());
+                tokio::spawn(async move {
+                    let Some((at, items)) = list_after_error(&api).await else {
+                        return;
+                    };
+                    let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+                    if K::fresh(&mut s).epoch == epoch {
+                        s.merge_list(started.elapsed(), at, items);
+                    }
+                    drop(s);
+                    ch.notify_waiters();
+                });
+            }
+            changed.notify_waiters();
+        }
+    })
+}
+
 /// The scenario recorder (see the module documentation).
 pub struct Recorder {
     state: Arc<Mutex<State>>,
@@ -515,139 +632,8 @@ impl Recorder {
         let started = Instant::now();
         let wedges: Api<GpuWedge> = Api::all(client.clone());
         let nodes: Api<Node> = Api::all(client);
-        let (s1, c1) = (state.clone(), changed.clone());
-        let list_wedges = wedges.clone();
-        let t1 = tokio::spawn(async move {
-            let mut stream = watcher(wedges, watcher::Config::default())
-                .default_backoff()
-                .boxed();
-            while let Some(ev) = stream.next().await {
-                let t = started.elapsed();
-                let mut s = s1.lock().unwrap_or_else(|e| e.into_inner());
-                match ev {
-                    Ok(watcher::Event::Apply(w)) => {
-                        s.wedges_fresh.connected = true;
-                        s.on_wedge(t, w)
-                    }
-                    Ok(watcher::Event::InitApply(w)) => {
-                        s.relisted_wedges
-                            .insert(w.metadata.name.clone().unwrap_or_default());
-                        s.on_wedge(t, w)
-                    }
-                    Ok(watcher::Event::Delete(w)) => {
-                        let name = w.metadata.name.clone().unwrap_or_default();
-                        let rv = rv_of(&w.metadata);
-                        s.wedges_fresh.connected = true;
-                        if !s.wedges_fresh.stale(&name, rv) {
-                            s.timeline.push((t, format!("wedge {name} deleted")));
-                            s.wedges.remove(&name);
-                            s.wedges_fresh.deleted(&name, rv);
-                            s.check_budget(t, &format!("wedge {name} deleted"));
-                        }
-                    }
-                    Ok(watcher::Event::InitDone) => {
-                        s.ready += 1;
-                        s.drop_unlisted_wedges(t);
-                        s.wedges_fresh.catching_up = false;
-                        s.wedges_fresh.relisting = false;
-                        s.wedges_fresh.connected = true;
-                        s.check_budget(t, "the wedge watch listed");
-                    }
-                    Ok(watcher::Event::Init) => {
-                        s.relisted_wedges.clear();
-                        s.wedges_fresh.relisting = true;
-                    }
-                    Err(e) => {
-                        s.wedges_fresh.connected = false;
-                        s.wedges_fresh.catching_up = true;
-                        s.wedges_fresh.epoch += 1;
-                        let epoch = s.wedges_fresh.epoch;
-                        s.timeline
-                            .push((t, format!("(recorder: wedge watch error: {e})")));
-                        let (api, st, ch) = (list_wedges.clone(), s1.clone(), c1.clone());
-                        tokio::spawn(async move {
-                            let Some((at, items)) = list_after_error(&api).await else {
-                                return;
-                            };
-                            let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
-                            if s.wedges_fresh.epoch == epoch {
-                                s.merge_wedge_list(started.elapsed(), at, items);
-                            }
-                            drop(s);
-                            ch.notify_waiters();
-                        });
-                    }
-                }
-                drop(s);
-                c1.notify_waiters();
-            }
-        });
-        let (s2, c2) = (state.clone(), changed.clone());
-        let list_nodes = nodes.clone();
-        let t2 = tokio::spawn(async move {
-            let mut stream = watcher(nodes, watcher::Config::default())
-                .default_backoff()
-                .boxed();
-            while let Some(ev) = stream.next().await {
-                let t = started.elapsed();
-                let mut s = s2.lock().unwrap_or_else(|e| e.into_inner());
-                match ev {
-                    Ok(watcher::Event::Apply(n)) => {
-                        s.nodes_fresh.connected = true;
-                        s.on_node(t, n)
-                    }
-                    Ok(watcher::Event::InitApply(n)) => {
-                        s.relisted_nodes
-                            .insert(n.metadata.name.clone().unwrap_or_default());
-                        s.on_node(t, n)
-                    }
-                    Ok(watcher::Event::Delete(n)) => {
-                        let name = n.metadata.name.clone().unwrap_or_default();
-                        let rv = rv_of(&n.metadata);
-                        s.nodes_fresh.connected = true;
-                        if !s.nodes_fresh.stale(&name, rv) {
-                            s.nodes.remove(&name);
-                            s.nodes_fresh.deleted(&name, rv);
-                            s.check_budget(t, &format!("node {name} deleted"));
-                        }
-                    }
-                    Ok(watcher::Event::InitDone) => {
-                        s.ready += 1;
-                        s.drop_unlisted_nodes(t);
-                        s.nodes_fresh.catching_up = false;
-                        s.nodes_fresh.relisting = false;
-                        s.nodes_fresh.connected = true;
-                        s.check_budget(t, "the node watch listed");
-                    }
-                    Ok(watcher::Event::Init) => {
-                        s.relisted_nodes.clear();
-                        s.nodes_fresh.relisting = true;
-                    }
-                    Err(e) => {
-                        s.nodes_fresh.connected = false;
-                        s.nodes_fresh.catching_up = true;
-                        s.nodes_fresh.epoch += 1;
-                        let epoch = s.nodes_fresh.epoch;
-                        s.timeline
-                            .push((t, format!("(recorder: node watch error: {e})")));
-                        let (api, st, ch) = (list_nodes.clone(), s2.clone(), c2.clone());
-                        tokio::spawn(async move {
-                            let Some((at, items)) = list_after_error(&api).await else {
-                                return;
-                            };
-                            let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
-                            if s.nodes_fresh.epoch == epoch {
-                                s.merge_node_list(started.elapsed(), at, items);
-                            }
-                            drop(s);
-                            ch.notify_waiters();
-                        });
-                    }
-                }
-                drop(s);
-                c2.notify_waiters();
-            }
-        });
+        let t1 = watch_into(wedges, state.clone(), changed.clone(), started);
+        let t2 = watch_into(nodes, state.clone(), changed.clone(), started);
         let r = Recorder {
             state,
             changed,

@@ -4,8 +4,11 @@
 //! (`unwedge.io/approve|retry|abandon` with `unwedge.io/by`) on wedges, and `spec.paused` (with
 //! `unwedge.io/resume` for a tripped circuit breaker) on policies. The operator does the rest.
 
+mod cluster;
 mod complete;
+mod describe;
 mod error;
+mod list;
 mod present;
 mod verbs;
 
@@ -16,20 +19,20 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use futures::StreamExt;
 use jiff::Timestamp;
-use k8s_openapi::api::authentication::v1::SelfSubjectReview;
-use k8s_openapi::api::core::v1::Event;
-use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Config, Resource, ResourceExt};
-use serde::de::DeserializeOwned;
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
 use unwedge_crds::{GpuWedge, RecoveryPolicy};
 
+use cluster::{
+    client, get_policy, get_wedge, list_wedges, patch_policy, policy_target, wedge_events,
+    wedge_target, whoami, write_verb,
+};
 use complete::Offer;
-use error::{CliError, Target};
-use present::{Change, Columns, DataFormat, ListFormat, Watch};
+use describe::describe;
+use error::CliError;
+use list::{dynamic_wedges, emit, encode, list_data, list_table};
+use present::{DataFormat, ListFormat};
 use verbs::Verb;
 
 /// See and steer GPU wedge incidents handled by unwedge.
@@ -116,8 +119,8 @@ enum Command {
     },
 }
 
-const WEDGES: &str = "gpuwedges.unwedge.io";
-const POLICIES: &str = "recoverypolicies.unwedge.io";
+pub(crate) const WEDGES: &str = "gpuwedges.unwedge.io";
+pub(crate) const POLICIES: &str = "recoverypolicies.unwedge.io";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -134,28 +137,6 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-async fn client(kubeconfig: Option<&PathBuf>, context: Option<&str>) -> Result<Client, CliError> {
-    let options = KubeConfigOptions {
-        context: context.map(String::from),
-        ..Default::default()
-    };
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path).map_err(|e| CliError::Config(e.to_string()))?;
-            Config::from_custom_kubeconfig(kc, &options)
-                .await
-                .map_err(|e| CliError::Config(e.to_string()))?
-        }
-        None if context.is_some() => Config::from_kubeconfig(&options)
-            .await
-            .map_err(|e| CliError::Config(e.to_string()))?,
-        None => Config::infer()
-            .await
-            .map_err(|e| CliError::Config(e.to_string()))?,
-    };
-    Client::try_from(config).map_err(|e| CliError::Config(e.to_string()))
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
@@ -308,166 +289,6 @@ fn completion_script(shell: clap_complete::Shell, out: &mut dyn Write) -> std::i
     out.write_all(script.as_bytes())
 }
 
-/// `list` as a table (`wide`: more columns), then, with `watch`, one row per change.
-async fn list_table(api: &Api<GpuWedge>, wide: bool, watch: bool) -> Result<(), CliError> {
-    let list = list_wedges(api).await?;
-    let headers = present::list_headers(wide);
-    if list.is_empty() && !watch {
-        println!("No GpuWedges: no GPU has wedged (or none was reported).");
-        return Ok(());
-    }
-    let rows = present::rows(&list, Timestamp::now(), wide);
-    let mut cols = Columns::fit(headers, &rows);
-    let mut text = format!("{}\n", cols.line(headers));
-    for row in &rows {
-        text.push_str(&cols.line(row));
-        text.push('\n');
-    }
-    if !emit(&text) || !watch {
-        return Ok(());
-    }
-    watch_changes(api.clone(), list, |state, change| {
-        let (name, mut all): (String, Vec<GpuWedge>) = match change {
-            Change::Applied(w) => (w.name_any(), state.objects().cloned().collect()),
-            Change::Deleted(w) => {
-                let mut all: Vec<GpuWedge> = state.objects().cloned().collect();
-                all.push(w.clone());
-                (w.name_any(), all)
-            }
-        };
-        all.sort_by_key(|w| w.name_any());
-        let rows = present::rows(&all, Timestamp::now(), wide);
-        let row = rows.into_iter().find(|r| r.first() == Some(&name));
-        Ok(row.is_none_or(|r| emit(&format!("{}\n", cols.line(&r)))))
-    })
-    .await
-}
-
-/// `list -o json|yaml`: a `List` of the objects; with `watch`, every object then every change
-/// one by one, as `kubectl get -w -o json|yaml` prints them.
-async fn list_data(client: &Client, format: DataFormat, watch: bool) -> Result<(), CliError> {
-    let (api, ar) = dynamic_wedges(client);
-    let list = api
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| wedge_target("list", None).err(e))?
-        .items;
-    if !watch {
-        let items: Vec<DynamicObject> = list.into_iter().map(|o| present::shown(o, &ar)).collect();
-        print!("{}", encode(&present::list_object(&items), format)?);
-        return Ok(());
-    }
-    let item = |o: &DynamicObject| -> Result<String, CliError> {
-        present::render_watch_item(&present::shown(o.clone(), &ar), format)
-            .map_err(CliError::Encode)
-    };
-    for o in &list {
-        if !emit(&item(o)?) {
-            return Ok(());
-        }
-    }
-    watch_changes(api, list, |_, change| {
-        let (Change::Applied(o) | Change::Deleted(o)) = change;
-        Ok(emit(&item(&o)?))
-    })
-    .await
-}
-
-/// Follows the watcher from the objects already printed and hands each change to `print`
-/// (which says whether to go on), until Ctrl-C or SIGTERM, or stdout is closed. Lost
-/// connections are retried with a backoff and reported on stderr; a refused watch ends it.
-async fn watch_changes<K>(
-    api: Api<K>,
-    printed: Vec<K>,
-    mut print: impl FnMut(&Watch<K>, Change<K>) -> Result<bool, CliError>,
-) -> Result<(), CliError>
-where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
-{
-    let mut state = Watch::new(printed);
-    let mut stream = Box::pin(watcher(api, watcher::Config::default()).default_backoff());
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| CliError::Config(format!("cannot handle SIGTERM: {e}")))?;
-    loop {
-        let event = tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = term.recv() => return Ok(()),
-            event = stream.next() => event,
-        };
-        match event {
-            None => return Ok(()),
-            Some(Ok(event)) => {
-                for change in state.on(event) {
-                    if !print(&state, change)? {
-                        return Ok(());
-                    }
-                }
-            }
-            Some(Err(
-                watcher::Error::InitialListFailed(e)
-                | watcher::Error::WatchStartFailed(e)
-                | watcher::Error::WatchFailed(e),
-            )) if matches!(&e, kube::Error::Api(s) if s.code == 403) => {
-                return Err(wedge_target("watch", None).err(e));
-            }
-            Some(Err(e)) => eprintln!("warning: {e} (retrying)"),
-        }
-    }
-}
-
-/// Writes to stdout; false once stdout is gone (a closed pipe ends a watch quietly).
-fn emit(text: &str) -> bool {
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())
-        .and_then(|()| out.flush())
-        .is_ok()
-}
-
-fn encode<T: serde::Serialize + ?Sized>(v: &T, format: DataFormat) -> Result<String, CliError> {
-    present::render_data(v, format).map_err(CliError::Encode)
-}
-
-/// GpuWedges as the API returns them, every field kept (also those this build does not know).
-fn dynamic_wedges(client: &Client) -> (Api<DynamicObject>, ApiResource) {
-    let ar = ApiResource::erase::<GpuWedge>(&());
-    (Api::all_with(client.clone(), &ar), ar)
-}
-
-fn wedge_target<'a>(verb: &'static str, name: Option<&'a str>) -> Target<'a> {
-    Target {
-        verb,
-        resource: WEDGES,
-        kind: "GpuWedge",
-        name,
-    }
-}
-
-fn policy_target<'a>(verb: &'static str, name: Option<&'a str>) -> Target<'a> {
-    Target {
-        verb,
-        resource: POLICIES,
-        kind: "RecoveryPolicy",
-        name,
-    }
-}
-
-async fn get_policy(api: &Api<RecoveryPolicy>, name: &str) -> Result<RecoveryPolicy, CliError> {
-    api.get(name)
-        .await
-        .map_err(|e| policy_target("get", Some(name)).err(e))
-}
-
-async fn patch_policy(
-    api: &Api<RecoveryPolicy>,
-    name: &str,
-    patch: &serde_json::Value,
-) -> Result<(), CliError> {
-    api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .map_err(|e| policy_target("patch", Some(name)).err(e))?;
-    Ok(())
-}
-
 /// `__complete ARGS... WORD`: the candidates for WORD in Cobra's protocol (complete.rs). Names
 /// come from the cluster (`--kubeconfig` / `--context` as typed, else the defaults) within a
 /// few seconds; when it cannot be reached, nothing is offered.
@@ -519,182 +340,6 @@ async fn complete_words(args: &[String]) {
         }
     };
     emit(&text);
-}
-
-async fn list_wedges(api: &Api<GpuWedge>) -> Result<Vec<GpuWedge>, CliError> {
-    Ok(api
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| wedge_target("list", None).err(e))?
-        .items)
-}
-
-async fn get_wedge(api: &Api<GpuWedge>, name: &str) -> Result<GpuWedge, CliError> {
-    api.get(name)
-        .await
-        .map_err(|e| wedge_target("get", Some(name)).err(e))
-}
-
-/// The Events about the wedge in any namespace (cluster-scoped objects' events land in
-/// `default` or the writer's namespace). Events are context: without the right to list
-/// them the timeline is still shown, with a note.
-async fn wedge_events(client: &Client, name: &str) -> (Vec<Event>, Option<String>) {
-    let api: Api<Event> = Api::all(client.clone());
-    let lp = ListParams::default().fields(&format!(
-        "involvedObject.kind=GpuWedge,involvedObject.name={name}"
-    ));
-    match api.list(&lp).await {
-        Ok(l) => (l.items, None),
-        Err(e) => (
-            Vec::new(),
-            Some(
-                Target {
-                    verb: "list",
-                    resource: "events",
-                    kind: "Event",
-                    name: None,
-                }
-                .err(e)
-                .to_string(),
-            ),
-        ),
-    }
-}
-
-/// The username the API server sees for our credentials (authentication.k8s.io/v1
-/// SelfSubjectReview): the admission policy refuses a `unwedge.io/by` that differs from it.
-async fn whoami(client: &Client) -> Result<String, CliError> {
-    let api: Api<SelfSubjectReview> = Api::all(client.clone());
-    let target = Target {
-        verb: "create",
-        resource: "selfsubjectreviews.authentication.k8s.io",
-        kind: "SelfSubjectReview",
-        name: None,
-    };
-    let review = api
-        .create(&PostParams::default(), &SelfSubjectReview::default())
-        .await
-        .map_err(|e| target.err(e))?;
-    review
-        .status
-        .and_then(|s| s.user_info)
-        .and_then(|u| u.username)
-        .filter(|u| !u.is_empty())
-        .ok_or_else(|| {
-            CliError::Config(
-                "the API server did not say who you are (empty SelfSubjectReview)".into(),
-            )
-        })
-}
-
-async fn write_verb(
-    api: &Api<GpuWedge>,
-    name: &str,
-    verb: &Verb,
-    by: &str,
-) -> Result<(), CliError> {
-    let patch = verbs::annotation_patch(verb, by);
-    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(|e| {
-            Target {
-                verb: "patch",
-                resource: WEDGES,
-                kind: "GpuWedge",
-                name: Some(name),
-            }
-            .err(e)
-        })?;
-    Ok(())
-}
-
-/// The header of `describe`: identity, state, and what is on the device.
-fn describe(w: &GpuWedge) -> String {
-    let s = w.status.clone().unwrap_or_default();
-    let d = &w.spec.device;
-    let mut out = String::new();
-    let mut kv = |k: &str, v: String| out.push_str(&format!("{k:<14}{v}\n"));
-    kv("Name:", w.metadata.name.clone().unwrap_or_default());
-    kv("Node:", w.spec.node_name.clone());
-    let mut dev = d.pci_address.clone();
-    for part in [d.card.as_deref(), d.render_node.as_deref()]
-        .into_iter()
-        .flatten()
-    {
-        dev.push_str(&format!(" {part}"));
-    }
-    if let Some(dra) = &d.dra {
-        dev.push_str(&format!(
-            " (DRA {}/{}/{})",
-            dra.driver, dra.pool, dra.device
-        ));
-    }
-    kv("Device:", dev);
-    kv("Driver:", d.driver.clone());
-    kv(
-        "Methods:",
-        s.methods
-            .clone()
-            .unwrap_or_else(|| w.spec.methods.join(",")),
-    );
-    kv("Phase:", format!("{:?}", present::phase_of(w)));
-    kv("Action:", s.action.clone().unwrap_or_else(|| "-".into()));
-    kv("Policy:", s.policy.clone().unwrap_or_else(|| "-".into()));
-    if let Some(b) = &s.budget {
-        kv("Budget:", b.clone());
-    }
-    if let Some(m) = &s.agent_message {
-        kv("Agent says:", m.clone());
-    }
-    let consumers: Vec<String> = s
-        .consumers
-        .iter()
-        .flatten()
-        .map(|c| {
-            format!(
-                "{}/{} ({}) {}",
-                c.namespace, c.pod, c.container, c.device_id
-            )
-        })
-        .collect();
-    kv(
-        "Consumers:",
-        if consumers.is_empty() {
-            "-".into()
-        } else {
-            consumers.join(", ")
-        },
-    );
-    let domain: Vec<String> = s
-        .reset_domain
-        .iter()
-        .flatten()
-        .map(|d| {
-            format!(
-                "{} [{}] by {}",
-                d.pci_address,
-                d.relation,
-                d.methods.join("/")
-            )
-        })
-        .collect();
-    if !domain.is_empty() {
-        kv("Reset domain:", domain.join(", "));
-    }
-    let ann = w.metadata.annotations.clone().unwrap_or_default();
-    let verbs: Vec<String> = [
-        "unwedge.io/approve",
-        "unwedge.io/retry",
-        "unwedge.io/abandon",
-        "unwedge.io/by",
-    ]
-    .iter()
-    .filter_map(|k| ann.get(*k).map(|v| format!("{k}={v:?}")))
-    .collect();
-    if !verbs.is_empty() {
-        kv("Human verbs:", verbs.join(" "));
-    }
-    out
 }
 
 #[cfg(test)]

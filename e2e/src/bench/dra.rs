@@ -256,12 +256,7 @@ async fn one(
 
     let inj = super::NsInjector::new(&fleet.sim(node).netns.path())?;
     let g = &gpus[VICTIM_GPU];
-    let t0 = inj.send(crate::inject::wedge_payload(
-        &g.card_devpath(),
-        &g.card_name(),
-        &["rebind", "bus-reset"],
-        &[],
-    ))?;
+    let t0 = inj.send_wedge(g)?;
     drop(inj);
     let wedge = wait::until("the wedge", t, || async {
         Ok(rec.wedges_of(node).first().map(kube::ResourceExt::name_any))

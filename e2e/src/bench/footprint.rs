@@ -149,12 +149,7 @@ pub async fn run(
     // A WEDGED event after the flood must still be reported.
     let g = fleet.sim(node).sysfs.gpus()[1].clone();
     let inj = super::NsInjector::new(&fleet.sim(node).netns.path())?;
-    let t0 = inj.send(crate::inject::wedge_payload(
-        &g.card_devpath(),
-        &g.card_name(),
-        &["rebind", "bus-reset"],
-        &[],
-    ))?;
+    let t0 = inj.send_wedge(&g)?;
     let api: Api<GpuWedge> = Api::all(fleet.client());
     let lp = ListParams::default().labels(&format!("unwedge.io/node={node}"));
     let mut found = None;

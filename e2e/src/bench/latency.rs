@@ -142,12 +142,7 @@ pub async fn run(events: usize, short: bool) -> anyhow::Result<Report> {
             .keys()
             .cloned()
             .collect();
-        let t0 = inj.send(crate::inject::wedge_payload(
-            &g.card_devpath(),
-            &g.card_name(),
-            &["rebind", "bus-reset"],
-            &[],
-        ))?;
+        let t0 = inj.send_wedge(g)?;
         let (name, t1) = watch
             .wait(Duration::from_secs(30), |s| {
                 s.arrivals

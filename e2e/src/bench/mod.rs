@@ -13,6 +13,7 @@ pub mod footprint;
 pub mod latency;
 pub mod plot;
 pub mod storm;
+pub mod time_to_cordon;
 
 use std::fs::File;
 use std::io;
@@ -295,6 +296,17 @@ impl NsInjector {
             tx: Some(tx),
             thread: Some(thread),
         })
+    }
+
+    /// Sends the benches' usual wedge of `gpu` (`WEDGED=rebind,bus-reset`, no blamed task); the
+    /// instant it was handed to the kernel.
+    pub fn send_wedge(&self, gpu: &crate::fakesysfs::Gpu) -> io::Result<Instant> {
+        self.send(crate::inject::wedge_payload(
+            &gpu.card_devpath(),
+            &gpu.card_name(),
+            &["rebind", "bus-reset"],
+            &[],
+        ))
     }
 
     /// Sends one uevent; the instant it was handed to the kernel.

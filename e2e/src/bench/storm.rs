@@ -384,12 +384,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let solo = sc.fleet.sim("storm-solo");
     let g = solo.sysfs.gpus()[0].clone();
     let inj = super::NsInjector::new(&solo.netns.path())?;
-    let t0 = inj.send(crate::inject::wedge_payload(
-        &g.card_devpath(),
-        &g.card_name(),
-        &["rebind", "bus-reset"],
-        &[],
-    ))?;
+    let t0 = inj.send_wedge(&g)?;
     drop(inj);
     tracker
         .wait_wedges(

@@ -89,6 +89,15 @@ enum Scenario {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Single wedges one after another: uevent -> node cordoned, and -> Recovered.
+    TimeToCordon {
+        /// Wedges, one after another (default 100; --short: 6).
+        #[arg(long)]
+        wedges: Option<usize>,
+        /// Nodes they take turns on (default 10; --short: 2).
+        #[arg(long)]
+        nodes: Option<usize>,
+    },
     /// Device-scoped drain vs kubectl drain of one node.
     Drain {
         /// Pods on the node (default 100; --short: 20).
@@ -160,6 +169,14 @@ async fn main() -> ExitCode {
                 seed: seed.unwrap_or_else(clock_seed),
                 settle: Duration::from_secs(30),
                 storm_timeout: Duration::from_secs(pick(None, 300, 120)),
+                short,
+            })
+            .await
+        }
+        Scenario::TimeToCordon { wedges, nodes } => {
+            bench::time_to_cordon::run(bench::time_to_cordon::Options {
+                wedges: pick_n(wedges, 100, 6),
+                nodes: pick_n(nodes, 10, 2),
                 short,
             })
             .await
