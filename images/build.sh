@@ -123,10 +123,10 @@ run_binaries() {
   local arch=$1 b runner out status=0
   if ! runner=$(runner_of "$arch"); then ! qemu_required; return; fi
   for b in $(binaries "$arch"); do
-    if out=$($runner "$(bin_dir "$arch")/$b" --version 2>&1) && [[ $out == *" $version" ]]; then
-      log "ran $(triple "$arch")/$profile/$b${runner:+ under $runner}: $out"
+    if out=$($runner "$(bin_path "$arch" "$b")" --version 2>&1) && [[ $out == *" $version" ]]; then
+      log "ran $(triple "$arch")/$(profile_of "$b")/$b${runner:+ under $runner}: $out"
     else
-      log "$(triple "$arch")/$profile/$b --version${runner:+ under $runner} did not print its version $version: $out"
+      log "$(triple "$arch")/$(profile_of "$b")/$b --version${runner:+ under $runner} did not print its version $version: $out"
       status=1
     fi
   done
