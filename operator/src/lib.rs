@@ -3,6 +3,7 @@
 //! `decide`, `budget`, `breaker`, `policy_match`, `settings` and `wake` are pure; `ledger`, `drain` and
 //! `reconciler` are the thin effect layer around them.
 
+pub mod api_calls;
 pub mod breaker;
 pub mod budget;
 pub mod decide;
