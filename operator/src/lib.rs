@@ -20,3 +20,4 @@ pub mod reconciler;
 pub mod settings;
 pub mod status;
 pub mod wake;
+pub mod writes;

@@ -60,12 +60,16 @@ pub(super) async fn ensure(ctx: &Ctx, w: &GpuWedge) -> Result<Option<GpuWedge>, 
     }
     ctx.ensure_leader()?;
     let p: Patch<()> = Patch::Json(add_patch(w));
+    ctx.wedge_writes.sending(&w.name_any());
     match ctx
         .wedge_api()
         .patch(&w.name_any(), &PatchParams::default(), &p)
         .await
     {
-        Ok(patched) => Ok(Some(patched)),
+        Ok(patched) => {
+            ctx.wedge_writes.wrote(patched.clone());
+            Ok(Some(patched))
+        }
         // The list changed under us (422 from the failed test): decide again on a fresh read.
         Err(kube::Error::Api(s)) if s.code == 422 || s.is_conflict() => Err(Error::StatusConflict),
         Err(e) => Err(e.into()),
@@ -79,12 +83,16 @@ pub(super) async fn forget(ctx: &Ctx, w: &GpuWedge) -> Result<(), Error> {
     };
     ctx.ensure_leader()?;
     let p: Patch<()> = Patch::Json(patch);
+    ctx.wedge_writes.sending(&w.name_any());
     match ctx
         .wedge_api()
         .patch(&w.name_any(), &PatchParams::default(), &p)
         .await
     {
-        Ok(_) => Ok(()),
+        Ok(patched) => {
+            ctx.wedge_writes.wrote(patched);
+            Ok(())
+        }
         Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 422 || s.is_conflict() => Err(Error::StatusConflict),
         Err(e) => Err(e.into()),
@@ -115,10 +123,21 @@ pub(super) async fn release_deleted(ctx: &Ctx, w: &GpuWedge) -> Result<(), Error
     if let Some(cordon) = release_cordon(ctx, w).await? {
         released.push(cordon);
     }
-    for policy in holding_policies(ctx, w) {
+    let holding = holding_policies(ctx, w);
+    for policy in &holding {
         ctx.ensure_leader()?;
-        if release_place(ctx, &policy, &name).await? {
+        if release_place(ctx, policy, &name).await? {
             released.push(format!("its place in RecoveryPolicy {policy}"));
+        }
+    }
+    // Every other policy too (a no-op where the wedge holds nothing): a first admission writes
+    // the wedge's status after its place (`effects::admit`), so a wedge deleted in between
+    // names no policy, and the cache may not show the ledger that holds it yet.
+    for p in ctx.policies.state() {
+        let policy = p.name_any();
+        if !holding.contains(&policy) {
+            ctx.ensure_leader()?;
+            release_place(ctx, &policy, &name).await?;
         }
     }
     forget(ctx, w).await?;
@@ -139,7 +158,7 @@ pub(super) async fn release_deleted(ctx: &Ctx, w: &GpuWedge) -> Result<(), Error
         name: Some(w.spec.node_name.clone()),
         ..Default::default()
     };
-    ctx.event(&node_ref, &note).await;
+    ctx.event(&node_ref, &note);
     ctx.metrics.deleted_released.inc();
     super::persist::update_node_condition(ctx, &w.spec.node_name, &name).await
 }
