@@ -130,15 +130,14 @@ pub(super) async fn release_deleted(ctx: &Ctx, w: &GpuWedge) -> Result<(), Error
             released.push(format!("its place in RecoveryPolicy {policy}"));
         }
     }
-    // Every other policy too (a no-op where the wedge holds nothing): a first admission writes
-    // the wedge's status after its place (`effects::admit`), so a wedge deleted in between
-    // names no policy, and the cache may not show the ledger that holds it yet.
-    for p in ctx.policies.state() {
-        let policy = p.name_any();
-        if !holding.contains(&policy) {
-            ctx.ensure_leader()?;
-            release_place(ctx, &policy, &name).await?;
-        }
+    // A first admission writes the wedge's status after its place (`effects::admit`): a wedge
+    // deleted in between names no policy, and the cache may not show the ledger that holds it
+    // yet. The policy that governs its node admitted it (a no-op release if it did not).
+    if w.status.as_ref().and_then(|s| s.policy.as_ref()).is_none()
+        && let Some(policy) = governing(ctx, w).filter(|p| !holding.contains(p))
+    {
+        ctx.ensure_leader()?;
+        release_place(ctx, &policy, &name).await?;
     }
     forget(ctx, w).await?;
     let message = if released.is_empty() {
@@ -170,6 +169,18 @@ pub(super) async fn release_place(ctx: &Ctx, policy: &str, wedge: &str) -> Resul
         Ok(()) => Ok(true),
         Err(ledger::LedgerError::NoPolicy(_)) => Ok(false),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The policy that governs `w`'s node now, by its labels (`None`: none, a conflict, or the node
+/// is not known).
+fn governing(ctx: &Ctx, w: &GpuWedge) -> Option<String> {
+    let node = ctx.node(&w.spec.node_name)?;
+    let policies: Vec<unwedge_crds::RecoveryPolicy> =
+        ctx.policies.state().iter().map(|p| (**p).clone()).collect();
+    match crate::policy_match::for_wedge(&policies, node.labels(), &w.name_any()) {
+        crate::policy_match::Governing::Policy(p) => Some(p),
+        _ => None,
     }
 }
 
