@@ -394,6 +394,8 @@ pub struct Fleet {
     /// The nodes, by name.
     pub nodes: BTreeMap<String, SimNode>,
     operators: Vec<Option<Proc>>,
+    /// Each operator replica's metrics address (`127.0.0.1:port`), by replica.
+    operator_metrics: Vec<String>,
     /// The agent pool process, when [`Fleet::start_agent_pool`] started one.
     pool: Option<Proc>,
     dir: tempfile::TempDir,
@@ -437,6 +439,7 @@ impl Fleet {
             bins,
             nodes: BTreeMap::new(),
             operators: vec![],
+            operator_metrics: vec![],
             pool: None,
             dir: tempfile::Builder::new()
                 .prefix("unwedge-fleet-")
@@ -650,8 +653,9 @@ impl Fleet {
             kubeconfig(&self.server_url, &self.ca_pem, &token),
         )?;
         for _ in 0..n {
-            let p = self.spawn_operator(self.operators.len())?;
+            let (p, addr) = self.spawn_operator(self.operators.len())?;
             self.operators.push(Some(p));
+            self.operator_metrics.push(addr);
         }
         Ok(())
     }
@@ -665,7 +669,9 @@ impl Fleet {
             self.operators.len()
         );
         if self.operators[i].is_none() {
-            self.operators[i] = Some(self.spawn_operator(i)?);
+            let (p, addr) = self.spawn_operator(i)?;
+            self.operators[i] = Some(p);
+            self.operator_metrics[i] = addr;
         }
         Ok(())
     }
@@ -674,7 +680,13 @@ impl Fleet {
         self.dir.path().join("operator.kubeconfig")
     }
 
-    fn spawn_operator(&self, i: usize) -> anyhow::Result<Proc> {
+    /// The metrics address (`127.0.0.1:port`) of each operator replica, by replica.
+    pub fn operator_metrics_addrs(&self) -> &[String] {
+        &self.operator_metrics
+    }
+
+    /// Starts replica `i`; returns it and its metrics address.
+    fn spawn_operator(&self, i: usize) -> anyhow::Result<(Proc, String)> {
         let port = crate::cluster::free_port()?;
         let args: Vec<String> = vec![
             format!("KUBECONFIG={}", self.operator_kubeconfig().display()),
@@ -691,12 +703,8 @@ impl Fleet {
             format!("--dra={}", self.operator_dra),
         ];
         let log = self.dir.path().join(format!("operator-{i}.log"));
-        Ok(Proc::spawn(
-            &format!("operator-{i}"),
-            Path::new("env"),
-            &args,
-            &log,
-        )?)
+        let p = Proc::spawn(&format!("operator-{i}"), Path::new("env"), &args, &log)?;
+        Ok((p, format!("127.0.0.1:{port}")))
     }
 
     /// The identity holding the operator's Lease now.

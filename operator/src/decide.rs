@@ -28,6 +28,7 @@ mod none;
 mod queue;
 mod recovery;
 mod release;
+mod report;
 mod views;
 
 pub use attempt::next_attempt;
@@ -36,6 +37,7 @@ pub use ladder::{ladder, plan_methods, plans_none, with_vendor_hint, without_dri
 pub use none::none_round_at;
 pub use queue::{queue_recheck, queued_status};
 pub use release::{Heir, cordon_heir, places_to_release};
+pub use report::{REPORT_GRACE, awaits_report};
 pub use views::{
     DraView, Governance, Input, NodeView, PastWedge, PodView, PolicyView, Verbs, arrived,
 };

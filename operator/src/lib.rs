@@ -3,6 +3,7 @@
 //! `decide`, `budget`, `breaker`, `policy_match`, `settings` and `wake` are pure; `ledger`, `drain` and
 //! `reconciler` are the thin effect layer around them.
 
+pub mod api_calls;
 pub mod breaker;
 pub mod budget;
 pub mod decide;
@@ -19,3 +20,4 @@ pub mod reconciler;
 pub mod settings;
 pub mod status;
 pub mod wake;
+pub mod writes;

@@ -65,8 +65,13 @@ async fn main() -> anyhow::Result<()> {
     // instead of letting the drain record the refusal and back off on its own.
     let mut config = kube::Config::infer().await?;
     config.default_retry = false;
-    let client = kube::Client::try_from(config)?;
     let metrics = Arc::new(metrics::Metrics::new());
+    let calls = metrics.api_requests.clone();
+    let client = kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&tower::util::MapRequestLayer::new(move |req| {
+            unwedge_operator::api_calls::count(&calls, req)
+        }))
+        .build();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // A file that is not a default policy stops the start: the chart rendered it, so this is
     // a broken install, said at once rather than a cluster without its fallback policy.

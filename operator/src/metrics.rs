@@ -130,6 +130,9 @@ pub struct Metrics {
     /// unwedge_default_policy_applied: 1 once this replica applied the chart's default
     /// RecoveryPolicy, 0 while it has not (or admission refused it).
     pub default_policy_applied: Gauge,
+    /// unwedge_operator_api_requests_total{verb,resource}: every request this replica sent
+    /// to the API server ([`crate::api_calls`]).
+    pub api_requests: Family<crate::api_calls::Call, Counter>,
     registry: Registry,
     ready: AtomicBool,
     default_policy_pending: AtomicBool,
@@ -176,6 +179,7 @@ impl Metrics {
             deleted_released: Counter::default(),
             ledger_repairs: Counter::default(),
             default_policy_applied: Gauge::default(),
+            api_requests: Family::default(),
             registry: Registry::default(),
             ready: AtomicBool::new(false),
             default_policy_pending: AtomicBool::new(false),
@@ -250,6 +254,11 @@ impl Metrics {
             "unwedge_default_policy_applied",
             "1 once this replica applied the chart's default RecoveryPolicy",
             m.default_policy_applied.clone(),
+        );
+        registry.register(
+            "unwedge_operator_api_requests",
+            "Requests this replica sent to the API server, by verb and resource",
+            m.api_requests.clone(),
         );
         m.preinitialise();
         Metrics { registry, ..m }

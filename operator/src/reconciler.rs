@@ -29,6 +29,7 @@ use crate::dra;
 use crate::ledger;
 use crate::metrics::Metrics;
 use crate::quarantine;
+use crate::writes::Writes;
 
 mod effects;
 mod finalize;
@@ -89,6 +90,12 @@ pub struct Ctx {
     /// The same for wedges holding a budget place, so that a recovery under way never waits
     /// behind the first look at a storm's new wedges.
     pub admitted_permits: tokio::sync::Semaphore,
+    /// Nodes as we last wrote them, until the node watch shows it.
+    pub node_writes: Arc<Writes<Node>>,
+    /// GpuWedges as we last wrote them, until the wedge watch shows it.
+    pub wedge_writes: Arc<Writes<GpuWedge>>,
+    /// Events being sent ([`EVENTS_IN_FLIGHT`]).
+    pub events: Arc<tokio::sync::Semaphore>,
 }
 
 /// Whether `w` holds a place in its policy's ledger (admitted and not released).
@@ -105,6 +112,28 @@ fn holds_budget(ctx: &Ctx, w: &GpuWedge) -> bool {
 }
 
 impl Ctx {
+    /// The newest copy of `node` we know: our last write of it, or the cache.
+    fn node(&self, node: &str) -> Option<Arc<Node>> {
+        self.node_writes
+            .newest(node, self.nodes.get(&ObjectRef::new(node)))
+    }
+
+    /// Records our write of a node (trimmed like the cache).
+    fn wrote_node(&self, mut n: Node) {
+        crate::node_cache::trim(&mut n);
+        self.node_writes.wrote(n);
+    }
+
+    /// The newest copy of `w` we know (our last write of it, or the cache), `w` itself when
+    /// neither is of the same object (uid).
+    fn newest_wedge(&self, w: Arc<GpuWedge>) -> Arc<GpuWedge> {
+        let cached = self.wedges.get(&ObjectRef::from_obj(&*w));
+        match self.wedge_writes.newest(&w.name_any(), cached) {
+            Some(n) if n.uid() == w.uid() => n,
+            _ => w,
+        }
+    }
+
     fn ensure_leader(&self) -> Result<(), Error> {
         if *self.leader.borrow() {
             Ok(())
@@ -121,7 +150,10 @@ impl Ctx {
         Api::all(self.client.clone())
     }
 
-    async fn event(&self, obj: &k8s_openapi::api::core::v1::ObjectReference, note: &decide::Note) {
+    /// Publishes `note` about `obj` without waiting for it: an Event gates nothing, so the
+    /// reconcile goes on (and gives its permit back) while at most [`EVENTS_IN_FLIGHT`] are
+    /// being sent.
+    fn event(&self, obj: &k8s_openapi::api::core::v1::ObjectReference, note: &decide::Note) {
         let ev = Event {
             type_: if note.warning {
                 EventType::Warning
@@ -133,11 +165,18 @@ impl Ctx {
             action: note.reason.clone(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&ev, obj).await {
-            tracing::warn!(error = %e, "could not publish an event");
-        }
+        let (recorder, obj, slots) = (self.recorder.clone(), obj.clone(), self.events.clone());
+        tokio::spawn(async move {
+            let _slot = slots.acquire().await;
+            if let Err(e) = recorder.publish(&ev, &obj).await {
+                tracing::warn!(error = %e, "could not publish an event");
+            }
+        });
     }
 }
+
+/// Events being sent at once ([`Ctx::event`]).
+pub const EVENTS_IN_FLIGHT: usize = 4;
 
 /// Whether the incident is still open: not Recovered or Abandoned, and not being deleted (a
 /// deleted wedge's places are released by `finalize::release_deleted`, it needs nothing more).
@@ -173,6 +212,16 @@ pub async fn reconcile(w: Arc<GpuWedge>, ctx: Arc<Ctx>) -> Result<Action, Error>
     if !*ctx.leader.borrow() {
         return Ok(Action::await_change());
     }
+    if let Some(left) = decide::awaits_report(&ctx.newest_wedge(w.clone()), jiff::Timestamp::now())
+    {
+        // The agent's report is on its way and its write wakes the wedge (the timer is the
+        // safety net): a decision now would only lose to it. No permit taken.
+        tracing::debug!(
+            left_ms = left.as_millis() as u64,
+            "waiting for the agent's first report"
+        );
+        return Ok(Action::requeue(left));
+    }
     let lane = if holds_budget(&ctx, &w) {
         &ctx.admitted_permits
     } else {
@@ -186,11 +235,9 @@ pub async fn reconcile(w: Arc<GpuWedge>, ctx: Arc<Ctx>) -> Result<Action, Error>
     let started = std::time::Instant::now();
     let name = w.name_any();
     // The wait for a permit can be long in a storm: decide on the newest copy the cache holds
-    // (typically with the agent's first report, written right after the create).
-    let mut w = match ctx.wedges.get(&ObjectRef::from_obj(&*w)) {
-        Some(newer) if newer.uid() == w.uid() => newer,
-        _ => w,
-    };
+    // (typically with the agent's first report, written right after the create), or our own
+    // last write when the watch has not shown it yet.
+    let mut w = ctx.newest_wedge(w);
     for _ in 0..STATUS_CONFLICT_RETRIES {
         let Some((action, step)) = reconcile_once(w, &ctx).await? else {
             // The wedge changed since the cache showed it (typically the agent's own status
@@ -199,7 +246,10 @@ pub async fn reconcile(w: Arc<GpuWedge>, ctx: Arc<Ctx>) -> Result<Action, Error>
             tracing::debug!("status write lost to a concurrent change: deciding again");
             ctx.ensure_leader()?;
             match ctx.wedge_api().get_opt(&name).await? {
-                Some(fresh) => w = Arc::new(fresh),
+                Some(fresh) => {
+                    ctx.wedge_writes.forget(Some(&name));
+                    w = Arc::new(fresh);
+                }
                 None => return Ok(Action::await_change()),
             }
             continue;

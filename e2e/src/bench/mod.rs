@@ -388,6 +388,47 @@ pub async fn apiserver_requests(
     Ok(out)
 }
 
+/// The operator replicas' own API requests (`unwedge_operator_api_requests_total`), summed over
+/// the replicas at `addrs`, by `"verb resource"` and `_total`. A replica that does not answer
+/// counts nothing.
+pub async fn operator_requests(addrs: &[String]) -> std::collections::BTreeMap<String, f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut out = std::collections::BTreeMap::new();
+    for addr in addrs {
+        let text = async {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+                .await?;
+            let mut buf = String::new();
+            s.read_to_string(&mut buf).await?;
+            std::io::Result::Ok(buf)
+        };
+        let Ok(Ok(text)) = tokio::time::timeout(Duration::from_secs(5), text).await else {
+            continue;
+        };
+        for l in text.lines() {
+            let Some(rest) = l.strip_prefix("unwedge_operator_api_requests_total{") else {
+                continue;
+            };
+            let Some((labels, value)) = rest.rsplit_once("} ") else {
+                continue;
+            };
+            let v: f64 = value.trim().parse().unwrap_or(0.0);
+            let label = |name: &str| {
+                labels
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
+                    .map(|r| r.trim_end_matches('"').to_string())
+                    .unwrap_or_default()
+            };
+            let key = format!("{} {}", label("verb"), label("resource"));
+            *out.entry("_total".to_string()).or_insert(0.0) += v;
+            *out.entry(key).or_insert(0.0) += v;
+        }
+    }
+    out
+}
+
 /// Raises RLIMIT_NOFILE to its hard limit (a large fleet holds many fds in this process).
 pub fn raise_nofile() {
     // SAFETY: getrlimit/setrlimit on a local struct.

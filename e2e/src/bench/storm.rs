@@ -427,6 +427,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     super::sleep(Duration::from_secs(1)).await;
 
     let req_before = apiserver_requests(&client).await?;
+    let op_req_before = super::operator_requests(sc.fleet.operator_metrics_addrs()).await;
     let op_before: Vec<_> = op_pids.iter().filter_map(|p| sample(*p).ok()).collect();
     let pool_before = pool_pid.and_then(|p| sample(p).ok());
     let sampling = Arc::new(Mutex::new(Vec::<(u32, super::ProcSample)>::new()));
@@ -505,6 +506,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         );
     }
     let req_after = apiserver_requests(&client).await?;
+    let op_req_after = super::operator_requests(sc.fleet.operator_metrics_addrs()).await;
     let ws = tracker.wedges_since(t_storm);
     let last = ws
         .values()
@@ -680,6 +682,29 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             by.iter()
                 .take(8)
                 .map(|(k, d)| format!("{k} {:.1}", d / n as f64))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+
+    let op_delta =
+        |k: &str| op_req_after.get(k).unwrap_or(&0.0) - op_req_before.get(k).unwrap_or(&0.0);
+    let mut op_by: Vec<(String, f64)> = op_req_after
+        .keys()
+        .filter(|k| k.as_str() != "_total")
+        .map(|k| (k.clone(), op_delta(k)))
+        .filter(|(_, d)| *d > 0.0)
+        .collect();
+    op_by.sort_by(|a, b| b.1.total_cmp(&a.1));
+    rep.fig(
+        "operator API requests per wedge",
+        op_delta("_total") / n as f64,
+        "requests",
+        &format!(
+            "requests both operator replicas sent during the storm (their own count, unwedge_operator_api_requests_total) / {n}; by verb and resource: {}",
+            op_by
+                .iter()
+                .map(|(k, d)| format!("{k} {:.2}", d / n as f64))
                 .collect::<Vec<_>>()
                 .join(", ")
         ),

@@ -9,7 +9,7 @@ use kube::ResourceExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use serde_json::json;
-use unwedge_crds::GpuWedge;
+use unwedge_crds::{GpuWedge, Phase};
 
 use super::{Ctx, Error, finalize, persist};
 use crate::decide::{Decision, Governance, Input, Step};
@@ -99,7 +99,22 @@ pub(super) async fn perform(
         .map(OperatorStatus::of)
         .unwrap_or_default();
     let changed = d.status != current;
-    let written = persist::status(ctx, w, &d, &current).await?;
+    // A first admission writes no status before its place: the decision after it (the cordon,
+    // or the queue when the ledger is full) writes the status once (`admit`). Only once the
+    // agent has reported (the first report carries `agentDryRun`, which the cordon's write is
+    // guarded by), and only without an Event to publish with the write.
+    let first_admission = matches!(d.step, Step::Admit { reclaim: false, .. })
+        && w.status.is_some()
+        && d.note.is_none()
+        && matches!(
+            current.phase.unwrap_or_default(),
+            Phase::Detected | Phase::Queued
+        );
+    let written = if first_admission {
+        None
+    } else {
+        persist::status(ctx, w, &d, &current).await?
+    };
     let e = Effect {
         ctx,
         w,
@@ -115,7 +130,7 @@ pub(super) async fn perform(
             Action::requeue(requeue_after)
         }
         Step::Admit { candidate, reclaim } => {
-            return admit::admit(e, &current, candidate, reclaim).await;
+            return admit::admit(e, &current, candidate, reclaim, first_admission).await;
         }
         Step::Release => release::release(&e, node).await?,
         Step::Cordon => cordon::cordon(&e, node).await?,

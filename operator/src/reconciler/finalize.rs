@@ -60,12 +60,16 @@ pub(super) async fn ensure(ctx: &Ctx, w: &GpuWedge) -> Result<Option<GpuWedge>, 
     }
     ctx.ensure_leader()?;
     let p: Patch<()> = Patch::Json(add_patch(w));
+    ctx.wedge_writes.sending(&w.name_any());
     match ctx
         .wedge_api()
         .patch(&w.name_any(), &PatchParams::default(), &p)
         .await
     {
-        Ok(patched) => Ok(Some(patched)),
+        Ok(patched) => {
+            ctx.wedge_writes.wrote(patched.clone());
+            Ok(Some(patched))
+        }
         // The list changed under us (422 from the failed test): decide again on a fresh read.
         Err(kube::Error::Api(s)) if s.code == 422 || s.is_conflict() => Err(Error::StatusConflict),
         Err(e) => Err(e.into()),
@@ -79,12 +83,16 @@ pub(super) async fn forget(ctx: &Ctx, w: &GpuWedge) -> Result<(), Error> {
     };
     ctx.ensure_leader()?;
     let p: Patch<()> = Patch::Json(patch);
+    ctx.wedge_writes.sending(&w.name_any());
     match ctx
         .wedge_api()
         .patch(&w.name_any(), &PatchParams::default(), &p)
         .await
     {
-        Ok(_) => Ok(()),
+        Ok(patched) => {
+            ctx.wedge_writes.wrote(patched);
+            Ok(())
+        }
         Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 422 || s.is_conflict() => Err(Error::StatusConflict),
         Err(e) => Err(e.into()),
@@ -115,11 +123,21 @@ pub(super) async fn release_deleted(ctx: &Ctx, w: &GpuWedge) -> Result<(), Error
     if let Some(cordon) = release_cordon(ctx, w).await? {
         released.push(cordon);
     }
-    for policy in holding_policies(ctx, w) {
+    let holding = holding_policies(ctx, w);
+    for policy in &holding {
         ctx.ensure_leader()?;
-        if release_place(ctx, &policy, &name).await? {
+        if release_place(ctx, policy, &name).await? {
             released.push(format!("its place in RecoveryPolicy {policy}"));
         }
+    }
+    // A first admission writes the wedge's status after its place (`effects::admit`): a wedge
+    // deleted in between names no policy, and the cache may not show the ledger that holds it
+    // yet. The policy that governs its node admitted it (a no-op release if it did not).
+    if w.status.as_ref().and_then(|s| s.policy.as_ref()).is_none()
+        && let Some(policy) = governing(ctx, w).filter(|p| !holding.contains(p))
+    {
+        ctx.ensure_leader()?;
+        release_place(ctx, &policy, &name).await?;
     }
     forget(ctx, w).await?;
     let message = if released.is_empty() {
@@ -139,7 +157,7 @@ pub(super) async fn release_deleted(ctx: &Ctx, w: &GpuWedge) -> Result<(), Error
         name: Some(w.spec.node_name.clone()),
         ..Default::default()
     };
-    ctx.event(&node_ref, &note).await;
+    ctx.event(&node_ref, &note);
     ctx.metrics.deleted_released.inc();
     super::persist::update_node_condition(ctx, &w.spec.node_name, &name).await
 }
@@ -151,6 +169,18 @@ pub(super) async fn release_place(ctx: &Ctx, policy: &str, wedge: &str) -> Resul
         Ok(()) => Ok(true),
         Err(ledger::LedgerError::NoPolicy(_)) => Ok(false),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The policy that governs `w`'s node now, by its labels (`None`: none, a conflict, or the node
+/// is not known).
+fn governing(ctx: &Ctx, w: &GpuWedge) -> Option<String> {
+    let node = ctx.node(&w.spec.node_name)?;
+    let policies: Vec<unwedge_crds::RecoveryPolicy> =
+        ctx.policies.state().iter().map(|p| (**p).clone()).collect();
+    match crate::policy_match::for_wedge(&policies, node.labels(), &w.name_any()) {
+        crate::policy_match::Governing::Policy(p) => Some(p),
+        _ => None,
     }
 }
 

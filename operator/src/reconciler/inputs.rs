@@ -10,7 +10,6 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
-use kube::runtime::reflector::ObjectRef;
 use unwedge_crds::labels::{ANN_ABANDON, ANN_APPROVE, ANN_BY, ANN_RETRY};
 use unwedge_crds::{Admission, GpuWedge, Phase, RecoveryPolicy};
 
@@ -74,7 +73,7 @@ impl Loaded {
         let name = w.name_any();
         let now = Timestamp::now();
         let node_name = w.spec.node_name.clone();
-        let node = ctx.nodes.get(&ObjectRef::new(&node_name));
+        let node = ctx.node(&node_name);
         // Missing from the cache is not enough: the watch may lag. Only a fresh 404 ends the wedge.
         let node_deleted = node.is_none()
             && open(w)

@@ -6,7 +6,6 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use unwedge_crds::labels::NODE_CONDITION;
@@ -42,7 +41,7 @@ pub(super) async fn status(
             .inc();
     }
     if let Some(n) = &d.note {
-        ctx.event(&w.object_ref(&()), n).await;
+        ctx.event(&w.object_ref(&()), n);
         if matches!(n.reason.as_str(), "Escalating" | "LadderExhausted")
             && let Some(a) = &current.approval
         {
@@ -98,7 +97,11 @@ async fn patch_status(ctx: &Ctx, w: &GpuWedge, status: &OperatorStatus) -> Resul
     }
     // A test failed. Mostly the wedge changed; but if what was tested reads the same on a fresh
     // copy, a value was stored in another spelling (the test compares text): write over that
-    // copy, guarded by its resourceVersion.
+    // copy, guarded by its resourceVersion. A copy without any status lost to the agent's first
+    // report: nothing to compare.
+    if stored.is_none() {
+        return Err(Error::StatusConflict);
+    }
     let Some(fresh) = ctx.wedge_api().get_opt(&w.name_any()).await? else {
         return Err(Error::StatusConflict);
     };
@@ -129,6 +132,7 @@ async fn patch_status(ctx: &Ctx, w: &GpuWedge, status: &OperatorStatus) -> Resul
 /// Sends the JSON patch `ops` to `w`'s status; a failed `test` is [`Error::StatusConflict`].
 async fn write(ctx: &Ctx, w: &GpuWedge, ops: serde_json::Value) -> Result<GpuWedge, Error> {
     let ops: json_patch::Patch = serde_json::from_value(ops).expect("a well-formed JSON patch");
+    ctx.wedge_writes.sending(&w.name_any());
     match ctx
         .wedge_api()
         .patch_status(
@@ -138,7 +142,10 @@ async fn write(ctx: &Ctx, w: &GpuWedge, ops: serde_json::Value) -> Result<GpuWed
         )
         .await
     {
-        Ok(written) => Ok(written),
+        Ok(written) => {
+            ctx.wedge_writes.wrote(written.clone());
+            Ok(written)
+        }
         Err(kube::Error::Api(s)) if s.is_conflict() || failed_test(&s) => {
             tracing::debug!(code = s.code, "status write refused: the wedge changed");
             Err(Error::StatusConflict)
@@ -163,7 +170,7 @@ fn now_secs(w: &GpuWedge) -> f64 {
 
 /// Sets the node condition `GpuWedged` while any device on it is unrecovered.
 pub(super) async fn update_node_condition(ctx: &Ctx, node: &str, _this: &str) -> Result<(), Error> {
-    let Some(n) = ctx.nodes.get(&ObjectRef::new(node)) else {
+    let Some(n) = ctx.node(node) else {
         return Ok(());
     };
     // From the store, which may lag our own write of this reconcile: that write comes back as a
@@ -214,8 +221,10 @@ pub(super) async fn update_node_condition(ctx: &Ctx, node: &str, _this: &str) ->
         "type": NODE_CONDITION, "status": status, "reason": reason, "message": message,
         "lastHeartbeatTime": now, "lastTransitionTime": since
     }]}});
-    Api::<Node>::all(ctx.client.clone())
+    ctx.node_writes.sending(node);
+    let written = Api::<Node>::all(ctx.client.clone())
         .patch_status(node, &PatchParams::default(), &Patch::Strategic(&body))
         .await?;
+    ctx.wrote_node(written);
     Ok(())
 }

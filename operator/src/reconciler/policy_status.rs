@@ -76,7 +76,7 @@ pub(super) async fn breaker_check(
                     Ok(true)
                 })
                 .await?;
-            ctx.event(&p.object_ref(&()), &decide::Note { warning: true, reason: "CircuitBreakerTripped".into(), message: format!("{count} wedges within the window: automatic actions paused; change annotation unwedge.io/resume to resume") }).await;
+            ctx.event(&p.object_ref(&()), &decide::Note { warning: true, reason: "CircuitBreakerTripped".into(), message: format!("{count} wedges within the window: automatic actions paused; change annotation unwedge.io/resume to resume") });
         }
         Verdict::Resume { value } => {
             ctx.ensure_leader()?;

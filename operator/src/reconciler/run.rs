@@ -75,6 +75,8 @@ pub async fn run(
     // left asleep forever (which kept replicas at 503).
     let (synced_tx, mut synced_rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
     let (wedge_store, wedge_writer) = reflector::store::<GpuWedge>();
+    let wedge_writes = Arc::new(crate::writes::Writes::<GpuWedge>::default());
+    let seen = wedge_writes.clone();
     let wedge_stream = reflector::reflector(
         wedge_writer,
         watcher(
@@ -84,6 +86,12 @@ pub async fn run(
     )
     .default_backoff()
     .inspect(synced(&synced_tx, "wedges"))
+    .inspect(move |ev| match ev {
+        Ok(watcher::Event::Apply(w) | watcher::Event::InitApply(w)) => seen.seen(w),
+        Ok(watcher::Event::Delete(w)) => seen.forget(Some(&w.name_any())),
+        Ok(watcher::Event::Init) => seen.forget(None),
+        _ => {}
+    })
     .applied_objects();
     // Unbounded here; the API work is bounded by `Ctx::permits` (RECONCILE_CONCURRENCY).
     let controller = Controller::for_stream(wedge_stream, wedge_store.clone());
@@ -113,8 +121,10 @@ pub async fn run(
     // reconcile requests for the wedges it concerns.
     let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded::<ObjectRef<GpuWedge>>();
     let (nodes_store, nodes_writer) = reflector::store::<Node>();
+    let node_writes = Arc::new(crate::writes::Writes::<Node>::default());
     let nodes_task = {
         let tx = trigger_tx.clone();
+        let writes = node_writes.clone();
         let mut shapes: BTreeMap<String, wake::NodeShape> = BTreeMap::new();
         tokio::spawn(
             reflector::reflector(
@@ -127,6 +137,7 @@ pub async fn run(
             .for_each(move |ev| {
                 let changed = match ev {
                     Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => {
+                        writes.seen(&n);
                         let shape = wake::NodeShape::of(&n);
                         let name = n.name_any();
                         let holder = n.annotations().get(ANN_CORDONED_BY).cloned();
@@ -134,10 +145,15 @@ pub async fn run(
                             .then_some((name, holder))
                     }
                     Ok(watcher::Event::Delete(n)) => {
+                        writes.forget(Some(&n.name_any()));
                         shapes.remove(&n.name_any());
                         Some((n.name_any(), None))
                     }
-                    Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+                    Ok(watcher::Event::Init) => {
+                        writes.forget(None);
+                        None
+                    }
+                    Ok(watcher::Event::InitDone) => None,
                     Err(e) => {
                         tracing::warn!(error = %e, "node watch failed; retrying");
                         None
@@ -225,6 +241,9 @@ pub async fn run(
         dra,
         permits: tokio::sync::Semaphore::new(RECONCILE_CONCURRENCY),
         admitted_permits: tokio::sync::Semaphore::new(RECONCILE_CONCURRENCY / 2),
+        events: Arc::new(tokio::sync::Semaphore::new(super::EVENTS_IN_FLIGHT)),
+        node_writes,
+        wedge_writes,
     });
     // Re-examine every wedge (after repairing the ledgers) whenever we become leader.
     let became_leader = futures::stream::unfold(

@@ -11,7 +11,7 @@ use crate::budget::{self, Candidate};
 use crate::decide::{self, Governance, Input, PolicyView};
 use crate::ledger;
 use crate::policy_match;
-use crate::reconciler::{Error, finalize};
+use crate::reconciler::{Error, finalize, persist};
 use crate::status::OperatorStatus;
 
 /// A wedge just admitted: the wedge as written, and its policy's ledger with its place.
@@ -47,12 +47,15 @@ impl Admitted {
 }
 
 /// Adds (or upgrades, or with `reclaim` takes back) the wedge's place; `current` is the status
-/// stored before this reconcile's write.
+/// stored before this reconcile's write. `unwritten`: the decision's status was not written
+/// (a first admission): the queue's status is written in its place when the ledger is full, and
+/// the decision after the admission writes it otherwise.
 pub(super) async fn admit(
     mut e: Effect<'_>,
     current: &OperatorStatus,
     candidate: Candidate,
     reclaim: bool,
+    unwritten: bool,
 ) -> Result<Outcome, Error> {
     let (ctx, w, policy) = (e.ctx, e.w, e.policy());
     let name = e.name.clone();
@@ -119,7 +122,16 @@ pub(super) async fn admit(
         }
         Err(reason) => {
             let q = decide::queued_status(e.status, &reason, Timestamp::now());
-            if q != *current {
+            if unwritten {
+                // The one write of this reconcile: a compare-and-swap of the operator's part
+                // against the copy decided on, counted and announced like any other.
+                let queued = decide::Decision {
+                    status: q,
+                    step: decide::Step::Nothing,
+                    note: None,
+                };
+                persist::status(ctx, e.latest(), &queued, current).await?;
+            } else if q != *current {
                 // Derived from the status just written (which moved the resourceVersion):
                 // a plain merge patch of the operator's fields.
                 ctx.ensure_leader()?;

@@ -22,13 +22,19 @@ pub(super) async fn cordon(e: &Effect<'_>, node: Option<&Node>) -> Result<Action
         "metadata": {"annotations": {ANN_CORDONED_BY: name}},
         "spec": {"unschedulable": true}
     });
-    Api::<Node>::all(ctx.client.clone())
+    ctx.node_writes.sending(&w.spec.node_name);
+    let written = Api::<Node>::all(ctx.client.clone())
         .patch(
             &w.spec.node_name,
             &PatchParams::default(),
             &Patch::Merge(&body),
         )
         .await?;
+    // A patch that changed nothing (the node was cordoned for this wedge already) answers with
+    // the version the watch may have delivered already: not a write to prefer to the cache.
+    if node.and_then(|n| n.resource_version()) != written.resource_version() {
+        ctx.wrote_node(written);
+    }
     if let Some(n) = node {
         ctx.event(
             &n.object_ref(&()),
@@ -37,8 +43,7 @@ pub(super) async fn cordon(e: &Effect<'_>, node: Option<&Node>) -> Result<Action
                 reason: "GpuWedgeCordon".into(),
                 message: format!("cordoned by unwedge for {name}"),
             },
-        )
-        .await;
+        );
     }
     if let Some(dev) = w
         .spec
@@ -55,7 +60,7 @@ pub(super) async fn cordon(e: &Effect<'_>, node: Option<&Node>) -> Result<Action
                 w.spec.node_name, dev.driver, dev.pool, dev.device
             ),
         };
-        ctx.event(&w.object_ref(&()), &note).await;
+        ctx.event(&w.object_ref(&()), &note);
     }
     if let Some(dev) = w.spec.device.dra.as_ref().filter(|_| !ctx.dra.on) {
         let message = dra::cordoned_instead(dev, &w.spec.node_name, &ctx.dra);
@@ -64,7 +69,7 @@ pub(super) async fn cordon(e: &Effect<'_>, node: Option<&Node>) -> Result<Action
             reason: "QuarantineUnavailable".into(),
             message,
         };
-        ctx.event(&w.object_ref(&()), &note).await;
+        ctx.event(&w.object_ref(&()), &note);
     }
     Ok(soon())
 }
@@ -89,6 +94,7 @@ pub(super) async fn let_go(e: &Effect<'_>, hand_over: bool) -> Result<Action, Er
         None
     };
     let body = cordon_release_patch(fresh.resource_version(), heir.as_deref());
+    ctx.node_writes.sending(&w.spec.node_name);
     match api
         .patch(
             &w.spec.node_name,
@@ -98,7 +104,7 @@ pub(super) async fn let_go(e: &Effect<'_>, hand_over: bool) -> Result<Action, Er
         .await
     {
         Err(kube::Error::Api(s)) if s.is_conflict() => return Ok(soon()),
-        r => r?,
+        r => ctx.wrote_node(r?),
     };
     let msg = match &heir {
         Some(to) => format!("cordon handed from {name} to {to}"),
@@ -111,8 +117,7 @@ pub(super) async fn let_go(e: &Effect<'_>, hand_over: bool) -> Result<Action, Er
             reason: "GpuWedgeUncordon".into(),
             message: msg,
         },
-    )
-    .await;
+    );
     Ok(soon())
 }
 

@@ -67,8 +67,7 @@ pub(super) async fn evict(e: &Effect<'_>, pods: &[PodRef], force: bool) -> Resul
                 reason: "EvictionRefused".into(),
                 message: refused.join("; "),
             },
-        )
-        .await;
+        );
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
     Ok(Action::requeue(Duration::from_secs(2)))
