@@ -349,6 +349,26 @@ pub async fn control_plane(short: bool) -> anyhow::Result<(ControlPlane, crate::
     Ok((cp, bins))
 }
 
+/// The samples of the labelled metric `metric` in Prometheus text: for each, a lookup of its
+/// labels by name (empty when absent) and its value.
+fn samples<'a>(
+    text: &'a str,
+    metric: &'a str,
+) -> impl Iterator<Item = (impl Fn(&str) -> String + 'a, f64)> + 'a {
+    text.lines().filter_map(move |l| {
+        let rest = l.strip_prefix(metric)?.strip_prefix('{')?;
+        let (labels, value) = rest.rsplit_once("} ")?;
+        let label = move |name: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
+                .map(|r| r.trim_end_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        Some((label, value.trim().parse().unwrap_or(0.0)))
+    })
+}
+
 /// Sum of `apiserver_request_total` over every label set (`_total`), per `resource` label, and
 /// per call as `=VERB resource[/subresource] CODE` (e.g. `=PATCH gpuwedges/status 409`), from
 /// the API server's `/metrics` (admin client).
@@ -358,21 +378,7 @@ pub async fn apiserver_requests(
     let req = http::Request::get("/metrics").body(Vec::new())?;
     let text = client.request_text(req).await.context("GET /metrics")?;
     let mut out = std::collections::BTreeMap::new();
-    for l in text.lines() {
-        let Some(rest) = l.strip_prefix("apiserver_request_total{") else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        let v: f64 = value.trim().parse().unwrap_or(0.0);
-        let label = |name: &str| {
-            labels
-                .split(',')
-                .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
-                .map(|r| r.trim_end_matches('"').to_string())
-                .unwrap_or_default()
-        };
+    for (label, v) in samples(&text, "apiserver_request_total") {
         let resource = label("resource");
         let sub = label("subresource");
         let call = format!(
@@ -406,21 +412,7 @@ pub async fn operator_requests(addrs: &[String]) -> std::collections::BTreeMap<S
         let Ok(Ok(text)) = tokio::time::timeout(Duration::from_secs(5), text).await else {
             continue;
         };
-        for l in text.lines() {
-            let Some(rest) = l.strip_prefix("unwedge_operator_api_requests_total{") else {
-                continue;
-            };
-            let Some((labels, value)) = rest.rsplit_once("} ") else {
-                continue;
-            };
-            let v: f64 = value.trim().parse().unwrap_or(0.0);
-            let label = |name: &str| {
-                labels
-                    .split(',')
-                    .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
-                    .map(|r| r.trim_end_matches('"').to_string())
-                    .unwrap_or_default()
-            };
+        for (label, v) in samples(&text, "unwedge_operator_api_requests_total") {
             let key = format!("{} {}", label("verb"), label("resource"));
             *out.entry("_total".to_string()).or_insert(0.0) += v;
             *out.entry(key).or_insert(0.0) += v;

@@ -666,13 +666,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         }
     }
     let delta = |k: &str| req_after.get(k).unwrap_or(&0.0) - req_before.get(k).unwrap_or(&0.0);
-    let mut by: Vec<(String, f64)> = req_after
-        .keys()
-        .filter(|k| k.as_str() != "_total" && !k.starts_with('='))
-        .map(|k| (k.clone(), delta(k)))
-        .filter(|(_, d)| *d > 0.0)
-        .collect();
-    by.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let by = grown_most_first(&req_before, &req_after, |k| !k.starts_with('='));
     rep.fig(
         "API requests per wedge",
         delta("_total") / n as f64,
@@ -689,13 +683,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
 
     let op_delta =
         |k: &str| op_req_after.get(k).unwrap_or(&0.0) - op_req_before.get(k).unwrap_or(&0.0);
-    let mut op_by: Vec<(String, f64)> = op_req_after
-        .keys()
-        .filter(|k| k.as_str() != "_total")
-        .map(|k| (k.clone(), op_delta(k)))
-        .filter(|(_, d)| *d > 0.0)
-        .collect();
-    op_by.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let op_by = grown_most_first(&op_req_before, &op_req_after, |_| true);
     rep.fig(
         "operator API requests per wedge",
         op_delta("_total") / n as f64,
@@ -807,6 +795,23 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     drop(sc);
     cp.stop().await;
     Ok(rep)
+}
+
+/// The counters (but `_total`) that grew from `before` to `after` and that `keep` names, with
+/// their growth, largest first.
+fn grown_most_first(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    keep: impl Fn(&str) -> bool,
+) -> Vec<(String, f64)> {
+    let mut by: Vec<(String, f64)> = after
+        .iter()
+        .filter(|(k, _)| k.as_str() != "_total" && keep(k))
+        .map(|(k, v)| (k.clone(), v - before.get(k).unwrap_or(&0.0)))
+        .filter(|(_, d)| *d > 0.0)
+        .collect();
+    by.sort_by(|a, b| b.1.total_cmp(&a.1));
+    by
 }
 
 /// A kwok Node named `name` (no GPU, no agent) with `status`.
