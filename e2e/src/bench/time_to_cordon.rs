@@ -3,7 +3,7 @@
 //! unschedulable on a watch, and to Recovered. Issue 27's single-wedge goal (p99 ≤ 150 ms) is
 //! measured here; `bench storm` measures the same time inside a storm's first wave.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use unwedge_crds::Phase;
@@ -11,6 +11,7 @@ use unwedge_crds::Phase;
 use super::storm::Tracker;
 use super::{NsInjector, Report, load1, pct};
 use crate::fleet::{NodeSpec, Scenario};
+use crate::wait;
 
 /// Options of the run.
 #[derive(Clone, Debug)]
@@ -76,7 +77,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         to_cordon.push(cordoned.duration_since(t0).as_secs_f64() * 1000.0);
         to_recovered.push(recovered.duration_since(t0).as_secs_f64() * 1000.0);
         // The operator uncordons after Recovered: the next wedge starts on a quiet fleet.
-        wait_uncordoned(&client, node).await?;
+        let rec = &sc.rec;
+        wait::until(
+            &format!("{node} schedulable again after wedge {i}"),
+            Duration::from_secs(60),
+            || async { Ok((rec.node_cordoned(node) == Some(false)).then_some(())) },
+        )
+        .await?;
     }
     let load_after = load1();
     to_cordon.sort_by(f64::total_cmp);
@@ -109,21 +116,4 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         .check_invariants()
         .map_err(|e| anyhow::anyhow!("recorder invariants: {e}"))?;
     Ok(rep)
-}
-
-/// Waits until the node is schedulable again (the operator's uncordon after Recovered).
-async fn wait_uncordoned(client: &kube::Client, node: &str) -> anyhow::Result<()> {
-    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        let n = nodes.get(node).await?;
-        if !n.spec.and_then(|s| s.unschedulable).unwrap_or(false) {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < end,
-            "{node} still cordoned 60 s after Recovered"
-        );
-        super::sleep(Duration::from_millis(50)).await;
-    }
 }
