@@ -71,7 +71,8 @@ struct State {
     nodes: BTreeMap<String, NodeView>,
     peak: BTreeMap<String, usize>,
     peak_nodes: BTreeMap<String, BTreeSet<String>>,
-    violations: Vec<String>,
+    /// Every violation seen, with when.
+    violations: Vec<(Duration, String)>,
     timeline: Vec<(Duration, String)>,
     approvals: BTreeSet<SeenApproval>,
     /// Every wedge ever seen, by uid: its name, node and device (kept after it is deleted).
@@ -195,10 +196,10 @@ impl State {
             if let Some(&max) = self.budgets.get(&policy)
                 && n > max
             {
-                self.violations.push(format!(
+                self.violations.push((t, format!(
                     "invariant 1 at +{:.1}s after {cause}: policy {policy} has {n} nodes under recovery, budget {max}: {nodes:?}",
                     t.as_secs_f64()
-                ));
+                )));
             }
         }
     }
@@ -478,10 +479,10 @@ impl State {
             ));
             if old.unschedulable && !v.unschedulable && old.cordoned_by.is_none() && self.ready >= 2
             {
-                self.violations.push(format!(
+                self.violations.push((t, format!(
                     "invariant 3 at +{:.1}s: node {name} was uncordoned but unwedge had not cordoned it (no {ANN_CORDONED_BY} annotation before)",
                     t.as_secs_f64()
-                ));
+                )));
             }
         }
         self.nodes.insert(name.clone(), v);
@@ -804,17 +805,32 @@ impl Recorder {
 
     /// Invariants 1 and 3 so far: Err lists every violation, with the timeline.
     pub fn check_invariants(&self) -> Result<(), String> {
-        let v = self
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .violations
-            .clone();
-        if v.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{}\n{}", v.join("\n"), self.report()))
-        }
+        let (v, around) = {
+            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(&(first, _)) = st.violations.first() else {
+                return Ok(());
+            };
+            // What led to the first violation: the changes of the 3 s before it and the second
+            // after, at most 80 lines (the report's own tail shows only the end of the run).
+            let window: Vec<String> = st
+                .timeline
+                .iter()
+                .filter(|(t, _)| {
+                    *t + Duration::from_secs(3) >= first && *t <= first + Duration::from_secs(1)
+                })
+                .map(|(t, s)| format!("  +{:7.2}s {s}", t.as_secs_f64()))
+                .collect();
+            let window = window[window.len().saturating_sub(80)..].join("\n");
+            (st.violations.clone(), window)
+        };
+        let shown: Vec<&str> = v.iter().take(10).map(|(_, s)| s.as_str()).collect();
+        Err(format!(
+            "{} violation(s), the first {}:\n{}\ntimeline around the first:\n{around}\n{}",
+            v.len(),
+            shown.len(),
+            shown.join("\n"),
+            self.report()
+        ))
     }
 
     /// Invariant 2 for one node: the writes that reached its fake sysfs are covered by distinct

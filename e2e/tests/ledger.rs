@@ -2,13 +2,26 @@
 //! committed in groups and never exceed the budget, and the copy of the policy the operator
 //! remembers between writes never decides anything on its own — a write from it that is out
 //! of date is refused (409) and redone from a fresh read, and "no room" is only answered from a
-//! fresh read.
+//! fresh read. And the reconciler, given a copy of a wedge older than the stored one (a cache
+//! lagging behind the operator's own writes), never cordons a node on it: the wedge was
+//! verified and its node uncordoned meanwhile, and a cordon made again from the old copy would
+//! hold a node past the budget while the wedge gives its place back.
+
+use std::sync::Arc;
 
 use e2e::cluster::ControlPlane;
-use kube::api::{Api, PostParams};
-use unwedge_crds::{BudgetUnit, RecoveryPolicy};
+use k8s_openapi::api::core::v1::Node;
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
+use serde_json::json;
+use unwedge_crds::labels::{ANN_CORDONED_BY, FINALIZER};
+use unwedge_crds::{BudgetUnit, GpuWedge, Phase, RecoveryPolicy};
 use unwedge_operator::budget::{Candidate, Limits};
 use unwedge_operator::ledger;
+use unwedge_operator::reconciler::{self, Ctx};
 
 const LIMITS: Limits = Limits {
     nodes: 5,
@@ -149,5 +162,218 @@ async fn the_ledger_commits_in_groups_and_decides_only_from_fresh_state() {
         matches!(err, ledger::LedgerError::NoPolicy(ref p) if p == "stale"),
         "{err}"
     );
+    a_stale_copy_never_cordons(&client).await;
     cp.stop().await;
+}
+
+/// The operator's caches, filled by hand: what a lagging watch would show.
+struct Caches {
+    ctx: Arc<Ctx>,
+    wedges: Writer<GpuWedge>,
+    nodes: Writer<Node>,
+    policies: Writer<RecoveryPolicy>,
+    _leader: tokio::sync::watch::Sender<bool>,
+}
+
+impl Caches {
+    fn new(client: &kube::Client) -> Caches {
+        let (wedge_store, wedges) = reflector::store::<GpuWedge>();
+        let (node_store, nodes) = reflector::store::<Node>();
+        let (policy_store, policies) = reflector::store::<RecoveryPolicy>();
+        let (leader_tx, leader) = tokio::sync::watch::channel(true);
+        let ctx = Arc::new(Ctx {
+            client: client.clone(),
+            wedges: wedge_store,
+            nodes: node_store,
+            policies: policy_store,
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "unwedge-operator".into(),
+                    instance: Some("ledger-test".into()),
+                },
+            ),
+            identity: "system:serviceaccount:unwedge:unwedge-operator".into(),
+            metrics: Arc::new(unwedge_operator::metrics::Metrics::new()),
+            leader,
+            dra: unwedge_operator::dra::Support::enabled(),
+            permits: tokio::sync::Semaphore::new(4),
+            admitted_permits: tokio::sync::Semaphore::new(2),
+            node_writes: Default::default(),
+            wedge_writes: Default::default(),
+            events: Arc::new(tokio::sync::Semaphore::new(4)),
+        });
+        Caches {
+            ctx,
+            wedges,
+            nodes,
+            policies,
+            _leader: leader_tx,
+        }
+    }
+
+    /// The caches show exactly these copies.
+    fn show(&mut self, w: &GpuWedge, n: &Node, p: &RecoveryPolicy) {
+        self.wedges
+            .apply_watcher_event(&watcher::Event::Apply(w.clone()));
+        self.nodes
+            .apply_watcher_event(&watcher::Event::Apply(n.clone()));
+        self.policies
+            .apply_watcher_event(&watcher::Event::Apply(p.clone()));
+    }
+}
+
+/// A wedge Recovering on a node cordoned for it, in a policy of one node: the reconciler,
+/// shown the stored copies, settles (writes nothing more). Then the attempt succeeds, the
+/// wedge is Verifying and its node uncordoned (what the operator did next), and the reconciler
+/// is handed the settled Recovering copy again, as a cache lagging behind those writes would:
+/// the node stays uncordoned (no cordon made again from the old copy), and the fresh copy is
+/// decided on instead (Recovered, its place given back).
+async fn a_stale_copy_never_cordons(client: &kube::Client) {
+    let (node, wedge, pol) = ("stale-n", "stale-n-0000-03-00-0-7", "stale-cordon");
+    let nodes: Api<Node> = Api::all(client.clone());
+    let wedges: Api<GpuWedge> = Api::all(client.clone());
+    let policies: Api<RecoveryPolicy> = Api::all(client.clone());
+    let n: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": node, "labels": {"ledger-test": pol},
+                     "annotations": {ANN_CORDONED_BY: wedge}},
+        "spec": {"unschedulable": true}
+    }))
+    .unwrap();
+    nodes.create(&PostParams::default(), &n).await.unwrap();
+    let p: RecoveryPolicy = serde_json::from_value(json!({
+        "apiVersion": "unwedge.io/v1alpha1", "kind": "RecoveryPolicy",
+        "metadata": {"name": pol},
+        "spec": {"nodeSelector": {"ledger-test": pol}, "maxUnavailable": 1}
+    }))
+    .unwrap();
+    policies.create(&PostParams::default(), &p).await.unwrap();
+    policies
+        .patch_status(
+            pol,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"admitted": [
+                {"wedge": wedge, "node": node, "unit": "Node", "reboot": false}
+            ]}})),
+        )
+        .await
+        .unwrap();
+    let w: GpuWedge = serde_json::from_value(json!({
+        "apiVersion": "unwedge.io/v1alpha1", "kind": "GpuWedge",
+        "metadata": {"name": wedge, "finalizers": [FINALIZER],
+                     "labels": {"unwedge.io/node": node, "unwedge.io/device": "0000-03-00.0"}},
+        "spec": {"nodeName": node, "device": {"pciAddress": "0000:03:00.0", "driver": "xe", "card": "card0"},
+                 "methods": ["rebind", "bus-reset"], "detectedAt": "2026-11-25T10:00:00Z", "bootId": "b1",
+                 "uevent": {"ACTION": "change", "WEDGED": "rebind,bus-reset", "SEQNUM": "7"}}
+    }))
+    .unwrap();
+    wedges.create(&PostParams::default(), &w).await.unwrap();
+    // Whole seconds, as a Kubernetes Time is written.
+    let now = jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let approval = json!({"method": "rebind", "attempt": 1, "at": now,
+                          "by": "system:serviceaccount:unwedge:unwedge-operator"});
+    wedges
+        .patch_status(
+            wedge,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "phase": "Recovering", "policy": pol, "cordoned": true, "admittedAt": now,
+                "methods": "rebind,bus-reset", "agentDryRun": false,
+                "plan": {"method": "rebind", "attempt": 1}, "approval": approval,
+                "attempts": [{"attempt": 1, "method": "rebind", "result": "Started",
+                              "startedAt": now, "bootId": "b1"}]
+            }})),
+        )
+        .await
+        .unwrap();
+
+    // The reconciler settles on the stored copies.
+    let mut caches = Caches::new(client);
+    let mut settled = None;
+    for _ in 0..6 {
+        let before = wedges.get(wedge).await.unwrap();
+        caches.show(
+            &before,
+            &nodes.get(node).await.unwrap(),
+            &policies.get(pol).await.unwrap(),
+        );
+        reconciler::reconcile(Arc::new(before.clone()), caches.ctx.clone())
+            .await
+            .expect("reconcile");
+        let after = wedges.get(wedge).await.unwrap();
+        if after.resource_version() == before.resource_version() {
+            settled = Some(after);
+            break;
+        }
+    }
+    let stale = settled.expect("the reconciler settles on a Recovering wedge within 6 rounds");
+    let phase = |w: &GpuWedge| w.status.as_ref().and_then(|s| s.phase);
+    assert_eq!(phase(&stale), Some(Phase::Recovering));
+    assert_eq!(
+        nodes
+            .get(node)
+            .await
+            .unwrap()
+            .annotations()
+            .get(ANN_CORDONED_BY),
+        Some(&wedge.to_string()),
+        "settled with the node cordoned for the wedge"
+    );
+
+    // Meanwhile: the attempt succeeded, the wedge is Verifying, its node uncordoned.
+    wedges
+        .patch_status(
+            wedge,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "phase": "Verifying", "cordoned": false,
+                "attempts": [{"attempt": 1, "method": "rebind", "result": "Succeeded",
+                              "startedAt": now, "finishedAt": now, "bootId": "b1"}]
+            }})),
+        )
+        .await
+        .unwrap();
+    let uncordoned = nodes
+        .patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {ANN_CORDONED_BY: null}},
+                                 "spec": {"unschedulable": null}})),
+        )
+        .await
+        .unwrap();
+
+    // The caches show the node as it is and the wedge as it was; our own writes are no longer
+    // preferred to them (past writes::TTL, as after a watch that lagged longer than that).
+    tokio::time::sleep(unwedge_operator::writes::TTL).await;
+    caches.show(&stale, &uncordoned, &policies.get(pol).await.unwrap());
+    reconciler::reconcile(Arc::new(stale.clone()), caches.ctx.clone())
+        .await
+        .expect("reconcile the stale copy");
+    let n = nodes.get(node).await.unwrap();
+    assert!(
+        n.annotations().get(ANN_CORDONED_BY).is_none()
+            && !n
+                .spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false),
+        "no cordon made again from a stale copy of the wedge: node {node} is {:?} {:?}",
+        n.spec.as_ref().and_then(|s| s.unschedulable),
+        n.annotations().get(ANN_CORDONED_BY)
+    );
+    let w = wedges.get(wedge).await.unwrap();
+    assert_eq!(
+        phase(&w),
+        Some(Phase::Recovered),
+        "decided on the fresh copy: {}",
+        serde_json::to_string(&w.status).unwrap()
+    );
+    assert!(
+        held(&policies, pol).await.is_empty(),
+        "the place is given back"
+    );
 }

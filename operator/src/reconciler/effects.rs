@@ -75,6 +75,21 @@ impl Effect<'_> {
         self.status.policy.clone().unwrap_or_default()
     }
 
+    /// Whether the copy decided on is the wedge as stored now. A status write is a
+    /// compare-and-swap against that copy and proves it; a decision that wrote nothing (a
+    /// cordon made again, a DeviceTaintRule created again) reads the wedge fresh. The copy may
+    /// be the cache's, lagging behind our own writes once they are no longer preferred to it
+    /// ([`crate::writes::TTL`]): a wedge seen still Recovering after it was verified and its
+    /// node uncordoned would cordon the node again, past the budget, while its place is being
+    /// given back.
+    async fn decided_on_current(&self) -> Result<bool, Error> {
+        if self.written.is_some() {
+            return Ok(true);
+        }
+        let fresh = self.ctx.wedge_api().get_opt(&self.name).await?;
+        Ok(fresh.is_some_and(|f| f.resource_version() == self.w.resource_version()))
+    }
+
     /// The governing policy's settings.
     fn settings(&self) -> Option<&Settings> {
         match &self.input.policy {
@@ -165,6 +180,10 @@ async fn clear_verbs(e: &Effect<'_>, keys: Vec<String>) -> Result<Action, Error>
 async fn quarantine_device(e: &Effect<'_>) -> Result<Action, Error> {
     let (ctx, w, name) = (e.ctx, e.w, &e.name);
     ctx.ensure_leader()?;
+    if !e.decided_on_current().await? {
+        tracing::debug!("quarantine decided on an older copy of the wedge: deciding again");
+        return Err(Error::StatusConflict);
+    }
     let dev = w.spec.device.dra.clone().unwrap_or_default();
     match quarantine::ensure(&ctx.client, name, w.uid().as_deref(), &dev).await? {
         quarantine::Ensured::Created => {

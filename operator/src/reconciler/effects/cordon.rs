@@ -18,6 +18,10 @@ use crate::reconciler::{Ctx, Error, finalize, open, open_on_node};
 pub(super) async fn cordon(e: &Effect<'_>, node: Option<&Node>) -> Result<Action, Error> {
     let (ctx, w, name, input) = (e.ctx, e.w, &e.name, e.input);
     ctx.ensure_leader()?;
+    if !e.decided_on_current().await? {
+        tracing::debug!("cordon decided on an older copy of the wedge: deciding again");
+        return Err(Error::StatusConflict);
+    }
     let body = json!({
         "metadata": {"annotations": {ANN_CORDONED_BY: name}},
         "spec": {"unschedulable": true}
