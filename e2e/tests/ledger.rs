@@ -2,7 +2,8 @@
 //! committed in groups and never exceed the budget, and the copy of the policy the operator
 //! remembers between writes never decides anything on its own — a write from it that is out
 //! of date is refused (409) and redone from a fresh read, and "no room" is only answered from a
-//! fresh read. And the reconciler, given a copy of a wedge older than the stored one (a cache
+//! fresh read. A new leader's repair drops only the places of wedges confirmed gone. And the
+//! reconciler, given a copy of a wedge older than the stored one (a cache
 //! lagging behind the operator's own writes), never cordons a node on it: the wedge was
 //! verified and its node uncordoned meanwhile, and a cordon made again from the old copy would
 //! hold a node past the budget while the wedge gives its place back.
@@ -162,8 +163,53 @@ async fn the_ledger_commits_in_groups_and_decides_only_from_fresh_state() {
         matches!(err, ledger::LedgerError::NoPolicy(ref p) if p == "stale"),
         "{err}"
     );
+    a_ledger_repair_keeps_places_of_wedges_it_did_not_list(&client).await;
     a_stale_copy_never_cordons(&client).await;
     cp.stop().await;
+}
+
+/// The repair a new leader runs drops the places of wedges that are gone, and only those: a
+/// wedge created after its LIST (admitted by the new leader's first reconciles while the
+/// repair runs) keeps its place. The LIST is passed in, taken before that wedge existed.
+async fn a_ledger_repair_keeps_places_of_wedges_it_did_not_list(client: &kube::Client) {
+    let api: Api<RecoveryPolicy> = Api::all(client.clone());
+    let wedges: Api<GpuWedge> = Api::all(client.clone());
+    policy(&api, "repair").await;
+    let listed = reconciler_list(&wedges).await;
+    let w: GpuWedge = serde_json::from_value(json!({
+        "apiVersion": "unwedge.io/v1alpha1", "kind": "GpuWedge",
+        "metadata": {"name": "w1"},
+        "spec": {"nodeName": "n1", "device": {"pciAddress": "0000:03:00.0", "driver": "xe", "card": "card0"},
+                 "methods": ["rebind"], "detectedAt": "2026-11-25T10:00:00Z", "bootId": "b1",
+                 "uevent": {"ACTION": "change", "WEDGED": "rebind", "SEQNUM": "1"}}
+    }))
+    .unwrap();
+    wedges.create(&PostParams::default(), &w).await.unwrap();
+    assert!(admit(&api, "repair", 1).await, "w1 admitted after the LIST");
+    assert!(
+        admit(&api, "repair", 2).await,
+        "w2 (never created) admitted"
+    );
+    reconciler::repair_unlisted(client, &listed)
+        .await
+        .expect("repair");
+    assert_eq!(
+        held(&api, "repair").await,
+        ["w1"],
+        "w2 is gone and dropped; w1, missing from the earlier LIST, keeps its place"
+    );
+}
+
+/// The names of every GpuWedge now.
+async fn reconciler_list(wedges: &Api<GpuWedge>) -> std::collections::BTreeSet<String> {
+    wedges
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|w| w.name_any())
+        .collect()
 }
 
 /// The operator's caches, filled by hand: what a lagging watch would show.

@@ -39,7 +39,9 @@ mod policy_status;
 mod refresh;
 mod run;
 
-pub use refresh::{refresh, release_orphan_cordons, repair_from_store, repair_ledgers};
+pub use refresh::{
+    refresh, release_orphan_cordons, repair_from_store, repair_ledgers, repair_unlisted,
+};
 pub use run::run;
 
 use effects::Outcome;

@@ -118,7 +118,14 @@ pub async fn refresh(ctx: &Ctx) -> Result<(), Error> {
     Ok(())
 }
 
-/// Drops ledger entries of wedges that are gone, read fresh from the API (at every leadership change).
+/// Drops ledger entries of wedges that are gone, read fresh from the API (at every leadership
+/// change).
+///
+/// An entry missing from the LIST is dropped only once a GET of its wedge, made after the
+/// policy was read, answers 404. The new leader's reconciles admit wedges while this runs: a
+/// wedge created after the LIST and admitted before the ledger write would otherwise lose its
+/// place while it goes on to cordon its node, and the place would be given to another node
+/// (6 nodes under recovery for a budget of 5, seen when leadership began in a storm).
 pub async fn repair_ledgers(client: &Client) -> Result<(), Error> {
     let wedges: Api<GpuWedge> = Api::all(client.clone());
     // Only wedges that are gone: a finished wedge still holding its place releases it itself
@@ -131,11 +138,42 @@ pub async fn repair_ledgers(client: &Client) -> Result<(), Error> {
         .iter()
         .map(|w| w.name_any())
         .collect();
+    repair_unlisted(client, &existing).await
+}
+
+/// The second half of [`repair_ledgers`]: drops the ledger entries that `listed` (a LIST of
+/// every GpuWedge, made earlier) does not name and whose wedge a GET now confirms gone.
+pub async fn repair_unlisted(
+    client: &Client,
+    listed: &std::collections::BTreeSet<String>,
+) -> Result<(), Error> {
+    let wedges: Api<GpuWedge> = Api::all(client.clone());
+    let existing = listed;
     let policies: Api<RecoveryPolicy> = Api::all(client.clone());
     for p in policies.list(&ListParams::default()).await?.items {
-        let dropped = ledger::repair(&policies, &p.name_any(), |w| existing.contains(w)).await?;
+        let name = p.name_any();
+        let Some(fresh) = policies.get_opt(&name).await? else {
+            continue;
+        };
+        let unlisted: Vec<String> = fresh
+            .status
+            .iter()
+            .flat_map(|s| s.admitted.iter())
+            .filter(|a| !existing.contains(&a.wedge))
+            .map(|a| a.wedge.clone())
+            .collect();
+        let mut gone = std::collections::BTreeSet::new();
+        for w in unlisted {
+            if wedges.get_opt(&w).await?.is_none() {
+                gone.insert(w);
+            }
+        }
+        if gone.is_empty() {
+            continue;
+        }
+        let dropped = ledger::repair(&policies, &name, |w| !gone.contains(w)).await?;
         if !dropped.is_empty() {
-            tracing::info!(policy = %p.name_any(), ?dropped, "ledger repaired: dropped places of wedges that are gone");
+            tracing::info!(policy = %name, ?dropped, "ledger repaired: dropped places of wedges that are gone");
         }
     }
     Ok(())
