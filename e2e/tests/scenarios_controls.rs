@@ -107,7 +107,8 @@ async fn pdb_then_relaxed(cp: &ControlPlane, bins: &Bins) -> Outcome {
 }
 
 /// Manual approval: the wedge drains and waits in AwaitingApproval with nothing approved and
-/// the device untouched; the admin approves `bus-reset` (not the kernel's first choice) with
+/// the device untouched; a `kubectl uncordon` meanwhile is undone (the node cordoned again, a
+/// `Recordoned` Warning on the wedge); the admin approves `bus-reset` (not the kernel's first choice) with
 /// `unwedge.io/by`; the operator records the admin as the approver and the agent runs bus-reset
 /// once.
 async fn manual_approval(cp: &ControlPlane, bins: &Bins) -> Outcome {
@@ -138,6 +139,35 @@ async fn manual_approval(cp: &ControlPlane, bins: &Bins) -> Outcome {
     sc.stays(node, Phase::AwaitingApproval, "manual policy")
         .await?;
     let name = w.metadata.name.clone().unwrap_or_default();
+    // A person runs `kubectl uncordon` while the wedge waits (it keeps unwedge's annotation):
+    // the wedged node is cordoned again, and a Warning on the wedge says so.
+    let nodes: Api<Node> = Api::all(sc.fleet.client());
+    nodes
+        .patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"unschedulable": null}})),
+        )
+        .await
+        .map_err(sc.ctx("kubectl uncordon"))?;
+    sc.wait_event(
+        &name,
+        "Recordoned",
+        "a person uncordoned the node mid-recovery",
+    )
+    .await?;
+    let n = nodes.get(node).await.map_err(sc.ctx("GET node"))?;
+    let by = n
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("unwedge.io/cordoned-by").cloned());
+    if n.spec.as_ref().and_then(|s| s.unschedulable) != Some(true) || by.as_deref() != Some(&name) {
+        return Err(sc.fail(&format!(
+            "node {node}: expected cordoned again for {name}, seen unschedulable {:?}, cordoned-by {by:?}",
+            n.spec.as_ref().and_then(|s| s.unschedulable)
+        )));
+    }
     sc.human_verb(&name, "approve", "bus-reset").await?;
     let w = sc.wait_phase(node, Phase::Recovered).await?;
     let admin = sc.admin_name().await?;

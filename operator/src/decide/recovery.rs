@@ -250,7 +250,8 @@ impl<'a> Recovery<'a> {
                 d.condition(cond::CORDONED, true, "CordonedByUnwedge", msg.clone());
                 Break(d.done(Step::Cordon, note(false, "Cordoned", msg)))
             }
-            Some(true) if !ours => {
+            // Ours but schedulable: a person ran `kubectl uncordon`, which keeps the annotation.
+            Some(true) if !(ours && unschedulable) => {
                 if unschedulable {
                     d.new.cordoned = Some(false);
                     let msg = format!(

@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
-use kube::ResourceExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
 use serde_json::json;
 use unwedge_crds::{GpuWedge, Phase};
 
@@ -130,6 +130,9 @@ pub(super) async fn perform(
     } else {
         persist::status(ctx, w, &d, &current).await?
     };
+    // A decision's Event goes out with its status write (`persist`); a cordon made again
+    // changes no status, so its warning is published once the cordon is made.
+    let unwritten_note = if changed { None } else { d.note.clone() };
     let e = Effect {
         ctx,
         w,
@@ -148,7 +151,13 @@ pub(super) async fn perform(
             return admit::admit(e, &current, candidate, reclaim, first_admission).await;
         }
         Step::Release => release::release(&e, node).await?,
-        Step::Cordon => cordon::cordon(&e, node).await?,
+        Step::Cordon => {
+            let action = cordon::cordon(&e, node).await?;
+            if let Some(n) = &unwritten_note {
+                ctx.event(&w.object_ref(&()), n);
+            }
+            action
+        }
         Step::Uncordon => cordon::let_go(&e, false).await?,
         Step::HandOverCordon { .. } => cordon::let_go(&e, true).await?,
         Step::Evict { pods } => evict::evict(&e, &pods, false).await?,

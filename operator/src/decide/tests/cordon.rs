@@ -199,6 +199,30 @@ fn a_cordon_lost_during_recovery_is_restored() {
     assert_eq!(d.step, Step::Cordon);
 }
 
+/// `kubectl uncordon` mid-recovery clears `unschedulable` and keeps unwedge's annotation: the
+/// node is cordoned again, with a warning, as when the annotation went too (a wedged device
+/// must not take new pods; abandoning the wedge hands the node to the person).
+#[test]
+fn a_kubectl_uncordon_during_recovery_is_cordoned_again_with_a_warning() {
+    let mut w = World::new("rebind");
+    w.run(20);
+    assert_eq!(w.node.cordoned_by.as_deref(), Some(W));
+    w.node.unschedulable = false;
+    let d = w.decide();
+    assert_eq!(d.step, Step::Cordon);
+    let n = d.note.expect("a warning says so");
+    assert!(n.warning && n.reason == "Recordoned", "{n:?}");
+    w.run(3);
+    assert!(w.node.unschedulable);
+    w.agent(AttemptOutcome::Succeeded, "");
+    w.run(10);
+    assert_eq!(w.phase(), Phase::Recovered);
+    assert!(
+        !w.node.unschedulable,
+        "uncordoned at the end, as unwedge made the cordon"
+    );
+}
+
 #[test]
 fn a_recovered_wedge_still_holding_the_cordon_releases_it() {
     let mut w = World::new("rebind");
