@@ -322,6 +322,31 @@ async fn scenarios(
          running pods untouched: 5 of 5"
     );
 
+    // A person deletes the rule mid-recovery: it is made again, and a Warning says so.
+    let rules: Api<DeviceTaintRule> = Api::all(client.clone());
+    let first_rule = our_rules(client, &wedge).await?[0].name_any();
+    rules.delete(&first_rule, &Default::default()).await?;
+    until("the DeviceTaintRule made again", T, || async {
+        Ok(our_rules(client, &wedge)
+            .await?
+            .into_iter()
+            .find(|r| r.uid() != rule.uid()))
+    })
+    .await?;
+    until("a Requarantined Event on the wedge", T, || async {
+        let evs = Api::<k8s_openapi::api::core::v1::Event>::all(client.clone())
+            .list(
+                &kube::api::ListParams::default()
+                    .fields(&format!("involvedObject.name={wedge},reason=Requarantined")),
+            )
+            .await?;
+        Ok(evs
+            .items
+            .into_iter()
+            .find(|e| e.type_.as_deref() == Some("Warning")))
+    })
+    .await?;
+
     // Recovery: the rule goes, the Pending pod gets the recovered device.
     agent_acts(client, &wedge, true).await?;
     until("the wedge Recovered", T, || async {

@@ -130,9 +130,14 @@ pub(super) async fn perform(
     } else {
         persist::status(ctx, w, &d, &current).await?
     };
-    // A decision's Event goes out with its status write (`persist`); a cordon made again
-    // changes no status, so its warning is published once the cordon is made.
+    // A decision's Event goes out with its status write (`persist`); a cordon or a
+    // DeviceTaintRule made again changes no status, so its warning is published once made.
     let unwritten_note = if changed { None } else { d.note.clone() };
+    let announce = |n: &Option<crate::decide::Note>| {
+        if let Some(n) = n {
+            ctx.event(&w.object_ref(&()), n);
+        }
+    };
     let e = Effect {
         ctx,
         w,
@@ -153,9 +158,7 @@ pub(super) async fn perform(
         Step::Release => release::release(&e, node).await?,
         Step::Cordon => {
             let action = cordon::cordon(&e, node).await?;
-            if let Some(n) = &unwritten_note {
-                ctx.event(&w.object_ref(&()), n);
-            }
+            announce(&unwritten_note);
             action
         }
         Step::Uncordon => cordon::let_go(&e, false).await?,
@@ -163,7 +166,11 @@ pub(super) async fn perform(
         Step::Evict { pods } => evict::evict(&e, &pods, false).await?,
         Step::ForceDelete { pods } => evict::evict(&e, &pods, true).await?,
         Step::ClearVerbs { keys } => clear_verbs(&e, keys).await?,
-        Step::Quarantine => quarantine_device(&e).await?,
+        Step::Quarantine => {
+            let action = quarantine_device(&e).await?;
+            announce(&unwritten_note);
+            action
+        }
         Step::Finalize => put_finalizer(&e).await?,
         Step::Unquarantine => lift_quarantine(&e).await?,
     };
