@@ -2,7 +2,7 @@
 //! gauges and each policy's status summary, and the repairs — ledger places of wedges that are
 //! gone, and cordons whose wedge is gone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -131,7 +131,7 @@ pub async fn repair_ledgers(client: &Client) -> Result<(), Error> {
     // Only wedges that are gone: a finished wedge still holding its place releases it itself
     // (every wedge is reconciled after a leadership change), and only once its node's cordon
     // is lifted, so the node is never cordoned without a place counting it.
-    let existing: std::collections::BTreeSet<String> = wedges
+    let existing: BTreeSet<String> = wedges
         .list(&ListParams::default())
         .await?
         .items
@@ -143,40 +143,37 @@ pub async fn repair_ledgers(client: &Client) -> Result<(), Error> {
 
 /// The second half of [`repair_ledgers`]: drops the ledger entries that `listed` (a LIST of
 /// every GpuWedge, made earlier) does not name and whose wedge a GET now confirms gone.
-pub async fn repair_unlisted(
-    client: &Client,
-    listed: &std::collections::BTreeSet<String>,
-) -> Result<(), Error> {
+pub async fn repair_unlisted(client: &Client, listed: &BTreeSet<String>) -> Result<(), Error> {
     let wedges: Api<GpuWedge> = Api::all(client.clone());
-    let existing = listed;
     let policies: Api<RecoveryPolicy> = Api::all(client.clone());
     for p in policies.list(&ListParams::default()).await?.items {
-        let name = p.name_any();
-        let Some(fresh) = policies.get_opt(&name).await? else {
-            continue;
-        };
-        let unlisted: Vec<String> = fresh
-            .status
-            .iter()
-            .flat_map(|s| s.admitted.iter())
-            .filter(|a| !existing.contains(&a.wedge))
-            .map(|a| a.wedge.clone())
-            .collect();
-        let mut gone = std::collections::BTreeSet::new();
-        for w in unlisted {
-            if wedges.get_opt(&w).await?.is_none() {
-                gone.insert(w);
-            }
-        }
+        let gone = confirmed_gone(&wedges, &p, listed).await?;
         if gone.is_empty() {
             continue;
         }
-        let dropped = ledger::repair(&policies, &name, |w| !gone.contains(w)).await?;
+        let dropped = ledger::repair(&policies, &p.name_any(), |w| !gone.contains(w)).await?;
         if !dropped.is_empty() {
-            tracing::info!(policy = %name, ?dropped, "ledger repaired: dropped places of wedges that are gone");
+            tracing::info!(policy = %p.name_any(), ?dropped, "ledger repaired: dropped places of wedges that are gone");
         }
     }
     Ok(())
+}
+
+/// The wedges of `p`'s ledger that `known` does not name and that a GET, made now, confirms
+/// gone (a missing name alone proves nothing: the cache or the LIST may be older than the
+/// wedge).
+async fn confirmed_gone(
+    wedges: &Api<GpuWedge>,
+    p: &RecoveryPolicy,
+    known: &BTreeSet<String>,
+) -> Result<BTreeSet<String>, Error> {
+    let mut gone = BTreeSet::new();
+    for a in p.status.iter().flat_map(|s| s.admitted.iter()) {
+        if !known.contains(&a.wedge) && wedges.get_opt(&a.wedge).await?.is_none() {
+            gone.insert(a.wedge.clone());
+        }
+    }
+    Ok(gone)
 }
 
 /// Drops ledger entries whose wedge is gone — missing from the cache and confirmed by a fresh
@@ -188,22 +185,9 @@ pub async fn repair_from_store(ctx: &Ctx) -> Result<(), Error> {
     if !*ctx.leader.borrow() {
         return Ok(());
     }
-    let known: std::collections::BTreeSet<String> =
-        ctx.wedges.state().iter().map(|w| w.name_any()).collect();
+    let known: BTreeSet<String> = ctx.wedges.state().iter().map(|w| w.name_any()).collect();
     for p in ctx.policies.state() {
-        let stale: Vec<String> = p
-            .status
-            .iter()
-            .flat_map(|s| s.admitted.iter())
-            .filter(|a| !known.contains(&a.wedge))
-            .map(|a| a.wedge.clone())
-            .collect();
-        let mut gone = std::collections::BTreeSet::new();
-        for w in stale {
-            if ctx.wedge_api().get_opt(&w).await?.is_none() {
-                gone.insert(w);
-            }
-        }
+        let gone = confirmed_gone(&ctx.wedge_api(), &p, &known).await?;
         if gone.is_empty() {
             continue;
         }
