@@ -124,11 +124,12 @@ async fn the_ledger_commits_in_groups_and_decides_only_from_fresh_state() {
     );
     // join_all polls every admission once before any answer: the first takes the turn alone
     // (one write), the other 39 queue behind it and are committed as one group (one write).
-    // On a loaded machine a group can be cut once more (seen: 3 at load 10). One write per
-    // admission would be 5.
+    // On a loaded machine the task yields before it has polled them all (tokio's budget) and
+    // a group is cut: seen 3 at load 10, 4 beside a running `.ci/run`. What grouping proves is
+    // fewer writes than admissions: one write per admission would be 5.
     assert!(
-        (1.0..=3.0).contains(&writes),
-        "5 admissions from 40 concurrent changes in at most 3 status writes, seen {writes}"
+        (1.0..5.0).contains(&writes),
+        "5 admissions from 40 concurrent changes in fewer than 5 status writes, seen {writes}"
     );
 
     // The remembered copy is now out of date in both directions.
