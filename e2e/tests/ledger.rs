@@ -176,16 +176,8 @@ async fn a_ledger_repair_keeps_places_of_wedges_it_did_not_list(client: &kube::C
     let api: Api<RecoveryPolicy> = Api::all(client.clone());
     let wedges: Api<GpuWedge> = Api::all(client.clone());
     policy(&api, "repair").await;
-    let listed = reconciler_list(&wedges).await;
-    let w: GpuWedge = serde_json::from_value(json!({
-        "apiVersion": "unwedge.io/v1alpha1", "kind": "GpuWedge",
-        "metadata": {"name": "w1"},
-        "spec": {"nodeName": "n1", "device": {"pciAddress": "0000:03:00.0", "driver": "xe", "card": "card0"},
-                 "methods": ["rebind"], "detectedAt": "2026-11-25T10:00:00Z", "bootId": "b1",
-                 "uevent": {"ACTION": "change", "WEDGED": "rebind", "SEQNUM": "1"}}
-    }))
-    .unwrap();
-    wedges.create(&PostParams::default(), &w).await.unwrap();
+    let listed = wedge_names(&wedges).await;
+    create_wedge(&wedges, "w1", "n1").await;
     assert!(admit(&api, "repair", 1).await, "w1 admitted after the LIST");
     assert!(
         admit(&api, "repair", 2).await,
@@ -201,8 +193,23 @@ async fn a_ledger_repair_keeps_places_of_wedges_it_did_not_list(client: &kube::C
     );
 }
 
+/// Creates GpuWedge `name` of device 0000:03:00.0 on `node` (`rebind,bus-reset`), carrying the
+/// operator's finalizer as an admitted wedge does.
+async fn create_wedge(wedges: &Api<GpuWedge>, name: &str, node: &str) {
+    let w: GpuWedge = serde_json::from_value(json!({
+        "apiVersion": "unwedge.io/v1alpha1", "kind": "GpuWedge",
+        "metadata": {"name": name, "finalizers": [FINALIZER],
+                     "labels": {"unwedge.io/node": node, "unwedge.io/device": "0000-03-00.0"}},
+        "spec": {"nodeName": node, "device": {"pciAddress": "0000:03:00.0", "driver": "xe", "card": "card0"},
+                 "methods": ["rebind", "bus-reset"], "detectedAt": "2026-11-25T10:00:00Z", "bootId": "b1",
+                 "uevent": {"ACTION": "change", "WEDGED": "rebind,bus-reset", "SEQNUM": "7"}}
+    }))
+    .unwrap();
+    wedges.create(&PostParams::default(), &w).await.unwrap();
+}
+
 /// The names of every GpuWedge now.
-async fn reconciler_list(wedges: &Api<GpuWedge>) -> std::collections::BTreeSet<String> {
+async fn wedge_names(wedges: &Api<GpuWedge>) -> std::collections::BTreeSet<String> {
     wedges
         .list(&Default::default())
         .await
@@ -306,16 +313,7 @@ async fn a_stale_copy_never_cordons(client: &kube::Client) {
         )
         .await
         .unwrap();
-    let w: GpuWedge = serde_json::from_value(json!({
-        "apiVersion": "unwedge.io/v1alpha1", "kind": "GpuWedge",
-        "metadata": {"name": wedge, "finalizers": [FINALIZER],
-                     "labels": {"unwedge.io/node": node, "unwedge.io/device": "0000-03-00.0"}},
-        "spec": {"nodeName": node, "device": {"pciAddress": "0000:03:00.0", "driver": "xe", "card": "card0"},
-                 "methods": ["rebind", "bus-reset"], "detectedAt": "2026-11-25T10:00:00Z", "bootId": "b1",
-                 "uevent": {"ACTION": "change", "WEDGED": "rebind,bus-reset", "SEQNUM": "7"}}
-    }))
-    .unwrap();
-    wedges.create(&PostParams::default(), &w).await.unwrap();
+    create_wedge(&wedges, wedge, node).await;
     // Whole seconds, as a Kubernetes Time is written.
     let now = jiff::Timestamp::now()
         .strftime("%Y-%m-%dT%H:%M:%SZ")
