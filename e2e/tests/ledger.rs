@@ -22,7 +22,7 @@ use unwedge_crds::labels::{ANN_CORDONED_BY, FINALIZER};
 use unwedge_crds::{BudgetUnit, GpuWedge, Phase, RecoveryPolicy};
 use unwedge_operator::budget::{Candidate, Limits};
 use unwedge_operator::ledger;
-use unwedge_operator::reconciler::{self, Ctx};
+use unwedge_operator::reconciler::{self, Ctx, admission};
 
 const LIMITS: Limits = Limits {
     nodes: 5,
@@ -166,6 +166,7 @@ async fn the_ledger_commits_in_groups_and_decides_only_from_fresh_state() {
     );
     a_ledger_repair_keeps_places_of_wedges_it_did_not_list(&client).await;
     a_stale_copy_never_cordons(&client).await;
+    the_admission_pass_admits_first_come_within_the_budget(&client).await;
     cp.stop().await;
 }
 
@@ -256,6 +257,8 @@ impl Caches {
             node_writes: Default::default(),
             wedge_writes: Default::default(),
             events: Arc::new(tokio::sync::Semaphore::new(4)),
+            admission: Default::default(),
+            turns: Default::default(),
         });
         Caches {
             ctx,
@@ -421,4 +424,130 @@ async fn a_stale_copy_never_cordons(client: &kube::Client) {
         held(&policies, pol).await.is_empty(),
         "the place is given back"
     );
+}
+
+/// The admission pass over caches filled by hand: four wedges reported on four nodes of a
+/// policy with room for two. The pass admits the first two that are free to act for, first
+/// come first (the first one's turn is held, as by its own reconcile), and cordons their
+/// nodes; the rest stays untouched. With the budget full it acts for nobody; a place given
+/// back goes to the first waiting wedge.
+async fn the_admission_pass_admits_first_come_within_the_budget(client: &kube::Client) {
+    let pol = "pass-test";
+    let nodes: Api<Node> = Api::all(client.clone());
+    let wedges: Api<GpuWedge> = Api::all(client.clone());
+    let policies: Api<RecoveryPolicy> = Api::all(client.clone());
+    let p: RecoveryPolicy = serde_json::from_value(json!({
+        "apiVersion": "unwedge.io/v1alpha1", "kind": "RecoveryPolicy",
+        "metadata": {"name": pol},
+        "spec": {"nodeSelector": {"ledger-test": pol}, "maxUnavailable": 2}
+    }))
+    .unwrap();
+    policies.create(&PostParams::default(), &p).await.unwrap();
+    let names: Vec<(String, String)> = (0..4)
+        .map(|i| (format!("pass-w{i}"), format!("pass-n{i}")))
+        .collect();
+    for (wedge, node) in &names {
+        let n: Node = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": node, "labels": {"ledger-test": pol}}
+        }))
+        .unwrap();
+        nodes.create(&PostParams::default(), &n).await.unwrap();
+        create_wedge(&wedges, wedge, node).await;
+        // The agent's first report.
+        wedges
+            .patch_status(
+                wedge,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"agentDryRun": false}})),
+            )
+            .await
+            .unwrap();
+    }
+    let mut caches = Caches::new(client);
+    let cordoned = |n: &Node| {
+        (
+            n.spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false),
+            n.annotations().get(ANN_CORDONED_BY).cloned(),
+        )
+    };
+    let (retry, _retried) = futures::channel::mpsc::unbounded();
+    show_fresh(&mut caches, client, &names, pol).await;
+
+    let held_by_its_reconcile = caches.ctx.turns.try_take("pass-w0").unwrap();
+    let acted = admission::pass(&caches.ctx, &retry).await;
+    assert_eq!(acted, 2, "two places, two wedges acted for");
+    let mut ledger = held(&policies, pol).await;
+    ledger.sort();
+    assert_eq!(
+        ledger,
+        ["pass-w1", "pass-w2"],
+        "first come first, w0 being busy"
+    );
+    for (i, (wedge, node)) in names.iter().enumerate() {
+        let n = nodes.get(node).await.unwrap();
+        if i == 1 || i == 2 {
+            assert_eq!(
+                cordoned(&n),
+                (true, Some(wedge.clone())),
+                "{node} cordoned for {wedge}"
+            );
+        } else {
+            assert_eq!(cordoned(&n), (false, None), "{node} untouched");
+        }
+    }
+    let w3 = wedges.get("pass-w3").await.unwrap();
+    assert_eq!(
+        w3.status.as_ref().and_then(|s| s.phase),
+        None,
+        "the wedge past the budget is left to its reconcile"
+    );
+    drop(held_by_its_reconcile);
+
+    // The budget is full: nobody is acted for.
+    show_fresh(&mut caches, client, &names, pol).await;
+    assert_eq!(admission::pass(&caches.ctx, &retry).await, 0, "budget full");
+
+    // A place given back goes to the first waiting wedge, w0.
+    ledger::release(&policies, pol, "pass-w1").await.unwrap();
+    show_fresh(&mut caches, client, &names, pol).await;
+    assert_eq!(admission::pass(&caches.ctx, &retry).await, 1);
+    let mut ledger = held(&policies, pol).await;
+    ledger.sort();
+    assert_eq!(ledger, ["pass-w0", "pass-w2"]);
+    assert_eq!(
+        cordoned(&nodes.get("pass-n0").await.unwrap()),
+        (true, Some("pass-w0".to_string()))
+    );
+    assert_eq!(
+        cordoned(&nodes.get("pass-n3").await.unwrap()),
+        (false, None),
+        "w3 still waits"
+    );
+}
+
+/// The caches show the stored copies of these wedges and nodes and of policy `pol`.
+async fn show_fresh(
+    caches: &mut Caches,
+    client: &kube::Client,
+    names: &[(String, String)],
+    pol: &str,
+) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let wedges: Api<GpuWedge> = Api::all(client.clone());
+    let policies: Api<RecoveryPolicy> = Api::all(client.clone());
+    for (wedge, node) in names {
+        caches
+            .wedges
+            .apply_watcher_event(&watcher::Event::Apply(wedges.get(wedge).await.unwrap()));
+        caches
+            .nodes
+            .apply_watcher_event(&watcher::Event::Apply(nodes.get(node).await.unwrap()));
+    }
+    caches
+        .policies
+        .apply_watcher_event(&watcher::Event::Apply(policies.get(pol).await.unwrap()));
 }

@@ -19,5 +19,6 @@ pub mod quarantine;
 pub mod reconciler;
 pub mod settings;
 pub mod status;
+pub mod turns;
 pub mod wake;
 pub mod writes;

@@ -29,8 +29,10 @@ use crate::dra;
 use crate::ledger;
 use crate::metrics::Metrics;
 use crate::quarantine;
+use crate::turns::Turns;
 use crate::writes::Writes;
 
+pub mod admission;
 mod effects;
 mod finalize;
 mod inputs;
@@ -98,6 +100,10 @@ pub struct Ctx {
     pub wedge_writes: Arc<Writes<GpuWedge>>,
     /// Events being sent ([`EVENTS_IN_FLIGHT`]).
     pub events: Arc<tokio::sync::Semaphore>,
+    /// Wakes the admission pass ([`admission`]): a waiting wedge or a policy changed.
+    pub admission: Arc<tokio::sync::Notify>,
+    /// Which wedges are being decided on now, by a reconcile or the admission pass.
+    pub turns: Turns,
 }
 
 /// Whether `w` holds a place in its policy's ledger (admitted and not released).
@@ -229,11 +235,29 @@ pub async fn reconcile(w: Arc<GpuWedge>, ctx: Arc<Ctx>) -> Result<Action, Error>
     } else {
         &ctx.permits
     };
+    let name = w.name_any();
     let asked = std::time::Instant::now();
-    let _permit = lane
-        .acquire()
-        .await
-        .expect("the reconcile semaphores are never closed");
+    // A permit, then the wedge's turn: while the admission pass acts for the wedge, the permit
+    // goes back and the reconcile waits for the pass to finish (and decides on what it wrote).
+    let (_permit, _turn) = loop {
+        let permit = lane
+            .acquire()
+            .await
+            .expect("the reconcile semaphores are never closed");
+        if let Some(turn) = ctx.turns.try_take(&name) {
+            break (permit, turn);
+        }
+        drop(permit);
+        ctx.turns.free(&name).await;
+    };
+    let waited_ms = asked.elapsed().as_millis() as u64;
+    decide_and_act(&ctx, w, waited_ms).await
+}
+
+/// Decides and acts on the newest copy of `w` we know, deciding again on a fresh read when the
+/// status write loses to a concurrent change. The caller holds the wedge's turn, for which it
+/// waited `waited_ms` (logged).
+async fn decide_and_act(ctx: &Arc<Ctx>, w: Arc<GpuWedge>, waited_ms: u64) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     let name = w.name_any();
     // The wait for a permit can be long in a storm: decide on the newest copy the cache holds
@@ -241,7 +265,7 @@ pub async fn reconcile(w: Arc<GpuWedge>, ctx: Arc<Ctx>) -> Result<Action, Error>
     // last write when the watch has not shown it yet.
     let mut w = ctx.newest_wedge(w);
     for _ in 0..STATUS_CONFLICT_RETRIES {
-        let Some((action, step)) = reconcile_once(w, &ctx).await? else {
+        let Some((action, step)) = reconcile_once(w, ctx).await? else {
             // The wedge changed since the cache showed it (typically the agent's own status
             // write right after the create): decide again on a fresh read while this reconcile
             // holds its permit, instead of queueing behind every other wedge.
@@ -258,7 +282,7 @@ pub async fn reconcile(w: Arc<GpuWedge>, ctx: Arc<Ctx>) -> Result<Action, Error>
         };
         tracing::debug!(
             step,
-            permit_wait_ms = started.duration_since(asked).as_millis() as u64,
+            permit_wait_ms = waited_ms,
             took_ms = started.elapsed().as_millis() as u64,
             "reconciled"
         );

@@ -77,6 +77,8 @@ pub async fn run(
     let (wedge_store, wedge_writer) = reflector::store::<GpuWedge>();
     let wedge_writes = Arc::new(crate::writes::Writes::<GpuWedge>::default());
     let seen = wedge_writes.clone();
+    let admission = Arc::new(tokio::sync::Notify::new());
+    let waiting = admission.clone();
     let wedge_stream = reflector::reflector(
         wedge_writer,
         watcher(
@@ -87,7 +89,12 @@ pub async fn run(
     .default_backoff()
     .inspect(synced(&synced_tx, "wedges"))
     .inspect(move |ev| match ev {
-        Ok(watcher::Event::Apply(w) | watcher::Event::InitApply(w)) => seen.seen(w),
+        Ok(watcher::Event::Apply(w) | watcher::Event::InitApply(w)) => {
+            seen.seen(w);
+            if super::admission::waits(w, jiff::Timestamp::now()) {
+                waiting.notify_one();
+            }
+        }
         Ok(watcher::Event::Delete(w)) => seen.forget(Some(&w.name_any())),
         Ok(watcher::Event::Init) => seen.forget(None),
         _ => {}
@@ -175,8 +182,10 @@ pub async fn run(
         )
     };
     let (policy_store, policy_writer) = reflector::store::<RecoveryPolicy>();
+    let retry_tx = trigger_tx.clone();
     let policies_task = {
         let wedges = wedge_store.clone();
+        let ledger_changed = admission.clone();
         let mut seen: BTreeMap<String, wake::PolicySeen> = BTreeMap::new();
         tokio::spawn(
             reflector::reflector(
@@ -206,6 +215,8 @@ pub async fn run(
                     Some(n) => seen.insert(name.clone(), n.clone()),
                     None => seen.remove(&name),
                 };
+                // A place given back (or a limit raised) lets the next waiting wedges in.
+                ledger_changed.notify_one();
                 let open: Vec<Arc<GpuWedge>> =
                     wedges.state().into_iter().filter(|w| open(w)).collect();
                 let targets: Vec<ObjectRef<GpuWedge>> =
@@ -244,7 +255,14 @@ pub async fn run(
         events: Arc::new(tokio::sync::Semaphore::new(super::EVENTS_IN_FLIGHT)),
         node_writes,
         wedge_writes,
+        admission,
+        turns: Default::default(),
     });
+    tokio::spawn(super::admission::run(
+        ctx.clone(),
+        retry_tx,
+        shutdown.clone(),
+    ));
     // Re-examine every wedge (after repairing the ledgers) whenever we become leader.
     let became_leader = futures::stream::unfold(
         (leader.clone(), client.clone()),
