@@ -35,6 +35,14 @@ use crate::wake;
 /// have their own lane of half as many permits (`Ctx::admitted_permits`).
 const RECONCILE_CONCURRENCY: usize = 16;
 
+/// Drops `metadata.managedFields` before an object enters a store: no decision reads them, and
+/// on a GpuWedge written by the agent and the operator at every step they are a large part of
+/// the object (docs/benchmarks.md §3). Objects are only ever written with patches or from
+/// fresh reads, never from the cache.
+fn drop_managed_fields<K: kube::Resource>(o: &mut K) {
+    o.meta_mut().managed_fields = None;
+}
+
 /// Requeues a failed reconcile after 5 s; a replica that lost the lease waits for a change.
 fn error_policy(w: Arc<GpuWedge>, e: &Error, _ctx: Arc<Ctx>) -> Action {
     match e {
@@ -84,7 +92,8 @@ pub async fn run(
         watcher(
             Api::<GpuWedge>::all(client.clone()),
             watcher::Config::default(),
-        ),
+        )
+        .modify(drop_managed_fields),
     )
     .default_backoff()
     .inspect(synced(&synced_tx, "wedges"))
@@ -193,7 +202,8 @@ pub async fn run(
                 watcher(
                     Api::<RecoveryPolicy>::all(client.clone()),
                     watcher::Config::default(),
-                ),
+                )
+                .modify(drop_managed_fields),
             )
             .default_backoff()
             .inspect(synced(&synced_tx, "policies"))

@@ -79,17 +79,12 @@ pub(super) async fn cordon(e: &Effect<'_>, node: Option<&Node>) -> Result<Action
 }
 
 /// Lets go of the node's cordon if it is (still) this wedge's: hands it over (`hand_over`) to
-/// the heir read fresh, or lifts it; guarded by the node's resourceVersion.
+/// the heir read fresh, or lifts it. One JSON patch whose `test` of `unwedge.io/cordoned-by`
+/// makes the API server refuse it when the cordon is not (or no longer) this wedge's: never
+/// uncordons a cordon that is not ours, without a read of the node first.
 pub(super) async fn let_go(e: &Effect<'_>, hand_over: bool) -> Result<Action, Error> {
     let (ctx, w, name) = (e.ctx, e.w, &e.name);
     ctx.ensure_leader()?;
-    // Re-read the node and guard with its resourceVersion: never uncordon a cordon
-    // that is not (or no longer) ours.
-    let api = Api::<Node>::all(ctx.client.clone());
-    let fresh = api.get(&w.spec.node_name).await?;
-    if fresh.annotations().get(ANN_CORDONED_BY) != Some(name) {
-        return Ok(soon());
-    }
     // The heir as read now: the cache that chose it may not show yet that it finished
     // (and let its finalizer go), and a cordon handed to it would outlive it.
     let heir = if hand_over {
@@ -97,25 +92,32 @@ pub(super) async fn let_go(e: &Effect<'_>, hand_over: bool) -> Result<Action, Er
     } else {
         None
     };
-    let body = cordon_release_patch(fresh.resource_version(), heir.as_deref());
+    let ops: json_patch::Patch = serde_json::from_value(cordon_let_go_ops(name, heir.as_deref()))
+        .expect("a well-formed JSON patch");
     ctx.node_writes.sending(&w.spec.node_name);
-    match api
+    let written = match Api::<Node>::all(ctx.client.clone())
         .patch(
             &w.spec.node_name,
             &PatchParams::default(),
-            &Patch::Merge(&body),
+            &Patch::Json::<()>(ops),
         )
         .await
     {
-        Err(kube::Error::Api(s)) if s.is_conflict() => return Ok(soon()),
-        r => ctx.wrote_node(r?),
+        // The test failed (422) or the node is gone: the cordon is not ours to let go of.
+        Err(kube::Error::Api(s)) if s.code == 422 || s.is_not_found() => {
+            tracing::debug!(code = s.code, "cordon not ours (any more): left as it is");
+            return Ok(soon());
+        }
+        r => r?,
     };
+    let node_ref = written.object_ref(&());
+    ctx.wrote_node(written);
     let msg = match &heir {
         Some(to) => format!("cordon handed from {name} to {to}"),
         None => format!("uncordoned by unwedge: {name} recovered"),
     };
     ctx.event(
-        &fresh.object_ref(&()),
+        &node_ref,
         &decide::Note {
             warning: false,
             reason: "GpuWedgeUncordon".into(),
@@ -123,6 +125,25 @@ pub(super) async fn let_go(e: &Effect<'_>, hand_over: bool) -> Result<Action, Er
         },
     );
     Ok(soon())
+}
+
+/// The JSON patch with which wedge `name` lets go of its cordon: refused unless
+/// `unwedge.io/cordoned-by` names `name`; hands the cordon to `to` (the node stays
+/// unschedulable), or lifts it (annotation removed, node schedulable).
+pub(in crate::reconciler) fn cordon_let_go_ops(name: &str, to: Option<&str>) -> serde_json::Value {
+    let path = format!(
+        "/metadata/annotations/{}",
+        ANN_CORDONED_BY.replace('~', "~0").replace('/', "~1")
+    );
+    let test = json!({"op": "test", "path": path, "value": name});
+    match to {
+        Some(to) => json!([test, {"op": "replace", "path": path, "value": to}]),
+        None => json!([
+            test,
+            {"op": "remove", "path": path},
+            {"op": "add", "path": "/spec/unschedulable", "value": false}
+        ]),
+    }
 }
 
 /// The wedge of `node` (other than `except`) that takes unwedge's cordon over, chosen by
@@ -165,6 +186,45 @@ pub(in crate::reconciler) fn cordon_release_patch(
         }
         None => {
             json!({"metadata": {"resourceVersion": resource_version, "annotations": {ANN_CORDONED_BY: null}}, "spec": {"unschedulable": false}})
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(holder: Option<&str>) -> serde_json::Value {
+        let annotations = match holder {
+            Some(h) => json!({ANN_CORDONED_BY: h, "x": "y"}),
+            None => json!({"x": "y"}),
+        };
+        json!({"metadata": {"name": "n", "annotations": annotations},
+               "spec": {"unschedulable": true}})
+    }
+
+    fn apply(doc: &mut serde_json::Value, name: &str, to: Option<&str>) -> bool {
+        let ops: json_patch::Patch = serde_json::from_value(cordon_let_go_ops(name, to)).unwrap();
+        json_patch::patch(doc, &ops).is_ok()
+    }
+
+    #[test]
+    fn a_cordon_is_let_go_of_only_by_the_wedge_it_names() {
+        let mut ours = node(Some("w1"));
+        assert!(apply(&mut ours, "w1", None));
+        assert_eq!(
+            ours,
+            json!({"metadata": {"name": "n", "annotations": {"x": "y"}},
+                   "spec": {"unschedulable": false}})
+        );
+        let mut handed = node(Some("w1"));
+        assert!(apply(&mut handed, "w1", Some("w2")));
+        assert_eq!(handed["metadata"]["annotations"][ANN_CORDONED_BY], "w2");
+        assert_eq!(handed["spec"]["unschedulable"], true);
+        for mut other in [node(Some("w2")), node(None)] {
+            let before = other.clone();
+            assert!(!apply(&mut other, "w1", None), "refused: not w1's cordon");
+            assert_eq!(other, before);
         }
     }
 }
