@@ -22,13 +22,13 @@ use jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::watch;
-use unwedge_crds::{Admission, GpuWedge, Phase};
+use unwedge_crds::{Admission, GpuWedge, Phase, RecoveryPolicy};
 
-use super::inputs::{Loaded, governing_policy};
+use super::inputs::Loaded;
 use super::{Ctx, decide_and_act, open};
 use crate::budget::{self, Limits};
 use crate::decide::{self, Governance, Step};
-use crate::policy_match::Governing;
+use crate::policy_match::{self, Governing};
 
 /// Admitted wedges acted for at once by one pass.
 pub const CONCURRENCY: usize = 32;
@@ -74,6 +74,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut leader = ctx.leader.clone();
+    let mut passes = Passes::default();
     loop {
         tokio::select! {
             _ = ctx.admission.notified() => {}
@@ -88,96 +89,129 @@ pub async fn run(
             continue;
         }
         tokio::time::sleep(GATHER).await;
-        pass(&ctx, &retry).await;
+        passes.pass(&ctx, &retry).await;
     }
 }
 
-/// One pass: admits (and cordons for) the waiting wedges that fit, first come first. Returns
-/// how many wedges it acted for.
-pub async fn pass(
-    ctx: &Arc<Ctx>,
-    retry: &futures::channel::mpsc::UnboundedSender<ObjectRef<GpuWedge>>,
-) -> usize {
-    let started = std::time::Instant::now();
-    let now = Timestamp::now();
-    let waiting = in_order(&ctx.wedges.state(), now);
-    let mut books: HashMap<String, Book> = HashMap::new();
-    let mut chosen = Vec::new();
-    for w in &waiting {
-        if chosen.len() >= PER_PASS {
-            break;
-        }
-        let w = ctx.newest_wedge(w.clone());
-        if !waits(&w, now) {
-            continue;
-        }
-        let name = w.name_any();
-        let node = ctx.node(&w.spec.node_name);
-        let Governing::Policy(pname) = governing_policy(ctx, node.as_deref(), &name) else {
-            continue;
+/// What passes remember of each other: the policies found full, with the resourceVersion they
+/// were full at. A storm's hundreds of waiting wedges wake the pass at each of their writes;
+/// while a full policy is unchanged, its wedges are passed over without a decision.
+#[derive(Default)]
+pub struct Passes {
+    full: HashMap<String, String>,
+}
+
+impl Passes {
+    /// One pass: admits (and cordons for) the waiting wedges that fit, first come first.
+    /// Returns how many wedges it acted for.
+    pub async fn pass(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        retry: &futures::channel::mpsc::UnboundedSender<ObjectRef<GpuWedge>>,
+    ) -> usize {
+        let started = std::time::Instant::now();
+        let now = Timestamp::now();
+        let waiting = in_order(&ctx.wedges.state(), now);
+        let policies: Vec<RecoveryPolicy> =
+            ctx.policies.state().iter().map(|p| (**p).clone()).collect();
+        let version = |name: &str| {
+            policies
+                .iter()
+                .find(|p| p.name_any() == name)
+                .and_then(|p| p.resource_version())
         };
-        if books.get(&pname).is_some_and(|b| b.full) {
-            continue;
-        }
-        let Some(turn) = ctx.turns.try_take(&name) else {
-            continue;
-        };
-        let loaded = match Loaded::load(ctx, &w).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::debug!(wedge = %name, error = %e, "admission pass: cannot load; left to its reconcile");
+        self.full
+            .retain(|name, rv| version(name).as_deref() == Some(rv.as_str()));
+        let mut books: HashMap<String, Book> = HashMap::new();
+        let mut chosen = Vec::new();
+        let mut decided = 0usize;
+        for w in &waiting {
+            if chosen.len() >= PER_PASS {
+                break;
+            }
+            let w = ctx.newest_wedge(w.clone());
+            if !waits(&w, now) {
                 continue;
             }
-        };
-        let input = loaded.input(&w, &ctx.identity);
-        let d = decide::decide(&input);
-        let (
-            Step::Admit {
-                candidate,
-                reclaim: false,
-            },
-            Governance::Policy(pv),
-        ) = (&d.step, &input.policy)
-        else {
-            continue;
-        };
-        let book = books.entry(pv.name.to_string()).or_insert_with(|| Book {
-            ledger: pv.ledger.to_vec(),
-            limits: pv.limits,
-            full: false,
-        });
-        match budget::admit(&book.ledger, candidate, &book.limits, &[]) {
-            Ok(next) => {
-                book.ledger = next;
-                chosen.push((w, turn));
-            }
-            Err(_) => book.full = true,
-        }
-    }
-    let acted = chosen.len();
-    if acted == 0 {
-        return 0;
-    }
-    let chose_ms = started.elapsed().as_millis() as u64;
-    futures::stream::iter(chosen)
-        .for_each_concurrent(CONCURRENCY, |(w, turn)| async move {
             let name = w.name_any();
-            let r = decide_and_act(ctx, w.clone(), 0).await;
-            drop(turn);
-            if let Err(e) = r {
-                tracing::warn!(wedge = %name, error = %e, "admission pass: reconcile failed; handed to the controller");
-                let _ = retry.unbounded_send(ObjectRef::from_obj(&*w));
+            let labels = ctx
+                .node(&w.spec.node_name)
+                .map(|n| n.labels().clone())
+                .unwrap_or_default();
+            let Governing::Policy(pname) = policy_match::for_wedge(&policies, &labels, &name)
+            else {
+                continue;
+            };
+            if self.full.contains_key(&pname) || books.get(&pname).is_some_and(|b| b.full) {
+                continue;
             }
-        })
-        .await;
-    tracing::debug!(
-        waiting = waiting.len(),
-        acted,
-        chose_ms,
-        took_ms = started.elapsed().as_millis() as u64,
-        "admission pass"
-    );
-    acted
+            let Some(turn) = ctx.turns.try_take(&name) else {
+                continue;
+            };
+            let loaded = match Loaded::load(ctx, &w).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::debug!(wedge = %name, error = %e, "admission pass: cannot load; left to its reconcile");
+                    continue;
+                }
+            };
+            decided += 1;
+            let input = loaded.input(&w, &ctx.identity);
+            let d = decide::decide(&input);
+            let Governance::Policy(pv) = &input.policy else {
+                continue;
+            };
+            let book = books.entry(pv.name.to_string()).or_insert_with(|| Book {
+                ledger: pv.ledger.to_vec(),
+                limits: pv.limits,
+                full: false,
+            });
+            match &d.step {
+                Step::Admit {
+                    candidate,
+                    reclaim: false,
+                } => match budget::admit(&book.ledger, candidate, &book.limits, &[]) {
+                    Ok(next) => {
+                        book.ledger = next;
+                        chosen.push((w, turn));
+                    }
+                    Err(_) => book.full = true,
+                },
+                // Queued on the cached ledger: the later wedges of the policy wait too.
+                _ if d.status.phase == Some(Phase::Queued) => book.full = true,
+                _ => {}
+            }
+        }
+        for (name, book) in &books {
+            if let (true, Some(rv)) = (book.full, version(name)) {
+                self.full.insert(name.clone(), rv);
+            }
+        }
+        let acted = chosen.len();
+        let chose_ms = started.elapsed().as_millis() as u64;
+        futures::stream::iter(chosen)
+            .for_each_concurrent(CONCURRENCY, |(w, turn)| async move {
+                let name = w.name_any();
+                let r = decide_and_act(ctx, w.clone(), 0).await;
+                drop(turn);
+                if let Err(e) = r {
+                    tracing::warn!(wedge = %name, error = %e, "admission pass: reconcile failed; handed to the controller");
+                    let _ = retry.unbounded_send(ObjectRef::from_obj(&*w));
+                }
+            })
+            .await;
+        if decided > 0 {
+            tracing::debug!(
+                waiting = waiting.len(),
+                decided,
+                acted,
+                chose_ms,
+                took_ms = started.elapsed().as_millis() as u64,
+                "admission pass"
+            );
+        }
+        acted
+    }
 }
 
 #[cfg(test)]

@@ -256,11 +256,6 @@ fn resolve_policy(
     )
 }
 
-/// The policy that governs `wedge` on `node`, from the stores ([`resolve_policy`]).
-pub(super) fn governing_policy(ctx: &Ctx, node: Option<&Node>, wedge: &str) -> Governing {
-    resolve_policy(ctx, node, wedge).0
-}
-
 /// The nodes (from the cache) that policy `name` governs.
 pub(super) fn nodes_governed_by(ctx: &Ctx, policies: &[RecoveryPolicy], name: &str) -> Vec<String> {
     ctx.nodes
