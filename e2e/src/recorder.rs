@@ -85,6 +85,76 @@ struct State {
     /// Per watch: the resourceVersions its view holds and whether it is live (see [`Fresh`]).
     wedges_fresh: Fresh,
     nodes_fresh: Fresh,
+    /// Per watch: the recent versions of what invariant 1 reads (see [`Versions`]).
+    wedge_versions: Versions<(Option<String>, String, bool)>,
+    node_versions: Versions<Option<String>>,
+}
+
+/// How long a watch that delivers nothing is taken as caught up ([`Versions::horizon`]).
+const IDLE: Duration = Duration::from_secs(1);
+
+/// Invariant 1 is judged on the two watches' views as of one revision. The API server orders
+/// every write by one counter (etcd's revision, which resourceVersions are here), and the two
+/// watches deliver at their own pace: in a 1,000-node storm the wedge watch, carrying a
+/// thousand status writes, ran a second behind the node watch, and showed a node cordoned for a
+/// wedge admitted into a place given back by a wedge it still showed Verifying (written
+/// Recovered before the place was given back): 51 nodes for a budget of 50 that the API server
+/// never held at once. So each view keeps its objects' recent versions, and the budget is
+/// judged as of the older of the two watches' newest revisions; a watch that delivered nothing
+/// for [`IDLE`] is taken as caught up.
+struct Versions<P> {
+    by_name: BTreeMap<String, Vec<(u64, Option<P>)>>,
+    newest: u64,
+    at: Instant,
+}
+
+impl<P> Default for Versions<P> {
+    fn default() -> Self {
+        Self {
+            by_name: BTreeMap::new(),
+            newest: 0,
+            at: Instant::now(),
+        }
+    }
+}
+
+impl<P: Clone> Versions<P> {
+    /// `name` as of revision `rv` (0: unknown, taken as the newest seen): `None` when deleted.
+    fn record(&mut self, name: &str, rv: u64, p: Option<P>) {
+        let rv = if rv == 0 { self.newest } else { rv };
+        self.newest = self.newest.max(rv);
+        self.at = Instant::now();
+        self.by_name
+            .entry(name.to_string())
+            .or_default()
+            .push((rv, p));
+    }
+
+    /// The newest revision the view is known to hold everything up to.
+    fn horizon(&self) -> u64 {
+        if self.at.elapsed() >= IDLE {
+            u64::MAX
+        } else {
+            self.newest
+        }
+    }
+
+    /// Every object as it was at revision `h` (objects absent then are left out); forgets the
+    /// versions older than the newest one at or before `prune`, which no later judgement needs
+    /// (both watches have delivered past it).
+    fn as_of(&mut self, h: u64, prune: u64) -> Vec<(String, P)> {
+        let mut out = Vec::new();
+        self.by_name.retain(|name, vs| {
+            if let Some(i) = vs.iter().rposition(|(rv, _)| *rv <= prune) {
+                vs.drain(..i);
+            }
+            if let Some((_, Some(p))) = vs.iter().rev().find(|(rv, _)| *rv <= h) {
+                out.push((name.clone(), p.clone()));
+            }
+            !(vs.len() == 1 && vs[0].1.is_none() && vs[0].0 <= prune)
+        });
+        out
+    }
 }
 
 /// What keeps one watch's view from going back in time: the resourceVersion of every object it
@@ -156,26 +226,43 @@ fn holds_node(w: &GpuWedge) -> bool {
 }
 
 impl State {
-    /// Nodes under recovery, per policy.
-    fn under_recovery(&self) -> BTreeMap<String, BTreeSet<String>> {
-        let mut m: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    /// Nodes under recovery, per policy, as of the revision both watches have reached
+    /// ([`Versions`]).
+    fn under_recovery(&mut self) -> BTreeMap<String, BTreeSet<String>> {
+        let h = self
+            .wedge_versions
+            .horizon()
+            .min(self.node_versions.horizon());
+        let prune = self.wedge_versions.newest.min(self.node_versions.newest);
+        let wedges = self.wedge_versions.as_of(h, prune);
+        let cordons = self.node_versions.as_of(h, prune);
+        let policies: BTreeMap<&str, Option<&str>> = wedges
+            .iter()
+            .map(|(name, (policy, _, _))| (name.as_str(), policy.as_deref()))
+            .collect();
         let policy_of = |wedge: &str| {
-            self.wedges
+            policies
                 .get(wedge)
-                .and_then(|w| w.status.as_ref())
-                .and_then(|s| s.policy.clone())
-                .unwrap_or_else(|| "<unknown policy>".into())
+                .copied()
+                .flatten()
+                .or_else(|| {
+                    self.wedges
+                        .get(wedge)
+                        .and_then(|w| w.status.as_ref())
+                        .and_then(|s| s.policy.as_deref())
+                })
+                .unwrap_or("<unknown policy>")
+                .to_string()
         };
-        for (node, v) in &self.nodes {
-            if let Some(w) = &v.cordoned_by {
+        let mut m: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (node, by) in &cordons {
+            if let Some(w) = by {
                 m.entry(policy_of(w)).or_default().insert(node.clone());
             }
         }
-        for (name, w) in &self.wedges {
-            if holds_node(w) {
-                m.entry(policy_of(name))
-                    .or_default()
-                    .insert(w.spec.node_name.clone());
+        for (name, (_, node, holds)) in &wedges {
+            if *holds {
+                m.entry(policy_of(name)).or_default().insert(node.clone());
             }
         }
         m
@@ -309,6 +396,12 @@ impl State {
                 ));
             }
         }
+        let judged = (
+            w.status.as_ref().and_then(|s| s.policy.clone()),
+            w.spec.node_name.clone(),
+            holds_node(&w),
+        );
+        self.wedge_versions.record(&name, rv, Some(judged));
         self.wedges.insert(name.clone(), w);
         self.check_budget(t, &format!("wedge {name} changed"));
     }
@@ -356,7 +449,7 @@ impl State {
         for name in gone {
             self.timeline
                 .push((t, format!("{} {name} deleted (seen by a list)", K::WHAT)));
-            K::forget(self, &name);
+            K::forget(self, &name, at);
             K::fresh(self).deleted(&name, at);
         }
         let fresh = K::fresh(self);
@@ -380,7 +473,7 @@ impl State {
         for name in gone {
             self.timeline
                 .push((t, format!("{} {name} deleted (seen by a relist)", K::WHAT)));
-            K::forget(self, &name);
+            K::forget(self, &name, 0);
             K::fresh(self).rv.remove(&name);
         }
     }
@@ -408,7 +501,7 @@ impl State {
                 if !K::fresh(self).stale(&name, rv) {
                     self.timeline
                         .push((t, format!("{} {name} deleted", K::WHAT)));
-                    K::forget(self, &name);
+                    K::forget(self, &name, rv);
                     K::fresh(self).deleted(&name, rv);
                     self.check_budget(t, &format!("{} {name} deleted", K::WHAT));
                 }
@@ -485,6 +578,8 @@ impl State {
                 )));
             }
         }
+        self.node_versions
+            .record(&name, rv, Some(v.cordoned_by.clone()));
         self.nodes.insert(name.clone(), v);
         self.check_budget(t, &format!("node {name} changed"));
     }
@@ -534,8 +629,8 @@ trait Watched:
     fn names(s: &State) -> Vec<String>;
     /// Takes one version into the view (checking the invariants).
     fn apply(s: &mut State, t: Duration, obj: Self);
-    /// Drops one from the view.
-    fn forget(s: &mut State, name: &str);
+    /// Drops one from the view, deleted at revision `rv` (0: unknown).
+    fn forget(s: &mut State, name: &str, rv: u64);
 }
 
 impl Watched for GpuWedge {
@@ -552,8 +647,9 @@ impl Watched for GpuWedge {
     fn apply(s: &mut State, t: Duration, obj: Self) {
         s.on_wedge(t, obj)
     }
-    fn forget(s: &mut State, name: &str) {
+    fn forget(s: &mut State, name: &str, rv: u64) {
         s.wedges.remove(name);
+        s.wedge_versions.record(name, rv, None);
     }
 }
 
@@ -571,8 +667,9 @@ impl Watched for Node {
     fn apply(s: &mut State, t: Duration, obj: Self) {
         s.on_node(t, obj)
     }
-    fn forget(s: &mut State, name: &str) {
+    fn forget(s: &mut State, name: &str, rv: u64) {
         s.nodes.remove(name);
+        s.node_versions.record(name, rv, None);
     }
 }
 
@@ -635,11 +732,25 @@ impl Recorder {
         let nodes: Api<Node> = Api::all(client);
         let t1 = watch_into(wedges, state.clone(), changed.clone(), started);
         let t2 = watch_into(nodes, state.clone(), changed.clone(), started);
+        // Judges again while nothing is delivered: a watch quiet for IDLE is caught up, and
+        // the other watch's last changes are judged then ([`Versions`]).
+        let quiet = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(IDLE / 4).await;
+                    state
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .check_budget(started.elapsed(), "a watch went quiet");
+                }
+            })
+        };
         let r = Recorder {
             state,
             changed,
             started,
-            tasks: vec![t1, t2],
+            tasks: vec![t1, t2, quiet],
         };
         r.wait_until(
             "the recorder's initial lists",
@@ -998,5 +1109,56 @@ mod tests {
         assert!(f.live());
         f.relisting = true;
         assert!(!f.live(), "relisting");
+    }
+
+    /// The storm's false count: the node watch shows node n2 cordoned for wedge B (revision
+    /// 10) while the wedge watch, behind, still shows wedge A holding n1 (revision 5); A was
+    /// Recovered (8) before B took its place (9). Judged as of the older watch, one node.
+    #[test]
+    fn the_budget_is_judged_as_of_both_watches() {
+        let mut wedges: Versions<(String, bool)> = Versions::default();
+        let mut nodes: Versions<Option<String>> = Versions::default();
+        wedges.record("A", 5, Some(("n1".into(), true)));
+        nodes.record("n1", 4, Some(Some("A".into())));
+        nodes.record("n1", 7, Some(None));
+        nodes.record("n2", 10, Some(Some("B".into())));
+        let h = wedges.horizon().min(nodes.horizon());
+        assert_eq!(h, 5, "the wedge watch is behind");
+        let prune = wedges.newest.min(nodes.newest);
+        assert_eq!(
+            wedges.as_of(h, prune),
+            [("A".to_string(), ("n1".to_string(), true))]
+        );
+        assert_eq!(
+            nodes.as_of(h, prune),
+            [("n1".to_string(), Some("A".to_string()))],
+            "n2's cordon (10) is not judged before the wedge watch reaches it"
+        );
+        // The wedge watch catches up: A gave its place back, B holds n2.
+        wedges.record("A", 8, Some(("n1".into(), false)));
+        wedges.record("B", 9, Some(("n2".into(), true)));
+        let h = wedges.horizon().min(nodes.horizon());
+        let prune = wedges.newest.min(nodes.newest);
+        assert_eq!(h, 9);
+        let held: Vec<_> = wedges
+            .as_of(h, prune)
+            .into_iter()
+            .filter(|(_, (_, holds))| *holds)
+            .map(|(w, _)| w)
+            .collect();
+        assert_eq!(held, ["B"]);
+        assert_eq!(
+            nodes.as_of(h, prune),
+            [("n1".to_string(), None)],
+            "n1 uncordoned at 7, n2's cordon still ahead"
+        );
+        // A deleted: gone from the view once both watches are past it.
+        wedges.record("A", 11, None);
+        nodes.record("n2", 12, Some(None));
+        let h = wedges.horizon().min(nodes.horizon());
+        let prune = wedges.newest.min(nodes.newest);
+        assert_eq!(h, 11);
+        assert_eq!(wedges.as_of(h, prune).len(), 1, "only B");
+        assert!(!wedges.by_name.contains_key("A"), "A's versions forgotten");
     }
 }
