@@ -10,7 +10,9 @@
 //! writes the status (and the node's condition), `effects` performs the step (one function per
 //! effect: admit, cordon, evict, release…), `finalize` is the operator's finalizer,
 //! `policy_status` the circuit breaker and the policy's conditions, `refresh` the periodic
-//! gauges, policy summaries and repairs, and `run` wires the stores, triggers and controller.
+//! gauges, policy summaries and repairs, `admission` the pass that admits waiting wedges first
+//! come first outside the controller's queue, and `run` wires the stores, triggers and
+//! controller.
 
 use std::sync::Arc;
 use std::time::Duration;

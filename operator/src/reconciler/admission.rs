@@ -78,7 +78,8 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = ctx.admission.notified() => {}
-            _ = leader.changed() => {}
+            // The leader election is gone: the process is stopping.
+            changed = leader.changed() => if changed.is_err() { return },
             _ = tokio::time::sleep(EVERY) => {}
             _ = shutdown.changed() => return,
         }
