@@ -32,10 +32,15 @@ const LIMITS: Limits = Limits {
 };
 
 async fn policy(api: &Api<RecoveryPolicy>, name: &str) {
+    policy_of(api, name, LIMITS.nodes).await
+}
+
+/// Creates policy `name` over the nodes labelled `ledger-test: <name>`, `maxUnavailable` nodes.
+async fn policy_of(api: &Api<RecoveryPolicy>, name: &str, max_unavailable: u32) {
     let p: RecoveryPolicy = serde_json::from_value(serde_json::json!({
         "apiVersion": "unwedge.io/v1alpha1", "kind": "RecoveryPolicy",
         "metadata": {"name": name},
-        "spec": {"nodeSelector": {"ledger-test": name}, "maxUnavailable": LIMITS.nodes}
+        "spec": {"nodeSelector": {"ledger-test": name}, "maxUnavailable": max_unavailable}
     }))
     .unwrap();
     api.create(&PostParams::default(), &p).await.unwrap();
@@ -299,13 +304,7 @@ async fn a_stale_copy_never_cordons(client: &kube::Client) {
     }))
     .unwrap();
     nodes.create(&PostParams::default(), &n).await.unwrap();
-    let p: RecoveryPolicy = serde_json::from_value(json!({
-        "apiVersion": "unwedge.io/v1alpha1", "kind": "RecoveryPolicy",
-        "metadata": {"name": pol},
-        "spec": {"nodeSelector": {"ledger-test": pol}, "maxUnavailable": 1}
-    }))
-    .unwrap();
-    policies.create(&PostParams::default(), &p).await.unwrap();
+    policy_of(&policies, pol, 1).await;
     policies
         .patch_status(
             pol,
@@ -436,13 +435,7 @@ async fn the_admission_pass_admits_first_come_within_the_budget(client: &kube::C
     let nodes: Api<Node> = Api::all(client.clone());
     let wedges: Api<GpuWedge> = Api::all(client.clone());
     let policies: Api<RecoveryPolicy> = Api::all(client.clone());
-    let p: RecoveryPolicy = serde_json::from_value(json!({
-        "apiVersion": "unwedge.io/v1alpha1", "kind": "RecoveryPolicy",
-        "metadata": {"name": pol},
-        "spec": {"nodeSelector": {"ledger-test": pol}, "maxUnavailable": 2}
-    }))
-    .unwrap();
-    policies.create(&PostParams::default(), &p).await.unwrap();
+    policy_of(&policies, pol, 2).await;
     let names: Vec<(String, String)> = (0..4)
         .map(|i| (format!("pass-w{i}"), format!("pass-n{i}")))
         .collect();
